@@ -1,0 +1,22 @@
+//! HTTP- and network-filter traits, each Envoy extension Petrel implements (one module per Envoy
+//! name), the matchers filters and routes share, and the table of supported extension type URLs.
+
+// Envoy's deprecated fields are still Envoy's config: they are honoured, not warned about.
+#![allow(deprecated)]
+
+pub mod extensions;
+pub mod http_filter;
+pub mod matcher;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FilterConfigError {
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> FilterConfigError {
+    FilterConfigError::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}

@@ -1,0 +1,541 @@
+//! The admin API on the bootstrap's admin address, with Envoy's paths and output formats.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use xds_client::TypeRegistry;
+
+use crate::cli::Options;
+use crate::config::snapshot::Snapshot;
+use crate::logging;
+use crate::observe::stats::Store;
+
+pub struct AdminState {
+    pub current: Arc<ArcSwap<Snapshot>>,
+    pub store: Store,
+    pub options: Options,
+    pub started: Instant,
+    pub started_wall: std::time::SystemTime,
+    pub healthcheck_failed: AtomicBool,
+    pub shutdown: tokio::sync::Notify,
+}
+
+const HELP: &[(&str, &str)] = &[
+    ("/", "Admin home page"),
+    ("/clusters", "upstream cluster status"),
+    ("/config_dump", "dump current Envoy configs"),
+    (
+        "/healthcheck/fail",
+        "cause the server to fail health checks",
+    ),
+    ("/healthcheck/ok", "cause the server to pass health checks"),
+    ("/help", "print out list of admin commands"),
+    ("/listeners", "print listener info"),
+    ("/logging", "query/change logging levels"),
+    ("/quitquitquit", "exit the server"),
+    (
+        "/ready",
+        "print server state, return 200 if LIVE, otherwise return 503",
+    ),
+    ("/server_info", "print server version/status information"),
+    ("/stats", "print server stats"),
+    (
+        "/stats/prometheus",
+        "print server stats in prometheus format",
+    ),
+];
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    r.headers_mut().insert(
+        "x-content-type-options",
+        http::HeaderValue::from_static("nosniff"),
+    );
+    r.headers_mut().insert(
+        "cache-control",
+        http::HeaderValue::from_static("no-cache, max-age=0"),
+    );
+    r
+}
+
+fn json_resp(v: &Value) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::OK,
+        serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+    );
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn query_params(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+pub async fn handle(
+    req: Request<hyper::body::Incoming>,
+    st: Arc<AdminState>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let params = query_params(req.uri().query());
+    let has = |k: &str| params.iter().any(|(p, _)| p == k);
+    let get = |k: &str| params.iter().find(|(p, _)| p == k).map(|(_, v)| v.clone());
+    let mutating = matches!(
+        path.as_str(),
+        "/quitquitquit" | "/healthcheck/fail" | "/healthcheck/ok" | "/logging"
+    );
+    if mutating && req.method() != http::Method::POST {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires POST.\n",
+        ));
+    }
+    Ok(match path.as_str() {
+        // Envoy reports DRAINING (and /ready fails) once health checks are failed.
+        "/ready" if st.healthcheck_failed.load(Ordering::Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+        }
+        "/ready" => text(StatusCode::OK, "LIVE\n"),
+        "/help" | "/" => {
+            let mut s = String::from("admin commands are:\n");
+            for (p, d) in HELP {
+                s.push_str(&format!("  {p}: {d}\n"));
+            }
+            text(StatusCode::OK, s)
+        }
+        "/server_info" => json_resp(&server_info(&st)),
+        "/stats" => stats(
+            &st,
+            has("usedonly"),
+            get("filter"),
+            get("format").as_deref() == Some("json"),
+        ),
+        "/stats/prometheus" => prometheus(&st, has("usedonly"), get("filter")),
+        "/clusters" => clusters(&st, get("format").as_deref() == Some("json")),
+        "/listeners" => listeners(&st, get("format").as_deref() == Some("json")),
+        "/config_dump" => json_resp(&config_dump(&st, get("resource"))),
+        "/logging" => logging_endpoint(&params),
+        "/healthcheck/fail" => {
+            st.healthcheck_failed.store(true, Ordering::Relaxed);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/healthcheck/ok" => {
+            st.healthcheck_failed.store(false, Ordering::Relaxed);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/quitquitquit" => {
+            st.shutdown.notify_one();
+            text(StatusCode::OK, "OK\n")
+        }
+        _ => {
+            let mut s = String::from("invalid path. admin commands are:\n");
+            for (p, d) in HELP {
+                s.push_str(&format!("  {p}: {d}\n"));
+            }
+            text(StatusCode::NOT_FOUND, s)
+        }
+    })
+}
+
+fn server_info(st: &AdminState) -> Value {
+    let snap = st.current.load();
+    let o = &st.options;
+    json!({
+        "version": crate::version_string(),
+        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else { "LIVE" },
+        "hot_restart_version": "disabled",
+        "command_line_options": {
+            "base_id": o.base_id.to_string(),
+            "concurrency": o.concurrency,
+            "config_path": o.config_path.clone().unwrap_or_default(),
+            "config_yaml": o.config_yaml.clone().unwrap_or_default(),
+            "allow_unknown_static_fields": o.allow_unknown_static_fields,
+            "reject_unknown_dynamic_fields": o.reject_unknown_dynamic_fields,
+            "ignore_unknown_dynamic_fields": o.ignore_unknown_dynamic_fields,
+            "log_level": o.log_level,
+            "component_log_level": o.component_log_level.iter().map(|(c, l)| format!("{c}:{l}")).collect::<Vec<_>>().join(","),
+            "log_format": o.log_format.clone().unwrap_or_else(|| logging::DEFAULT_FORMAT.to_string()),
+            "log_path": o.log_path.clone().unwrap_or_default(),
+            "service_cluster": snap.node.cluster,
+            "service_node": snap.node.id,
+            "service_zone": snap.node.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
+            "drain_time": format!("{}s", o.drain_time_s),
+            "drain_strategy": match o.drain_strategy { crate::cli::DrainStrategy::Gradual => "Gradual", crate::cli::DrainStrategy::Immediate => "Immediate" },
+            "parent_shutdown_time": format!("{}s", o.parent_shutdown_time_s),
+            "mode": o.mode.to_string(),
+            "disable_hot_restart": true,
+            "file_flush_interval": format!("{}s", o.file_flush_interval_msec as f64 / 1000.0),
+            "local_address_ip_version": match o.local_address_ip_version { crate::cli::IpVersion::V4 => "v4", crate::cli::IpVersion::V6 => "v6" },
+        },
+        "node": TypeRegistry::global().to_json(&snap.node),
+        "uptime_current_epoch": format!("{}s", st.started.elapsed().as_secs()),
+        "uptime_all_epochs": format!("{}s", st.started.elapsed().as_secs()),
+    })
+}
+
+fn filter_re(filter: Option<String>) -> Result<Option<regex::Regex>, Response<Full<Bytes>>> {
+    match filter {
+        Some(f) if !f.is_empty() => regex::Regex::new(&f)
+            .map(Some)
+            .map_err(|_| text(StatusCode::BAD_REQUEST, format!("Invalid re2 regex: {f}\n"))),
+        _ => Ok(None),
+    }
+}
+
+/// Refreshes the gauges computed on read (uptime).
+fn refresh(st: &AdminState) {
+    st.store
+        .gauge("server.uptime")
+        .set(st.started.elapsed().as_secs() as i64);
+}
+
+fn stats(
+    st: &AdminState,
+    used_only: bool,
+    filter: Option<String>,
+    json: bool,
+) -> Response<Full<Bytes>> {
+    refresh(st);
+    let re = match filter_re(filter) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let snap = st.store.snapshot();
+    let keep =
+        |n: &str, used: bool| (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n));
+    let mut rows: Vec<(String, String, Value)> = Vec::new();
+    for (n, v, used) in snap.counters {
+        if keep(&n, used) {
+            rows.push((n, v.to_string(), json!(v)));
+        }
+    }
+    for (n, v, used) in snap.gauges {
+        if keep(&n, used) {
+            rows.push((n, v.to_string(), json!(v)));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut texts: Vec<(String, String)> = snap
+        .text
+        .into_iter()
+        .filter(|(n, _)| keep(n, true))
+        .collect();
+    texts.sort();
+    if json {
+        let mut out: Vec<Value> = texts
+            .iter()
+            .map(|(n, v)| json!({"name": n, "value": v}))
+            .collect();
+        out.extend(
+            rows.into_iter()
+                .map(|(n, _, v)| json!({"name": n, "value": v})),
+        );
+        return json_resp(&json!({"stats": out}));
+    }
+    let mut s = String::new();
+    for (n, v) in texts {
+        s.push_str(&format!("{n}: \"{v}\"\n"));
+    }
+    for (n, v, _) in rows {
+        s.push_str(&format!("{n}: {v}\n"));
+    }
+    text(StatusCode::OK, s)
+}
+
+/// Envoy's default tag extraction for the stat families Petrel has so far.
+fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
+    let mut tags = Vec::new();
+    let mut n = name.to_string();
+    let mut extract = |prefix: &str, tag: &'static str, n: &mut String| {
+        if let Some(rest) = n.strip_prefix(prefix) {
+            if let Some((value, tail)) = split_tag_value(rest) {
+                tags.push((tag, value));
+                *n = format!("{prefix}{tail}").trim_end_matches('.').to_string();
+            }
+        }
+    };
+    extract("cluster.", "envoy_cluster_name", &mut n);
+    extract("http.", "envoy_http_conn_manager_prefix", &mut n);
+    if let Some(rest) = n.strip_prefix("listener.") {
+        if let Some((value, tail)) = split_tag_value(rest) {
+            if value != "admin" || tail.starts_with("http.") {
+                tags.push(("envoy_listener_address", value));
+                n = format!("listener.{tail}");
+                if let Some(r2) = n.strip_prefix("listener.http.") {
+                    if let Some((v2, t2)) = split_tag_value(r2) {
+                        tags.push(("envoy_http_conn_manager_prefix", v2));
+                        n = format!("listener.http.{t2}");
+                    }
+                }
+            }
+        }
+    }
+    (format!("envoy_{}", n.replace(['.', '-', ':'], "_")), tags)
+}
+
+/// Splits `value.rest` where value may itself contain dots (listener addresses `127.0.0.1_80`).
+fn split_tag_value(rest: &str) -> Option<(String, &str)> {
+    // Addresses: `a.b.c.d_port.` or `[v6]_port.`.
+    if let Some(m) = regex_address().find(rest) {
+        if m.start() == 0 {
+            let v = rest[..m.end() - 1].to_string();
+            return Some((v, &rest[m.end()..]));
+        }
+    }
+    let (v, t) = rest.split_once('.')?;
+    Some((v.to_string(), t))
+}
+
+fn regex_address() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        regex::Regex::new(r"^(?:\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\])_\d+\.").expect("static regex")
+    })
+}
+
+fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Response<Full<Bytes>> {
+    refresh(st);
+    let re = match filter_re(filter) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let snap = st.store.snapshot();
+    let keep =
+        |n: &str, used: bool| (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n));
+    let mut families: std::collections::BTreeMap<String, (&str, Vec<String>)> = Default::default();
+    let mut add = |n: &str, kind: &'static str, v: String| {
+        let (name, tags) = prometheus_name(n);
+        let labels = tags
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{v}\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = families.entry(name.clone()).or_insert((kind, Vec::new()));
+        e.1.push(format!("{name}{{{labels}}} {v}"));
+    };
+    for (n, v, used) in &snap.counters {
+        if keep(n, *used) {
+            add(n, "counter", v.to_string());
+        }
+    }
+    for (n, v, used) in &snap.gauges {
+        if keep(n, *used) {
+            add(n, "gauge", v.to_string());
+        }
+    }
+    let mut s = String::new();
+    for (name, (kind, lines)) in families {
+        s.push_str(&format!("# TYPE {name} {kind}\n"));
+        for l in lines {
+            s.push_str(&l);
+            s.push('\n');
+        }
+    }
+    text(StatusCode::OK, s)
+}
+
+fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
+    let snap = st.current.load();
+    if json {
+        let statuses: Vec<Value> = snap
+            .cluster_order
+            .iter()
+            .filter_map(|n| snap.clusters.get(n))
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "observability_name": c.name,
+                    "host_statuses": c.all_hosts.iter().map(|h| json!({
+                        "address": {"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}},
+                        "stats": [
+                            {"name": "rq_active", "type": "GAUGE", "value": h.active_requests.load(Ordering::Relaxed).to_string()},
+                        ],
+                        "health_status": {"eds_health_status": "HEALTHY"},
+                        "weight": h.weight,
+                        "priority": h.priority,
+                        "hostname": h.hostname,
+                        "locality": {},
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return json_resp(&json!({"cluster_statuses": statuses}));
+    }
+    let mut s = String::new();
+    for name in &snap.cluster_order {
+        let Some(c) = snap.clusters.get(name) else {
+            continue;
+        };
+        s.push_str(&format!("{0}::observability_name::{0}\n", c.name));
+        s.push_str(&format!("{}::added_via_api::false\n", c.name));
+        for h in &c.all_hosts {
+            let p = format!("{}::{}", c.name, h.address);
+            s.push_str(&format!(
+                "{p}::rq_active::{}\n",
+                h.active_requests.load(Ordering::Relaxed)
+            ));
+            s.push_str(&format!("{p}::hostname::{}\n", h.hostname));
+            s.push_str(&format!("{p}::health_flags::healthy\n"));
+            s.push_str(&format!("{p}::weight::{}\n", h.weight));
+            s.push_str(&format!("{p}::priority::{}\n", h.priority));
+        }
+    }
+    text(StatusCode::OK, s)
+}
+
+fn listeners(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
+    let snap = st.current.load();
+    if json {
+        let ls: Vec<Value> = snap
+            .listeners
+            .iter()
+            .map(|l| json!({"name": l.name, "local_address": {"socket_address": {"address": l.address.ip().to_string(), "port_value": l.address.port()}}}))
+            .collect();
+        return json_resp(&json!({"listener_statuses": ls}));
+    }
+    let s: String = snap
+        .listeners
+        .iter()
+        .map(|l| format!("{}::{}\n", l.name, l.address))
+        .collect();
+    text(StatusCode::OK, s)
+}
+
+fn config_dump(st: &AdminState, resource: Option<String>) -> Value {
+    let snap = st.current.load();
+    let reg = TypeRegistry::global();
+    let updated = crate::http::date::rfc3339_millis(st.started_wall);
+    let bootstrap = json!({
+        "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+        "bootstrap": reg.to_json(&snap.bootstrap),
+        "last_updated": updated,
+    });
+    let clusters: Vec<Value> = snap
+        .cluster_order
+        .iter()
+        .filter_map(|n| snap.clusters.get(n))
+        .map(|c| json!({"cluster": with_type(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"), "last_updated": updated}))
+        .collect();
+    let listeners: Vec<Value> = snap
+        .listeners
+        .iter()
+        .map(|l| json!({"listener": with_type(reg.to_json(&l.source), "envoy.config.listener.v3.Listener"), "last_updated": updated}))
+        .collect();
+    let sections = vec![
+        ("bootstrap", bootstrap),
+        (
+            "static_clusters",
+            json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters}),
+        ),
+        (
+            "static_listeners",
+            json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners}),
+        ),
+    ];
+    match resource {
+        Some(r) => {
+            let items: Vec<Value> = sections
+                .into_iter()
+                .filter(|(k, _)| *k == r)
+                .flat_map(|(k, v)| {
+                    v.get(k)
+                        .and_then(|a| a.as_array())
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .collect();
+            json!({"configs": items})
+        }
+        None => json!({"configs": sections.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}),
+    }
+}
+
+fn with_type(mut v: Value, name: &str) -> Value {
+    if let Value::Object(m) = &mut v {
+        let mut out = serde_json::Map::new();
+        out.insert(
+            "@type".into(),
+            Value::String(format!("type.googleapis.com/{name}")),
+        );
+        out.extend(std::mem::take(m));
+        return Value::Object(out);
+    }
+    v
+}
+
+fn logging_endpoint(params: &[(String, String)]) -> Response<Full<Bytes>> {
+    for (k, v) in params {
+        let Some(level) = logging::Level::parse(v) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("error: unknown logger level '{v}'\n"),
+            );
+        };
+        if k == "level" {
+            logging::set_all(level);
+        } else if !logging::set_level(k, level) {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("error: unknown logger name '{k}'\n"),
+            );
+        }
+    }
+    let mut s = String::from("active loggers:\n");
+    for (c, l) in logging::levels() {
+        s.push_str(&format!("  {c}: {}\n", l.name()));
+    }
+    text(StatusCode::OK, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_tags() {
+        assert_eq!(
+            prometheus_name("cluster.svc_a.upstream_rq_total"),
+            (
+                "envoy_cluster_upstream_rq_total".to_string(),
+                vec![("envoy_cluster_name", "svc_a".to_string())]
+            )
+        );
+        assert_eq!(
+            prometheus_name("listener.127.0.0.1_10000.downstream_cx_total"),
+            (
+                "envoy_listener_downstream_cx_total".to_string(),
+                vec![("envoy_listener_address", "127.0.0.1_10000".to_string())]
+            )
+        );
+        assert_eq!(
+            prometheus_name("server.live"),
+            ("envoy_server_live".to_string(), vec![])
+        );
+    }
+}

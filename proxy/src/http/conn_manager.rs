@@ -1,0 +1,475 @@
+//! The HTTP connection manager at run time: serves one downstream connection (HTTP/1.1 or h2c),
+//! applies Envoy's request-header policies, routes, runs the filter chain and hands the request to
+//! the router.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreAction};
+use super::local_reply::LocalReply;
+use crate::router::header_formatter::FormatContext;
+use crate::router::route_config::{RouteAction, RouteInput};
+use crate::upstream::pool::PooledBody;
+use crate::worker::{LocalExec, WorkerCtx};
+
+pub type ResponseBody = Either<Full<Bytes>, PooledBody>;
+
+/// Headers Envoy removes from requests it considers external.
+const INTERNAL_ONLY: &[&str] = &[
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-ip-tags",
+    "x-envoy-max-retries",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+];
+
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(
+    stream: tokio::net::TcpStream,
+    info: ConnInfo,
+    hcm: Arc<HcmConfig>,
+    ctx: Rc<WorkerCtx>,
+) {
+    let _ = stream.set_nodelay(true);
+    hcm.stats.downstream_cx_total.inc();
+    hcm.stats.downstream_cx_active.inc();
+    hcm.listener_stats.downstream_cx_total.inc();
+    let info = Rc::new(info);
+    let h = hcm.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (hcm, ctx, info) = (h.clone(), ctx.clone(), info.clone());
+        async move { Ok::<_, Infallible>(handle(req, &hcm, &ctx, &info).await) }
+    });
+    let io = TokioIo::new(stream);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
+    let max_buf = (hcm.max_request_headers_kb as usize * 1024).max(8192);
+    builder
+        .http1()
+        .max_buf_size(max_buf)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(hcm.request_headers_timeout);
+    builder
+        .http2()
+        .max_header_list_size(hcm.max_request_headers_kb * 1024)
+        .timer(hyper_util::rt::TokioTimer::new());
+    let builder = match hcm.codec {
+        Codec::Auto => builder,
+        Codec::Http1 => builder.http1_only(),
+        Codec::Http2 => builder.http2_only(),
+    };
+    if builder.serve_connection(io, service).await.is_err() {
+        hcm.stats.downstream_cx_protocol_error.inc();
+    }
+    hcm.stats.downstream_cx_active.dec();
+}
+
+fn local_response(hcm: &HcmConfig, reply: &LocalReply) -> Response<ResponseBody> {
+    let (status, headers, body) = reply.render();
+    let mut resp = Response::new(Either::Left(Full::new(body)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    finish_headers(hcm, resp.headers_mut());
+    resp
+}
+
+fn finish_headers(hcm: &HcmConfig, h: &mut HeaderMap) {
+    match hcm.server_header {
+        ServerHeader::Overwrite => {
+            h.insert(http::header::SERVER, hcm.server_name.clone());
+        }
+        ServerHeader::AppendIfAbsent => {
+            if !h.contains_key(http::header::SERVER) {
+                h.insert(http::header::SERVER, hcm.server_name.clone());
+            }
+        }
+        ServerHeader::PassThrough => {}
+    }
+}
+
+/// The address Envoy's XFF logic treats as the downstream client.
+fn is_internal(_addr: &SocketAddr) -> bool {
+    // Envoy 1.40 treats no address as internal unless `internal_address_config` lists it (its
+    // `explicit_internal_address_config` default); that field is refused until it is honoured.
+    false
+}
+
+fn merge_slashes(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    let mut prev = '\0';
+    for c in p.chars() {
+        if !(c == '/' && prev == '/') {
+            out.push(c);
+        }
+        prev = c;
+    }
+    out
+}
+
+/// RFC 3986 section 5.2.4 dot-segment removal (Envoy's `normalize_path`).
+pub fn normalize_path(p: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segs: Vec<&str> = p.split('/').collect();
+    for (i, s) in segs.iter().enumerate().skip(1) {
+        let last = i + 1 == segs.len();
+        match *s {
+            "." => {
+                if last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    hcm: &HcmConfig,
+    ctx: &WorkerCtx,
+    info: &ConnInfo,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let start_time = SystemTime::now();
+    let stats = &hcm.stats;
+    stats.downstream_rq_total.inc();
+    hcm.listener_stats.downstream_rq_total.inc();
+    stats.downstream_rq_active.inc();
+    let h2 = req.version() == http::Version::HTTP_2;
+    if h2 {
+        stats.downstream_rq_http2_total.inc();
+    } else {
+        stats.downstream_rq_http1_total.inc();
+    }
+    let resp = process(req, hcm, ctx, info, start, start_time).await;
+    let status = resp.status().as_u16();
+    stats.response_class(status);
+    hcm.listener_stats.response_class(status);
+    stats.downstream_rq_completed.inc();
+    stats.downstream_rq_active.dec();
+    resp
+}
+
+async fn process(
+    mut req: Request<Incoming>,
+    hcm: &HcmConfig,
+    ctx: &WorkerCtx,
+    info: &ConnInfo,
+    start: Instant,
+    start_time: SystemTime,
+) -> Response<ResponseBody> {
+    let h2 = req.version() == http::Version::HTTP_2;
+    // Header count and underscore policies.
+    if req.headers().len() > hcm.max_headers_count as usize {
+        return local_response(
+            hcm,
+            &LocalReply::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                Bytes::new(),
+                "DPE",
+                "too_many_headers",
+            ),
+        );
+    }
+    if hcm.underscores != UnderscoreAction::Allow {
+        let bad: Vec<HeaderName> = req
+            .headers()
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        if !bad.is_empty() {
+            if hcm.underscores == UnderscoreAction::RejectRequest {
+                return local_response(
+                    hcm,
+                    &LocalReply::new(
+                        StatusCode::BAD_REQUEST,
+                        Bytes::new(),
+                        "DPE",
+                        "unexpected_underscore",
+                    ),
+                );
+            }
+            for k in bad {
+                req.headers_mut().remove(k);
+            }
+        }
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let mut path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if hcm.normalize_path || hcm.merge_slashes {
+        let (p, q) = match path.find('?') {
+            Some(i) => (path[..i].to_string(), path[i..].to_string()),
+            None => (path.clone(), String::new()),
+        };
+        let mut p = if hcm.normalize_path {
+            normalize_path(&p)
+        } else {
+            p
+        };
+        if hcm.merge_slashes {
+            p = merge_slashes(&p);
+        }
+        path = format!("{p}{q}");
+    }
+
+    // Remote address, x-forwarded-for, x-forwarded-proto, sanitising.
+    let headers = req.headers_mut();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let external;
+    if hcm.use_remote_address {
+        external = !is_internal(&info.remote);
+        if !hcm.skip_xff_append {
+            let ip = info.remote.ip().to_string();
+            let v = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.is_empty() => format!("{prev},{ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(xff.clone(), v);
+            }
+        }
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+    } else {
+        external = false;
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert(
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderValue::from_static("http"),
+            );
+        }
+    }
+    headers.remove("x-envoy-internal");
+    if external {
+        for h in INTERNAL_ONLY {
+            headers.remove(*h);
+        }
+        if let Ok(v) = HeaderValue::from_str(&info.remote.ip().to_string()) {
+            headers.insert(HeaderName::from_static("x-envoy-external-address"), v);
+        }
+    }
+    let rid = HeaderName::from_static("x-request-id");
+    if hcm.generate_request_id
+        && (!headers.contains_key(&rid) || (external && !hcm.preserve_external_request_id))
+    {
+        if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+            headers.insert(rid.clone(), v);
+        }
+    }
+    let request_id = headers.get(&rid).cloned();
+
+    let snapshot = ctx.snapshot();
+    let routes = hcm.routes.clone();
+    let scheme = if hcm.use_remote_address {
+        "http"
+    } else {
+        req.headers()
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("http")
+    }
+    .to_string();
+    let draw = rand::random_range(0..1_000_000u64);
+    let method = req.method().clone();
+    let selected = routes.route(&RouteInput {
+        host: &host,
+        path: &path,
+        headers: req.headers(),
+        method: &method,
+        scheme: &scheme,
+        draw,
+    });
+    let Some((vh, route)) = selected else {
+        hcm.stats.no_route.inc();
+        return local_response(hcm, &LocalReply::route_not_found());
+    };
+    let mut resp = match &route.action {
+        RouteAction::Direct { status, body } => {
+            hcm.stats.rq_direct_response.inc();
+            let mut r = LocalReply::new(
+                *status,
+                body.clone().unwrap_or_default(),
+                "",
+                "direct_response",
+            );
+            r.details = "direct_response";
+            local_response(hcm, &r)
+        }
+        RouteAction::Redirect(rd) => {
+            hcm.stats.rq_redirect.inc();
+            let location = redirect_location(rd, &scheme, &host, &path, route.matched_prefix());
+            let mut r = LocalReply::new(rd.status, Bytes::new(), "", "via_route_redirect");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers.insert(http::header::LOCATION, v);
+            }
+            local_response(hcm, &r)
+        }
+        RouteAction::Forward(fwd) => {
+            let input = crate::router::upstream_request::Forward {
+                hcm,
+                ctx,
+                info,
+                snapshot: &snapshot,
+                vh,
+                route,
+                fwd,
+                path: &path,
+                h2,
+                start,
+                start_time,
+            };
+            crate::router::upstream_request::forward(req, input).await
+        }
+    };
+    // Response header mutations: route, then virtual host, then route configuration.
+    let fctx = FormatContext {
+        downstream_remote: info.remote,
+        downstream_local: info.local,
+        protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
+        request_headers: None,
+        upstream_host: None,
+        start_time,
+    };
+    let levels = [
+        &route.response_headers,
+        &vh.response_headers,
+        &routes.response_headers,
+    ];
+    if routes.most_specific_header_mutations_wins {
+        for m in levels.iter().rev() {
+            m.apply(resp.headers_mut(), &fctx);
+        }
+    } else {
+        for m in levels {
+            m.apply(resp.headers_mut(), &fctx);
+        }
+    }
+    if hcm.always_set_request_id_in_response {
+        if let Some(id) = request_id {
+            resp.headers_mut().insert(rid, id);
+        }
+    }
+    resp
+}
+
+fn redirect_location(
+    rd: &crate::router::route_config::RedirectAction,
+    scheme: &str,
+    host: &str,
+    path: &str,
+    matched_prefix: Option<&str>,
+) -> String {
+    let scheme = rd.scheme.as_deref().unwrap_or(scheme);
+    let (mut hostname, mut port) = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') => {
+            (h.to_string(), Some(p.to_string()))
+        }
+        _ => (host.to_string(), None),
+    };
+    if let Some(h) = &rd.host {
+        hostname = h.clone();
+    }
+    if let Some(p) = rd.port {
+        port = Some(p.to_string());
+    } else if rd.scheme.is_some() {
+        // A scheme change drops the original port (Envoy keeps only an explicit port_redirect).
+        port = None;
+    }
+    if matches!(
+        (scheme, port.as_deref()),
+        ("http", Some("80")) | ("https", Some("443"))
+    ) {
+        port = None;
+    }
+    let (p, q) = match path.find('?') {
+        Some(i) => (&path[..i], &path[i..]),
+        None => (path, ""),
+    };
+    let new_path = if let Some(np) = &rd.path {
+        // A path_redirect with its own query replaces the query too.
+        if np.contains('?') {
+            np.clone()
+        } else {
+            format!("{np}{q}")
+        }
+    } else if let Some(rw) = &rd.prefix_rewrite {
+        let tail = matched_prefix.and_then(|m| p.get(m.len()..)).unwrap_or("");
+        format!("{rw}{tail}{q}")
+    } else if let Some((re, sub)) = &rd.regex_rewrite {
+        format!("{}{q}", re.replace_all(p, sub.as_str()))
+    } else {
+        path.to_string()
+    };
+    let new_path = if rd.strip_query {
+        new_path.split('?').next().unwrap_or("").to_string()
+    } else {
+        new_path
+    };
+    match port {
+        Some(port) => format!("{scheme}://{hostname}:{port}{new_path}"),
+        None => format!("{scheme}://{hostname}{new_path}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments() {
+        assert_eq!(normalize_path("/a/./b/../c"), "/a/c");
+        assert_eq!(normalize_path("/../a"), "/a");
+        assert_eq!(normalize_path("/a/b/.."), "/a/");
+        assert_eq!(merge_slashes("//a///b/"), "/a/b/");
+    }
+}

@@ -1,0 +1,308 @@
+//! `envoy.filters.network.http_connection_manager` compiled: codec, header policies, route table
+//! and HTTP filter factories.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use petrel_filters::http_filter::HttpFilterFactory;
+use xds_client::pb::envoy::extensions::filters::http::router::v3::Router;
+use xds_client::pb::envoy::extensions::filters::network::http_connection_manager::v3 as pb;
+use xds_client::TypeRegistry;
+
+use crate::config::{duration, invalid, reject_unhandled, ConfigError};
+use crate::observe::stats::Store;
+use crate::router::route_config::{self, CompileOptions, RouteTable};
+use crate::stat_struct;
+
+stat_struct!(HcmStats {
+    counter downstream_cx_total,
+    gauge downstream_cx_active,
+    counter downstream_cx_http1_total,
+    counter downstream_cx_http2_total,
+    gauge downstream_cx_http1_active,
+    gauge downstream_cx_http2_active,
+    counter downstream_cx_protocol_error,
+    counter downstream_rq_total,
+    gauge downstream_rq_active,
+    counter downstream_rq_http1_total,
+    counter downstream_rq_http2_total,
+    counter downstream_rq_completed,
+    counter downstream_rq_1xx,
+    counter downstream_rq_2xx,
+    counter downstream_rq_3xx,
+    counter downstream_rq_4xx,
+    counter downstream_rq_5xx,
+    counter downstream_rq_ws_on_non_ws_route,
+    counter downstream_rq_too_large,
+    counter no_route,
+    counter no_cluster,
+    counter rq_direct_response,
+    counter rq_redirect,
+});
+
+impl HcmStats {
+    pub fn response_class(&self, status: u16) {
+        match status / 100 {
+            1 => self.downstream_rq_1xx.inc(),
+            2 => self.downstream_rq_2xx.inc(),
+            3 => self.downstream_rq_3xx.inc(),
+            4 => self.downstream_rq_4xx.inc(),
+            _ => self.downstream_rq_5xx.inc(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Codec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ServerHeader {
+    Overwrite,
+    AppendIfAbsent,
+    PassThrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UnderscoreAction {
+    Allow,
+    RejectRequest,
+    DropHeader,
+}
+
+#[derive(Debug)]
+pub struct HcmConfig {
+    pub stat_prefix: String,
+    pub codec: Codec,
+    pub routes: Arc<RouteTable>,
+    pub filters: Vec<Arc<dyn HttpFilterFactory>>,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    pub skip_xff_append: bool,
+    pub server_name: http::HeaderValue,
+    pub server_header: ServerHeader,
+    pub generate_request_id: bool,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    pub max_request_headers_kb: u32,
+    pub max_headers_count: u32,
+    pub underscores: UnderscoreAction,
+    pub request_headers_timeout: Option<Duration>,
+    pub normalize_path: bool,
+    pub merge_slashes: bool,
+    pub stats: HcmStats,
+    /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
+    pub listener_stats: HcmStats,
+}
+
+pub fn compile(
+    hcm: &pb::HttpConnectionManager,
+    listener_stat_prefix: &str,
+    known_clusters: &HashSet<String>,
+    store: &Store,
+    path: &str,
+) -> Result<HcmConfig, ConfigError> {
+    let mut rest = hcm.clone();
+    let stat_prefix = std::mem::take(&mut rest.stat_prefix);
+    if stat_prefix.is_empty() {
+        return Err(invalid(
+            format!("{path}.stat_prefix"),
+            "value length must be at least 1 characters",
+        ));
+    }
+    let codec = match pb::http_connection_manager::CodecType::try_from(std::mem::take(
+        &mut rest.codec_type,
+    )) {
+        Ok(pb::http_connection_manager::CodecType::Auto) => Codec::Auto,
+        Ok(pb::http_connection_manager::CodecType::Http1) => Codec::Http1,
+        Ok(pb::http_connection_manager::CodecType::Http2) => Codec::Http2,
+        _ => {
+            return Err(ConfigError::Unsupported {
+                path: path.into(),
+                fields: "'codecType: HTTP3'".into(),
+            })
+        }
+    };
+    let routes = match rest.route_specifier.take() {
+        Some(pb::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+            route_config::compile(
+                &rc,
+                &CompileOptions {
+                    known_clusters: Some(known_clusters),
+                },
+            )?
+        }
+        Some(pb::http_connection_manager::RouteSpecifier::Rds(_)) => {
+            return Err(ConfigError::Unsupported {
+                path: path.into(),
+                fields: "'rds' (comes with xDS support, issue #4)".into(),
+            })
+        }
+        Some(_) => {
+            return Err(ConfigError::Unsupported {
+                path: path.into(),
+                fields: "'scopedRoutes'".into(),
+            })
+        }
+        None => return Err(invalid(path, "route_specifier is required")),
+    };
+    let filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
+    let filters_pb = std::mem::take(&mut rest.http_filters);
+    let mut saw_router = false;
+    for (i, f) in filters_pb.iter().enumerate() {
+        let fp = format!("{path}.http_filters[{i}]");
+        if saw_router {
+            return Err(invalid(&fp, format!("Error: terminal filter named envoy.filters.http.router of type envoy.filters.http.router must be the last filter in a http filter chain.")));
+        }
+        let any = match &f.config_type {
+            Some(xds_client::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a)) => a.clone(),
+            _ => return Err(invalid(&fp, format!("filter '{}' needs a typed_config", f.name))),
+        };
+        let url = TypeRegistry::effective_type_url(&any);
+        if url == "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" {
+            let r: Router = TypeRegistry::global().unpack(&any)?;
+            reject_unhandled(&r, &format!("{fp}.typed_config"))?;
+            saw_router = true;
+            continue;
+        }
+        if f.is_optional {
+            // Envoy skips optional filters it does not know; so do we.
+            continue;
+        }
+        return Err(ConfigError::UnsupportedExtension {
+            path: fp,
+            type_url: url.clone(),
+            why: petrel_filters::extensions::refusal(&url),
+        });
+    }
+    if !saw_router {
+        return Err(invalid(
+            format!("{path}.http_filters"),
+            "the router filter (envoy.filters.http.router) must be the last filter",
+        ));
+    }
+    let use_remote_address = rest
+        .use_remote_address
+        .take()
+        .map(|b| b.value)
+        .unwrap_or(false);
+    let xff_num_trusted_hops = std::mem::take(&mut rest.xff_num_trusted_hops);
+    let skip_xff_append = std::mem::take(&mut rest.skip_xff_append);
+    let server_name_s = std::mem::take(&mut rest.server_name);
+    let server_name = http::HeaderValue::from_str(if server_name_s.is_empty() {
+        "envoy"
+    } else {
+        &server_name_s
+    })
+    .map_err(|_| invalid(format!("{path}.server_name"), "invalid header value"))?;
+    let server_header = match std::mem::take(&mut rest.server_header_transformation) {
+        0 => ServerHeader::Overwrite,
+        1 => ServerHeader::AppendIfAbsent,
+        2 => ServerHeader::PassThrough,
+        _ => {
+            return Err(invalid(
+                format!("{path}.server_header_transformation"),
+                "unknown enum value",
+            ))
+        }
+    };
+    let generate_request_id = rest
+        .generate_request_id
+        .take()
+        .map(|b| b.value)
+        .unwrap_or(true);
+    let preserve_external_request_id = std::mem::take(&mut rest.preserve_external_request_id);
+    let always_set_request_id_in_response =
+        std::mem::take(&mut rest.always_set_request_id_in_response);
+    if let Some(ext) = rest.request_id_extension.take() {
+        let any = ext.typed_config.ok_or_else(|| {
+            invalid(
+                format!("{path}.request_id_extension"),
+                "typed_config is required",
+            )
+        })?;
+        let cfg: xds_client::pb::envoy::extensions::request_id::uuid::v3::UuidRequestIdConfig =
+            TypeRegistry::global().unpack(&any)?;
+        // Only the defaults are honoured: packing the trace decision into the id comes with
+        // tracing (issue #7).
+        let pack = cfg.pack_trace_reason.map(|b| b.value).unwrap_or(true);
+        let alt = cfg
+            .use_request_id_for_trace_sampling
+            .map(|b| b.value)
+            .unwrap_or(true);
+        if !pack || !alt {
+            return Err(ConfigError::Unsupported {
+                path: format!("{path}.request_id_extension"),
+                fields: "non-default UuidRequestIdConfig".into(),
+            });
+        }
+    }
+    let max_request_headers_kb = rest
+        .max_request_headers_kb
+        .take()
+        .map(|v| v.value)
+        .unwrap_or(60);
+    if !(1..=8192).contains(&max_request_headers_kb) {
+        return Err(invalid(
+            format!("{path}.max_request_headers_kb"),
+            "value must be inside range [1, 8192]",
+        ));
+    }
+    let mut max_headers_count = 100;
+    let mut underscores = UnderscoreAction::Allow;
+    if let Some(mut c) = rest.common_http_protocol_options.take() {
+        let cp = format!("{path}.common_http_protocol_options");
+        if let Some(m) = c.max_headers_count.take() {
+            max_headers_count = m.value;
+        }
+        underscores = match std::mem::take(&mut c.headers_with_underscores_action) {
+            0 => UnderscoreAction::Allow,
+            1 => UnderscoreAction::RejectRequest,
+            2 => UnderscoreAction::DropHeader,
+            _ => {
+                return Err(invalid(
+                    format!("{cp}.headers_with_underscores_action"),
+                    "unknown enum value",
+                ))
+            }
+        };
+        reject_unhandled(&c, &cp)?;
+    }
+    let request_headers_timeout = duration::optional_timeout(
+        &rest.request_headers_timeout.take(),
+        &format!("{path}.request_headers_timeout"),
+    )?;
+    let normalize_path = rest.normalize_path.take().map(|b| b.value).unwrap_or(false);
+    let merge_slashes = std::mem::take(&mut rest.merge_slashes);
+    // upgrade_configs (WebSocket) stays in `rest` and is refused until the upgrade path lands.
+    reject_unhandled(&rest, path)?;
+    let stats = HcmStats::new(store, &format!("http.{stat_prefix}."));
+    let listener_stats =
+        HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
+    Ok(HcmConfig {
+        stat_prefix,
+        codec,
+        routes: Arc::new(routes),
+        filters,
+        use_remote_address,
+        xff_num_trusted_hops,
+        skip_xff_append,
+        server_name,
+        server_header,
+        generate_request_id,
+        preserve_external_request_id,
+        always_set_request_id_in_response,
+        max_request_headers_kb,
+        max_headers_count,
+        underscores,
+        request_headers_timeout,
+        normalize_path,
+        merge_slashes,
+        stats,
+        listener_stats,
+    })
+}

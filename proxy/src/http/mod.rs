@@ -1,0 +1,5 @@
+//! The HTTP connection manager and its local-reply path.
+pub mod conn_manager;
+pub mod conn_manager_config;
+pub mod date;
+pub mod local_reply;

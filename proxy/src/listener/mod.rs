@@ -1,0 +1,145 @@
+//! Static listeners: compiled from `envoy.config.listener.v3.Listener`, bound once per worker with
+//! SO_REUSEPORT so that the kernel spreads connections across workers.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use xds_client::pb::envoy::config::core::v3::Address;
+use xds_client::pb::envoy::config::listener::v3 as pb;
+use xds_client::TypeRegistry;
+
+use crate::config::{invalid, reject_unhandled, ConfigError};
+use crate::http::conn_manager_config::{self, HcmConfig};
+use crate::observe::stats::Store;
+use crate::stat_struct;
+
+stat_struct!(ListenerStats {
+    counter downstream_cx_total,
+    gauge downstream_cx_active,
+    counter downstream_cx_destroy,
+    counter no_filter_chain_match,
+});
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub hcm: Arc<HcmConfig>,
+    pub stats: ListenerStats,
+    pub source: pb::Listener,
+}
+
+pub fn socket_addr(a: &Option<Address>, path: &str) -> Result<SocketAddr, ConfigError> {
+    use xds_client::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+    match a.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => {
+            let ip: std::net::IpAddr = sa.address.parse().map_err(|_| {
+                invalid(
+                    format!("{path}.socket_address.address"),
+                    format!("malformed IP address: {}", sa.address),
+                )
+            })?;
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) if p <= 65535 => p as u16,
+                _ => {
+                    return Err(invalid(
+                        format!("{path}.socket_address.port_value"),
+                        "a port in [0, 65535] is required",
+                    ))
+                }
+            };
+            if sa.protocol != 0 || sa.ipv4_compat || !sa.resolver_name.is_empty() {
+                return Err(ConfigError::Unsupported {
+                    path: path.into(),
+                    fields: "'protocol', 'ipv4Compat' or 'resolverName'".into(),
+                });
+            }
+            Ok(SocketAddr::new(ip, port))
+        }
+        Some(_) => Err(ConfigError::Unsupported {
+            path: path.into(),
+            fields: "'pipe' or 'envoyInternalAddress' (comes with xDS support, issue #4)".into(),
+        }),
+        None => Err(invalid(path, "address is required")),
+    }
+}
+
+pub fn compile(
+    l: &pb::Listener,
+    known_clusters: &HashSet<String>,
+    store: &Store,
+) -> Result<Listener, ConfigError> {
+    let path = format!("listener '{}'", l.name);
+    let mut rest = l.clone();
+    let name = std::mem::take(&mut rest.name);
+    let address = socket_addr(&rest.address.take(), &format!("{path}.address"))?;
+    let chains = std::mem::take(&mut rest.filter_chains);
+    let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
+    // Istio sets these on every listener; Petrel's accept path already behaves this way.
+    let _ = rest.traffic_direction;
+    rest.traffic_direction = 0;
+    reject_unhandled(&rest, &path)?;
+    if chains.len() != 1 {
+        return Err(ConfigError::Unsupported {
+            path: format!("{path}.filter_chains"),
+            fields: "more than one filter chain (filter-chain matching comes with issue #4)".into(),
+        });
+    }
+    let fc = &chains[0];
+    let fcp = format!("{path}.filter_chains[0]");
+    let mut fc_rest = fc.clone();
+    let filters = std::mem::take(&mut fc_rest.filters);
+    fc_rest.name.clear();
+    reject_unhandled(&fc_rest, &fcp)?;
+    if filters.len() != 1 {
+        return Err(ConfigError::Unsupported {
+            path: format!("{fcp}.filters"),
+            fields: "network filters other than one http_connection_manager".into(),
+        });
+    }
+    let f = &filters[0];
+    let Some(pb::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        return Err(invalid(
+            format!("{fcp}.filters[0]"),
+            "typed_config is required",
+        ));
+    };
+    let url = TypeRegistry::effective_type_url(any);
+    if url != "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" {
+        return Err(ConfigError::UnsupportedExtension { path: format!("{fcp}.filters[0]"), type_url: url.clone(), why: petrel_filters::extensions::refusal(&url) });
+    }
+    let hcm_pb = TypeRegistry::global().unpack(any)?;
+    // Envoy names listener stats by address: `listener.127.0.0.1_10000.` (or the stat_prefix).
+    let lprefix = if stat_prefix_field.is_empty() {
+        format!("listener.{}_{}.", address.ip(), address.port())
+    } else {
+        format!("listener.{stat_prefix_field}.")
+    };
+    let hcm = conn_manager_config::compile(
+        &hcm_pb,
+        &lprefix,
+        known_clusters,
+        store,
+        &format!("{fcp}.filters[0].typed_config"),
+    )?;
+    Ok(Listener {
+        name,
+        address,
+        hcm: Arc::new(hcm),
+        stats: ListenerStats::new(store, &lprefix),
+        source: l.clone(),
+    })
+}
+
+/// Binds a listener socket for one worker (SO_REUSEPORT so every worker accepts on its own).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}

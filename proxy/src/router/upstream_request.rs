@@ -1,0 +1,265 @@
+//! The router filter's forwarding half: pick the cluster and host, shape the upstream request,
+//! send it with the route timeout, and turn failures into Envoy's local replies.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use super::header_formatter::FormatContext;
+use super::route_config::{
+    rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, VirtualHost,
+};
+use crate::config::snapshot::Snapshot;
+use crate::http::conn_manager::{ConnInfo, ResponseBody};
+use crate::http::conn_manager_config::{HcmConfig, ServerHeader};
+use crate::http::local_reply::LocalReply;
+use crate::upstream::cluster::UpstreamProtocol;
+use crate::worker::WorkerCtx;
+
+pub struct Forward<'a> {
+    pub hcm: &'a HcmConfig,
+    pub ctx: &'a WorkerCtx,
+    pub info: &'a ConnInfo,
+    pub snapshot: &'a Arc<Snapshot>,
+    pub vh: &'a VirtualHost,
+    pub route: &'a Route,
+    pub fwd: &'a ForwardAction,
+    pub path: &'a str,
+    pub h2: bool,
+    pub start: Instant,
+    pub start_time: SystemTime,
+}
+
+/// Hop-by-hop headers never forwarded upstream.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+fn reply(f: &Forward<'_>, r: LocalReply) -> Response<ResponseBody> {
+    let (status, headers, body) = r.render();
+    let mut resp = Response::new(Either::Left(http_body_util::Full::new(body)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    finish_server(f.hcm, resp.headers_mut());
+    resp
+}
+
+fn finish_server(hcm: &HcmConfig, h: &mut http::HeaderMap) {
+    match hcm.server_header {
+        ServerHeader::Overwrite => {
+            h.insert(http::header::SERVER, hcm.server_name.clone());
+        }
+        ServerHeader::AppendIfAbsent => {
+            if !h.contains_key(http::header::SERVER) {
+                h.insert(http::header::SERVER, hcm.server_name.clone());
+            }
+        }
+        ServerHeader::PassThrough => {}
+    }
+}
+
+pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<ResponseBody> {
+    let fwd = f.fwd;
+    let (cluster_name, weighted) = match &fwd.cluster {
+        ClusterChoice::Named(n) => (n.to_string(), None),
+        ClusterChoice::Header(h) => (
+            req.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            None,
+        ),
+        ClusterChoice::Weighted(w) => {
+            let pick = w.pick(rand::random_range(0..w.total()));
+            (pick.name.to_string(), Some(pick))
+        }
+    };
+    let Some(cluster) = f.snapshot.clusters.get(&cluster_name) else {
+        f.hcm.stats.no_cluster.inc();
+        return reply(
+            &f,
+            LocalReply::cluster_not_found(fwd.cluster_not_found_response_code),
+        );
+    };
+    let lb = f.ctx.upstreams.lb_state(&cluster.name);
+    let Some(host) = cluster.choose(&lb) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        return reply(&f, LocalReply::no_healthy_upstream());
+    };
+    let host = host.clone();
+
+    // Shape the upstream request.
+    let mut path = f.path.to_string();
+    if let Some(p) = rewrite_path(
+        &path,
+        f.route.matched_prefix(),
+        fwd.prefix_rewrite.as_deref(),
+        fwd.regex_rewrite.as_ref(),
+    ) {
+        path = p;
+    }
+    let mut headers = std::mem::take(req.headers_mut());
+    for h in HOP_BY_HOP {
+        if *h == "te" {
+            // `te: trailers` is the one value that must survive (gRPC needs it).
+            let keep = headers
+                .get("te")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
+            if keep {
+                continue;
+            }
+        }
+        headers.remove(*h);
+    }
+    let original_host = headers.get(http::header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let method = req.method().clone();
+    let new_host = match (
+        &fwd.host_rewrite,
+        weighted.and_then(|w| w.host_rewrite_literal.clone()),
+    ) {
+        (_, Some(h)) => Some(h),
+        (Some(HostRewrite::Literal(h)), _) => Some(h.clone()),
+        (Some(HostRewrite::Auto), _)
+            if cluster.discovery != crate::upstream::cluster::DiscoveryType::Static =>
+        {
+            HeaderValue::from_str(&host.hostname).ok()
+        }
+        (Some(HostRewrite::Header(name)), _) => headers.get(name).cloned(),
+        _ => None,
+    };
+    let authority = new_host.or(original_host);
+    if let Some(a) = &authority {
+        headers.insert(http::header::HOST, a.clone());
+    }
+    if let Some(t) = fwd.timeout {
+        headers.insert(
+            HeaderName::from_static("x-envoy-expected-rq-timeout-ms"),
+            HeaderValue::from(t.as_millis() as u64),
+        );
+    }
+    let fctx = FormatContext {
+        downstream_remote: f.info.remote,
+        downstream_local: f.info.local,
+        protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
+        request_headers: None,
+        upstream_host: Some(host.address),
+        start_time: f.start_time,
+    };
+    let snapshot_headers = headers.clone();
+    let fctx = FormatContext {
+        request_headers: Some(&snapshot_headers),
+        ..fctx
+    };
+    let routes = &f.hcm.routes;
+    let mut levels = Vec::with_capacity(4);
+    if let Some(w) = weighted {
+        levels.push(&w.request_headers);
+    }
+    levels.extend([
+        &f.route.request_headers,
+        &f.vh.request_headers,
+        &routes.request_headers,
+    ]);
+    if routes.most_specific_header_mutations_wins {
+        levels.reverse();
+    }
+    for m in levels {
+        m.apply(&mut headers, &fctx);
+    }
+
+    let upstream_h2 = match cluster.protocol {
+        crate::upstream::cluster::UpstreamProtocol::Http2 => true,
+        UpstreamProtocol::Downstream => f.h2,
+        UpstreamProtocol::Http1 => false,
+    };
+    let uri = if upstream_h2 {
+        let auth = authority
+            .as_ref()
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or("localhost");
+        format!("http://{auth}{path}")
+    } else {
+        path
+    };
+    let mut builder = Request::builder().method(method).uri(uri);
+    builder = builder.version(if upstream_h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    });
+    if upstream_h2 {
+        headers.remove(http::header::HOST);
+    }
+    let Ok(mut up_req) = builder.body(Either::Left(req.into_body())) else {
+        return reply(
+            &f,
+            LocalReply::new(http::StatusCode::BAD_REQUEST, "", "DPE", "invalid_request"),
+        );
+    };
+    *up_req.headers_mut() = headers;
+
+    let stats = &cluster.stats;
+    stats.upstream_rq_total.inc();
+    stats.upstream_rq_active.inc();
+    host.active_requests.fetch_add(1, Ordering::Relaxed);
+    let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
+    let result = match fwd.timeout {
+        Some(t) => tokio::time::timeout(t.saturating_sub(f.start.elapsed()), send)
+            .await
+            .ok(),
+        None => Some(send.await),
+    };
+    host.active_requests.fetch_sub(1, Ordering::Relaxed);
+    stats.upstream_rq_active.dec();
+    let resp = match result {
+        None => {
+            stats.upstream_rq_timeout.inc();
+            stats.response_class(504);
+            return reply(&f, LocalReply::upstream_timeout());
+        }
+        Some(Err(reason)) => {
+            stats.response_class(503);
+            return reply(&f, LocalReply::upstream_reset(reason));
+        }
+        Some(Ok(r)) => r,
+    };
+    stats.upstream_rq_completed.inc();
+    stats.response_class(resp.status().as_u16());
+    let (mut parts, body) = resp.into_parts();
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    let elapsed = f.start.elapsed().as_millis() as u64;
+    parts.headers.insert(
+        HeaderName::from_static("x-envoy-upstream-service-time"),
+        HeaderValue::from(elapsed),
+    );
+    finish_server(f.hcm, &mut parts.headers);
+    if let Some(w) = weighted {
+        w.response_headers.apply(
+            &mut parts.headers,
+            &FormatContext {
+                request_headers: None,
+                ..fctx
+            },
+        );
+    }
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, Either::Right(body))
+}

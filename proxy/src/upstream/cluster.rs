@@ -1,0 +1,563 @@
+//! A cluster compiled from `envoy.config.cluster.v3.Cluster`: its hosts (with localities,
+//! priorities and weights), load-balancing policy, upstream protocol and stats.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use xds_client::pb::envoy::config::cluster::v3 as pb;
+use xds_client::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier, Address};
+use xds_client::pb::envoy::config::endpoint::v3::{
+    lb_endpoint::HostIdentifier, ClusterLoadAssignment,
+};
+use xds_client::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
+    HttpProtocolOptions,
+};
+use xds_client::TypeRegistry;
+
+use crate::config::{duration, invalid, reject_unhandled, ConfigError};
+use crate::observe::stats::Store;
+use crate::stat_struct;
+
+stat_struct!(ClusterStats {
+    counter upstream_cx_total,
+    gauge upstream_cx_active,
+    counter upstream_cx_connect_fail,
+    counter upstream_cx_connect_timeout,
+    counter upstream_cx_destroy,
+    counter upstream_cx_http1_total,
+    counter upstream_cx_http2_total,
+    counter upstream_rq_total,
+    gauge upstream_rq_active,
+    counter upstream_rq_completed,
+    counter upstream_rq_timeout,
+    counter upstream_rq_1xx,
+    counter upstream_rq_2xx,
+    counter upstream_rq_3xx,
+    counter upstream_rq_4xx,
+    counter upstream_rq_5xx,
+    counter upstream_rq_pending_total,
+    counter upstream_cx_none_healthy,
+    gauge membership_total,
+    gauge membership_healthy,
+    gauge membership_degraded,
+    gauge membership_excluded,
+});
+
+impl ClusterStats {
+    pub fn response_class(&self, status: u16) {
+        match status / 100 {
+            1 => self.upstream_rq_1xx.inc(),
+            2 => self.upstream_rq_2xx.inc(),
+            3 => self.upstream_rq_3xx.inc(),
+            4 => self.upstream_rq_4xx.inc(),
+            _ => self.upstream_rq_5xx.inc(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DiscoveryType {
+    Static,
+    StrictDns,
+    LogicalDns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// `use_downstream_protocol_config`: HTTP/2 upstream for HTTP/2 downstream.
+    Downstream,
+}
+
+#[derive(Debug)]
+pub struct Host {
+    pub address: SocketAddr,
+    pub hostname: String,
+    pub weight: u32,
+    pub priority: u32,
+    pub locality: String,
+    /// Requests in flight to this host (for LEAST_REQUEST).
+    pub active_requests: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    /// The prefix of every stat: `cluster.<alt_stat_name or name>.`.
+    pub stat_prefix: String,
+    pub discovery: DiscoveryType,
+    pub connect_timeout: Duration,
+    pub lb: LbPolicy,
+    pub protocol: UpstreamProtocol,
+    pub idle_timeout: Option<Duration>,
+    pub max_requests_per_connection: Option<u32>,
+    /// Hosts of the highest-priority level with any host, the ones the balancer picks from.
+    pub hosts: Vec<Arc<Host>>,
+    /// Every host, for `/clusters`.
+    pub all_hosts: Vec<Arc<Host>>,
+    pub stats: ClusterStats,
+    /// The cluster as configured, for `/config_dump`.
+    pub source: pb::Cluster,
+}
+
+fn socket_address(
+    a: &Address,
+    path: &str,
+    resolve: bool,
+) -> Result<(SocketAddr, String), ConfigError> {
+    match &a.address {
+        Some(address::Address::SocketAddress(sa)) => {
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) if p <= 65535 => p as u16,
+                Some(PortSpecifier::PortValue(_)) => {
+                    return Err(invalid(
+                        format!("{path}.port_value"),
+                        "value must be less than or equal to 65535",
+                    ))
+                }
+                Some(PortSpecifier::NamedPort(_)) => {
+                    return Err(ConfigError::Unsupported {
+                        path: path.into(),
+                        fields: "'namedPort'".into(),
+                    })
+                }
+                None => return Err(invalid(path, "port_specifier is required")),
+            };
+            if sa.protocol != 0 {
+                return Err(ConfigError::Unsupported {
+                    path: path.into(),
+                    fields: "'protocol' (UDP)".into(),
+                });
+            }
+            if !sa.resolver_name.is_empty() {
+                return Err(ConfigError::Unsupported {
+                    path: path.into(),
+                    fields: "'resolverName'".into(),
+                });
+            }
+            if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
+                return Ok((SocketAddr::new(ip, port), sa.address.clone()));
+            }
+            if !resolve {
+                return Err(invalid(
+                    format!("{path}.address"),
+                    format!("malformed IP address: {}. Consider setting resolver_name or setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'", sa.address),
+                ));
+            }
+            let addr = (sa.address.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut it| {
+                    it.find(|a| a.is_ipv4())
+                        .or_else(|| (sa.address.as_str(), port).to_socket_addrs().ok()?.next())
+                })
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{path}.address"),
+                        format!("DNS resolution failed for {}", sa.address),
+                    )
+                })?;
+            Ok((addr, sa.address.clone()))
+        }
+        Some(address::Address::Pipe(_)) => Err(ConfigError::Unsupported {
+            path: path.into(),
+            fields: "'pipe'".into(),
+        }),
+        Some(_) => Err(ConfigError::Unsupported {
+            path: path.into(),
+            fields: "'envoyInternalAddress'".into(),
+        }),
+        None => Err(invalid(path, "address is required")),
+    }
+}
+
+fn hosts_from(
+    cla: &ClusterLoadAssignment,
+    path: &str,
+    resolve: bool,
+) -> Result<Vec<Arc<Host>>, ConfigError> {
+    let mut rest = cla.clone();
+    rest.cluster_name.clear();
+    let endpoints = std::mem::take(&mut rest.endpoints);
+    reject_unhandled(&rest, path)?;
+    let mut hosts = Vec::new();
+    for (li, le) in endpoints.iter().enumerate() {
+        let lp = format!("{path}.endpoints[{li}]");
+        let mut lrest = le.clone();
+        let locality = lrest
+            .locality
+            .take()
+            .map(|l| format!("{}/{}/{}", l.region, l.zone, l.sub_zone))
+            .unwrap_or_default();
+        let priority = std::mem::take(&mut lrest.priority);
+        // Locality weights only matter with locality-weighted balancing, which is refused below.
+        let lb_eps = std::mem::take(&mut lrest.lb_endpoints);
+        reject_unhandled(&lrest, &lp)?;
+        for (ei, ep) in lb_eps.iter().enumerate() {
+            let ep_path = format!("{lp}.lb_endpoints[{ei}]");
+            let mut erest = ep.clone();
+            let weight = erest
+                .load_balancing_weight
+                .take()
+                .map(|w| w.value)
+                .unwrap_or(1);
+            if weight == 0 {
+                return Err(invalid(
+                    format!("{ep_path}.load_balancing_weight"),
+                    "value must be greater than or equal to 1",
+                ));
+            }
+            // Endpoint metadata is data for matchers and loggers.
+            erest.metadata = None;
+            let ident = erest.host_identifier.take();
+            if erest.health_status > 1 {
+                return Err(ConfigError::Unsupported {
+                    path: ep_path,
+                    fields: "'healthStatus' other than HEALTHY/UNKNOWN".into(),
+                });
+            }
+            erest.health_status = 0;
+            reject_unhandled(&erest, &ep_path)?;
+            let Some(HostIdentifier::Endpoint(e)) = ident else {
+                return Err(ConfigError::Unsupported {
+                    path: ep_path,
+                    fields: "'endpointName'".into(),
+                });
+            };
+            let mut e_rest = e.clone();
+            let addr = e_rest.address.take().ok_or_else(|| {
+                invalid(format!("{ep_path}.endpoint.address"), "value is required")
+            })?;
+            let hostname = std::mem::take(&mut e_rest.hostname);
+            reject_unhandled(&e_rest, &format!("{ep_path}.endpoint"))?;
+            let (address, name) = socket_address(
+                &addr,
+                &format!("{ep_path}.endpoint.address.socket_address"),
+                resolve,
+            )?;
+            hosts.push(Arc::new(Host {
+                address,
+                hostname: if hostname.is_empty() { name } else { hostname },
+                weight,
+                priority,
+                locality: locality.clone(),
+                active_requests: AtomicU64::new(0),
+            }));
+        }
+    }
+    Ok(hosts)
+}
+
+pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
+    let path = format!("cluster '{}'", c.name);
+    let mut rest = c.clone();
+    let name = std::mem::take(&mut rest.name);
+    if name.is_empty() {
+        return Err(invalid(
+            "clusters[].name",
+            "value length must be at least 1 characters",
+        ));
+    }
+    let alt = std::mem::take(&mut rest.alt_stat_name);
+    let discovery = match rest.cluster_discovery_type.take() {
+        Some(pb::cluster::ClusterDiscoveryType::Type(t)) => {
+            match pb::cluster::DiscoveryType::try_from(t) {
+                Ok(pb::cluster::DiscoveryType::Static) => DiscoveryType::Static,
+                Ok(pb::cluster::DiscoveryType::StrictDns) => DiscoveryType::StrictDns,
+                Ok(pb::cluster::DiscoveryType::LogicalDns) => DiscoveryType::LogicalDns,
+                Ok(pb::cluster::DiscoveryType::Eds) => {
+                    return Err(ConfigError::Unsupported {
+                        path,
+                        fields: "'type: EDS' (comes with xDS support, issue #4)".into(),
+                    })
+                }
+                Ok(pb::cluster::DiscoveryType::OriginalDst) => {
+                    return Err(ConfigError::Unsupported {
+                        path,
+                        fields: "'type: ORIGINAL_DST' (comes with xDS support, issue #4)".into(),
+                    })
+                }
+                Err(_) => return Err(invalid(format!("{path}.type"), "unknown enum value")),
+            }
+        }
+        None => DiscoveryType::Static,
+        Some(_) => {
+            return Err(ConfigError::Unsupported {
+                path,
+                fields: "'clusterType'".into(),
+            })
+        }
+    };
+    let connect_timeout = duration::or(
+        &rest.connect_timeout.take(),
+        Duration::from_secs(5),
+        &format!("{path}.connect_timeout"),
+    )?;
+    if connect_timeout.is_zero() {
+        return Err(invalid(
+            format!("{path}.connect_timeout"),
+            "value must be greater than 0s",
+        ));
+    }
+    let lb = match pb::cluster::LbPolicy::try_from(std::mem::take(&mut rest.lb_policy)) {
+        Ok(pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(pb::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(pb::cluster::LbPolicy::Random) => LbPolicy::Random,
+        Ok(other) => {
+            return Err(ConfigError::Unsupported {
+                path,
+                fields: format!(
+                    "'lbPolicy: {}' (comes with traffic management, issue #5)",
+                    other.as_str_name()
+                ),
+            })
+        }
+        Err(_) => return Err(invalid(format!("{path}.lb_policy"), "unknown enum value")),
+    };
+    let mut protocol = UpstreamProtocol::Http1;
+    let mut idle_timeout = Some(Duration::from_secs(3600));
+    let mut max_requests_per_connection = rest.max_requests_per_connection.take().map(|v| v.value);
+    for (key, any) in std::mem::take(&mut rest.typed_extension_protocol_options) {
+        let p = format!("{path}.typed_extension_protocol_options['{key}']");
+        if TypeRegistry::effective_type_url(&any)
+            != "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        {
+            return Err(ConfigError::UnsupportedExtension {
+                path: p,
+                type_url: any.type_url.clone(),
+                why: petrel_filters::extensions::refusal(&any.type_url),
+            });
+        }
+        let mut o: HttpProtocolOptions = TypeRegistry::global().unpack(&any)?;
+        protocol = match o.upstream_protocol_options.take() {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+                Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
+                    reject_unhandled(
+                        &h2,
+                        &format!("{p}.explicit_http_config.http2_protocol_options"),
+                    )?;
+                    UpstreamProtocol::Http2
+                }
+                Some(ProtocolConfig::HttpProtocolOptions(h1)) => {
+                    reject_unhandled(
+                        &h1,
+                        &format!("{p}.explicit_http_config.http_protocol_options"),
+                    )?;
+                    UpstreamProtocol::Http1
+                }
+                _ => {
+                    return Err(ConfigError::Unsupported {
+                        path: p,
+                        fields: "'http3ProtocolOptions'".into(),
+                    })
+                }
+            },
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(u)) => {
+                if let Some(h2) = &u.http2_protocol_options {
+                    reject_unhandled(
+                        h2,
+                        &format!("{p}.use_downstream_protocol_config.http2_protocol_options"),
+                    )?;
+                }
+                if u.http3_protocol_options.is_some() {
+                    return Err(ConfigError::Unsupported {
+                        path: p,
+                        fields: "'http3ProtocolOptions'".into(),
+                    });
+                }
+                UpstreamProtocol::Downstream
+            }
+            Some(UpstreamProtocolOptions::AutoConfig(_)) => {
+                return Err(ConfigError::Unsupported {
+                    path: p,
+                    fields: "'autoConfig' (ALPN selection comes with TLS, issue #6)".into(),
+                })
+            }
+            None => UpstreamProtocol::Http1,
+        };
+        if let Some(mut common) = o.common_http_protocol_options.take() {
+            if let Some(d) = common.idle_timeout.take() {
+                idle_timeout = duration::optional_timeout(
+                    &Some(d),
+                    &format!("{p}.common_http_protocol_options.idle_timeout"),
+                )?;
+            }
+            if let Some(m) = common.max_requests_per_connection.take() {
+                max_requests_per_connection = Some(m.value);
+            }
+            reject_unhandled(&common, &format!("{p}.common_http_protocol_options"))?;
+        }
+        reject_unhandled(&o, &p)?;
+    }
+    let resolve = discovery != DiscoveryType::Static;
+    let cla = rest.load_assignment.take().unwrap_or_default();
+    let all_hosts = hosts_from(&cla, &format!("{path}.load_assignment"), resolve)?;
+    if discovery == DiscoveryType::LogicalDns && all_hosts.len() > 1 {
+        return Err(invalid(
+            format!("{path}.load_assignment"),
+            "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+        ));
+    }
+    // DNS names resolve once, when the cluster is compiled, preferring IPv4 (V4_ONLY and
+    // V4_PREFERRED both hold); periodic re-resolution is not implemented, so an explicit
+    // dns_refresh_rate stays in `rest` and is refused.
+    if matches!(rest.dns_lookup_family, 1 | 3) {
+        rest.dns_lookup_family = 0;
+    }
+    reject_unhandled(&rest, &path)?;
+    let top = all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
+    let hosts: Vec<_> = all_hosts
+        .iter()
+        .filter(|h| h.priority == top)
+        .cloned()
+        .collect();
+    let stat_prefix = format!("cluster.{}.", if alt.is_empty() { &name } else { &alt });
+    let stats = ClusterStats::new(store, &stat_prefix);
+    stats.membership_total.set(all_hosts.len() as i64);
+    stats.membership_healthy.set(all_hosts.len() as i64);
+    stats.membership_degraded.set(0);
+    stats.membership_excluded.set(0);
+    Ok(Cluster {
+        name,
+        stat_prefix,
+        discovery,
+        connect_timeout,
+        lb,
+        protocol,
+        idle_timeout,
+        max_requests_per_connection,
+        hosts,
+        all_hosts,
+        stats,
+        source: c.clone(),
+    })
+}
+
+/// Per-worker balancer state for one cluster.
+#[derive(Debug, Default)]
+pub struct LbState {
+    rr: std::cell::Cell<u64>,
+}
+
+impl Cluster {
+    /// Chooses a host, or None when the cluster has none (Envoy's `no healthy upstream`).
+    pub fn choose(&self, state: &LbState) -> Option<&Arc<Host>> {
+        let n = self.hosts.len();
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            return self.hosts.first();
+        }
+        let weighted = self.hosts.iter().any(|h| h.weight != 1);
+        match self.lb {
+            LbPolicy::RoundRobin if !weighted => {
+                let i = state.rr.get();
+                state.rr.set(i.wrapping_add(1));
+                self.hosts.get((i % n as u64) as usize)
+            }
+            LbPolicy::RoundRobin => {
+                // Weighted round robin by a rotating position over the summed weights.
+                let total: u64 = self.hosts.iter().map(|h| h.weight as u64).sum();
+                let i = state.rr.get();
+                state.rr.set(i.wrapping_add(1));
+                self.by_weight(i % total)
+            }
+            LbPolicy::Random => {
+                let total: u64 = self.hosts.iter().map(|h| h.weight as u64).sum();
+                self.by_weight(rand::random::<u64>() % total)
+            }
+            LbPolicy::LeastRequest => {
+                // Envoy's default: power of two choices among the hosts.
+                let a = &self.hosts[rand::random_range(0..n)];
+                let b = &self.hosts[rand::random_range(0..n)];
+                let (ra, rb) = (
+                    a.active_requests.load(Ordering::Relaxed),
+                    b.active_requests.load(Ordering::Relaxed),
+                );
+                Some(if rb < ra { b } else { a })
+            }
+        }
+    }
+
+    fn by_weight(&self, mut point: u64) -> Option<&Arc<Host>> {
+        for h in &self.hosts {
+            if point < h.weight as u64 {
+                return Some(h);
+            }
+            point -= h.weight as u64;
+        }
+        self.hosts.last()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cluster(v: serde_json::Value) -> Result<Cluster, ConfigError> {
+        let c: pb::Cluster = TypeRegistry::global().from_json(&v, false)?;
+        compile(&c, &Store::default())
+    }
+
+    fn ep(port: u16, weight: u32) -> serde_json::Value {
+        json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}, "load_balancing_weight": weight})
+    }
+
+    #[test]
+    fn round_robin_and_weights() {
+        let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 1)]}]}})).unwrap();
+        let s = LbState::default();
+        let ports: Vec<_> = (0..4)
+            .map(|_| c.choose(&s).unwrap().address.port())
+            .collect();
+        assert_eq!(ports, [1, 2, 1, 2]);
+        let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 3)]}]}})).unwrap();
+        let ports: Vec<_> = (0..4)
+            .map(|_| c.choose(&s).unwrap().address.port())
+            .collect();
+        let twos = ports.iter().filter(|p| **p == 2).count();
+        assert_eq!(twos, 3);
+    }
+
+    #[test]
+    fn priorities_pick_the_top_level() {
+        let c = cluster(
+            json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [
+            {"priority": 1, "lb_endpoints": [ep(2, 1)]}, {"lb_endpoints": [ep(1, 1)]}]}}),
+        )
+        .unwrap();
+        assert_eq!(c.choose(&LbState::default()).unwrap().address.port(), 1);
+        assert_eq!(c.all_hosts.len(), 2);
+    }
+
+    #[test]
+    fn refusals_name_fields() {
+        let e = cluster(json!({"name": "c", "type": "EDS"})).unwrap_err();
+        assert!(e.to_string().contains("EDS"), "{e}");
+        let e = cluster(json!({"name": "c", "lb_policy": "MAGLEV"})).unwrap_err();
+        assert!(e.to_string().contains("MAGLEV"), "{e}");
+        let e = cluster(json!({"name": "c", "outlier_detection": {}})).unwrap_err();
+        assert!(e.to_string().contains("outlierDetection"), "{e}");
+        let e = cluster(json!({"name": "c", "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "example.invalid", "port_value": 1}}}}]}]}})).unwrap_err();
+        assert!(e.to_string().contains("malformed IP address"), "{e}");
+    }
+
+    #[test]
+    fn no_hosts_no_choice() {
+        let c = cluster(json!({"name": "c"})).unwrap();
+        assert!(c.choose(&LbState::default()).is_none());
+    }
+}

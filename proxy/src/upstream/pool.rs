@@ -1,0 +1,270 @@
+//! Per-worker upstream connection pools: HTTP/1.1 (one request per connection at a time, idle
+//! connections reused) and HTTP/2 (one multiplexed connection per host). A worker's pools are
+//! only touched from that worker's thread, so they use `Rc`/`RefCell` and no locks.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use super::cluster::{Cluster, ClusterStats, Host, LbState};
+use crate::worker::LocalExec;
+
+/// A request body sent upstream: the downstream body as it streams, or a buffered one.
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// Why an upstream request failed before response headers, in Envoy's reset-reason words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    ConnectionFailure,
+    ConnectionTimeout,
+    ConnectionTermination,
+    ProtocolError,
+}
+
+impl ResetReason {
+    /// Envoy's reset reason string as it appears in local-reply bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::ConnectionFailure => "remote connection failure",
+            ResetReason::ConnectionTimeout => "connection timeout",
+            ResetReason::ConnectionTermination => "connection termination",
+            ResetReason::ProtocolError => "protocol error",
+        }
+    }
+    /// Envoy's response flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout => "UF",
+            ResetReason::ConnectionTermination => "UC",
+            ResetReason::ProtocolError => "UPE",
+        }
+    }
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+    used: u32,
+}
+
+#[derive(Default)]
+struct HostPool {
+    idle: RefCell<Vec<IdleH1>>,
+    h2: RefCell<Option<http2::SendRequest<UpstreamBody>>>,
+}
+
+/// One worker's pools and balancer state, for every cluster.
+#[derive(Default)]
+pub struct WorkerUpstreams {
+    pools: RefCell<HashMap<(SocketAddr, bool), Rc<HostPool>>>,
+    lb: RefCell<HashMap<String, Rc<LbState>>>,
+}
+
+impl WorkerUpstreams {
+    pub fn lb_state(&self, cluster: &str) -> Rc<LbState> {
+        self.lb
+            .borrow_mut()
+            .entry(cluster.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn pool(&self, addr: SocketAddr, h2: bool) -> Rc<HostPool> {
+        self.pools
+            .borrow_mut()
+            .entry((addr, h2))
+            .or_default()
+            .clone()
+    }
+
+    /// Sends a request to `host`, over a pooled connection or a new one.
+    pub async fn send(
+        &self,
+        cluster: &Cluster,
+        host: &Host,
+        h2: bool,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, ResetReason> {
+        let pool = self.pool(host.address, h2);
+        if h2 {
+            let existing = pool.h2.borrow().clone().filter(|s| s.is_ready());
+            let mut sender = match existing {
+                Some(s) => s,
+                None => {
+                    let s = connect_h2(cluster, host.address).await?;
+                    *pool.h2.borrow_mut() = Some(s.clone());
+                    s
+                }
+            };
+            let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
+            return Ok(resp.map(|b| PooledBody {
+                inner: b,
+                give_back: None,
+            }));
+        }
+        let reusable = {
+            let mut idle = pool.idle.borrow_mut();
+            let mut found = None;
+            while let Some(c) = idle.pop() {
+                let stale = cluster.idle_timeout.is_some_and(|t| c.since.elapsed() >= t);
+                if !stale && c.sender.is_ready() {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let (mut sender, used) = match reusable {
+            Some(c) => (c.sender, c.used),
+            None => (connect_h1(cluster, host.address).await?, 0),
+        };
+        let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
+        let used = used + 1;
+        let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
+        let give_back = reuse.then(|| GiveBack { pool, sender, used });
+        Ok(resp.map(|b| PooledBody {
+            inner: b,
+            give_back,
+        }))
+    }
+}
+
+fn classify(e: &hyper::Error) -> ResetReason {
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        ResetReason::ProtocolError
+    } else {
+        ResetReason::ConnectionTermination
+    }
+}
+
+async fn tcp(
+    cluster: &Cluster,
+    addr: SocketAddr,
+) -> Result<TokioIo<tokio::net::TcpStream>, ResetReason> {
+    let stats = &cluster.stats;
+    stats.upstream_cx_total.inc();
+    match tokio::time::timeout(
+        cluster.connect_timeout,
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(TokioIo::new(s))
+        }
+        Ok(Err(_)) => {
+            stats.upstream_cx_connect_fail.inc();
+            Err(ResetReason::ConnectionFailure)
+        }
+        Err(_) => {
+            stats.upstream_cx_connect_fail.inc();
+            stats.upstream_cx_connect_timeout.inc();
+            Err(ResetReason::ConnectionTimeout)
+        }
+    }
+}
+
+/// Keeps `upstream_cx_active` and `upstream_cx_destroy` right for a connection task.
+fn track<F: std::future::Future + 'static>(stats: &ClusterStats, conn: F) {
+    let stats = stats.clone();
+    stats.upstream_cx_active.inc();
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+        stats.upstream_cx_active.dec();
+        stats.upstream_cx_destroy.inc();
+    });
+}
+
+async fn connect_h1(
+    cluster: &Cluster,
+    addr: SocketAddr,
+) -> Result<http1::SendRequest<UpstreamBody>, ResetReason> {
+    let io = tcp(cluster, addr).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|_| ResetReason::ConnectionFailure)?;
+    cluster.stats.upstream_cx_http1_total.inc();
+    track(&cluster.stats, conn);
+    Ok(sender)
+}
+
+async fn connect_h2(
+    cluster: &Cluster,
+    addr: SocketAddr,
+) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
+    let io = tcp(cluster, addr).await?;
+    let (sender, conn) = http2::Builder::new(LocalExec)
+        .handshake(io)
+        .await
+        .map_err(|_| ResetReason::ConnectionFailure)?;
+    cluster.stats.upstream_cx_http2_total.inc();
+    track(&cluster.stats, conn);
+    Ok(sender)
+}
+
+struct GiveBack {
+    pool: Rc<HostPool>,
+    sender: http1::SendRequest<UpstreamBody>,
+    used: u32,
+}
+
+/// An upstream response body that returns its HTTP/1.1 connection to the pool once the body has
+/// been read to the end (a body dropped early closes the connection, as it must).
+pub struct PooledBody {
+    inner: Incoming,
+    give_back: Option<GiveBack>,
+}
+
+impl PooledBody {
+    fn finish(&mut self) {
+        if let Some(g) = self.give_back.take() {
+            g.pool.idle.borrow_mut().push(IdleH1 {
+                sender: g.sender,
+                since: Instant::now(),
+                used: g.used,
+            });
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.give_back = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

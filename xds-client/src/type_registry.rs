@@ -1,0 +1,288 @@
+//! The type-URL registry: every Envoy v3 message known to Petrel, addressable by its type URL.
+//!
+//! Bootstrap files and xDS resources both go through here so that they become the same prost
+//! types: proto3-JSON → `DynamicMessage` (with `Any` resolved by type URL) → wire bytes → prost.
+
+use std::sync::OnceLock;
+
+use envoy_types::pb::google::protobuf::{value::Kind, Any, Struct, Value};
+use prost::{Message, Name};
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
+
+static DESCRIPTORS: &[u8] = include_bytes!(env!("PETREL_ENVOY_DESCRIPTORS"));
+
+/// `xds.type.v3.TypedStruct` and its historical `udpa.type.v1` twin: an extension config carried
+/// as a JSON-like `Struct` plus the real type URL.
+pub const TYPED_STRUCT_URLS: [&str; 2] = [
+    "type.googleapis.com/xds.type.v3.TypedStruct",
+    "type.googleapis.com/udpa.type.v1.TypedStruct",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    /// A field (named by its JSON path) could not be decoded.
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
+    /// The type URL names a message Petrel does not know at all.
+    #[error("unknown type URL '{0}'")]
+    UnknownType(String),
+    /// An `Any` holds a different message than the one expected at this place.
+    #[error("expected '{expected}' but got '{got}'")]
+    WrongType { expected: String, got: String },
+    #[error("invalid protobuf for '{type_url}': {message}")]
+    Wire { type_url: String, message: String },
+}
+
+/// The registry of Envoy message descriptors.
+pub struct TypeRegistry {
+    pool: DescriptorPool,
+}
+
+fn type_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
+
+impl TypeRegistry {
+    /// The process-wide registry (descriptors are embedded at build time).
+    pub fn global() -> &'static TypeRegistry {
+        static REG: OnceLock<TypeRegistry> = OnceLock::new();
+        REG.get_or_init(|| TypeRegistry {
+            // The embedded set is produced by the same build as envoy-types; failing to decode it
+            // is a build defect, not an input error.
+            pool: DescriptorPool::decode(DESCRIPTORS).expect("embedded Envoy descriptor set"),
+        })
+    }
+
+    /// Whether a message with this type URL (or bare full name) is known.
+    pub fn knows(&self, type_url: &str) -> bool {
+        self.pool.get_message_by_name(type_name(type_url)).is_some()
+    }
+
+    /// Decodes proto3-JSON into `M`, naming the JSON path of the first offending field.
+    pub fn from_json<M: Message + Default + Name>(
+        &self,
+        value: &serde_json::Value,
+        allow_unknown_fields: bool,
+    ) -> Result<M, DecodeError> {
+        let bytes = self.json_to_wire(&M::full_name(), value, allow_unknown_fields)?;
+        M::decode(bytes.as_slice()).map_err(|e| DecodeError::Wire {
+            type_url: M::type_url(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Decodes proto3-JSON of the named message into its wire form.
+    pub fn json_to_wire(
+        &self,
+        full_name: &str,
+        value: &serde_json::Value,
+        allow_unknown_fields: bool,
+    ) -> Result<Vec<u8>, DecodeError> {
+        let desc = self
+            .pool
+            .get_message_by_name(full_name)
+            .ok_or_else(|| DecodeError::UnknownType(full_name.to_string()))?;
+        let opts = DeserializeOptions::new().deny_unknown_fields(!allow_unknown_fields);
+        let mut track = serde_path_to_error::Track::new();
+        let de = serde_path_to_error::Deserializer::new(value, &mut track);
+        match DynamicMessage::deserialize_with_options(desc, de, &opts) {
+            Ok(msg) => Ok(msg.encode_to_vec()),
+            Err(e) => Err(DecodeError::Field {
+                path: render_path(&track.path()),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Renders a prost message as Envoy's proto3-JSON (camelCase names, defaults omitted,
+    /// `Any` expanded with `@type`), as `/config_dump` shows it.
+    pub fn to_json<M: Message + Name>(&self, msg: &M) -> serde_json::Value {
+        self.wire_to_json(&M::full_name(), &msg.encode_to_vec())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Renders wire bytes of the named message as proto3-JSON.
+    pub fn wire_to_json(&self, full_name: &str, bytes: &[u8]) -> Option<serde_json::Value> {
+        let desc = self.pool.get_message_by_name(full_name)?;
+        let msg = DynamicMessage::decode(desc, bytes).ok()?;
+        let opts = SerializeOptions::new().skip_default_fields(true);
+        msg.serialize_with_options(serde_json::value::Serializer, &opts)
+            .ok()
+    }
+
+    /// Renders an `Any` as proto3-JSON with its `@type`.
+    pub fn any_to_json(&self, any: &Any) -> Option<serde_json::Value> {
+        let mut v = self.wire_to_json(type_name(&any.type_url), &any.value)?;
+        if let serde_json::Value::Object(map) = &mut v {
+            map.insert("@type".into(), any.type_url.clone().into());
+        }
+        Some(v)
+    }
+
+    /// Unpacks an `Any` into `M`, following a `TypedStruct` wrapper to its inner type URL.
+    pub fn unpack<M: Message + Default + Name>(&self, any: &Any) -> Result<M, DecodeError> {
+        let (url, bytes) = self.resolve_typed_struct(any)?;
+        if type_name(&url) != M::full_name() {
+            return Err(DecodeError::WrongType {
+                expected: M::full_name(),
+                got: type_name(&url).to_string(),
+            });
+        }
+        M::decode(bytes.as_slice()).map_err(|e| DecodeError::Wire {
+            type_url: url,
+            message: e.to_string(),
+        })
+    }
+
+    /// The effective type URL of an extension config: a `TypedStruct`'s inner one, else its own.
+    pub fn effective_type_url(any: &Any) -> String {
+        if TYPED_STRUCT_URLS.contains(&any.type_url.as_str()) {
+            if let Ok(ts) = TypedStructWire::decode(any.value.as_slice()) {
+                return ts.type_url;
+            }
+        }
+        any.type_url.clone()
+    }
+
+    fn resolve_typed_struct(&self, any: &Any) -> Result<(String, Vec<u8>), DecodeError> {
+        if !TYPED_STRUCT_URLS.contains(&any.type_url.as_str()) {
+            return Ok((any.type_url.clone(), any.value.clone()));
+        }
+        let ts = TypedStructWire::decode(any.value.as_slice()).map_err(|e| DecodeError::Wire {
+            type_url: any.type_url.clone(),
+            message: e.to_string(),
+        })?;
+        let json = ts.value.map(struct_to_json).unwrap_or_default();
+        let bytes = self.json_to_wire(type_name(&ts.type_url), &json, false)?;
+        Ok((ts.type_url, bytes))
+    }
+}
+
+/// The wire shape shared by both TypedStruct messages (field 1 type_url, field 2 value).
+#[derive(Clone, PartialEq, Message)]
+struct TypedStructWire {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<Struct>,
+}
+
+/// `google.protobuf.Struct` → JSON object.
+pub fn struct_to_json(s: Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: Value) -> serde_json::Value {
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.into_iter().map(value_to_json).collect())
+        }
+    }
+}
+
+fn render_path(p: &serde_path_to_error::Path) -> String {
+    let s = p.to_string();
+    if s == "." {
+        "(root)".to_string()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use serde_json::json;
+
+    #[test]
+    fn decodes_typed_config_any() {
+        let v = json!({
+            "static_resources": {"listeners": [{
+                "name": "l",
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress"
+                    }
+                }]}]
+            }]}
+        });
+        let b: Bootstrap = TypeRegistry::global().from_json(&v, false).unwrap();
+        let any = b.static_resources.unwrap().listeners[0].filter_chains[0].filters[0]
+            .config_type
+            .clone()
+            .unwrap();
+        let envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any) =
+            any
+        else {
+            panic!("typed config");
+        };
+        let hcm: HttpConnectionManager = TypeRegistry::global().unpack(&any).unwrap();
+        assert_eq!(hcm.stat_prefix, "ingress");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let v = json!({"static_resources": {"listeners": [{"name": "l", "bogus": 1}]}});
+        let err = TypeRegistry::global()
+            .from_json::<Bootstrap>(&v, false)
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("static_resources.listeners[0]"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+        // Allowed when asked to, as Envoy's --allow-unknown-static-fields does.
+        assert!(TypeRegistry::global()
+            .from_json::<Bootstrap>(&v, true)
+            .is_ok());
+    }
+
+    #[test]
+    fn typed_struct_resolves_inner_type() {
+        let inner = json!({"stat_prefix": "x"});
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&inner) else {
+            panic!()
+        };
+        let s = Struct {
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        Value {
+                            kind: Some(Kind::StringValue(v.as_str().unwrap().into())),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let ts = TypedStructWire {
+            type_url: HttpConnectionManager::type_url(),
+            value: Some(s),
+        };
+        let any = Any {
+            type_url: TYPED_STRUCT_URLS[0].into(),
+            value: ts.encode_to_vec(),
+        };
+        assert_eq!(
+            TypeRegistry::effective_type_url(&any),
+            HttpConnectionManager::type_url()
+        );
+        let hcm: HttpConnectionManager = TypeRegistry::global().unpack(&any).unwrap();
+        assert_eq!(hcm.stat_prefix, "x");
+    }
+}
