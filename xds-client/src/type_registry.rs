@@ -46,10 +46,13 @@ impl TypeRegistry {
     /// The process-wide registry (descriptors are embedded at build time).
     pub fn global() -> &'static TypeRegistry {
         static REG: OnceLock<TypeRegistry> = OnceLock::new();
-        REG.get_or_init(|| TypeRegistry {
+        REG.get_or_init(|| {
             // The embedded set is produced by the same build as envoy-types; failing to decode it
             // is a build defect, not an input error.
-            pool: DescriptorPool::decode(DESCRIPTORS).expect("embedded Envoy descriptor set"),
+            let mut pool =
+                DescriptorPool::decode(DESCRIPTORS).expect("embedded Envoy descriptor set");
+            add_udpa_typed_struct(&mut pool);
+            TypeRegistry { pool }
         })
     }
 
@@ -156,6 +159,55 @@ impl TypeRegistry {
         let bytes = self.json_to_wire(type_name(&ts.type_url), &json, false)?;
         Ok((ts.type_url, bytes))
     }
+}
+
+/// `udpa.type.v1.TypedStruct` is not in envoy-types' descriptor set, yet Istio still emits it; it
+/// has the same shape as `xds.type.v3.TypedStruct`, so it is declared here.
+fn add_udpa_typed_struct(pool: &mut DescriptorPool) {
+    use prost_types::{
+        field_descriptor_proto::{Label, Type},
+        DescriptorProto, FieldDescriptorProto, FileDescriptorProto,
+    };
+    if pool
+        .get_message_by_name("udpa.type.v1.TypedStruct")
+        .is_some()
+    {
+        return;
+    }
+    let field = |name: &str, json: &str, number: i32, ty: Type, type_name: Option<&str>| {
+        FieldDescriptorProto {
+            name: Some(name.into()),
+            json_name: Some(json.into()),
+            number: Some(number),
+            label: Some(Label::Optional as i32),
+            r#type: Some(ty as i32),
+            type_name: type_name.map(Into::into),
+            ..Default::default()
+        }
+    };
+    let file = FileDescriptorProto {
+        name: Some("udpa/type/v1/typed_struct.proto".into()),
+        package: Some("udpa.type.v1".into()),
+        dependency: vec!["google/protobuf/struct.proto".into()],
+        message_type: vec![DescriptorProto {
+            name: Some("TypedStruct".into()),
+            field: vec![
+                field("type_url", "typeUrl", 1, Type::String, None),
+                field(
+                    "value",
+                    "value",
+                    2,
+                    Type::Message,
+                    Some(".google.protobuf.Struct"),
+                ),
+            ],
+            ..Default::default()
+        }],
+        syntax: Some("proto3".into()),
+        ..Default::default()
+    };
+    pool.add_file_descriptor_proto(file)
+        .expect("udpa TypedStruct descriptor");
 }
 
 /// The wire shape shared by both TypedStruct messages (field 1 type_url, field 2 value).

@@ -90,8 +90,12 @@ pub async fn serve(
     hcm.stats.downstream_cx_active.dec();
 }
 
-fn local_response(hcm: &HcmConfig, reply: &LocalReply) -> Response<ResponseBody> {
-    let (status, headers, body) = reply.render();
+fn local_response(hcm: &HcmConfig, reply: &LocalReply, grpc: bool) -> Response<ResponseBody> {
+    let (status, headers, body) = if grpc {
+        reply.render_grpc()
+    } else {
+        reply.render()
+    };
     let mut resp = Response::new(Either::Left(Full::new(body)));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
@@ -192,6 +196,7 @@ async fn process(
     start_time: SystemTime,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == http::Version::HTTP_2;
+    let grpc = crate::http::local_reply::is_grpc(req.headers());
     // Header count and underscore policies.
     if req.headers().len() > hcm.max_headers_count as usize {
         return local_response(
@@ -202,6 +207,7 @@ async fn process(
                 "DPE",
                 "too_many_headers",
             ),
+            grpc,
         );
     }
     if hcm.underscores != UnderscoreAction::Allow {
@@ -221,6 +227,7 @@ async fn process(
                         "DPE",
                         "unexpected_underscore",
                     ),
+                    grpc,
                 );
             }
             for k in bad {
@@ -290,6 +297,19 @@ async fn process(
         }
     }
     headers.remove("x-envoy-internal");
+    // Without use_remote_address Envoy takes the client address from x-forwarded-for, skipping
+    // xff_num_trusted_hops entries from the right.
+    let remote = if hcm.use_remote_address {
+        info.remote
+    } else {
+        headers
+            .get(&xff)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').nth(hcm.xff_num_trusted_hops as usize))
+            .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 0))
+            .unwrap_or(info.remote)
+    };
     if external {
         for h in INTERNAL_ONLY {
             headers.remove(*h);
@@ -331,7 +351,7 @@ async fn process(
     });
     let Some((vh, route)) = selected else {
         hcm.stats.no_route.inc();
-        return local_response(hcm, &LocalReply::route_not_found());
+        return local_response(hcm, &LocalReply::route_not_found(), grpc);
     };
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
@@ -343,7 +363,7 @@ async fn process(
                 "direct_response",
             );
             r.details = "direct_response";
-            local_response(hcm, &r)
+            local_response(hcm, &r, grpc)
         }
         RouteAction::Redirect(rd) => {
             hcm.stats.rq_redirect.inc();
@@ -352,13 +372,14 @@ async fn process(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers.insert(http::header::LOCATION, v);
             }
-            local_response(hcm, &r)
+            local_response(hcm, &r, grpc)
         }
         RouteAction::Forward(fwd) => {
             let input = crate::router::upstream_request::Forward {
                 hcm,
                 ctx,
                 info,
+                remote,
                 snapshot: &snapshot,
                 vh,
                 route,
@@ -373,7 +394,7 @@ async fn process(
     };
     // Response header mutations: route, then virtual host, then route configuration.
     let fctx = FormatContext {
-        downstream_remote: info.remote,
+        downstream_remote: remote,
         downstream_local: info.local,
         protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
         request_headers: None,

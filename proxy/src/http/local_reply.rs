@@ -87,6 +87,50 @@ impl LocalReply {
     }
 }
 
+/// Whether a request is gRPC (its local replies then take gRPC form).
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`.
+pub fn http_to_grpc_status(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+impl LocalReply {
+    /// A local reply to a gRPC request: HTTP 200 with the status in `grpc-status` and the body in
+    /// `grpc-message`, as Envoy's `sendLocalReply` does for gRPC.
+    pub fn render_grpc(&self) -> (StatusCode, HeaderMap, Bytes) {
+        let mut h = self.headers.clone();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(http_to_grpc_status(self.status.as_u16())),
+        );
+        let msg = if self.body.is_empty() {
+            self.status.canonical_reason().unwrap_or("").to_string()
+        } else {
+            String::from_utf8_lossy(&self.body).into_owned()
+        };
+        let encoded =
+            percent_encoding::utf8_percent_encode(&msg, percent_encoding::CONTROLS).to_string();
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            h.insert("grpc-message", v);
+        }
+        h.insert(CONTENT_LENGTH, HeaderValue::from(0));
+        (StatusCode::OK, h, Bytes::new())
+    }
+}
+
 impl From<petrel_filters::http_filter::LocalReply> for LocalReply {
     fn from(r: petrel_filters::http_filter::LocalReply) -> Self {
         LocalReply {

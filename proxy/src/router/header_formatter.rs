@@ -83,12 +83,14 @@ impl Formatter {
         let (name, arg) = match token.split_once('(') {
             Some((n, a)) => match a.strip_suffix(')') {
                 Some(a) => (n, Some(a)),
-                None => return Err(invalid(
-                    path,
-                    format!(
+                None => {
+                    return Err(invalid(
+                        path,
+                        format!(
                         "Invalid header configuration. Un-terminated variable expression '{token}'"
                     ),
-                )),
+                    ))
+                }
             },
             None => (token, None),
         };

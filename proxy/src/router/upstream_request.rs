@@ -25,6 +25,8 @@ pub struct Forward<'a> {
     pub hcm: &'a HcmConfig,
     pub ctx: &'a WorkerCtx,
     pub info: &'a ConnInfo,
+    /// The downstream address after XFF processing (Envoy's `downstreamRemoteAddress`).
+    pub remote: std::net::SocketAddr,
     pub snapshot: &'a Arc<Snapshot>,
     pub vh: &'a VirtualHost,
     pub route: &'a Route,
@@ -101,15 +103,19 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
 
     // Shape the upstream request.
     let mut path = f.path.to_string();
+    let mut headers = std::mem::take(req.headers_mut());
     if let Some(p) = rewrite_path(
         &path,
         f.route.matched_prefix(),
         fwd.prefix_rewrite.as_deref(),
         fwd.regex_rewrite.as_ref(),
     ) {
+        // Envoy keeps the pre-rewrite path for the upstream to see.
+        if let Ok(v) = HeaderValue::from_str(&path) {
+            headers.insert(HeaderName::from_static("x-envoy-original-path"), v);
+        }
         path = p;
     }
-    let mut headers = std::mem::take(req.headers_mut());
     for h in HOP_BY_HOP {
         if *h == "te" {
             // `te: trailers` is the one value that must survive (gRPC needs it).
@@ -143,6 +149,12 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         (Some(HostRewrite::Header(name)), _) => headers.get(name).cloned(),
         _ => None,
     };
+    if let (Some(_), Some(orig)) = (&new_host, &original_host) {
+        headers.insert(
+            HeaderName::from_static("x-envoy-original-host"),
+            orig.clone(),
+        );
+    }
     let authority = new_host.or(original_host);
     if let Some(a) = &authority {
         headers.insert(http::header::HOST, a.clone());
@@ -154,7 +166,7 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         );
     }
     let fctx = FormatContext {
-        downstream_remote: f.info.remote,
+        downstream_remote: f.remote,
         downstream_local: f.info.local,
         protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
         request_headers: None,

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The project's test command: build everything, run unit, property and differential tests.
+set -euo pipefail
+cd "$(dirname "$0")"
+cargo build --workspace --all-targets
+cargo test --workspace

