@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod local_info;
 pub mod logging;
 pub mod observe;
 pub mod router;

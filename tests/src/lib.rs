@@ -132,6 +132,7 @@ pub fn http_raw(port: u16, req: &[u8]) -> std::io::Result<RawResponse> {
     let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(req)?;
+    let head_request = req.starts_with(b"HEAD ");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -139,7 +140,7 @@ pub fn http_raw(port: u16, req: &[u8]) -> std::io::Result<RawResponse> {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if let Some(r) = parse_complete(&buf) {
+                if let Some(r) = parse_complete(&buf, head_request) {
                     return Ok(r);
                 }
             }
@@ -148,14 +149,19 @@ pub fn http_raw(port: u16, req: &[u8]) -> std::io::Result<RawResponse> {
             Err(_) => break,
         }
     }
-    Ok(parse_complete(&buf).unwrap_or(RawResponse {
+    Ok(parse_complete(&buf, head_request).unwrap_or(RawResponse {
         status: 0,
         headers: vec![],
         body: buf,
     }))
 }
 
-fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
+fn parse_complete(mut buf: &[u8], head_request: bool) -> Option<RawResponse> {
+    // Interim 100 Continue responses precede the real one.
+    while buf.starts_with(b"HTTP/1.1 100") {
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        buf = &buf[end + 4..];
+    }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..end]);
     let mut lines = head.split("\r\n");
@@ -167,6 +173,13 @@ fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
         })
         .collect();
     let body = &buf[end + 4..];
+    if head_request {
+        return Some(RawResponse {
+            status,
+            headers,
+            body: vec![],
+        });
+    }
     let len = headers
         .iter()
         .find(|(k, _)| k == "content-length")
@@ -266,4 +279,70 @@ pub fn normalize(s: &str) -> String {
     let uuid = regex::Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
         .expect("re");
     uuid.replace_all(s, "<uuid>").into_owned()
+}
+
+/// One HTTP/2 prior-knowledge (h2c) request; returns the response as a [`RawResponse`].
+pub fn h2c(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<RawResponse, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        use http_body_util::BodyExt;
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(s),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(format!("http://test.local{path}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let mut hs: Vec<(String, String)> = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        hs.sort();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes()
+            .to_vec();
+        Ok(RawResponse {
+            status,
+            headers: hs,
+            body,
+        })
+    })
 }

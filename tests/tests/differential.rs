@@ -121,6 +121,27 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  - name: edge
+    address: {socket_address: {address: 127.0.0.1, port_value: EDGE}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: edge
+          use_remote_address: true
+          always_set_request_id_in_response: true
+          server_name: petrel-or-envoy
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: echo}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
   clusters:
   - name: echo
     connect_timeout: 1s
@@ -135,7 +156,8 @@ static_resources:
 
 struct Setup {
     _proxies: Vec<Proxy>,
-    ports: Vec<(&'static str, u16)>,
+    /// (name, main listener port, edge listener port)
+    ports: Vec<(&'static str, u16, u16)>,
 }
 
 fn setup() -> Option<Setup> {
@@ -158,10 +180,11 @@ fn setup() -> Option<Setup> {
         .into_iter()
         .enumerate()
     {
-        let (main, admin) = (free_port(), free_port());
+        let (main, admin, edge) = (free_port(), free_port(), free_port());
         let cfg = BOOTSTRAP
             .replace("ADMIN", &admin.to_string())
             .replace("MAIN", &main.to_string())
+            .replace("EDGE", &edge.to_string())
             .replace("ECHO", &echo.to_string())
             .replace("REFUSED", &refused.to_string());
         let path: PathBuf = dir.join(format!("{name}.yaml"));
@@ -173,7 +196,7 @@ fn setup() -> Option<Setup> {
             admin,
             100 + 10 * run + i as u32 + std::process::id() % 1000 * 40,
         ));
-        ports.push((name, main));
+        ports.push((name, main, edge));
     }
     Some(Setup {
         _proxies: proxies,
@@ -206,6 +229,22 @@ fn view(r: &RawResponse) -> String {
 fn get(path: &str, extra: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nhost: test.local\r\n{extra}connection: close\r\n\r\n")
         .into_bytes()
+}
+
+/// Which listener a case goes to.
+#[derive(Clone, Copy)]
+enum To {
+    Main,
+    Edge,
+}
+
+fn edge_cases() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("edge: xff appended and internal headers stripped", get("/up", "x-forwarded-for: 1.2.3.4\r\nx-envoy-retry-on: 5xx\r\nx-envoy-max-retries: 3\r\nx-envoy-upstream-rq-timeout-ms: 5\r\n")),
+        ("edge: external request id replaced", get("/up", "x-request-id: from-outside\r\n")),
+        ("edge: forwarded proto overwritten", get("/up", "x-forwarded-proto: https\r\n")),
+        ("edge: x-envoy-internal removed", get("/up", "x-envoy-internal: true\r\n")),
+    ]
 }
 
 fn cases() -> Vec<(&'static str, Vec<u8>)> {
@@ -263,16 +302,31 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("oversized headers", get("/up", &format!("x-big: {big}\r\n"))),
         ("bad header name", b"GET /up HTTP/1.1\r\nhost: t\r\nbad header: x\r\nconnection: close\r\n\r\n".to_vec()),
         ("garbage request line", b"NOT HTTP AT ALL\r\n\r\n".to_vec()),
+        ("expect 100-continue", b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\nexpect: 100-continue\r\nconnection: close\r\n\r\nabc".to_vec()),
+        ("hop-by-hop headers dropped", get("/up", "keep-alive: timeout=5\r\nproxy-connection: x\r\nte: trailers\r\n")),
+        ("http/1.0 request", b"GET /up HTTP/1.0\r\nhost: t\r\n\r\n".to_vec()),
+        ("absolute-form target", b"GET http://test.local/up HTTP/1.1\r\nhost: test.local\r\nconnection: close\r\n\r\n".to_vec()),
+        ("HEAD to direct response", b"HEAD /direct HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n".to_vec()),
+        ("upstream server header overwritten", get("/up", "")),
+        ("no timeout route", get("/notimeout", "")),
     ]
 }
 
 /// Cases where Petrel still differs from Envoy, each with why. The suite fails if one of these
 /// starts to agree (so the list shrinks) or if any other case differs.
 const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
-    ("bad chunk size", "hyper reports a body error after routing; Petrel answers 503 UC where Envoy's codec answers 400"),
-    ("oversized headers", "hyper's HTTP/1 codec writes its own 431 without Envoy's body and headers"),
-    ("bad header name", "hyper's HTTP/1 codec writes its own 400 without Envoy's body and headers"),
-    ("garbage request line", "hyper's HTTP/1 codec writes its own 400 without Envoy's body and headers"),
+    (
+        "oversized headers",
+        "hyper's HTTP/1 codec writes its own 431 without Envoy's body and headers",
+    ),
+    (
+        "bad header name",
+        "hyper's HTTP/1 codec writes its own 400 without Envoy's body and headers",
+    ),
+    (
+        "garbage request line",
+        "hyper's HTTP/1 codec writes its own 400 without Envoy's body and headers",
+    ),
 ];
 
 #[test]
@@ -280,12 +334,20 @@ fn petrel_matches_envoy() {
     let Some(s) = setup() else { return };
     let mut diffs = Vec::new();
     let mut n = 0;
-    for (name, req) in cases() {
+    let all = cases()
+        .into_iter()
+        .map(|(n, r)| (n, r, To::Main))
+        .chain(edge_cases().into_iter().map(|(n, r)| (n, r, To::Edge)));
+    for (name, req, to) in all {
         let answers: Vec<(&str, String)> = s
             .ports
             .iter()
-            .map(|(who, port)| {
-                let r = http_raw(*port, &req)
+            .map(|(who, main, edge)| {
+                let port = match to {
+                    To::Main => *main,
+                    To::Edge => *edge,
+                };
+                let r = http_raw(port, &req)
                     .map(|r| view(&r))
                     .unwrap_or_else(|e| format!("error: {e}"));
                 (*who, r)
@@ -320,7 +382,7 @@ fn petrel_matches_envoy() {
 #[test]
 fn petrel_keeps_serving_after_bad_input() {
     let Some(s) = setup() else { return };
-    let (_, port) = s.ports[1];
+    let (_, port, _) = s.ports[1];
     for bad in [
         &b"\x16\x03\x01\x02\x00garbage-tls"[..],
         b"GET / HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc",
@@ -330,4 +392,61 @@ fn petrel_keeps_serving_after_bad_input() {
     }
     let r = http_raw(port, &get("/direct", "")).expect("still serving");
     assert_eq!((r.status, r.body_str().as_str()), (200, "hello"));
+}
+
+#[test]
+fn h2c_matches_envoy() {
+    let Some(s) = setup() else { return };
+    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, &str)> = vec![
+        ("h2c direct response", "GET", "/direct", vec![], ""),
+        ("h2c route not found", "GET", "/nothing", vec![], ""),
+        (
+            "h2c proxied",
+            "GET",
+            "/up?x=1",
+            vec![("x-request-id", "h2-id")],
+            "",
+        ),
+        ("h2c post body", "POST", "/up", vec![], "payload"),
+        (
+            "h2c header match",
+            "GET",
+            "/hdr",
+            vec![("x-range", "12")],
+            "",
+        ),
+        (
+            "h2c grpc local reply",
+            "POST",
+            "/nothing",
+            vec![("content-type", "application/grpc")],
+            "",
+        ),
+        ("h2c no healthy upstream", "GET", "/nohost", vec![], ""),
+        ("h2c redirect", "GET", "/https/p", vec![], ""),
+    ];
+    let mut diffs = Vec::new();
+    for (name, method, path, headers, body) in &cases {
+        let answers: Vec<String> = s
+            .ports
+            .iter()
+            .map(|(_, port, _)| {
+                h2c(*port, method, path, headers, body)
+                    .map(|r| view(&r))
+                    .unwrap_or_else(|e| format!("error: {e}"))
+            })
+            .collect();
+        if answers[0] != answers[1] {
+            diffs.push(format!(
+                "--- {name}\n envoy:  {:?}\n petrel: {:?}",
+                answers[0], answers[1]
+            ));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} h2c cases differ from Envoy:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }

@@ -199,11 +199,12 @@ fn server_info(st: &AdminState) -> Value {
     })
 }
 
-fn filter_re(filter: Option<String>) -> Result<Option<regex::Regex>, Response<Full<Bytes>>> {
+/// `?filter=` as a regex; the error is the 400 body Envoy answers with.
+fn filter_re(filter: Option<String>) -> Result<Option<regex::Regex>, String> {
     match filter {
         Some(f) if !f.is_empty() => regex::Regex::new(&f)
             .map(Some)
-            .map_err(|_| text(StatusCode::BAD_REQUEST, format!("Invalid re2 regex: {f}\n"))),
+            .map_err(|_| format!("Invalid re2 regex: {f}\n")),
         _ => Ok(None),
     }
 }
@@ -224,7 +225,7 @@ fn stats(
     refresh(st);
     let re = match filter_re(filter) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(body) => return text(StatusCode::BAD_REQUEST, body),
     };
     let snap = st.store.snapshot();
     let keep =
@@ -323,7 +324,7 @@ fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Respo
     refresh(st);
     let re = match filter_re(filter) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(body) => return text(StatusCode::BAD_REQUEST, body),
     };
     let snap = st.store.snapshot();
     let keep =

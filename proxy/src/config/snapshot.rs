@@ -67,10 +67,11 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         clusters.insert(compiled.name.clone(), Arc::new(compiled));
     }
     let known: HashSet<String> = clusters.keys().cloned().collect();
+    let local_address = crate::local_info::local_address(opts.local_address_ip_version);
     let mut listeners = Vec::new();
     let mut names = HashSet::new();
     for l in &listeners_pb {
-        let compiled = listener::compile(l, &known, store)?;
+        let compiled = listener::compile(local_address, l, &known, store)?;
         if !names.insert(compiled.name.clone()) {
             return Err(super::invalid(
                 "static_resources.listeners",

@@ -90,20 +90,33 @@ pub async fn serve(
     hcm.stats.downstream_cx_active.dec();
 }
 
-fn local_response(hcm: &HcmConfig, reply: &LocalReply, grpc: bool) -> Response<ResponseBody> {
-    let (status, headers, body) = if grpc {
+/// How a local reply must be shaped for the request it answers.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplyForm {
+    pub grpc: bool,
+    pub h2: bool,
+}
+
+/// Turns a local reply into the response sent downstream.
+pub fn local_response(
+    hcm: &HcmConfig,
+    reply: &LocalReply,
+    form: ReplyForm,
+) -> Response<ResponseBody> {
+    let (status, headers, body) = if form.grpc {
         reply.render_grpc()
     } else {
-        reply.render()
+        reply.render(form.h2)
     };
     let mut resp = Response::new(Either::Left(Full::new(body)));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
-    finish_headers(hcm, resp.headers_mut());
+    apply_server_header(hcm, resp.headers_mut());
     resp
 }
 
-fn finish_headers(hcm: &HcmConfig, h: &mut HeaderMap) {
+/// `server_name` with `server_header_transformation`.
+pub fn apply_server_header(hcm: &HcmConfig, h: &mut HeaderMap) {
     match hcm.server_header {
         ServerHeader::Overwrite => {
             h.insert(http::header::SERVER, hcm.server_name.clone());
@@ -196,7 +209,23 @@ async fn process(
     start_time: SystemTime,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == http::Version::HTTP_2;
-    let grpc = crate::http::local_reply::is_grpc(req.headers());
+    let form = ReplyForm {
+        grpc: crate::http::local_reply::is_grpc(req.headers()),
+        h2,
+    };
+    // Envoy's HTTP/1 codec refuses HTTP/1.0 unless accept_http_10 is set (which is refused).
+    if req.version() == http::Version::HTTP_10 || req.version() == http::Version::HTTP_09 {
+        return local_response(
+            hcm,
+            &LocalReply::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "Upgrade Required",
+                "",
+                "low_version",
+            ),
+            form,
+        );
+    }
     // Header count and underscore policies.
     if req.headers().len() > hcm.max_headers_count as usize {
         return local_response(
@@ -207,7 +236,7 @@ async fn process(
                 "DPE",
                 "too_many_headers",
             ),
-            grpc,
+            form,
         );
     }
     if hcm.underscores != UnderscoreAction::Allow {
@@ -227,7 +256,7 @@ async fn process(
                         "DPE",
                         "unexpected_underscore",
                     ),
-                    grpc,
+                    form,
                 );
             }
             for k in bad {
@@ -274,7 +303,13 @@ async fn process(
     if hcm.use_remote_address {
         external = !is_internal(&info.remote);
         if !hcm.skip_xff_append {
-            let ip = info.remote.ip().to_string();
+            // Envoy appends its own address, not the peer's, when the peer is on loopback.
+            let appended = if info.remote.ip().is_loopback() {
+                hcm.local_address
+            } else {
+                info.remote.ip()
+            };
+            let ip = appended.to_string();
             let v = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
                 Some(prev) if !prev.is_empty() => format!("{prev},{ip}"),
                 _ => ip,
@@ -351,7 +386,7 @@ async fn process(
     });
     let Some((vh, route)) = selected else {
         hcm.stats.no_route.inc();
-        return local_response(hcm, &LocalReply::route_not_found(), grpc);
+        return local_response(hcm, &LocalReply::route_not_found(), form);
     };
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
@@ -363,7 +398,7 @@ async fn process(
                 "direct_response",
             );
             r.details = "direct_response";
-            local_response(hcm, &r, grpc)
+            local_response(hcm, &r, form)
         }
         RouteAction::Redirect(rd) => {
             hcm.stats.rq_redirect.inc();
@@ -372,7 +407,7 @@ async fn process(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers.insert(http::header::LOCATION, v);
             }
-            local_response(hcm, &r, grpc)
+            local_response(hcm, &r, form)
         }
         RouteAction::Forward(fwd) => {
             let input = crate::router::upstream_request::Forward {
@@ -380,6 +415,7 @@ async fn process(
                 ctx,
                 info,
                 remote,
+                form,
                 snapshot: &snapshot,
                 vh,
                 route,

@@ -76,6 +76,8 @@ pub enum UnderscoreAction {
 
 #[derive(Debug)]
 pub struct HcmConfig {
+    /// The proxy's own address (`--local-address-ip-version`), appended to XFF for loopback peers.
+    pub local_address: std::net::IpAddr,
     pub stat_prefix: String,
     pub codec: Codec,
     pub routes: Arc<RouteTable>,
@@ -100,6 +102,7 @@ pub struct HcmConfig {
 }
 
 pub fn compile(
+    local_address: std::net::IpAddr,
     hcm: &pb::HttpConnectionManager,
     listener_stat_prefix: &str,
     known_clusters: &HashSet<String>,
@@ -156,7 +159,7 @@ pub fn compile(
     for (i, f) in filters_pb.iter().enumerate() {
         let fp = format!("{path}.http_filters[{i}]");
         if saw_router {
-            return Err(invalid(&fp, format!("Error: terminal filter named envoy.filters.http.router of type envoy.filters.http.router must be the last filter in a http filter chain.")));
+            return Err(invalid(&fp, "Error: terminal filter named envoy.filters.http.router of type envoy.filters.http.router must be the last filter in a http filter chain."));
         }
         let any = match &f.config_type {
             Some(xds_client::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a)) => a.clone(),
@@ -284,6 +287,7 @@ pub fn compile(
     let listener_stats =
         HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
     Ok(HcmConfig {
+        local_address,
         stat_prefix,
         codec,
         routes: Arc::new(routes),

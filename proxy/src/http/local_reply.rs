@@ -62,7 +62,15 @@ impl LocalReply {
         )
     }
 
+    /// Envoy's answer to a request its codec cannot decode.
+    pub fn downstream_protocol_error() -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "Bad Request", "DPE", "codec_error")
+    }
+
     pub fn upstream_reset(reason: crate::upstream::pool::ResetReason) -> Self {
+        if reason == crate::upstream::pool::ResetReason::DownstreamBody {
+            return Self::downstream_protocol_error();
+        }
         let body = format!(
             "upstream connect error or disconnect/reset before headers. reset reason: {}",
             reason.as_str()
@@ -76,13 +84,16 @@ impl LocalReply {
     }
 
     /// The body and headers as they go on the wire: a non-empty body gets `text/plain` unless the
-    /// reply already names a content type.
-    pub fn render(&self) -> (StatusCode, HeaderMap, Bytes) {
+    /// reply already names a content type; an empty one gets `content-length: 0` on HTTP/1.1 and
+    /// no length at all on HTTP/2, as Envoy writes them.
+    pub fn render(&self, h2: bool) -> (StatusCode, HeaderMap, Bytes) {
         let mut h = self.headers.clone();
         if !self.body.is_empty() && !h.contains_key(CONTENT_TYPE) {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
-        h.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        if !(h2 && self.body.is_empty()) {
+            h.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        }
         (self.status, h, self.body.clone())
     }
 }
@@ -126,7 +137,6 @@ impl LocalReply {
         if let Ok(v) = HeaderValue::from_str(&encoded) {
             h.insert("grpc-message", v);
         }
-        h.insert(CONTENT_LENGTH, HeaderValue::from(0));
         (StatusCode::OK, h, Bytes::new())
     }
 }
@@ -149,11 +159,11 @@ mod tests {
 
     #[test]
     fn envoy_bodies() {
-        let (s, h, b) = LocalReply::no_healthy_upstream().render();
+        let (s, h, b) = LocalReply::no_healthy_upstream().render(false);
         assert_eq!(s, 503);
         assert_eq!(&b[..], b"no healthy upstream");
         assert_eq!(h[CONTENT_TYPE], "text/plain");
-        let (s, h, b) = LocalReply::route_not_found().render();
+        let (s, h, b) = LocalReply::route_not_found().render(false);
         assert_eq!((s.as_u16(), b.len()), (404, 0));
         assert!(!h.contains_key(CONTENT_TYPE));
         let r = LocalReply::upstream_reset(crate::upstream::pool::ResetReason::ConnectionFailure);

@@ -66,6 +66,7 @@ pub fn socket_addr(a: &Option<Address>, path: &str) -> Result<SocketAddr, Config
 }
 
 pub fn compile(
+    local_address: std::net::IpAddr,
     l: &pb::Listener,
     known_clusters: &HashSet<String>,
     store: &Store,
@@ -117,6 +118,7 @@ pub fn compile(
         format!("listener.{stat_prefix_field}.")
     };
     let hcm = conn_manager_config::compile(
+        local_address,
         &hcm_pb,
         &lprefix,
         known_clusters,

@@ -15,8 +15,10 @@ use super::route_config::{
     rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, VirtualHost,
 };
 use crate::config::snapshot::Snapshot;
-use crate::http::conn_manager::{ConnInfo, ResponseBody};
-use crate::http::conn_manager_config::{HcmConfig, ServerHeader};
+use crate::http::conn_manager::{
+    apply_server_header, local_response, ConnInfo, ReplyForm, ResponseBody,
+};
+use crate::http::conn_manager_config::HcmConfig;
 use crate::http::local_reply::LocalReply;
 use crate::upstream::cluster::UpstreamProtocol;
 use crate::worker::WorkerCtx;
@@ -27,6 +29,7 @@ pub struct Forward<'a> {
     pub info: &'a ConnInfo,
     /// The downstream address after XFF processing (Envoy's `downstreamRemoteAddress`).
     pub remote: std::net::SocketAddr,
+    pub form: ReplyForm,
     pub snapshot: &'a Arc<Snapshot>,
     pub vh: &'a VirtualHost,
     pub route: &'a Route,
@@ -39,6 +42,7 @@ pub struct Forward<'a> {
 
 /// Hop-by-hop headers never forwarded upstream.
 const HOP_BY_HOP: &[&str] = &[
+    "expect",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -48,26 +52,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 fn reply(f: &Forward<'_>, r: LocalReply) -> Response<ResponseBody> {
-    let (status, headers, body) = r.render();
-    let mut resp = Response::new(Either::Left(http_body_util::Full::new(body)));
-    *resp.status_mut() = status;
-    *resp.headers_mut() = headers;
-    finish_server(f.hcm, resp.headers_mut());
-    resp
-}
-
-fn finish_server(hcm: &HcmConfig, h: &mut http::HeaderMap) {
-    match hcm.server_header {
-        ServerHeader::Overwrite => {
-            h.insert(http::header::SERVER, hcm.server_name.clone());
-        }
-        ServerHeader::AppendIfAbsent => {
-            if !h.contains_key(http::header::SERVER) {
-                h.insert(http::header::SERVER, hcm.server_name.clone());
-            }
-        }
-        ServerHeader::PassThrough => {}
-    }
+    local_response(f.hcm, &r, f.form)
 }
 
 pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<ResponseBody> {
@@ -262,7 +247,7 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         HeaderName::from_static("x-envoy-upstream-service-time"),
         HeaderValue::from(elapsed),
     );
-    finish_server(f.hcm, &mut parts.headers);
+    apply_server_header(f.hcm, &mut parts.headers);
     if let Some(w) = weighted {
         w.response_headers.apply(
             &mut parts.headers,

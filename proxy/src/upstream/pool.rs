@@ -31,6 +31,9 @@ pub enum ResetReason {
     ConnectionTimeout,
     ConnectionTermination,
     ProtocolError,
+    /// Not an upstream failure: the downstream request body could not be decoded while it was
+    /// being forwarded (bad chunking and the like).
+    DownstreamBody,
 }
 
 impl ResetReason {
@@ -41,6 +44,7 @@ impl ResetReason {
             ResetReason::ConnectionTimeout => "connection timeout",
             ResetReason::ConnectionTermination => "connection termination",
             ResetReason::ProtocolError => "protocol error",
+            ResetReason::DownstreamBody => "downstream protocol error",
         }
     }
     /// Envoy's response flag.
@@ -49,6 +53,7 @@ impl ResetReason {
             ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout => "UF",
             ResetReason::ConnectionTermination => "UC",
             ResetReason::ProtocolError => "UPE",
+            ResetReason::DownstreamBody => "DPE",
         }
     }
 }
@@ -142,7 +147,11 @@ impl WorkerUpstreams {
 }
 
 fn classify(e: &hyper::Error) -> ResetReason {
-    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+    // A "user" error here is our request body failing: the downstream sent a body the codec
+    // could not decode.
+    if e.is_user() {
+        ResetReason::DownstreamBody
+    } else if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
         ResetReason::ProtocolError
     } else {
         ResetReason::ConnectionTermination
