@@ -244,8 +244,24 @@ pub fn start_echo() -> u16 {
             loop {
                 let Ok((s, _)) = l.accept().await else { continue };
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
                         use http_body_util::BodyExt;
+                        if req.headers().get("upgrade").is_some() {
+                            // WebSocket-shaped upgrade: 101, then echo every byte back.
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let mut io = hyper_util::rt::TokioIo::new(up);
+                                    let (mut r, mut w) = tokio::io::split(&mut io);
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
+                            resp.headers_mut().insert("upgrade", http::HeaderValue::from_static("websocket"));
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
                         let method = req.method().to_string();
                         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
                         if path.starts_with("/slow") {
@@ -265,7 +281,7 @@ pub fn start_echo() -> u16 {
                         Ok::<_, std::convert::Infallible>(resp)
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
                         .await;
                 });
             }
@@ -345,4 +361,53 @@ pub fn h2c(
             body,
         })
     })
+}
+
+/// Sends a WebSocket upgrade request, then `payload` over the tunnel; returns the response head
+/// (status and headers) and what came back through the tunnel.
+pub fn websocket_roundtrip(
+    port: u16,
+    path: &str,
+    payload: &[u8],
+) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test.local\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Ok((0, vec![], buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    let mut echoed = buf[head_end + 4..].to_vec();
+    if status == 101 {
+        s.write_all(payload)?;
+        while echoed.len() < payload.len() {
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            echoed.extend_from_slice(&chunk[..n]);
+        }
+    }
+    Ok((status, headers, echoed))
 }

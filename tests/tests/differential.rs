@@ -130,6 +130,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: edge
           use_remote_address: true
+          upgrade_configs: [{upgrade_type: websocket}]
           always_set_request_id_in_response: true
           server_name: petrel-or-envoy
           route_config:
@@ -309,6 +310,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("HEAD to direct response", b"HEAD /direct HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n".to_vec()),
         ("upstream server header overwritten", get("/up", "")),
         ("no timeout route", get("/notimeout", "")),
+        ("websocket on a listener without upgrade_configs", b"GET /up HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n".to_vec()),
     ]
 }
 
@@ -448,5 +450,46 @@ fn h2c_matches_envoy() {
         "{} h2c cases differ from Envoy:\n{}",
         diffs.len(),
         diffs.join("\n")
+    );
+}
+
+#[test]
+fn websocket_tunnel_matches_envoy() {
+    let Some(s) = setup() else { return };
+    let answers: Vec<String> = s
+        .ports
+        .iter()
+        .map(
+            |(_, _, edge)| match websocket_roundtrip(*edge, "/ws", b"ping over the tunnel") {
+                Ok((status, headers, echoed)) => {
+                    let mut keep: Vec<String> = headers
+                        .into_iter()
+                        .filter(|(k, _)| {
+                            matches!(
+                                k.as_str(),
+                                "connection" | "upgrade" | "server" | "content-length"
+                            )
+                        })
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect();
+                    keep.sort();
+                    format!(
+                        "{status}\n{}\n{}",
+                        keep.join("\n"),
+                        String::from_utf8_lossy(&echoed)
+                    )
+                }
+                Err(e) => format!("error: {e}"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        answers[0], answers[1],
+        "envoy (left) and petrel (right) differ"
+    );
+    assert!(
+        answers[1].ends_with("ping over the tunnel"),
+        "{}",
+        answers[1]
     );
 }

@@ -84,10 +84,28 @@ pub async fn serve(
         Codec::Http1 => builder.http1_only(),
         Codec::Http2 => builder.http2_only(),
     };
-    if builder.serve_connection(io, service).await.is_err() {
+    if builder
+        .serve_connection_with_upgrades(io, service)
+        .await
+        .is_err()
+    {
         hcm.stats.downstream_cx_protocol_error.inc();
     }
     hcm.stats.downstream_cx_active.dec();
+}
+
+/// An HTTP/1.1 WebSocket upgrade request (`connection: upgrade` + `upgrade: websocket`).
+fn is_websocket_upgrade(h: &HeaderMap) -> bool {
+    let conn_upgrade = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    conn_upgrade
+        && h.get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// How a local reply must be shaped for the request it answers.
@@ -226,6 +244,7 @@ async fn process(
             form,
         );
     }
+    let upgrade = is_websocket_upgrade(req.headers());
     // Header count and underscore policies.
     if req.headers().len() > hcm.max_headers_count as usize {
         return local_response(
@@ -388,7 +407,17 @@ async fn process(
         hcm.stats.no_route.inc();
         return local_response(hcm, &LocalReply::route_not_found(), form);
     };
+    // An upgrade the listener does not allow is refused once routed (so route response headers
+    // still apply), as Envoy's router does.
+    let refused_upgrade = upgrade && !hcm.websocket;
     let mut resp = match &route.action {
+        _ if refused_upgrade => {
+            hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
+            let mut r = LocalReply::new(StatusCode::FORBIDDEN, Bytes::new(), "", "upgrade_failed");
+            r.headers
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            local_response(hcm, &r, form)
+        }
         RouteAction::Direct { status, body } => {
             hcm.stats.rq_direct_response.inc();
             let mut r = LocalReply::new(
@@ -416,6 +445,7 @@ async fn process(
                 info,
                 remote,
                 form,
+                upgrade,
                 snapshot: &snapshot,
                 vh,
                 route,

@@ -76,6 +76,8 @@ pub enum UnderscoreAction {
 
 #[derive(Debug)]
 pub struct HcmConfig {
+    /// `upgrade_configs` enables WebSocket upgrades.
+    pub websocket: bool,
     /// The proxy's own address (`--local-address-ip-version`), appended to XFF for loopback peers.
     pub local_address: std::net::IpAddr,
     pub stat_prefix: String,
@@ -281,12 +283,32 @@ pub fn compile(
     )?;
     let normalize_path = rest.normalize_path.take().map(|b| b.value).unwrap_or(false);
     let merge_slashes = std::mem::take(&mut rest.merge_slashes);
-    // upgrade_configs (WebSocket) stays in `rest` and is refused until the upgrade path lands.
+    let mut websocket = false;
+    for (i, u) in std::mem::take(&mut rest.upgrade_configs).iter().enumerate() {
+        let up = format!("{path}.upgrade_configs[{i}]");
+        if !u.upgrade_type.eq_ignore_ascii_case("websocket") {
+            return Err(ConfigError::Unsupported {
+                path: up,
+                fields: format!(
+                    "'upgradeType: {}' (only websocket is supported)",
+                    u.upgrade_type
+                ),
+            });
+        }
+        if !u.filters.is_empty() {
+            return Err(ConfigError::Unsupported {
+                path: up,
+                fields: "'filters'".into(),
+            });
+        }
+        websocket = u.enabled.as_ref().map(|b| b.value).unwrap_or(true);
+    }
     reject_unhandled(&rest, path)?;
     let stats = HcmStats::new(store, &format!("http.{stat_prefix}."));
     let listener_stats =
         HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
     Ok(HcmConfig {
+        websocket,
         local_address,
         stat_prefix,
         codec,

@@ -21,6 +21,7 @@ use crate::http::conn_manager::{
 use crate::http::conn_manager_config::HcmConfig;
 use crate::http::local_reply::LocalReply;
 use crate::upstream::cluster::UpstreamProtocol;
+use crate::upstream::pool::PooledBody;
 use crate::worker::WorkerCtx;
 
 pub struct Forward<'a> {
@@ -30,6 +31,8 @@ pub struct Forward<'a> {
     /// The downstream address after XFF processing (Envoy's `downstreamRemoteAddress`).
     pub remote: std::net::SocketAddr,
     pub form: ReplyForm,
+    /// A WebSocket upgrade the listener allows: forwarded as a tunnel.
+    pub upgrade: bool,
     pub snapshot: &'a Arc<Snapshot>,
     pub vh: &'a VirtualHost,
     pub route: &'a Route,
@@ -88,6 +91,7 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
 
     // Shape the upstream request.
     let mut path = f.path.to_string();
+    let downstream_upgrade = f.upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut headers = std::mem::take(req.headers_mut());
     if let Some(p) = rewrite_path(
         &path,
@@ -102,6 +106,9 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         path = p;
     }
     for h in HOP_BY_HOP {
+        if f.upgrade && (*h == "connection" || *h == "upgrade") {
+            continue;
+        }
         if *h == "te" {
             // `te: trailers` is the one value that must survive (gRPC needs it).
             let keep = headers
@@ -215,6 +222,9 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     stats.upstream_rq_total.inc();
     stats.upstream_rq_active.inc();
     host.active_requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(down) = downstream_upgrade {
+        return tunnel(&f, cluster, &host, up_req, down).await;
+    }
     let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
     let result = match fwd.timeout {
         Some(t) => tokio::time::timeout(t.saturating_sub(f.start.elapsed()), send)
@@ -259,4 +269,49 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     }
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, Either::Right(body))
+}
+
+/// Forwards an upgrade request; on `101` splices the two upgraded connections together.
+async fn tunnel(
+    f: &Forward<'_>,
+    cluster: &crate::upstream::cluster::Cluster,
+    host: &crate::upstream::cluster::Host,
+    up_req: Request<crate::upstream::pool::UpstreamBody>,
+    down: hyper::upgrade::OnUpgrade,
+) -> Response<ResponseBody> {
+    let stats = &cluster.stats;
+    stats.upstream_rq_total.inc();
+    let sent = match f.fwd.timeout {
+        Some(t) => tokio::time::timeout(t, f.ctx.upstreams.send_upgrade(cluster, host, up_req))
+            .await
+            .ok(),
+        None => Some(f.ctx.upstreams.send_upgrade(cluster, host, up_req).await),
+    };
+    let mut resp = match sent {
+        None => {
+            stats.upstream_rq_timeout.inc();
+            return reply(f, LocalReply::upstream_timeout());
+        }
+        Some(Err(reason)) => return reply(f, LocalReply::upstream_reset(reason)),
+        Some(Ok(r)) => r,
+    };
+    stats.response_class(resp.status().as_u16());
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::task::spawn_local(async move {
+            if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                let mut d = hyper_util::rt::TokioIo::new(d);
+                let mut u = hyper_util::rt::TokioIo::new(u);
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    let elapsed = f.start.elapsed().as_millis() as u64;
+    parts.headers.insert(
+        HeaderName::from_static("x-envoy-upstream-service-time"),
+        HeaderValue::from(elapsed),
+    );
+    apply_server_header(f.hcm, &mut parts.headers);
+    Response::from_parts(parts, Either::Right(PooledBody::unpooled(body)))
 }

@@ -94,6 +94,23 @@ impl WorkerUpstreams {
             .clone()
     }
 
+    /// Sends an upgrade request on a connection of its own (it becomes a tunnel, never pooled).
+    pub async fn send_upgrade(
+        &self,
+        cluster: &Cluster,
+        host: &Host,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ResetReason> {
+        let io = tcp(cluster, host.address).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|_| ResetReason::ConnectionFailure)?;
+        cluster.stats.upstream_cx_http1_total.inc();
+        track(&cluster.stats, conn.with_upgrades());
+        sender.send_request(req).await.map_err(|e| classify(&e))
+    }
+
     /// Sends a request to `host`, over a pooled connection or a new one.
     pub async fn send(
         &self,
@@ -239,6 +256,14 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
+    /// A body whose connection is not returned to any pool.
+    pub fn unpooled(inner: Incoming) -> Self {
+        PooledBody {
+            inner,
+            give_back: None,
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(g) = self.give_back.take() {
             g.pool.idle.borrow_mut().push(IdleH1 {
