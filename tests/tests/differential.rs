@@ -131,6 +131,8 @@ static_resources:
           stat_prefix: edge
           use_remote_address: true
           upgrade_configs: [{upgrade_type: websocket}]
+          stream_idle_timeout: 0.5s
+          common_http_protocol_options: {idle_timeout: 1s}
           always_set_request_id_in_response: true
           server_name: petrel-or-envoy
           route_config:
@@ -245,6 +247,8 @@ fn edge_cases() -> Vec<(&'static str, Vec<u8>)> {
         ("edge: external request id replaced", get("/up", "x-request-id: from-outside\r\n")),
         ("edge: forwarded proto overwritten", get("/up", "x-forwarded-proto: https\r\n")),
         ("edge: x-envoy-internal removed", get("/up", "x-envoy-internal: true\r\n")),
+        ("edge: stream idle timeout", get("/slow-forever", "")),
+        ("edge: stream idle while the request is incomplete", b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc".to_vec()),
     ]
 }
 
@@ -492,4 +496,28 @@ fn websocket_tunnel_matches_envoy() {
         "{}",
         answers[1]
     );
+}
+
+/// After `common_http_protocol_options.idle_timeout` both proxies close an idle keep-alive
+/// connection; before it, the connection still serves.
+#[test]
+fn idle_connections_close_like_envoy() {
+    use std::io::{Read, Write};
+    let Some(s) = setup() else { return };
+    for (who, _, edge) in &s.ports {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", *edge)).expect("connect");
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let req = b"GET /up HTTP/1.1\r\nhost: t\r\n\r\n";
+        c.write_all(req).expect("write");
+        let mut buf = [0u8; 65536];
+        let n = c.read(&mut buf).expect("first response");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{who}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1800));
+        let n = c.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "{who} should have closed the idle connection");
+    }
 }

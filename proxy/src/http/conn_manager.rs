@@ -2,6 +2,7 @@
 //! applies Envoy's request-header policies, routes, runs the filter chain and hands the request to
 //! the router.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -17,12 +18,13 @@ use hyper_util::rt::TokioIo;
 
 use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreAction};
 use super::local_reply::LocalReply;
+use crate::http::stream_timeouts::IdleTimedBody;
 use crate::router::header_formatter::FormatContext;
 use crate::router::route_config::{RouteAction, RouteInput};
 use crate::upstream::pool::PooledBody;
 use crate::worker::{LocalExec, WorkerCtx};
 
-pub type ResponseBody = Either<Full<Bytes>, PooledBody>;
+pub type ResponseBody = Either<Full<Bytes>, IdleTimedBody<PooledBody>>;
 
 /// Headers Envoy removes from requests it considers external.
 const INTERNAL_ONLY: &[&str] = &[
@@ -63,9 +65,20 @@ pub async fn serve(
     hcm.listener_stats.downstream_cx_total.inc();
     let info = Rc::new(info);
     let h = hcm.clone();
+    let idle = Rc::new(ConnIdle {
+        active: Cell::new(0),
+        last: Cell::new(tokio::time::Instant::now()),
+    });
+    let idle_svc = idle.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (hcm, ctx, info) = (h.clone(), ctx.clone(), info.clone());
-        async move { Ok::<_, Infallible>(handle(req, &hcm, &ctx, &info).await) }
+        let (hcm, ctx, info, idle) = (h.clone(), ctx.clone(), info.clone(), idle_svc.clone());
+        async move {
+            idle.active.set(idle.active.get() + 1);
+            let resp = handle(req, &hcm, &ctx, &info).await;
+            idle.active.set(idle.active.get() - 1);
+            idle.last.set(tokio::time::Instant::now());
+            Ok::<_, Infallible>(resp)
+        }
     });
     let io = TokioIo::new(stream);
     let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
@@ -84,14 +97,50 @@ pub async fn serve(
         Codec::Http1 => builder.http1_only(),
         Codec::Http2 => builder.http2_only(),
     };
-    if builder
-        .serve_connection_with_upgrades(io, service)
-        .await
-        .is_err()
-    {
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = idle.expired(hcm.idle_timeout), if !shutting_down => {
+                // Envoy closes a connection with no active streams after idle_timeout.
+                hcm.stats.downstream_cx_idle_timeout.inc();
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    };
+    if result.is_err() {
         hcm.stats.downstream_cx_protocol_error.inc();
     }
     hcm.stats.downstream_cx_active.dec();
+}
+
+/// Per-connection idle tracking for `common_http_protocol_options.idle_timeout`.
+struct ConnIdle {
+    active: Cell<usize>,
+    last: Cell<tokio::time::Instant>,
+}
+
+impl ConnIdle {
+    async fn expired(&self, timeout: Option<std::time::Duration>) {
+        let Some(t) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = self.last.get() + t;
+            if self.active.get() == 0 && tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            if self.active.get() > 0 {
+                // A stream is open: look again one idle period later.
+                tokio::time::sleep(t).await;
+            } else {
+                tokio::time::sleep_until(deadline).await;
+            }
+        }
+    }
 }
 
 /// An HTTP/1.1 WebSocket upgrade request (`connection: upgrade` + `upgrade: websocket`).

@@ -35,6 +35,9 @@ stat_struct!(HcmStats {
     counter downstream_rq_5xx,
     counter downstream_rq_ws_on_non_ws_route,
     counter downstream_rq_too_large,
+    counter downstream_rq_idle_timeout,
+    counter downstream_rq_timeout,
+    counter downstream_cx_idle_timeout,
     counter no_route,
     counter no_cluster,
     counter rq_direct_response,
@@ -76,6 +79,12 @@ pub enum UnderscoreAction {
 
 #[derive(Debug)]
 pub struct HcmConfig {
+    /// `stream_idle_timeout` (Envoy default 5 min; 0 disables).
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout` (default disabled).
+    pub request_timeout: Option<Duration>,
+    /// `common_http_protocol_options.idle_timeout` for downstream connections (default 1 h).
+    pub idle_timeout: Option<Duration>,
     /// `upgrade_configs` enables WebSocket upgrades.
     pub websocket: bool,
     /// The proxy's own address (`--local-address-ip-version`), appended to XFF for loopback peers.
@@ -257,10 +266,22 @@ pub fn compile(
             "value must be inside range [1, 8192]",
         ));
     }
+    let stream_idle_timeout = match rest.stream_idle_timeout.take() {
+        Some(d) => duration::optional_timeout(&Some(d), &format!("{path}.stream_idle_timeout"))?,
+        None => Some(Duration::from_secs(300)),
+    };
+    let request_timeout = duration::optional_timeout(
+        &rest.request_timeout.take(),
+        &format!("{path}.request_timeout"),
+    )?;
+    let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_headers_count = 100;
     let mut underscores = UnderscoreAction::Allow;
     if let Some(mut c) = rest.common_http_protocol_options.take() {
         let cp = format!("{path}.common_http_protocol_options");
+        if let Some(d) = c.idle_timeout.take() {
+            idle_timeout = duration::optional_timeout(&Some(d), &format!("{cp}.idle_timeout"))?;
+        }
         if let Some(m) = c.max_headers_count.take() {
             max_headers_count = m.value;
         }
@@ -308,6 +329,9 @@ pub fn compile(
     let listener_stats =
         HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
     Ok(HcmConfig {
+        stream_idle_timeout,
+        request_timeout,
+        idle_timeout,
         websocket,
         local_address,
         stat_prefix,

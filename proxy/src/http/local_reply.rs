@@ -53,6 +53,26 @@ impl LocalReply {
         Self::new(status, Bytes::new(), "NC", "cluster_not_found")
     }
 
+    /// Envoy answers 504 when the request was complete and it was waiting on the upstream, and
+    /// 408 while the downstream was still sending.
+    pub fn stream_idle_timeout(request_complete: bool) -> Self {
+        let status = if request_complete {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::REQUEST_TIMEOUT
+        };
+        Self::new(status, "stream timeout", "SI", "stream_idle_timeout")
+    }
+
+    pub fn request_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request timeout",
+            "",
+            "request_overall_timeout",
+        )
+    }
+
     pub fn upstream_timeout() -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,

@@ -3,3 +3,4 @@ pub mod conn_manager;
 pub mod conn_manager_config;
 pub mod date;
 pub mod local_reply;
+pub mod stream_timeouts;

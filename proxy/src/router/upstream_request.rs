@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -20,6 +21,7 @@ use crate::http::conn_manager::{
 };
 use crate::http::conn_manager_config::HcmConfig;
 use crate::http::local_reply::LocalReply;
+use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity};
 use crate::upstream::cluster::UpstreamProtocol;
 use crate::upstream::pool::PooledBody;
 use crate::worker::WorkerCtx;
@@ -56,6 +58,13 @@ const HOP_BY_HOP: &[&str] = &[
 
 fn reply(f: &Forward<'_>, r: LocalReply) -> Response<ResponseBody> {
     local_response(f.hcm, &r, f.form)
+}
+
+enum Outcome<T> {
+    Response(T),
+    RouteTimeout,
+    StreamIdle,
+    RequestTimeout,
 }
 
 pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<ResponseBody> {
@@ -210,7 +219,11 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     if upstream_h2 {
         headers.remove(http::header::HOST);
     }
-    let Ok(mut up_req) = builder.body(Either::Left(req.into_body())) else {
+    let activity = StreamActivity::new(req.body().is_end_stream());
+    let Ok(mut up_req) = builder.body(Either::Left(DownstreamBody::new(
+        req.into_body(),
+        activity.clone(),
+    ))) else {
         return reply(
             &f,
             LocalReply::new(http::StatusCode::BAD_REQUEST, "", "DPE", "invalid_request"),
@@ -226,25 +239,61 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         return tunnel(&f, cluster, &host, up_req, down).await;
     }
     let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
-    let result = match fwd.timeout {
-        Some(t) => tokio::time::timeout(t.saturating_sub(f.start.elapsed()), send)
-            .await
-            .ok(),
-        None => Some(send.await),
+    let outcome = {
+        let hcm = f.hcm;
+        let route_timeout = async {
+            match fwd.timeout {
+                Some(t) => tokio::time::sleep(t.saturating_sub(f.start.elapsed())).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = async {
+            match hcm.stream_idle_timeout {
+                Some(t) => activity.idle_expired(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let request_timeout = async {
+            match hcm.request_timeout {
+                Some(t) => {
+                    activity
+                        .request_incomplete_at(tokio::time::Instant::from_std(f.start) + t)
+                        .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = send => Outcome::Response(r),
+            _ = route_timeout => Outcome::RouteTimeout,
+            _ = idle => Outcome::StreamIdle,
+            _ = request_timeout => Outcome::RequestTimeout,
+        }
     };
     host.active_requests.fetch_sub(1, Ordering::Relaxed);
     stats.upstream_rq_active.dec();
-    let resp = match result {
-        None => {
+    let resp = match outcome {
+        Outcome::RouteTimeout => {
             stats.upstream_rq_timeout.inc();
             stats.response_class(504);
             return reply(&f, LocalReply::upstream_timeout());
         }
-        Some(Err(reason)) => {
+        Outcome::StreamIdle => {
+            f.hcm.stats.downstream_rq_idle_timeout.inc();
+            return reply(
+                &f,
+                LocalReply::stream_idle_timeout(activity.request_complete()),
+            );
+        }
+        Outcome::RequestTimeout => {
+            f.hcm.stats.downstream_rq_timeout.inc();
+            return reply(&f, LocalReply::request_timeout());
+        }
+        Outcome::Response(Err(reason)) => {
             stats.response_class(503);
             return reply(&f, LocalReply::upstream_reset(reason));
         }
-        Some(Ok(r)) => r,
+        Outcome::Response(Ok(r)) => r,
     };
     stats.upstream_rq_completed.inc();
     stats.response_class(resp.status().as_u16());
@@ -268,7 +317,10 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         );
     }
     parts.version = http::Version::HTTP_11;
-    Response::from_parts(parts, Either::Right(body))
+    Response::from_parts(
+        parts,
+        Either::Right(IdleTimedBody::new(body, f.hcm.stream_idle_timeout)),
+    )
 }
 
 /// Forwards an upgrade request; on `101` splices the two upgraded connections together.
@@ -313,5 +365,8 @@ async fn tunnel(
         HeaderValue::from(elapsed),
     );
     apply_server_header(f.hcm, &mut parts.headers);
-    Response::from_parts(parts, Either::Right(PooledBody::unpooled(body)))
+    Response::from_parts(
+        parts,
+        Either::Right(IdleTimedBody::new(PooledBody::unpooled(body), None)),
+    )
 }

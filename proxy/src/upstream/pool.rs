@@ -22,7 +22,7 @@ use super::cluster::{Cluster, ClusterStats, Host, LbState};
 use crate::worker::LocalExec;
 
 /// A request body sent upstream: the downstream body as it streams, or a buffered one.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<crate::http::stream_timeouts::DownstreamBody, Full<Bytes>>;
 
 /// Why an upstream request failed before response headers, in Envoy's reset-reason words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

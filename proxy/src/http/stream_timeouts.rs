@@ -1,0 +1,190 @@
+//! The connection manager's stream timers: `stream_idle_timeout` (no bytes either way),
+//! `request_timeout` (whole request not received), tracked through body wrappers that note
+//! activity, plus the idle timer on response bodies once headers are sent.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+/// When the stream last moved a byte, and whether the request has been fully received.
+#[derive(Debug)]
+pub struct StreamActivity {
+    last: Cell<Instant>,
+    request_done: Cell<bool>,
+}
+
+impl StreamActivity {
+    pub fn new(request_done: bool) -> Rc<Self> {
+        Rc::new(StreamActivity {
+            last: Cell::new(Instant::now()),
+            request_done: Cell::new(request_done),
+        })
+    }
+    pub fn request_complete(&self) -> bool {
+        self.request_done.get()
+    }
+    pub fn touch(&self) {
+        self.last.set(Instant::now());
+    }
+
+    /// Resolves once nothing has moved for `timeout`.
+    pub async fn idle_expired(&self, timeout: Duration) {
+        loop {
+            let deadline = self.last.get() + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    /// Resolves if the request is still incomplete at `deadline`.
+    pub async fn request_incomplete_at(&self, deadline: Instant) {
+        tokio::time::sleep_until(deadline).await;
+        if self.request_done.get() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The downstream request body on its way upstream, noting activity and completion.
+pub struct DownstreamBody {
+    inner: Incoming,
+    activity: Rc<StreamActivity>,
+}
+
+impl DownstreamBody {
+    pub fn new(inner: Incoming, activity: Rc<StreamActivity>) -> Self {
+        DownstreamBody { inner, activity }
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(frame) = &r {
+            this.activity.touch();
+            if frame.is_none() || this.inner.is_end_stream() {
+                this.activity.request_done.set(true);
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Error raised into hyper when a response body goes idle: hyper then resets the stream, as
+/// Envoy does once headers are already sent.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle timeout")]
+pub struct StreamIdleTimeout;
+
+/// A response body with Envoy's stream idle timer.
+pub struct IdleTimedBody<B> {
+    inner: B,
+    timeout: Option<Duration>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B> IdleTimedBody<B> {
+    pub fn new(inner: B, timeout: Option<Duration>) -> Self {
+        let sleep = timeout.map(|t| Box::pin(tokio::time::sleep(t)));
+        IdleTimedBody {
+            inner,
+            timeout,
+            sleep,
+        }
+    }
+}
+
+impl<B> Body for IdleTimedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                if let (Some(s), Some(t)) = (this.sleep.as_mut(), this.timeout) {
+                    s.as_mut().reset(Instant::now() + t);
+                }
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if let Some(s) = this.sleep.as_mut() {
+                    if s.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn idle_timer_restarts_on_activity() {
+        let a = StreamActivity::new(false);
+        let t = Duration::from_millis(100);
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        a.touch();
+        a.idle_expired(t).await;
+        assert!(Instant::now() - start >= Duration::from_millis(160));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn request_timeout_only_fires_while_incomplete() {
+        let a = StreamActivity::new(false);
+        let fired = tokio::time::timeout(
+            Duration::from_secs(1),
+            a.request_incomplete_at(Instant::now() + Duration::from_millis(10)),
+        )
+        .await;
+        assert!(fired.is_ok());
+        let done = StreamActivity::new(true);
+        let fired = tokio::time::timeout(
+            Duration::from_secs(1),
+            done.request_incomplete_at(Instant::now() + Duration::from_millis(10)),
+        )
+        .await;
+        assert!(fired.is_err());
+    }
+}
