@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --workspace --all-targets
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

@@ -369,7 +369,7 @@ pub fn websocket_roundtrip(
     port: u16,
     path: &str,
     payload: &[u8],
-) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+) -> std::io::Result<(RawResponse, Vec<u8>)> {
     let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test.local\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes())?;
@@ -378,7 +378,14 @@ pub fn websocket_roundtrip(
     let head_end = loop {
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Ok((0, vec![], buf));
+            return Ok((
+                RawResponse {
+                    status: 0,
+                    headers: vec![],
+                    body: vec![],
+                },
+                buf,
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -392,7 +399,7 @@ pub fn websocket_roundtrip(
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| {
             l.split_once(':')
                 .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -409,5 +416,12 @@ pub fn websocket_roundtrip(
             echoed.extend_from_slice(&chunk[..n]);
         }
     }
-    Ok((status, headers, echoed))
+    Ok((
+        RawResponse {
+            status,
+            headers,
+            body: vec![],
+        },
+        echoed,
+    ))
 }

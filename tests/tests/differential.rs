@@ -145,6 +145,44 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  - name: mapped
+    address: {socket_address: {address: 127.0.0.1, port_value: MAPPED}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mapped
+          local_reply_config:
+            mappers:
+            - filter:
+                status_code_filter: {comparison: {op: EQ, value: {default_value: 503, runtime_key: k1}}}
+              status_code: 502
+              body: {inline_string: "mapped body"}
+              headers_to_add: [{header: {key: x-resp-mapped, value: "%REQ(x-tag)%"}}]
+            - filter:
+                and_filter:
+                  filters:
+                  - response_flag_filter: {flags: [NR]}
+                  - header_filter: {header: {name: x-json, present_match: true}}
+              body_format_override:
+                json_format: {code: "%RESPONSE_CODE%", flags: "%RESPONSE_FLAGS%", body: "%LOCAL_REPLY_BODY%", missing: "%REQ(x-none)%"}
+            body_format:
+              text_format: "[%RESPONSE_CODE%|%RESPONSE_FLAGS%|%LOCAL_REPLY_BODY%]"
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/direct"}
+                direct_response: {status: 200, body: {inline_string: "hello"}}
+              - match: {prefix: "/nohost"}
+                route: {cluster: empty}
+              - match: {prefix: "/up"}
+                route: {cluster: echo}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
   clusters:
   - name: echo
     connect_timeout: 1s
@@ -161,6 +199,8 @@ struct Setup {
     _proxies: Vec<Proxy>,
     /// (name, main listener port, edge listener port)
     ports: Vec<(&'static str, u16, u16)>,
+    /// The `local_reply_config` listener of each proxy, in the same order.
+    mapped: Vec<u16>,
 }
 
 fn setup() -> Option<Setup> {
@@ -179,15 +219,18 @@ fn setup() -> Option<Setup> {
     std::fs::create_dir_all(&dir).expect("tmp");
     let mut proxies = Vec::new();
     let mut ports = Vec::new();
+    let mut mapped_ports = Vec::new();
     for (i, (name, bin)) in [("envoy", envoy), ("petrel", petrel_bin())]
         .into_iter()
         .enumerate()
     {
-        let (main, admin, edge) = (free_port(), free_port(), free_port());
+        let (main, admin, edge, mapped) = (free_port(), free_port(), free_port(), free_port());
+        mapped_ports.push(mapped);
         let cfg = BOOTSTRAP
             .replace("ADMIN", &admin.to_string())
             .replace("MAIN", &main.to_string())
             .replace("EDGE", &edge.to_string())
+            .replace("MAPPED", &mapped.to_string())
             .replace("ECHO", &echo.to_string())
             .replace("REFUSED", &refused.to_string());
         let path: PathBuf = dir.join(format!("{name}.yaml"));
@@ -204,6 +247,7 @@ fn setup() -> Option<Setup> {
     Some(Setup {
         _proxies: proxies,
         ports,
+        mapped: mapped_ports,
     })
 }
 
@@ -239,6 +283,32 @@ fn get(path: &str, extra: &str) -> Vec<u8> {
 enum To {
     Main,
     Edge,
+    Mapped,
+}
+
+fn mapped_cases() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "local_reply_config: 503 mapped to 502 with body and header",
+            get("/nohost", "x-tag: t1\r\n"),
+        ),
+        (
+            "local_reply_config: route not found gets the body format",
+            get("/nothing", ""),
+        ),
+        (
+            "local_reply_config: json override by header filter",
+            get("/nothing", "x-json: 1\r\n"),
+        ),
+        (
+            "local_reply_config: direct response formatted",
+            get("/direct", ""),
+        ),
+        (
+            "local_reply_config: upstream answer untouched",
+            get("/up", ""),
+        ),
+    ]
 }
 
 fn edge_cases() -> Vec<(&'static str, Vec<u8>)> {
@@ -343,15 +413,18 @@ fn petrel_matches_envoy() {
     let all = cases()
         .into_iter()
         .map(|(n, r)| (n, r, To::Main))
-        .chain(edge_cases().into_iter().map(|(n, r)| (n, r, To::Edge)));
+        .chain(edge_cases().into_iter().map(|(n, r)| (n, r, To::Edge)))
+        .chain(mapped_cases().into_iter().map(|(n, r)| (n, r, To::Mapped)));
     for (name, req, to) in all {
         let answers: Vec<(&str, String)> = s
             .ports
             .iter()
-            .map(|(who, main, edge)| {
+            .zip(&s.mapped)
+            .map(|((who, main, edge), mapped)| {
                 let port = match to {
                     To::Main => *main,
                     To::Edge => *edge,
+                    To::Mapped => *mapped,
                 };
                 let r = http_raw(port, &req)
                     .map(|r| view(&r))
@@ -360,6 +433,12 @@ fn petrel_matches_envoy() {
             })
             .collect();
         n += 1;
+        // Two identical failures to connect would compare equal; the reference must answer.
+        assert!(
+            !answers[0].1.starts_with("error:"),
+            "{name}: envoy did not answer: {}",
+            answers[0].1
+        );
         let known = KNOWN_DIFFERENCES.iter().any(|(k, _)| *k == name);
         match (answers[0].1 == answers[1].1, known) {
             (false, false) => diffs.push(format!(
@@ -403,7 +482,9 @@ fn petrel_keeps_serving_after_bad_input() {
 #[test]
 fn h2c_matches_envoy() {
     let Some(s) = setup() else { return };
-    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, &str)> = vec![
+    /// (name, method, path, headers, body)
+    type H2Case<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<H2Case> = vec![
         ("h2c direct response", "GET", "/direct", vec![], ""),
         ("h2c route not found", "GET", "/nothing", vec![], ""),
         (
@@ -465,8 +546,10 @@ fn websocket_tunnel_matches_envoy() {
         .iter()
         .map(
             |(_, _, edge)| match websocket_roundtrip(*edge, "/ws", b"ping over the tunnel") {
-                Ok((status, headers, echoed)) => {
-                    let mut keep: Vec<String> = headers
+                Ok((head, echoed)) => {
+                    let status = head.status;
+                    let mut keep: Vec<String> = head
+                        .headers
                         .into_iter()
                         .filter(|(k, _)| {
                             matches!(

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreAction};
 use super::local_reply::LocalReply;
+use super::local_reply_config::ReplyContext;
 use crate::http::stream_timeouts::IdleTimedBody;
 use crate::router::header_formatter::FormatContext;
 use crate::router::route_config::{RouteAction, RouteInput};
@@ -157,11 +158,15 @@ fn is_websocket_upgrade(h: &HeaderMap) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// How a local reply must be shaped for the request it answers.
+/// How a local reply must be shaped for the request it answers, and the stream facts that
+/// `local_reply_config` formats may read.
 #[derive(Clone, Copy, Debug)]
 pub struct ReplyForm {
     pub grpc: bool,
     pub h2: bool,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub start_time: SystemTime,
 }
 
 /// Turns a local reply into the response sent downstream.
@@ -169,7 +174,31 @@ pub fn local_response(
     hcm: &HcmConfig,
     reply: &LocalReply,
     form: ReplyForm,
+    request_headers: Option<&HeaderMap>,
 ) -> Response<ResponseBody> {
+    let mapped;
+    let reply = if hcm.local_reply.is_empty() {
+        reply
+    } else {
+        let mut r = reply.clone();
+        let format = FormatContext {
+            downstream_remote: form.remote,
+            downstream_local: form.local,
+            protocol: if form.h2 { "HTTP/2" } else { "HTTP/1.1" },
+            request_headers,
+            upstream_host: None,
+            start_time: form.start_time,
+        };
+        hcm.local_reply.apply(
+            &mut r,
+            &ReplyContext {
+                request_headers,
+                format: &format,
+            },
+        );
+        mapped = r;
+        &mapped
+    };
     let (status, headers, body) = if form.grpc {
         reply.render_grpc()
     } else {
@@ -276,9 +305,12 @@ async fn process(
     start_time: SystemTime,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == http::Version::HTTP_2;
-    let form = ReplyForm {
+    let mut form = ReplyForm {
         grpc: crate::http::local_reply::is_grpc(req.headers()),
         h2,
+        remote: info.remote,
+        local: info.local,
+        start_time,
     };
     // Envoy's HTTP/1 codec refuses HTTP/1.0 unless accept_http_10 is set (which is refused).
     if req.version() == http::Version::HTTP_10 || req.version() == http::Version::HTTP_09 {
@@ -291,6 +323,7 @@ async fn process(
                 "low_version",
             ),
             form,
+            Some(req.headers()),
         );
     }
     let upgrade = is_websocket_upgrade(req.headers());
@@ -305,6 +338,7 @@ async fn process(
                 "too_many_headers",
             ),
             form,
+            Some(req.headers()),
         );
     }
     if hcm.underscores != UnderscoreAction::Allow {
@@ -325,6 +359,7 @@ async fn process(
                         "unexpected_underscore",
                     ),
                     form,
+                    Some(req.headers()),
                 );
             }
             for k in bad {
@@ -413,6 +448,7 @@ async fn process(
             .map(|ip| SocketAddr::new(ip, 0))
             .unwrap_or(info.remote)
     };
+    form.remote = remote;
     if external {
         for h in INTERNAL_ONLY {
             headers.remove(*h);
@@ -454,7 +490,12 @@ async fn process(
     });
     let Some((vh, route)) = selected else {
         hcm.stats.no_route.inc();
-        return local_response(hcm, &LocalReply::route_not_found(), form);
+        return local_response(
+            hcm,
+            &LocalReply::route_not_found(),
+            form,
+            Some(req.headers()),
+        );
     };
     // An upgrade the listener does not allow is refused once routed (so route response headers
     // still apply), as Envoy's router does.
@@ -465,7 +506,7 @@ async fn process(
             let mut r = LocalReply::new(StatusCode::FORBIDDEN, Bytes::new(), "", "upgrade_failed");
             r.headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            local_response(hcm, &r, form)
+            local_response(hcm, &r, form, Some(req.headers()))
         }
         RouteAction::Direct { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -476,7 +517,7 @@ async fn process(
                 "direct_response",
             );
             r.details = "direct_response";
-            local_response(hcm, &r, form)
+            local_response(hcm, &r, form, Some(req.headers()))
         }
         RouteAction::Redirect(rd) => {
             hcm.stats.rq_redirect.inc();
@@ -485,7 +526,7 @@ async fn process(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers.insert(http::header::LOCATION, v);
             }
-            local_response(hcm, &r, form)
+            local_response(hcm, &r, form, Some(req.headers()))
         }
         RouteAction::Forward(fwd) => {
             let input = crate::router::upstream_request::Forward {

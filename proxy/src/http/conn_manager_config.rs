@@ -79,6 +79,7 @@ pub enum UnderscoreAction {
 
 #[derive(Debug)]
 pub struct HcmConfig {
+    pub local_reply: super::local_reply_config::LocalReplyConfig,
     /// `stream_idle_timeout` (Envoy default 5 min; 0 disables).
     pub stream_idle_timeout: Option<Duration>,
     /// `request_timeout` (default disabled).
@@ -304,6 +305,13 @@ pub fn compile(
     )?;
     let normalize_path = rest.normalize_path.take().map(|b| b.value).unwrap_or(false);
     let merge_slashes = std::mem::take(&mut rest.merge_slashes);
+    let local_reply = match rest.local_reply_config.take() {
+        Some(c) => super::local_reply_config::LocalReplyConfig::compile(
+            &c,
+            &format!("{path}.local_reply_config"),
+        )?,
+        None => Default::default(),
+    };
     let mut websocket = false;
     for (i, u) in std::mem::take(&mut rest.upgrade_configs).iter().enumerate() {
         let up = format!("{path}.upgrade_configs[{i}]");
@@ -329,6 +337,7 @@ pub fn compile(
     let listener_stats =
         HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
     Ok(HcmConfig {
+        local_reply,
         stream_idle_timeout,
         request_timeout,
         idle_timeout,

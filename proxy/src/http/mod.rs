@@ -3,4 +3,5 @@ pub mod conn_manager;
 pub mod conn_manager_config;
 pub mod date;
 pub mod local_reply;
+pub mod local_reply_config;
 pub mod stream_timeouts;

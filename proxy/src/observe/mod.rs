@@ -1,2 +1,5 @@
-//! Stats (and, with the observability issue, access logs and tracing).
+//! Stats, the substitution formatter and access-log filters (access logs and tracing come with
+//! the observability issue).
+pub mod access_log_filter;
+pub mod formatter;
 pub mod stats;

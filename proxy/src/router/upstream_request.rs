@@ -56,8 +56,12 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
 ];
 
-fn reply(f: &Forward<'_>, r: LocalReply) -> Response<ResponseBody> {
-    local_response(f.hcm, &r, f.form)
+fn reply(
+    f: &Forward<'_>,
+    r: LocalReply,
+    request_headers: Option<&http::HeaderMap>,
+) -> Response<ResponseBody> {
+    local_response(f.hcm, &r, f.form, request_headers)
 }
 
 enum Outcome<T> {
@@ -68,6 +72,8 @@ enum Outcome<T> {
 }
 
 pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<ResponseBody> {
+    // Mappers may match on request headers; keep a copy only when there are mappers.
+    let reply_headers = (!f.hcm.local_reply.is_empty()).then(|| req.headers().clone());
     let fwd = f.fwd;
     let (cluster_name, weighted) = match &fwd.cluster {
         ClusterChoice::Named(n) => (n.to_string(), None),
@@ -89,12 +95,17 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         return reply(
             &f,
             LocalReply::cluster_not_found(fwd.cluster_not_found_response_code),
+            reply_headers.as_ref(),
         );
     };
     let lb = f.ctx.upstreams.lb_state(&cluster.name);
     let Some(host) = cluster.choose(&lb) else {
         cluster.stats.upstream_cx_none_healthy.inc();
-        return reply(&f, LocalReply::no_healthy_upstream());
+        return reply(
+            &f,
+            LocalReply::no_healthy_upstream(),
+            reply_headers.as_ref(),
+        );
     };
     let host = host.clone();
 
@@ -227,6 +238,7 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         return reply(
             &f,
             LocalReply::new(http::StatusCode::BAD_REQUEST, "", "DPE", "invalid_request"),
+            reply_headers.as_ref(),
         );
     };
     *up_req.headers_mut() = headers;
@@ -276,22 +288,27 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         Outcome::RouteTimeout => {
             stats.upstream_rq_timeout.inc();
             stats.response_class(504);
-            return reply(&f, LocalReply::upstream_timeout());
+            return reply(&f, LocalReply::upstream_timeout(), reply_headers.as_ref());
         }
         Outcome::StreamIdle => {
             f.hcm.stats.downstream_rq_idle_timeout.inc();
             return reply(
                 &f,
                 LocalReply::stream_idle_timeout(activity.request_complete()),
+                reply_headers.as_ref(),
             );
         }
         Outcome::RequestTimeout => {
             f.hcm.stats.downstream_rq_timeout.inc();
-            return reply(&f, LocalReply::request_timeout());
+            return reply(&f, LocalReply::request_timeout(), reply_headers.as_ref());
         }
         Outcome::Response(Err(reason)) => {
             stats.response_class(503);
-            return reply(&f, LocalReply::upstream_reset(reason));
+            return reply(
+                &f,
+                LocalReply::upstream_reset(reason),
+                reply_headers.as_ref(),
+            );
         }
         Outcome::Response(Ok(r)) => r,
     };
@@ -342,9 +359,9 @@ async fn tunnel(
     let mut resp = match sent {
         None => {
             stats.upstream_rq_timeout.inc();
-            return reply(f, LocalReply::upstream_timeout());
+            return reply(f, LocalReply::upstream_timeout(), None);
         }
-        Some(Err(reason)) => return reply(f, LocalReply::upstream_reset(reason)),
+        Some(Err(reason)) => return reply(f, LocalReply::upstream_reset(reason), None),
         Some(Ok(r)) => r,
     };
     stats.response_class(resp.status().as_u16());
