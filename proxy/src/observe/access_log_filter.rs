@@ -160,7 +160,7 @@ mod tests {
         LogFilter::compile(&f, "filter")
     }
 
-    fn input(code: u16, flags: &str) -> FilterInput<'static> {
+    fn input(code: u16, flags: &'static str) -> FilterInput<'static> {
         FilterInput {
             response_code: code,
             response_flags: flags,
