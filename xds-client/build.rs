@@ -1,8 +1,38 @@
-//! Finds the descriptor set that `envoy-types` ships beside its generated code, so proto3-JSON
-//! decoding (prost-reflect) sees exactly the messages the Rust types were generated from.
+//! Builds the descriptor set Petrel embeds: the part of Envoy's API (as shipped by `envoy-types`
+//! beside its generated code) reachable from the bootstrap and the extensions Petrel supports.
+//!
+//! Why reduced: the whole API decodes into ~50 MB of descriptors and takes ~90 ms at start; the
+//! bootstrap's closure is a small fraction. A type outside it fails to decode with its type URL
+//! named, which is the refusal it would get anyway.
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
+use prost::Message;
+use prost_types::{DescriptorProto, FileDescriptorSet};
+
 const ENVOY_TYPES_DIR: &str = "envoy-types-0.7.7";
+
+/// Messages Petrel decodes from JSON or `Any`. Every `Supported` entry of the extension table in
+/// `filters/src/extensions.rs` must be here (a test checks it).
+const ROOTS: &[&str] = &[
+    "envoy.config.bootstrap.v3.Bootstrap",
+    "envoy.config.cluster.v3.Cluster",
+    "envoy.config.listener.v3.Listener",
+    "envoy.config.route.v3.RouteConfiguration",
+    "envoy.config.endpoint.v3.ClusterLoadAssignment",
+    "envoy.config.accesslog.v3.AccessLogFilter",
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    "envoy.extensions.filters.http.router.v3.Router",
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+    "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+    "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+    "envoy.admin.v3.BootstrapConfigDump",
+    "envoy.admin.v3.ClustersConfigDump",
+    "envoy.admin.v3.ListenersConfigDump",
+    "envoy.admin.v3.RoutesConfigDump",
+    "google.protobuf.Struct",
+];
 
 fn candidates() -> Vec<PathBuf> {
     let mut roots = Vec::new();
@@ -14,8 +44,7 @@ fn candidates() -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     for root in roots {
-        let src = root.join("registry").join("src");
-        if let Ok(entries) = std::fs::read_dir(&src) {
+        if let Ok(entries) = std::fs::read_dir(root.join("registry").join("src")) {
             for e in entries.flatten() {
                 out.push(
                     e.path()
@@ -25,27 +54,143 @@ fn candidates() -> Vec<PathBuf> {
             }
         }
     }
-    // `cargo vendor` layout, next to the workspace.
     if let Ok(dir) = std::env::var("CARGO_MANIFEST_DIR") {
         out.push(PathBuf::from(dir).join("../vendor/envoy-types/src/generated/types.bin"));
     }
     out
 }
 
+fn collect_messages(
+    prefix: &str,
+    msgs: &[DescriptorProto],
+    file: usize,
+    out: &mut HashMap<String, usize>,
+) {
+    for m in msgs {
+        let name = format!("{prefix}.{}", m.name());
+        collect_messages(&name, &m.nested_type, file, out);
+        out.insert(name, file);
+    }
+}
+
+fn strip_enum(e: &mut prost_types::EnumDescriptorProto) {
+    e.options = None;
+    for v in &mut e.value {
+        v.options = None;
+    }
+}
+
+fn strip_message(m: &mut DescriptorProto) {
+    let map_entry = m.options.as_ref().and_then(|o| o.map_entry);
+    m.options = map_entry.map(|me| prost_types::MessageOptions {
+        map_entry: Some(me),
+        ..Default::default()
+    });
+    for f in &mut m.field {
+        let packed = f.options.as_ref().and_then(|o| o.packed);
+        f.options = packed.map(|p| prost_types::FieldOptions {
+            packed: Some(p),
+            ..Default::default()
+        });
+    }
+    for o in &mut m.oneof_decl {
+        o.options = None;
+    }
+    for n in &mut m.nested_type {
+        strip_message(n);
+    }
+    for e in &mut m.enum_type {
+        strip_enum(e);
+    }
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=PETREL_ENVOY_DESCRIPTORS");
+    println!("cargo:rerun-if-changed=build.rs");
     let path = std::env::var("PETREL_ENVOY_DESCRIPTORS")
         .map(PathBuf::from)
         .ok()
-        .or_else(|| candidates().into_iter().find(|p| p.is_file()));
-    match path {
-        Some(p) => {
-            println!("cargo:rerun-if-changed={}", p.display());
-            println!("cargo:rustc-env=PETREL_ENVOY_DESCRIPTORS={}", p.display());
-        }
-        None => panic!(
-            "cannot find {ENVOY_TYPES_DIR}/src/generated/types.bin in the cargo registry; \
-             set PETREL_ENVOY_DESCRIPTORS to its path"
-        ),
+        .or_else(|| candidates().into_iter().find(|p| p.is_file()))
+        .unwrap_or_else(|| {
+            panic!("cannot find {ENVOY_TYPES_DIR}/src/generated/types.bin in the cargo registry; set PETREL_ENVOY_DESCRIPTORS to its path")
+        });
+    println!("cargo:rerun-if-changed={}", path.display());
+    let bytes = std::fs::read(&path).expect("read descriptor set");
+    let set = FileDescriptorSet::decode(bytes.as_slice()).expect("decode descriptor set");
+
+    let by_name: HashMap<&str, usize> = set
+        .file
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name(), i))
+        .collect();
+    let mut message_file = HashMap::new();
+    for (i, f) in set.file.iter().enumerate() {
+        collect_messages(f.package(), &f.message_type, i, &mut message_file);
     }
+    let mut keep = BTreeSet::new();
+    let mut stack: Vec<usize> = ROOTS
+        .iter()
+        .map(|r| {
+            *message_file
+                .get(*r)
+                .unwrap_or_else(|| panic!("root message {r} not in the descriptor set"))
+        })
+        .collect();
+    while let Some(i) = stack.pop() {
+        if keep.insert(i) {
+            for dep in &set.file[i].dependency {
+                if let Some(&d) = by_name.get(dep.as_str()) {
+                    stack.push(d);
+                }
+            }
+        }
+    }
+    // Dependencies first, as a descriptor pool wants them.
+    let mut ordered = Vec::new();
+    let mut placed = BTreeSet::new();
+    fn place(
+        i: usize,
+        set: &FileDescriptorSet,
+        by_name: &HashMap<&str, usize>,
+        placed: &mut BTreeSet<usize>,
+        ordered: &mut Vec<usize>,
+    ) {
+        if !placed.insert(i) {
+            return;
+        }
+        for dep in &set.file[i].dependency {
+            if let Some(&d) = by_name.get(dep.as_str()) {
+                place(d, set, by_name, placed, ordered);
+            }
+        }
+        ordered.push(i);
+    }
+    for &i in &keep {
+        place(i, &set, &by_name, &mut placed, &mut ordered);
+    }
+    // Comments and options (validation rules, annotations) are most of the bytes and none of
+    // what decoding needs; `map_entry` and `packed` are kept because decoding does need them.
+    let reduced = FileDescriptorSet {
+        file: ordered
+            .iter()
+            .map(|&i| {
+                let mut f = set.file[i].clone();
+                f.source_code_info = None;
+                f.options = None;
+                f.service.clear();
+                for m in &mut f.message_type {
+                    strip_message(m);
+                }
+                for e in &mut f.enum_type {
+                    strip_enum(e);
+                }
+                f
+            })
+            .collect(),
+    };
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("envoy-descriptors.bin");
+    std::fs::write(&out, reduced.encode_to_vec()).expect("write reduced descriptors");
+    println!("cargo:rustc-env=PETREL_ENVOY_DESCRIPTORS={}", out.display());
 }

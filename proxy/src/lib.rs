@@ -10,6 +10,7 @@ pub mod http;
 pub mod listener;
 pub mod local_info;
 pub mod logging;
+pub mod memory;
 pub mod observe;
 pub mod router;
 pub mod server;

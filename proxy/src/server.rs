@@ -51,6 +51,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     if opts.mode == Mode::Validate {
         return Ok(());
     }
+    crate::memory::release_config_memory();
     let started = Instant::now();
     let server_stats = ServerStats::new(&store, "server.");
     server_stats.concurrency.set(opts.concurrency as i64);

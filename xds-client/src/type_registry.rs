@@ -3,7 +3,9 @@
 //! Bootstrap files and xDS resources both go through here so that they become the same prost
 //! types: proto3-JSON → `DynamicMessage` (with `Any` resolved by type URL) → wire bytes → prost.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
+
+static REGISTRY: Mutex<Option<Arc<TypeRegistry>>> = Mutex::new(None);
 
 use envoy_types::pb::google::protobuf::{value::Kind, Any, Struct, Value};
 use prost::{Message, Name};
@@ -23,6 +25,9 @@ pub enum DecodeError {
     /// A field (named by its JSON path) could not be decoded.
     #[error("{path}: {message}")]
     Field { path: String, message: String },
+    /// An `Any` at `path` holds a type outside the registry (Petrel has no decoder for it).
+    #[error("{path}: type '{type_name}' is not supported")]
+    TypeNotSupported { path: String, type_name: String },
     /// The type URL names a message Petrel does not know at all.
     #[error("unknown type URL '{0}'")]
     UnknownType(String),
@@ -43,17 +48,33 @@ fn type_name(type_url: &str) -> &str {
 }
 
 impl TypeRegistry {
-    /// The process-wide registry (descriptors are embedded at build time).
-    pub fn global() -> &'static TypeRegistry {
-        static REG: OnceLock<TypeRegistry> = OnceLock::new();
-        REG.get_or_init(|| {
-            // The embedded set is produced by the same build as envoy-types; failing to decode it
-            // is a build defect, not an input error.
-            let mut pool =
-                DescriptorPool::decode(DESCRIPTORS).expect("embedded Envoy descriptor set");
-            add_udpa_typed_struct(&mut pool);
-            TypeRegistry { pool }
-        })
+    /// The process-wide registry (descriptors are embedded at build time), built on first use
+    /// and kept until [`TypeRegistry::release`].
+    pub fn global() -> Arc<TypeRegistry> {
+        let mut slot = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| Arc::new(TypeRegistry::build()))
+            .clone()
+    }
+
+    /// Drops the cached registry (its descriptors take ~18 MB): the proxy calls this once a
+    /// configuration is compiled, since serving never needs descriptors; the next decode
+    /// rebuilds it (~25 ms).
+    pub fn release() {
+        let mut slot = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = None;
+    }
+
+    fn build() -> TypeRegistry {
+        // The embedded set is produced by the same build as envoy-types; failing to decode it
+        // is a build defect, not an input error.
+        let mut pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded Envoy descriptor set");
+        for (package, file) in [
+            ("udpa.type.v1", "udpa/type/v1/typed_struct.proto"),
+            ("xds.type.v3", "xds/type/v3/typed_struct.proto"),
+        ] {
+            add_typed_struct(&mut pool, package, file);
+        }
+        TypeRegistry { pool }
     }
 
     /// Whether a message with this type URL (or bare full name) is known.
@@ -90,10 +111,21 @@ impl TypeRegistry {
         let de = serde_path_to_error::Deserializer::new(value, &mut track);
         match DynamicMessage::deserialize_with_options(desc, de, &opts) {
             Ok(msg) => Ok(msg.encode_to_vec()),
-            Err(e) => Err(DecodeError::Field {
-                path: render_path(&track.path()),
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                let path = render_path(&track.path());
+                let message = e.to_string();
+                // prost-reflect's wording for an `Any` whose type is not in the pool.
+                if let Some(t) = message
+                    .strip_prefix("message '")
+                    .and_then(|m| m.strip_suffix("' not found"))
+                {
+                    return Err(DecodeError::TypeNotSupported {
+                        path,
+                        type_name: t.to_string(),
+                    });
+                }
+                Err(DecodeError::Field { path, message })
+            }
         }
     }
 
@@ -108,7 +140,9 @@ impl TypeRegistry {
     pub fn wire_to_json(&self, full_name: &str, bytes: &[u8]) -> Option<serde_json::Value> {
         let desc = self.pool.get_message_by_name(full_name)?;
         let msg = DynamicMessage::decode(desc, bytes).ok()?;
-        let opts = SerializeOptions::new().skip_default_fields(true);
+        let opts = SerializeOptions::new()
+            .skip_default_fields(true)
+            .use_proto_field_name(true);
         msg.serialize_with_options(serde_json::value::Serializer, &opts)
             .ok()
     }
@@ -161,15 +195,15 @@ impl TypeRegistry {
     }
 }
 
-/// `udpa.type.v1.TypedStruct` is not in envoy-types' descriptor set, yet Istio still emits it; it
-/// has the same shape as `xds.type.v3.TypedStruct`, so it is declared here.
-fn add_udpa_typed_struct(pool: &mut DescriptorPool) {
+/// Neither `TypedStruct` (udpa.type.v1, xds.type.v3) is in envoy-types' descriptor set, yet Istio
+/// emits both; they share one shape, declared here.
+fn add_typed_struct(pool: &mut DescriptorPool, package: &str, file_name: &str) {
     use prost_types::{
         field_descriptor_proto::{Label, Type},
         DescriptorProto, FieldDescriptorProto, FileDescriptorProto,
     };
     if pool
-        .get_message_by_name("udpa.type.v1.TypedStruct")
+        .get_message_by_name(&format!("{package}.TypedStruct"))
         .is_some()
     {
         return;
@@ -186,8 +220,8 @@ fn add_udpa_typed_struct(pool: &mut DescriptorPool) {
         }
     };
     let file = FileDescriptorProto {
-        name: Some("udpa/type/v1/typed_struct.proto".into()),
-        package: Some("udpa.type.v1".into()),
+        name: Some(file_name.into()),
+        package: Some(package.into()),
         dependency: vec!["google/protobuf/struct.proto".into()],
         message_type: vec![DescriptorProto {
             name: Some("TypedStruct".into()),
@@ -207,7 +241,7 @@ fn add_udpa_typed_struct(pool: &mut DescriptorPool) {
         ..Default::default()
     };
     pool.add_file_descriptor_proto(file)
-        .expect("udpa TypedStruct descriptor");
+        .expect("TypedStruct descriptor");
 }
 
 /// The wire shape shared by both TypedStruct messages (field 1 type_url, field 2 value).
@@ -336,5 +370,27 @@ mod tests {
         );
         let hcm: HttpConnectionManager = TypeRegistry::global().unpack(&any).unwrap();
         assert_eq!(hcm.stat_prefix, "x");
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    /// The embedded pool is the reduced one: decoding it must stay cheap (the whole Envoy API
+    /// costs ~50 MB and ~90 ms). A generous bound, not a timing: it counts messages.
+    #[test]
+    fn pool_is_reduced_but_complete_for_roots() {
+        let reg = super::TypeRegistry::global();
+        let n = reg.pool.all_messages().count();
+        assert!(
+            n < 3000,
+            "descriptor pool has {n} messages; the build-time reduction is not in effect"
+        );
+        for t in [
+            "envoy.config.bootstrap.v3.Bootstrap",
+            "udpa.type.v1.TypedStruct",
+            "xds.type.v3.TypedStruct",
+        ] {
+            assert!(reg.knows(t), "{t}");
+        }
     }
 }

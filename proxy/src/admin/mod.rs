@@ -139,7 +139,11 @@ pub async fn handle(
         "/stats/prometheus" => prometheus(&st, has("usedonly"), get("filter")),
         "/clusters" => clusters(&st, get("format").as_deref() == Some("json")),
         "/listeners" => listeners(&st, get("format").as_deref() == Some("json")),
-        "/config_dump" => json_resp(&config_dump(&st, get("resource"))),
+        "/config_dump" => {
+            let dump = config_dump(&st, get("resource"));
+            crate::memory::release_config_memory();
+            json_resp(&dump)
+        }
         "/logging" => logging_endpoint(&params),
         "/healthcheck/fail" => {
             st.healthcheck_failed.store(true, Ordering::Relaxed);

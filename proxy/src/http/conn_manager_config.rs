@@ -160,7 +160,7 @@ pub fn compile(
         Some(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'scopedRoutes'".into(),
+                fields: "'scoped_routes'".into(),
             })
         }
         None => return Err(invalid(path, "route_specifier is required")),

@@ -52,14 +52,14 @@ pub fn socket_addr(a: &Option<Address>, path: &str) -> Result<SocketAddr, Config
             if sa.protocol != 0 || sa.ipv4_compat || !sa.resolver_name.is_empty() {
                 return Err(ConfigError::Unsupported {
                     path: path.into(),
-                    fields: "'protocol', 'ipv4Compat' or 'resolverName'".into(),
+                    fields: "'protocol', 'ipv4Compat' or 'resolver_name'".into(),
                 });
             }
             Ok(SocketAddr::new(ip, port))
         }
         Some(_) => Err(ConfigError::Unsupported {
             path: path.into(),
-            fields: "'pipe' or 'envoyInternalAddress' (comes with xDS support, issue #4)".into(),
+            fields: "'pipe' or 'envoy_internal_address' (comes with xDS support, issue #4)".into(),
         }),
         None => Err(invalid(path, "address is required")),
     }

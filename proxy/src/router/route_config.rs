@@ -497,13 +497,13 @@ fn compile_route(
         pb::route::Action::FilterAction(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'filterAction'".into(),
+                fields: "'filter_action'".into(),
             })
         }
         pb::route::Action::NonForwardingAction(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'nonForwardingAction'".into(),
+                fields: "'non_forwarding_action'".into(),
             })
         }
     };
@@ -560,7 +560,7 @@ fn compile_match(m: &pb::RouteMatch, path: &str) -> Result<RouteMatcher, ConfigE
         pb::route_match::PathSpecifier::ConnectMatcher(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'connectMatcher'".into(),
+                fields: "'connect_matcher'".into(),
             })
         }
     };
@@ -727,7 +727,7 @@ fn compile_forward(
                 if name.is_empty() {
                     return Err(ConfigError::Unsupported {
                         path: cp,
-                        fields: "'clusterHeader' (or empty name)".into(),
+                        fields: "'cluster_header' (or empty name)".into(),
                     });
                 }
                 check(&name, &format!("{cp}.name"))?;
@@ -773,7 +773,7 @@ fn compile_forward(
         Some(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'clusterSpecifierPlugin'".into(),
+                fields: "'cluster_specifier_plugin'".into(),
             })
         }
         None => return Err(invalid(path, "cluster_specifier is required")),
@@ -822,7 +822,7 @@ fn compile_forward(
         Some(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'hostRewritePathRegex'".into(),
+                fields: "'host_rewrite_path_regex'".into(),
             })
         }
         None => None,
@@ -886,7 +886,7 @@ fn compile_redirect(r: &pb::RedirectAction, path: &str) -> Result<RedirectAction
         Some(_) => {
             return Err(ConfigError::Unsupported {
                 path: path.into(),
-                fields: "'pathRewrite'".into(),
+                fields: "'path_rewrite'".into(),
             })
         }
         None => {}
@@ -1078,7 +1078,7 @@ mod tests {
         let e = table(json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "a", "hash_policy": [{"header": {"header_name": "x"}}]}}]}]}))
         .unwrap_err();
-        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'hashPolicy' not supported by Petrel");
+        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'hash_policy' not supported by Petrel");
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn socket_address(
                 Some(PortSpecifier::NamedPort(_)) => {
                     return Err(ConfigError::Unsupported {
                         path: path.into(),
-                        fields: "'namedPort'".into(),
+                        fields: "'named_port'".into(),
                     })
                 }
                 None => return Err(invalid(path, "port_specifier is required")),
@@ -143,7 +143,7 @@ fn socket_address(
             if !sa.resolver_name.is_empty() {
                 return Err(ConfigError::Unsupported {
                     path: path.into(),
-                    fields: "'resolverName'".into(),
+                    fields: "'resolver_name'".into(),
                 });
             }
             if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
@@ -176,7 +176,7 @@ fn socket_address(
         }),
         Some(_) => Err(ConfigError::Unsupported {
             path: path.into(),
-            fields: "'envoyInternalAddress'".into(),
+            fields: "'envoy_internal_address'".into(),
         }),
         None => Err(invalid(path, "address is required")),
     }
@@ -224,7 +224,7 @@ fn hosts_from(
             if erest.health_status > 1 {
                 return Err(ConfigError::Unsupported {
                     path: ep_path,
-                    fields: "'healthStatus' other than HEALTHY/UNKNOWN".into(),
+                    fields: "'health_status' other than HEALTHY/UNKNOWN".into(),
                 });
             }
             erest.health_status = 0;
@@ -232,7 +232,7 @@ fn hosts_from(
             let Some(HostIdentifier::Endpoint(e)) = ident else {
                 return Err(ConfigError::Unsupported {
                     path: ep_path,
-                    fields: "'endpointName'".into(),
+                    fields: "'endpoint_name'".into(),
                 });
             };
             let mut e_rest = e.clone();
@@ -295,7 +295,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         Some(_) => {
             return Err(ConfigError::Unsupported {
                 path,
-                fields: "'clusterType'".into(),
+                fields: "'cluster_type'".into(),
             })
         }
     };
@@ -381,7 +381,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
             Some(UpstreamProtocolOptions::AutoConfig(_)) => {
                 return Err(ConfigError::Unsupported {
                     path: p,
-                    fields: "'autoConfig' (ALPN selection comes with TLS, issue #6)".into(),
+                    fields: "'auto_config' (ALPN selection comes with TLS, issue #6)".into(),
                 })
             }
             None => UpstreamProtocol::Http1,
@@ -550,7 +550,7 @@ mod tests {
         let e = cluster(json!({"name": "c", "lb_policy": "MAGLEV"})).unwrap_err();
         assert!(e.to_string().contains("MAGLEV"), "{e}");
         let e = cluster(json!({"name": "c", "outlier_detection": {}})).unwrap_err();
-        assert!(e.to_string().contains("outlierDetection"), "{e}");
+        assert!(e.to_string().contains("outlier_detection"), "{e}");
         let e = cluster(json!({"name": "c", "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "example.invalid", "port_value": 1}}}}]}]}})).unwrap_err();
         assert!(e.to_string().contains("malformed IP address"), "{e}");
     }
