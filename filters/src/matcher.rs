@@ -326,3 +326,99 @@ mod tests {
         }
     }
 }
+
+/// `envoy.config.core.v3.CidrRange`, compiled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    pub fn from_proto(
+        c: &xds_client::pb::envoy::config::core::v3::CidrRange,
+        path: &str,
+    ) -> Result<Cidr, FilterConfigError> {
+        let addr: std::net::IpAddr = c.address_prefix.parse().map_err(|_| {
+            invalid(
+                format!("{path}.address_prefix"),
+                format!("malformed IP address: {}", c.address_prefix),
+            )
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = c.prefix_len.as_ref().map(|v| v.value).unwrap_or(max);
+        if len > max {
+            return Err(invalid(
+                format!("{path}.prefix_len"),
+                format!("prefix length {len} is longer than the address"),
+            ));
+        }
+        Ok(Cidr {
+            addr,
+            len: len as u8,
+        })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        // An IPv4-mapped IPv6 peer matches IPv4 ranges, as Envoy compares them.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len as u32)
+                };
+                (u32::from(a) & mask) == (u32::from(b) & mask)
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.len as u32)
+                };
+                (u128::from(a) & mask) == (u128::from(b) & mask)
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::*;
+    use xds_client::pb::envoy::config::core::v3::CidrRange;
+    use xds_client::pb::google::protobuf::UInt32Value;
+
+    fn cidr(a: &str, len: u32) -> Cidr {
+        Cidr::from_proto(
+            &CidrRange {
+                address_prefix: a.into(),
+                prefix_len: Some(UInt32Value { value: len }),
+            },
+            "c",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn contains() {
+        assert!(cidr("10.0.0.0", 8).contains("10.1.2.3".parse().unwrap()));
+        assert!(!cidr("10.0.0.0", 8).contains("11.0.0.1".parse().unwrap()));
+        assert!(cidr("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
+        assert!(cidr("127.0.0.1", 32).contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(cidr("fd00::", 8).contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::from_proto(
+            &CidrRange {
+                address_prefix: "1.2.3.4".into(),
+                prefix_len: Some(UInt32Value { value: 33 })
+            },
+            "c"
+        )
+        .is_err());
+    }
+}

@@ -19,6 +19,9 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
           max_request_headers_kb: 8
+          normalize_path: true
+          merge_slashes: true
+          path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT
           route_config:
             name: local
             request_headers_to_add:
@@ -130,6 +133,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: edge
           use_remote_address: true
+          path_with_escaped_slashes_action: REJECT_REQUEST
           upgrade_configs: [{upgrade_type: websocket}]
           stream_idle_timeout: 0.5s
           common_http_protocol_options: {idle_timeout: 1s}
@@ -153,6 +157,8 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: mapped
+          use_remote_address: true
+          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.0, prefix_len: 8}]}
           local_reply_config:
             mappers:
             - filter:
@@ -318,6 +324,7 @@ fn edge_cases() -> Vec<(&'static str, Vec<u8>)> {
         ("edge: forwarded proto overwritten", get("/up", "x-forwarded-proto: https\r\n")),
         ("edge: x-envoy-internal removed", get("/up", "x-envoy-internal: true\r\n")),
         ("edge: stream idle timeout", get("/slow-forever", "")),
+        ("edge: escaped slashes rejected", get("/a%2Fb", "")),
         ("edge: stream idle while the request is incomplete", b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc".to_vec()),
     ]
 }
@@ -371,6 +378,8 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("request id preserved", get("/up", "x-request-id: my-id\r\n")),
         ("forwarded proto kept", get("/up", "x-forwarded-proto: https\r\n")),
         ("xff kept", get("/up", "x-forwarded-for: 1.2.3.4\r\n")),
+        ("escaped slashes unescaped and redirected", get("/esc/a%2Fb?q=1", "")),
+        ("dot segments and slashes normalised", get("/norm/./x/..//y", "")),
         ("post body forwarded", b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello".to_vec()),
         ("chunked body forwarded", b"POST /up HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()),
         ("bad chunk size", b"POST /up HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec()),

@@ -72,7 +72,10 @@ mod tests {
         let reg = TypeRegistry::global();
         for (name, support) in TABLE {
             if *support == Support::Supported {
-                assert!(reg.knows(name), "{name} is supported but not in xds-client/build.rs ROOTS");
+                assert!(
+                    reg.knows(name),
+                    "{name} is supported but not in xds-client/build.rs ROOTS"
+                );
             }
         }
     }

@@ -226,47 +226,9 @@ pub fn apply_server_header(hcm: &HcmConfig, h: &mut HeaderMap) {
     }
 }
 
-/// The address Envoy's XFF logic treats as the downstream client.
-fn is_internal(_addr: &SocketAddr) -> bool {
-    // Envoy 1.40 treats no address as internal unless `internal_address_config` lists it (its
-    // `explicit_internal_address_config` default); that field is refused until it is honoured.
-    false
-}
-
-fn merge_slashes(p: &str) -> String {
-    let mut out = String::with_capacity(p.len());
-    let mut prev = '\0';
-    for c in p.chars() {
-        if !(c == '/' && prev == '/') {
-            out.push(c);
-        }
-        prev = c;
-    }
-    out
-}
-
-/// RFC 3986 section 5.2.4 dot-segment removal (Envoy's `normalize_path`).
-pub fn normalize_path(p: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let segs: Vec<&str> = p.split('/').collect();
-    for (i, s) in segs.iter().enumerate().skip(1) {
-        let last = i + 1 == segs.len();
-        match *s {
-            "." => {
-                if last {
-                    out.push("");
-                }
-            }
-            ".." => {
-                out.pop();
-                if last {
-                    out.push("");
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    format!("/{}", out.join("/"))
+/// Whether a peer is internal: Envoy 1.40 counts only the `internal_address_config` ranges.
+fn is_internal(hcm: &HcmConfig, addr: &SocketAddr) -> bool {
+    hcm.internal_cidrs.iter().any(|c| c.contains(addr.ip()))
 }
 
 async fn handle(
@@ -383,20 +345,36 @@ async fn process(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    if hcm.normalize_path || hcm.merge_slashes {
-        let (p, q) = match path.find('?') {
-            Some(i) => (path[..i].to_string(), path[i..].to_string()),
-            None => (path.clone(), String::new()),
-        };
-        let mut p = if hcm.normalize_path {
-            normalize_path(&p)
-        } else {
-            p
-        };
-        if hcm.merge_slashes {
-            p = merge_slashes(&p);
+    if !hcm.path_policy.is_noop() {
+        use super::path_normalization::PathOutcome;
+        match hcm.path_policy.apply(&path) {
+            PathOutcome::Continue(p) => path = p,
+            PathOutcome::Reject => {
+                return local_response(
+                    hcm,
+                    &LocalReply::new(
+                        StatusCode::BAD_REQUEST,
+                        Bytes::new(),
+                        "",
+                        "path_normalization_failed",
+                    ),
+                    form,
+                    Some(req.headers()),
+                );
+            }
+            PathOutcome::Redirect(p) => {
+                let mut r = LocalReply::new(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    Bytes::new(),
+                    "",
+                    "path_normalization_redirect",
+                );
+                if let Ok(v) = HeaderValue::from_str(&p) {
+                    r.headers.insert(http::header::LOCATION, v);
+                }
+                return local_response(hcm, &r, form, Some(req.headers()));
+            }
         }
-        path = format!("{p}{q}");
     }
 
     // Remote address, x-forwarded-for, x-forwarded-proto, sanitising.
@@ -404,7 +382,7 @@ async fn process(
     let xff = HeaderName::from_static("x-forwarded-for");
     let external;
     if hcm.use_remote_address {
-        external = !is_internal(&info.remote);
+        external = !is_internal(hcm, &info.remote);
         if !hcm.skip_xff_append {
             // Envoy appends its own address, not the peer's, when the peer is on loopback.
             let appended = if info.remote.ip().is_loopback() {
@@ -449,6 +427,23 @@ async fn process(
             .unwrap_or(info.remote)
     };
     form.remote = remote;
+    // Internal: the peer (use_remote_address) or a lone x-forwarded-for entry is in
+    // internal_address_config.
+    let internal = if hcm.use_remote_address {
+        !external
+    } else {
+        let single_xff = headers
+            .get(&xff)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.contains(','));
+        single_xff && remote != info.remote && is_internal(hcm, &remote)
+    };
+    if internal {
+        headers.insert(
+            HeaderName::from_static("x-envoy-internal"),
+            HeaderValue::from_static("true"),
+        );
+    }
     if external {
         for h in INTERNAL_ONLY {
             headers.remove(*h);
@@ -635,18 +630,5 @@ fn redirect_location(
     match port {
         Some(port) => format!("{scheme}://{hostname}:{port}{new_path}"),
         None => format!("{scheme}://{hostname}{new_path}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dot_segments() {
-        assert_eq!(normalize_path("/a/./b/../c"), "/a/c");
-        assert_eq!(normalize_path("/../a"), "/a");
-        assert_eq!(normalize_path("/a/b/.."), "/a/");
-        assert_eq!(merge_slashes("//a///b/"), "/a/b/");
     }
 }

@@ -79,6 +79,8 @@ pub enum UnderscoreAction {
 
 #[derive(Debug)]
 pub struct HcmConfig {
+    /// `internal_address_config.cidr_ranges`: peers treated as internal.
+    pub internal_cidrs: Vec<petrel_filters::matcher::Cidr>,
     pub local_reply: super::local_reply_config::LocalReplyConfig,
     /// `stream_idle_timeout` (Envoy default 5 min; 0 disables).
     pub stream_idle_timeout: Option<Duration>,
@@ -106,8 +108,7 @@ pub struct HcmConfig {
     pub max_headers_count: u32,
     pub underscores: UnderscoreAction,
     pub request_headers_timeout: Option<Duration>,
-    pub normalize_path: bool,
-    pub merge_slashes: bool,
+    pub path_policy: super::path_normalization::PathPolicy,
     pub stats: HcmStats,
     /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
     pub listener_stats: HcmStats,
@@ -303,8 +304,42 @@ pub fn compile(
         &rest.request_headers_timeout.take(),
         &format!("{path}.request_headers_timeout"),
     )?;
-    let normalize_path = rest.normalize_path.take().map(|b| b.value).unwrap_or(false);
-    let merge_slashes = std::mem::take(&mut rest.merge_slashes);
+    use super::path_normalization::{EscapedSlashes, PathPolicy};
+    let escaped_slashes = match std::mem::take(&mut rest.path_with_escaped_slashes_action) {
+        // IMPLEMENTATION_SPECIFIC_DEFAULT is KEEP_UNCHANGED in Envoy 1.40.
+        0 | 1 => EscapedSlashes::KeepUnchanged,
+        2 => EscapedSlashes::RejectRequest,
+        3 => EscapedSlashes::UnescapeAndRedirect,
+        4 => EscapedSlashes::UnescapeAndForward,
+        _ => {
+            return Err(invalid(
+                format!("{path}.path_with_escaped_slashes_action"),
+                "unknown enum value",
+            ))
+        }
+    };
+    let path_policy = PathPolicy {
+        escaped_slashes,
+        normalize_path: rest.normalize_path.take().map(|b| b.value).unwrap_or(false),
+        merge_slashes: std::mem::take(&mut rest.merge_slashes),
+    };
+    let mut internal_cidrs = Vec::new();
+    if let Some(iac) = rest.internal_address_config.take() {
+        let ip = format!("{path}.internal_address_config");
+        for (i, c) in iac.cidr_ranges.iter().enumerate() {
+            internal_cidrs.push(
+                petrel_filters::matcher::Cidr::from_proto(c, &format!("{ip}.cidr_ranges[{i}]"))
+                    .map_err(|e| invalid(&ip, e.to_string()))?,
+            );
+        }
+        // Petrel listens on no Unix sockets yet, so `unix_sockets` has no peer to apply to.
+        if iac.unix_sockets {
+            return Err(ConfigError::Unsupported {
+                path: ip,
+                fields: "'unix_sockets' (Unix-socket listeners come with issue #4)".into(),
+            });
+        }
+    }
     let local_reply = match rest.local_reply_config.take() {
         Some(c) => super::local_reply_config::LocalReplyConfig::compile(
             &c,
@@ -337,6 +372,7 @@ pub fn compile(
     let listener_stats =
         HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
     Ok(HcmConfig {
+        internal_cidrs,
         local_reply,
         stream_idle_timeout,
         request_timeout,
@@ -359,8 +395,7 @@ pub fn compile(
         max_headers_count,
         underscores,
         request_headers_timeout,
-        normalize_path,
-        merge_slashes,
+        path_policy,
         stats,
         listener_stats,
     })

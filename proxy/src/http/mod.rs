@@ -4,4 +4,5 @@ pub mod conn_manager_config;
 pub mod date;
 pub mod local_reply;
 pub mod local_reply_config;
+pub mod path_normalization;
 pub mod stream_timeouts;
