@@ -465,12 +465,86 @@ fn petrel_matches_envoy() {
         }
     }
     assert!(n >= 40, "the suite must keep at least 40 cases");
+    diffs.extend(stat_differences(&s));
     assert!(
         diffs.is_empty(),
         "{} of {n} cases differ from Envoy:\n{}",
         diffs.len(),
         diffs.join("\n")
     );
+}
+
+/// Stats both proxies must have counted the same way over the cases above.
+const COMPARED_STATS: &[&str] = &[
+    "http.ingress.downstream_rq_total",
+    "http.ingress.downstream_rq_1xx",
+    "http.ingress.downstream_rq_2xx",
+    "http.ingress.downstream_rq_3xx",
+    "http.ingress.downstream_rq_4xx",
+    "http.ingress.downstream_rq_5xx",
+    "http.ingress.no_route",
+    "http.ingress.no_cluster",
+    "http.ingress.rq_direct_response",
+    "http.ingress.rq_redirect",
+    "http.edge.downstream_rq_idle_timeout",
+    "http.mapped.downstream_rq_5xx",
+    "cluster.echo.upstream_rq_total",
+    "cluster.echo.upstream_rq_2xx",
+    "cluster.echo.upstream_rq_timeout",
+    "cluster.refused.upstream_cx_connect_fail",
+    "cluster.refused.upstream_rq_total",
+    "cluster.empty.upstream_cx_none_healthy",
+    "cluster.echo.upstream_rq_5xx",
+    "cluster.echo.upstream_rq_completed",
+    "cluster.refused.upstream_rq_5xx",
+    "cluster.empty.upstream_rq_5xx",
+    "cluster.empty.upstream_rq_total",
+    "cluster.echo.membership_total",
+    "cluster.echo.membership_healthy",
+];
+
+fn stat_map(admin: u16) -> std::collections::HashMap<String, String> {
+    let r = http_raw(
+        admin,
+        b"GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .expect("admin /stats");
+    r.body_str()
+        .lines()
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Stats that differ because of the KNOWN_DIFFERENCES above: Envoy counts the three requests its
+/// codec rejects (as 4xx), hyper's codec answers them before Petrel sees a request.
+const KNOWN_STAT_DIFFERENCES: &[&str] = &[
+    "http.ingress.downstream_rq_total",
+    "http.ingress.downstream_rq_4xx",
+];
+
+fn stat_differences(s: &Setup) -> Vec<String> {
+    let maps: Vec<_> = s._proxies.iter().map(|p| stat_map(p.admin)).collect();
+    COMPARED_STATS
+        .iter()
+        .filter_map(|name| {
+            let (e, p) = (maps[0].get(*name), maps[1].get(*name));
+            assert!(e.is_some(), "envoy has no stat {name}");
+            match (e == p, KNOWN_STAT_DIFFERENCES.contains(name)) {
+                (false, false) => Some(format!("--- stat {name}: envoy {e:?}, petrel {p:?}")),
+                (true, true) => Some(format!(
+                    "--- stat {name} now matches Envoy: drop it from KNOWN_STAT_DIFFERENCES"
+                )),
+                (false, true) => {
+                    eprintln!("known stat difference {name}: envoy {e:?}, petrel {p:?}");
+                    None
+                }
+                (true, false) => None,
+            }
+        })
+        .collect()
 }
 
 #[test]

@@ -515,7 +515,8 @@ async fn process(
             local_response(hcm, &r, form, Some(req.headers()))
         }
         RouteAction::Redirect(rd) => {
-            hcm.stats.rq_redirect.inc();
+            // Envoy counts route redirects as direct responses.
+            hcm.stats.rq_direct_response.inc();
             let location = redirect_location(rd, &scheme, &host, &path, route.matched_prefix());
             let mut r = LocalReply::new(rd.status, Bytes::new(), "", "via_route_redirect");
             if let Ok(v) = HeaderValue::from_str(&location) {

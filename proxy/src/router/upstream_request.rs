@@ -101,6 +101,8 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     let lb = f.ctx.upstreams.lb_state(&cluster.name);
     let Some(host) = cluster.choose(&lb) else {
         cluster.stats.upstream_cx_none_healthy.inc();
+        // Envoy charges the cluster with the 503 it answers for it.
+        cluster.stats.response_class(503);
         return reply(
             &f,
             LocalReply::no_healthy_upstream(),
@@ -112,6 +114,16 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     // Shape the upstream request.
     let mut path = f.path.to_string();
     let downstream_upgrade = f.upgrade.then(|| hyper::upgrade::on(&mut req));
+    // The HTTP/1.1 codec answers `expect: 100-continue` with a 100 once the body is read, which
+    // forwarding does; Envoy counts that interim response.
+    let continues = !f.h2
+        && req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if continues {
+        f.hcm.stats.downstream_rq_1xx.inc();
+    }
     let mut headers = std::mem::take(req.headers_mut());
     if let Some(p) = rewrite_path(
         &path,
@@ -244,7 +256,6 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     *up_req.headers_mut() = headers;
 
     let stats = &cluster.stats;
-    stats.upstream_rq_total.inc();
     stats.upstream_rq_active.inc();
     host.active_requests.fetch_add(1, Ordering::Relaxed);
     if let Some(down) = downstream_upgrade {
@@ -303,7 +314,10 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
             return reply(&f, LocalReply::request_timeout(), reply_headers.as_ref());
         }
         Outcome::Response(Err(reason)) => {
-            stats.response_class(503);
+            // A downstream body error is the client's fault, not the upstream's.
+            if reason != crate::upstream::pool::ResetReason::DownstreamBody {
+                stats.response_class(503);
+            }
             return reply(
                 &f,
                 LocalReply::upstream_reset(reason),
@@ -312,7 +326,6 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         }
         Outcome::Response(Ok(r)) => r,
     };
-    stats.upstream_rq_completed.inc();
     stats.response_class(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     for h in HOP_BY_HOP {
@@ -349,7 +362,6 @@ async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
 ) -> Response<ResponseBody> {
     let stats = &cluster.stats;
-    stats.upstream_rq_total.inc();
     let sent = match f.fwd.timeout {
         Some(t) => tokio::time::timeout(t, f.ctx.upstreams.send_upgrade(cluster, host, up_req))
             .await

@@ -47,7 +47,9 @@ stat_struct!(ClusterStats {
 });
 
 impl ClusterStats {
+    /// Envoy's `chargeResponseStat`: the class counter and `upstream_rq_completed` together.
     pub fn response_class(&self, status: u16) {
+        self.upstream_rq_completed.inc();
         match status / 100 {
             1 => self.upstream_rq_1xx.inc(),
             2 => self.upstream_rq_2xx.inc(),

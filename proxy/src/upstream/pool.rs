@@ -108,6 +108,8 @@ impl WorkerUpstreams {
             .map_err(|_| ResetReason::ConnectionFailure)?;
         cluster.stats.upstream_cx_http1_total.inc();
         track(&cluster.stats, conn.with_upgrades());
+        // Envoy counts an upstream request once it has a connection to go on.
+        cluster.stats.upstream_rq_total.inc();
         sender.send_request(req).await.map_err(|e| classify(&e))
     }
 
@@ -130,6 +132,7 @@ impl WorkerUpstreams {
                     s
                 }
             };
+            cluster.stats.upstream_rq_total.inc();
             let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
             return Ok(resp.map(|b| PooledBody {
                 inner: b,
@@ -152,6 +155,7 @@ impl WorkerUpstreams {
             Some(c) => (c.sender, c.used),
             None => (connect_h1(cluster, host.address).await?, 0),
         };
+        cluster.stats.upstream_rq_total.inc();
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
