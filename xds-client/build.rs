@@ -23,6 +23,7 @@ const ROOTS: &[&str] = &[
     "envoy.config.accesslog.v3.AccessLogFilter",
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "envoy.extensions.filters.http.router.v3.Router",
+    "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
     "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",

@@ -5,6 +5,9 @@
 //! callback with a [`FilterStatus`]: continue down the chain, or stop it with a local reply that
 //! goes through the connection manager's single local-reply path.
 
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
@@ -28,23 +31,36 @@ pub enum FilterStatus {
     LocalReply(Box<LocalReply>),
 }
 
+/// Facts about the stream every filter may read.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamInfo {
+    pub downstream_remote: SocketAddr,
+    pub downstream_local: SocketAddr,
+    pub protocol: &'static str,
+    pub start_time: SystemTime,
+}
+
 /// Request-side view a decoder filter gets.
 pub struct RequestHead<'a> {
     pub method: &'a http::Method,
     pub path: &'a str,
     pub headers: &'a mut HeaderMap,
+    pub info: &'a StreamInfo,
 }
 
-/// One stream's instance of a filter (created per request by its factory).
-pub trait HttpFilter: Send {
+/// Response-side view an encoder filter gets.
+pub struct ResponseHead<'a> {
+    pub status: &'a mut StatusCode,
+    pub headers: &'a mut HeaderMap,
+    pub info: &'a StreamInfo,
+}
+
+/// One stream's instance of a filter (created per request by its factory, on one worker).
+pub trait HttpFilter {
     fn decode_headers(&mut self, _req: &mut RequestHead<'_>, _end_stream: bool) -> FilterStatus {
         FilterStatus::Continue
     }
-    fn encode_headers(
-        &mut self,
-        _status: &mut StatusCode,
-        _headers: &mut HeaderMap,
-    ) -> FilterStatus {
+    fn encode_headers(&mut self, _resp: &mut ResponseHead<'_>) -> FilterStatus {
         FilterStatus::Continue
     }
 }

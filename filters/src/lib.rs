@@ -5,8 +5,11 @@
 #![allow(deprecated)]
 
 pub mod extensions;
+pub mod header_formatter;
+pub mod http;
 pub mod http_filter;
 pub mod matcher;
+pub mod time;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum FilterConfigError {

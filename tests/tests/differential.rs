@@ -187,6 +187,16 @@ static_resources:
               - match: {prefix: "/up"}
                 route: {cluster: echo}
           http_filters:
+          - name: envoy.filters.http.header_mutation
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+              mutations:
+                request_mutations:
+                - remove: x-drop-me
+                - append: {header: {key: x-hm-req, value: "tag=%REQ(x-tag)%"}}
+                response_mutations:
+                - append: {header: {key: x-resp-hm, value: "%REQ(x-tag)%"}, append_action: OVERWRITE_IF_EXISTS_OR_ADD}
+                - remove: x-upstream
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
   clusters:

@@ -28,6 +28,16 @@ pub enum ConfigError {
     Io { path: String, message: String },
 }
 
+impl From<petrel_filters::FilterConfigError> for ConfigError {
+    fn from(e: petrel_filters::FilterConfigError) -> Self {
+        match e {
+            petrel_filters::FilterConfigError::Invalid { path, message } => {
+                ConfigError::Invalid { path, message }
+            }
+        }
+    }
+}
+
 pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         path: path.into(),

@@ -20,10 +20,13 @@ use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreActio
 use super::local_reply::LocalReply;
 use super::local_reply_config::ReplyContext;
 use crate::http::stream_timeouts::IdleTimedBody;
-use crate::router::header_formatter::FormatContext;
 use crate::router::route_config::{RouteAction, RouteInput};
 use crate::upstream::pool::PooledBody;
 use crate::worker::{LocalExec, WorkerCtx};
+use petrel_filters::header_formatter::FormatContext;
+use petrel_filters::http_filter::{
+    FilterStatus, HttpFilter, RequestHead, ResponseHead, StreamInfo,
+};
 
 pub type ResponseBody = Either<Full<Bytes>, IdleTimedBody<PooledBody>>;
 
@@ -483,49 +486,42 @@ async fn process(
         scheme: &scheme,
         draw,
     });
-    let Some((vh, route)) = selected else {
-        hcm.stats.no_route.inc();
-        return local_response(
-            hcm,
-            &LocalReply::route_not_found(),
-            form,
-            Some(req.headers()),
-        );
+    // The HTTP filter chain: decoders in order, then the router (the route was chosen before the
+    // chain ran, as Envoy caches it), then encoders in reverse order on whatever answers.
+    let stream_info = StreamInfo {
+        downstream_remote: remote,
+        downstream_local: info.local,
+        protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
+        start_time,
     };
-    // An upgrade the listener does not allow is refused once routed (so route response headers
-    // still apply), as Envoy's router does.
-    let refused_upgrade = upgrade && !hcm.websocket;
-    let mut resp = match &route.action {
-        _ if refused_upgrade => {
-            hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
-            let mut r = LocalReply::new(StatusCode::FORBIDDEN, Bytes::new(), "", "upgrade_failed");
-            r.headers
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            local_response(hcm, &r, form, Some(req.headers()))
+    let mut chain: Vec<Box<dyn HttpFilter>> = hcm.filters.iter().map(|f| f.create()).collect();
+    let end_stream = http_body::Body::is_end_stream(req.body());
+    let mut filter_reply = None;
+    for filter in chain.iter_mut() {
+        let mut head = RequestHead {
+            method: &method,
+            path: &path,
+            headers: req.headers_mut(),
+            info: &stream_info,
+        };
+        if let FilterStatus::LocalReply(r) = filter.decode_headers(&mut head, end_stream) {
+            filter_reply = Some(LocalReply::from(*r));
+            break;
         }
-        RouteAction::Direct { status, body } => {
-            hcm.stats.rq_direct_response.inc();
-            let mut r = LocalReply::new(
-                *status,
-                body.clone().unwrap_or_default(),
-                "",
-                "direct_response",
-            );
-            r.details = "direct_response";
-            local_response(hcm, &r, form, Some(req.headers()))
+    }
+    let mut resp = match (filter_reply, selected) {
+        (Some(r), _) => local_response(hcm, &r, form, Some(req.headers())),
+        (None, None) => {
+            hcm.stats.no_route.inc();
+            local_response(
+                hcm,
+                &LocalReply::route_not_found(),
+                form,
+                Some(req.headers()),
+            )
         }
-        RouteAction::Redirect(rd) => {
-            // Envoy counts route redirects as direct responses.
-            hcm.stats.rq_direct_response.inc();
-            let location = redirect_location(rd, &scheme, &host, &path, route.matched_prefix());
-            let mut r = LocalReply::new(rd.status, Bytes::new(), "", "via_route_redirect");
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                r.headers.insert(http::header::LOCATION, v);
-            }
-            local_response(hcm, &r, form, Some(req.headers()))
-        }
-        RouteAction::Forward(fwd) => {
-            let input = crate::router::upstream_request::Forward {
+        (None, Some((vh, route))) => {
+            let routed = Routed {
                 hcm,
                 ctx,
                 info,
@@ -533,39 +529,27 @@ async fn process(
                 form,
                 upgrade,
                 snapshot: &snapshot,
-                vh,
-                route,
-                fwd,
-                path: &path,
                 h2,
                 start,
                 start_time,
             };
-            crate::router::upstream_request::forward(req, input).await
+            routed
+                .respond(req, vh, route, &routes, &scheme, &host, &path)
+                .await
         }
     };
-    // Response header mutations: route, then virtual host, then route configuration.
-    let fctx = FormatContext {
-        downstream_remote: remote,
-        downstream_local: info.local,
-        protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
-        request_headers: None,
-        upstream_host: None,
-        start_time,
-    };
-    let levels = [
-        &route.response_headers,
-        &vh.response_headers,
-        &routes.response_headers,
-    ];
-    if routes.most_specific_header_mutations_wins {
-        for m in levels.iter().rev() {
-            m.apply(resp.headers_mut(), &fctx);
+    for filter in chain.iter_mut().rev() {
+        let mut status = resp.status();
+        let mut head = ResponseHead {
+            status: &mut status,
+            headers: resp.headers_mut(),
+            info: &stream_info,
+        };
+        if let FilterStatus::LocalReply(r) = filter.encode_headers(&mut head) {
+            resp = local_response(hcm, &LocalReply::from(*r), form, None);
+            break;
         }
-    } else {
-        for m in levels {
-            m.apply(resp.headers_mut(), &fctx);
-        }
+        *resp.status_mut() = status;
     }
     if hcm.always_set_request_id_in_response {
         if let Some(id) = request_id {
@@ -573,6 +557,112 @@ async fn process(
         }
     }
     resp
+}
+
+/// What answering a routed request needs from the connection manager.
+struct Routed<'a> {
+    hcm: &'a HcmConfig,
+    ctx: &'a WorkerCtx,
+    info: &'a ConnInfo,
+    remote: SocketAddr,
+    form: ReplyForm,
+    upgrade: bool,
+    snapshot: &'a Arc<crate::config::snapshot::Snapshot>,
+    h2: bool,
+    start: Instant,
+    start_time: SystemTime,
+}
+
+impl Routed<'_> {
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &self,
+        req: Request<Incoming>,
+        vh: &crate::router::route_config::VirtualHost,
+        route: &crate::router::route_config::Route,
+        routes: &crate::router::route_config::RouteTable,
+        scheme: &str,
+        host: &str,
+        path: &str,
+    ) -> Response<ResponseBody> {
+        let (hcm, form) = (self.hcm, self.form);
+        // An upgrade the listener does not allow is refused once routed (so route response
+        // headers still apply), as Envoy's router does.
+        let refused_upgrade = self.upgrade && !hcm.websocket;
+        let mut resp = match &route.action {
+            _ if refused_upgrade => {
+                hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
+                let mut r =
+                    LocalReply::new(StatusCode::FORBIDDEN, Bytes::new(), "", "upgrade_failed");
+                r.headers
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                local_response(hcm, &r, form, Some(req.headers()))
+            }
+            RouteAction::Direct { status, body } => {
+                hcm.stats.rq_direct_response.inc();
+                let r = LocalReply::new(
+                    *status,
+                    body.clone().unwrap_or_default(),
+                    "",
+                    "direct_response",
+                );
+                local_response(hcm, &r, form, Some(req.headers()))
+            }
+            RouteAction::Redirect(rd) => {
+                // Envoy counts route redirects as direct responses.
+                hcm.stats.rq_direct_response.inc();
+                let location = redirect_location(rd, scheme, host, path, route.matched_prefix());
+                let mut r = LocalReply::new(rd.status, Bytes::new(), "", "via_route_redirect");
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers.insert(http::header::LOCATION, v);
+                }
+                local_response(hcm, &r, form, Some(req.headers()))
+            }
+            RouteAction::Forward(fwd) => {
+                let input = crate::router::upstream_request::Forward {
+                    hcm,
+                    ctx: self.ctx,
+                    info: self.info,
+                    remote: self.remote,
+                    form,
+                    upgrade: self.upgrade,
+                    snapshot: self.snapshot,
+                    vh,
+                    route,
+                    fwd,
+                    path,
+                    h2: self.h2,
+                    start: self.start,
+                    start_time: self.start_time,
+                };
+                crate::router::upstream_request::forward(req, input).await
+            }
+        };
+        // Response header mutations: route, then virtual host, then route configuration.
+        let fctx = FormatContext {
+            downstream_remote: self.remote,
+            downstream_local: self.info.local,
+            protocol: if self.h2 { "HTTP/2" } else { "HTTP/1.1" },
+            request_headers: None,
+            upstream_host: None,
+            start_time: self.start_time,
+        };
+        let levels = [
+            &route.response_headers,
+            &vh.response_headers,
+            &routes.response_headers,
+        ];
+        if routes.most_specific_header_mutations_wins {
+            for m in levels.iter().rev() {
+                m.apply(resp.headers_mut(), &fctx);
+            }
+        } else {
+            for m in levels {
+                m.apply(resp.headers_mut(), &fctx);
+            }
+        }
+        resp
+    }
 }
 
 fn redirect_location(

@@ -166,7 +166,7 @@ pub fn compile(
         }
         None => return Err(invalid(path, "route_specifier is required")),
     };
-    let filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
+    let mut filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
     let filters_pb = std::mem::take(&mut rest.http_filters);
     let mut saw_router = false;
     for (i, f) in filters_pb.iter().enumerate() {
@@ -185,9 +185,14 @@ pub fn compile(
             saw_router = true;
             continue;
         }
-        if f.is_optional {
+        match petrel_filters::http::factory(&f.name, &any, &format!("{fp}.typed_config")) {
+            Some(factory) => {
+                filters.push(factory?);
+                continue;
+            }
             // Envoy skips optional filters it does not know; so do we.
-            continue;
+            None if f.is_optional => continue,
+            None => {}
         }
         return Err(ConfigError::UnsupportedExtension {
             path: fp,

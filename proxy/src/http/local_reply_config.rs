@@ -11,7 +11,7 @@ use super::local_reply::LocalReply;
 use crate::config::{invalid, reject_unhandled, ConfigError};
 use crate::observe::access_log_filter::{FilterInput, LogFilter};
 use crate::observe::formatter::{StreamValues, SubstitutionFormat};
-use crate::router::header_formatter::{FormatContext, HeaderMutations};
+use petrel_filters::header_formatter::{FormatContext, HeaderMutations};
 
 #[derive(Debug)]
 struct Mapper {

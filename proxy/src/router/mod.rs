@@ -1,5 +1,4 @@
 //! The router: compiled route tables and the terminal filter that forwards to upstream clusters.
-pub mod header_formatter;
 pub mod route_config;
 pub mod upstream_request;
 pub mod uri_template;

@@ -10,17 +10,9 @@ use petrel_filters::matcher::{FullRegex, HeaderMatch, StringMatcher};
 use xds_client::pb::envoy::config::route::v3 as pb;
 use xds_client::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
 
-use super::header_formatter::HeaderMutations;
 use super::uri_template::UriTemplate;
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
-
-fn fe(e: petrel_filters::FilterConfigError) -> ConfigError {
-    match e {
-        petrel_filters::FilterConfigError::Invalid { path, message } => {
-            ConfigError::Invalid { path, message }
-        }
-    }
-}
+use petrel_filters::header_formatter::HeaderMutations;
 
 #[derive(Debug)]
 pub struct RouteTable {
@@ -537,7 +529,7 @@ fn compile_match(m: &pb::RouteMatch, path: &str) -> Result<RouteMatcher, ConfigE
         pb::route_match::PathSpecifier::Prefix(p) => PathMatch::Prefix(p),
         pb::route_match::PathSpecifier::Path(p) => PathMatch::Exact(p),
         pb::route_match::PathSpecifier::SafeRegex(r) => {
-            PathMatch::Regex(FullRegex::from_proto(&r, &format!("{path}.safe_regex")).map_err(fe)?)
+            PathMatch::Regex(FullRegex::from_proto(&r, &format!("{path}.safe_regex"))?)
         }
         pb::route_match::PathSpecifier::PathSeparatedPrefix(p) => {
             if p.contains(['?', '#']) || (p.len() > 1 && p.ends_with('/')) {
@@ -567,7 +559,9 @@ fn compile_match(m: &pb::RouteMatch, path: &str) -> Result<RouteMatcher, ConfigE
     let headers = std::mem::take(&mut rest.headers)
         .iter()
         .enumerate()
-        .map(|(i, h)| HeaderMatch::from_proto(h, &format!("{path}.headers[{i}]")).map_err(fe))
+        .map(|(i, h)| {
+            HeaderMatch::from_proto(h, &format!("{path}.headers[{i}]")).map_err(ConfigError::from)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut query = Vec::new();
     for (i, q) in std::mem::take(&mut rest.query_parameters)
@@ -578,7 +572,7 @@ fn compile_match(m: &pb::RouteMatch, path: &str) -> Result<RouteMatcher, ConfigE
         use pb::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
         let m = match &q.query_parameter_match_specifier {
             Some(Q::StringMatch(s)) => {
-                Some(StringMatcher::from_proto(s, &format!("{qp}.string_match")).map_err(fe)?)
+                Some(StringMatcher::from_proto(s, &format!("{qp}.string_match"))?)
             }
             Some(Q::PresentMatch(true)) | None => None,
             Some(Q::PresentMatch(false)) => {

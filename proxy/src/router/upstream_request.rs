@@ -11,7 +11,6 @@ use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::header_formatter::FormatContext;
 use super::route_config::{
     rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, VirtualHost,
 };
@@ -25,6 +24,7 @@ use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity
 use crate::upstream::cluster::UpstreamProtocol;
 use crate::upstream::pool::PooledBody;
 use crate::worker::WorkerCtx;
+use petrel_filters::header_formatter::FormatContext;
 
 pub struct Forward<'a> {
     pub hcm: &'a HcmConfig,

@@ -9,7 +9,7 @@ use xds_client::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValueOption,
 };
 
-use crate::config::{invalid, ConfigError};
+use crate::{invalid, FilterConfigError as ConfigError};
 
 /// What a formatter may read from the stream.
 pub struct FormatContext<'a> {
@@ -157,7 +157,7 @@ impl Formatter {
                         out.push_str(&a.to_string());
                     }
                 }
-                Part::StartTime => out.push_str(&crate::http::date::rfc3339_millis(ctx.start_time)),
+                Part::StartTime => out.push_str(&crate::time::rfc3339_millis(ctx.start_time)),
                 Part::Hostname(h) | Part::Environment(h) => out.push_str(h),
             }
         }
