@@ -14,6 +14,8 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+
+use super::body::RequestBody;
 use hyper_util::rt::TokioIo;
 
 use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreAction};
@@ -57,17 +59,58 @@ pub struct ConnInfo {
 }
 
 /// Serves one accepted connection until it closes.
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one accepted connection until it closes: HTTP/1.1 with Petrel's codec, HTTP/2 with
+/// hyper's, chosen by the codec setting (AUTO looks for the HTTP/2 preface, as Envoy does).
 pub async fn serve(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     info: ConnInfo,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
 ) {
+    use tokio::io::AsyncReadExt;
     let _ = stream.set_nodelay(true);
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
     hcm.listener_stats.downstream_cx_total.inc();
     let info = Rc::new(info);
+    let mut initial = bytes::BytesMut::with_capacity(16 * 1024);
+    let h2 = match hcm.codec {
+        Codec::Http2 => true,
+        Codec::Http1 => false,
+        Codec::Auto => {
+            // Read until the bytes can no longer be the preface (or are all of it).
+            loop {
+                let n = initial.len().min(H2_PREFACE.len());
+                if initial[..n] != H2_PREFACE[..n] {
+                    break false;
+                }
+                if n == H2_PREFACE.len() {
+                    break true;
+                }
+                match stream.read_buf(&mut initial).await {
+                    Ok(0) | Err(_) => {
+                        hcm.stats.downstream_cx_active.dec();
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+    };
+    if h2 {
+        hcm.stats.downstream_cx_http2_total.inc();
+        serve_h2(Rewind::new(stream, initial.freeze()), info, &hcm, ctx).await;
+    } else {
+        hcm.stats.downstream_cx_http1_total.inc();
+        super::h1::conn::serve(stream, initial, info, hcm.clone(), ctx).await;
+    }
+    hcm.stats.downstream_cx_active.dec();
+}
+
+async fn serve_h2(io: Rewind, info: Rc<ConnInfo>, hcm: &Arc<HcmConfig>, ctx: Rc<WorkerCtx>) {
     let h = hcm.clone();
     let idle = Rc::new(ConnIdle {
         active: Cell::new(0),
@@ -78,30 +121,16 @@ pub async fn serve(
         let (hcm, ctx, info, idle) = (h.clone(), ctx.clone(), info.clone(), idle_svc.clone());
         async move {
             idle.active.set(idle.active.get() + 1);
-            let resp = handle(req, &hcm, &ctx, &info).await;
+            let resp = handle(req.map(RequestBody::H2), &hcm, &ctx, &info).await;
             idle.active.set(idle.active.get() - 1);
             idle.last.set(tokio::time::Instant::now());
             Ok::<_, Infallible>(resp)
         }
     });
-    let io = TokioIo::new(stream);
-    let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExec);
-    let max_buf = (hcm.max_request_headers_kb as usize * 1024).max(8192);
-    builder
-        .http1()
-        .max_buf_size(max_buf)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(hcm.request_headers_timeout);
-    builder
-        .http2()
+    let conn = hyper::server::conn::http2::Builder::new(LocalExec)
         .max_header_list_size(hcm.max_request_headers_kb * 1024)
-        .timer(hyper_util::rt::TokioTimer::new());
-    let builder = match hcm.codec {
-        Codec::Auto => builder,
-        Codec::Http1 => builder.http1_only(),
-        Codec::Http2 => builder.http2_only(),
-    };
-    let conn = builder.serve_connection_with_upgrades(io, service);
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut shutting_down = false;
     let result = loop {
@@ -118,7 +147,83 @@ pub async fn serve(
     if result.is_err() {
         hcm.stats.downstream_cx_protocol_error.inc();
     }
-    hcm.stats.downstream_cx_active.dec();
+}
+
+/// A stream that first yields bytes already read from it (the sniffed preface).
+struct Rewind {
+    prefix: Bytes,
+    inner: tokio::net::TcpStream,
+}
+
+impl Rewind {
+    fn new(inner: tokio::net::TcpStream, prefix: Bytes) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Envoy's answer to a request its HTTP/1.1 codec cannot accept: counted as a request, sent
+/// through the local-reply path, and the connection closed.
+pub fn codec_error_response(
+    hcm: &HcmConfig,
+    info: &ConnInfo,
+    e: &super::h1::head::HeadError,
+) -> Response<ResponseBody> {
+    let (status, body, details) = e.reply();
+    let stats = &hcm.stats;
+    stats.downstream_rq_total.inc();
+    hcm.listener_stats.downstream_rq_total.inc();
+    let form = ReplyForm {
+        grpc: false,
+        h2: false,
+        remote: info.remote,
+        local: info.local,
+        start_time: SystemTime::now(),
+    };
+    let mut r = LocalReply::new(status, body, "DPE", details);
+    r.headers
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    let resp = local_response(hcm, &r, form, None);
+    stats.response_class(resp.status().as_u16());
+    hcm.listener_stats.response_class(resp.status().as_u16());
+    stats.downstream_rq_completed.inc();
+    resp
 }
 
 /// Per-connection idle tracking for `common_http_protocol_options.idle_timeout`.
@@ -234,8 +339,9 @@ fn is_internal(hcm: &HcmConfig, addr: &SocketAddr) -> bool {
     hcm.internal_cidrs.iter().any(|c| c.contains(addr.ip()))
 }
 
-async fn handle(
-    req: Request<Incoming>,
+/// Handles one request from either codec, keeping the connection manager's stats.
+pub async fn handle(
+    req: Request<RequestBody>,
     hcm: &HcmConfig,
     ctx: &WorkerCtx,
     info: &ConnInfo,
@@ -262,7 +368,7 @@ async fn handle(
 }
 
 async fn process(
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     hcm: &HcmConfig,
     ctx: &WorkerCtx,
     info: &ConnInfo,
@@ -577,7 +683,7 @@ impl Routed<'_> {
     #[allow(clippy::too_many_arguments)]
     async fn respond(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         vh: &crate::router::route_config::VirtualHost,
         route: &crate::router::route_config::Route,
         routes: &crate::router::route_config::RouteTable,

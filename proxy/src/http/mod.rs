@@ -1,7 +1,9 @@
-//! The HTTP connection manager and its local-reply path.
+//! The HTTP connection manager, its codecs and its local-reply path.
+pub mod body;
 pub mod conn_manager;
 pub mod conn_manager_config;
 pub mod date;
+pub mod h1;
 pub mod local_reply;
 pub mod local_reply_config;
 pub mod path_normalization;

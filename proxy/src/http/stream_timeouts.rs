@@ -9,9 +9,9 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::body::{BoxError, RequestBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 /// When the stream last moved a byte, and whether the request has been fully received.
@@ -57,24 +57,24 @@ impl StreamActivity {
 
 /// The downstream request body on its way upstream, noting activity and completion.
 pub struct DownstreamBody {
-    inner: Incoming,
+    inner: RequestBody,
     activity: Rc<StreamActivity>,
 }
 
 impl DownstreamBody {
-    pub fn new(inner: Incoming, activity: Rc<StreamActivity>) -> Self {
+    pub fn new(inner: RequestBody, activity: Rc<StreamActivity>) -> Self {
         DownstreamBody { inner, activity }
     }
 }
 
 impl Body for DownstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(frame) = &r {

@@ -5,11 +5,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use crate::http::body::RequestBody;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::Either;
-use hyper::body::Incoming;
 
 use super::route_config::{
     rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, VirtualHost,
@@ -71,7 +71,7 @@ enum Outcome<T> {
     RequestTimeout,
 }
 
-pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<ResponseBody> {
+pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<ResponseBody> {
     // Mappers may match on request headers; keep a copy only when there are mappers.
     let reply_headers = (!f.hcm.local_reply.is_empty()).then(|| req.headers().clone());
     let fwd = f.fwd;
@@ -113,7 +113,13 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
 
     // Shape the upstream request.
     let mut path = f.path.to_string();
-    let downstream_upgrade = f.upgrade.then(|| hyper::upgrade::on(&mut req));
+    let downstream_upgrade = if f.upgrade {
+        req.extensions()
+            .get::<crate::http::h1::H1Upgrade>()
+            .and_then(|u| u.take())
+    } else {
+        None
+    };
     // The HTTP/1.1 codec answers `expect: 100-continue` with a 100 once the body is read, which
     // forwarding does; Envoy counts that interim response.
     let continues = !f.h2
@@ -233,6 +239,15 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
     } else {
         path
     };
+    let empty_body_needs_length = req.body().is_end_stream()
+        && !matches!(
+            method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::DELETE
+                | http::Method::TRACE
+                | http::Method::CONNECT
+        );
     let mut builder = Request::builder().method(method).uri(uri);
     builder = builder.version(if upstream_h2 {
         http::Version::HTTP_2
@@ -243,6 +258,14 @@ pub async fn forward(mut req: Request<Incoming>, f: Forward<'_>) -> Response<Res
         headers.remove(http::header::HOST);
     }
     let activity = StreamActivity::new(req.body().is_end_stream());
+    // Envoy's codec states an empty body as `content-length: 0` except for GET, HEAD, DELETE, TRACE
+    // and CONNECT (checked against Envoy in the differential suite).
+    if empty_body_needs_length
+        && !headers.contains_key(http::header::CONTENT_LENGTH)
+        && !headers.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
     let Ok(mut up_req) = builder.body(Either::Left(DownstreamBody::new(
         req.into_body(),
         activity.clone(),
@@ -359,7 +382,7 @@ async fn tunnel(
     cluster: &crate::upstream::cluster::Cluster,
     host: &crate::upstream::cluster::Host,
     up_req: Request<crate::upstream::pool::UpstreamBody>,
-    down: hyper::upgrade::OnUpgrade,
+    down: tokio::sync::oneshot::Receiver<crate::http::h1::Upgraded>,
 ) -> Response<ResponseBody> {
     let stats = &cluster.stats;
     let sent = match f.fwd.timeout {
@@ -380,10 +403,14 @@ async fn tunnel(
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let up = hyper::upgrade::on(&mut resp);
         tokio::task::spawn_local(async move {
-            if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                let mut d = hyper_util::rt::TokioIo::new(d);
+            if let (Ok(mut d), Ok(u)) = (down.await, up.await) {
+                use tokio::io::AsyncWriteExt;
                 let mut u = hyper_util::rt::TokioIo::new(u);
-                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                // Bytes the client sent right behind its upgrade request go first.
+                if !d.leftover.is_empty() && u.write_all(&d.leftover).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut d.stream, &mut u).await;
             }
         });
     }
