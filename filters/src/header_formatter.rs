@@ -11,13 +11,21 @@ use xds_client::pb::envoy::config::core::v3::{
 
 use crate::{invalid, FilterConfigError as ConfigError};
 
+/// The chosen upstream host, once there is one.
+#[derive(Clone, Copy)]
+pub struct UpstreamInfo<'a> {
+    pub address: SocketAddr,
+    /// The endpoint's `metadata.filter_metadata` as JSON (namespace → value).
+    pub metadata: Option<&'a serde_json::Value>,
+}
+
 /// What a formatter may read from the stream.
 pub struct FormatContext<'a> {
     pub downstream_remote: SocketAddr,
     pub downstream_local: SocketAddr,
     pub protocol: &'static str,
     pub request_headers: Option<&'a HeaderMap>,
-    pub upstream_host: Option<SocketAddr>,
+    pub upstream: Option<UpstreamInfo<'a>>,
     pub start_time: std::time::SystemTime,
 }
 
@@ -33,6 +41,7 @@ enum Part {
     Protocol,
     Req(HeaderName),
     UpstreamRemoteAddress,
+    UpstreamMetadata(Vec<String>),
     StartTime,
     Hostname(String),
     Environment(String),
@@ -103,6 +112,16 @@ impl Formatter {
             ("DOWNSTREAM_LOCAL_PORT", None) => Part::DownstreamLocalPort,
             ("PROTOCOL", None) => Part::Protocol,
             ("UPSTREAM_REMOTE_ADDRESS", None) => Part::UpstreamRemoteAddress,
+            ("UPSTREAM_METADATA", Some(arg)) => {
+                // `["namespace", "key", ...]`: a JSON array of at least two strings.
+                let keys: Vec<String> = serde_json::from_str(arg).map_err(|_| {
+                    invalid(path, format!("Invalid header configuration. Expected format UPSTREAM_METADATA([\"namespace\", \"k\", ...]), actual format UPSTREAM_METADATA({arg})"))
+                })?;
+                if keys.len() < 2 {
+                    return Err(invalid(path, format!("Invalid header configuration. Expected format UPSTREAM_METADATA([\"namespace\", \"k\", ...]), actual format UPSTREAM_METADATA({arg})")));
+                }
+                Part::UpstreamMetadata(keys)
+            }
             ("START_TIME", None) => Part::StartTime,
             ("HOSTNAME", None) => Part::Hostname(hostname()),
             ("ENVIRONMENT", Some(var)) => Part::Environment(std::env::var(var).unwrap_or_default()),
@@ -153,8 +172,19 @@ impl Formatter {
                     }
                 }
                 Part::UpstreamRemoteAddress => {
-                    if let Some(a) = ctx.upstream_host {
-                        out.push_str(&a.to_string());
+                    if let Some(u) = ctx.upstream {
+                        out.push_str(&u.address.to_string());
+                    }
+                }
+                Part::UpstreamMetadata(keys) => {
+                    let mut v = ctx.upstream.and_then(|u| u.metadata);
+                    for k in keys {
+                        v = v.and_then(|x| x.get(k));
+                    }
+                    match v {
+                        Some(serde_json::Value::String(s)) => out.push_str(s),
+                        Some(serde_json::Value::Null) | None => {}
+                        Some(other) => out.push_str(&other.to_string()),
                     }
                 }
                 Part::StartTime => out.push_str(&crate::time::rfc3339_millis(ctx.start_time)),
@@ -328,7 +358,7 @@ mod tests {
             downstream_local: "127.0.0.1:80".parse().unwrap(),
             protocol: "HTTP/1.1",
             request_headers: h,
-            upstream_host: None,
+            upstream: None,
             start_time: std::time::UNIX_EPOCH,
         }
     }
@@ -347,6 +377,21 @@ mod tests {
             Formatter::compile("plain", "p").unwrap().is_literal(),
             Some("plain")
         );
+    }
+
+    #[test]
+    fn upstream_metadata() {
+        let md = serde_json::json!({"envoy.lb": {"version": "v2", "n": 3, "nested": {"a": true}}});
+        let ctx = FormatContext {
+            upstream: Some(UpstreamInfo {
+                address: "10.0.0.9:80".parse().unwrap(),
+                metadata: Some(&md),
+            }),
+            ..ctx(None)
+        };
+        let f = Formatter::compile(r#"%UPSTREAM_METADATA(["envoy.lb", "version"])%/%UPSTREAM_METADATA(["envoy.lb", "n"])%/%UPSTREAM_METADATA(["envoy.lb", "nested"])%/%UPSTREAM_METADATA(["x", "y"])%"#, "p").unwrap();
+        assert_eq!(f.format(&ctx), r#"v2/3/{"a":true}/"#);
+        assert!(Formatter::compile(r#"%UPSTREAM_METADATA(["only"])%"#, "p").is_err());
     }
 
     #[test]

@@ -119,6 +119,17 @@ static_resources:
                 route: {cluster: echo, timeout: 0.3s}
               - match: {prefix: "/notimeout"}
                 route: {cluster: echo, timeout: 0s}
+              - match: {prefix: "/meta"}
+                route: {cluster: echo}
+                request_headers_to_add:
+                - header: {key: x-md-version, value: "%UPSTREAM_METADATA([\"envoy.lb\", \"version\"])%"}
+                - header: {key: x-md-struct, value: "%UPSTREAM_METADATA([\"envoy.lb\", \"nested\"])%"}
+                - header: {key: x-md-missing, value: "%UPSTREAM_METADATA([\"nope\", \"x\"])%"}
+                - header: {key: x-upstream-addr, value: "%UPSTREAM_REMOTE_ADDRESS%"}
+                response_headers_to_add:
+                - header: {key: x-resp-md-version, value: "%UPSTREAM_METADATA([\"envoy.lb\", \"version\"])%"}
+                - header: {key: x-resp-md-struct, value: "%UPSTREAM_METADATA([\"envoy.lb\", \"nested\"])%"}
+                - header: {key: x-resp-md-missing, value: "%UPSTREAM_METADATA([\"nope\", \"x\"])%"}
               - match: {prefix: "/up"}
                 route: {cluster: echo}
           http_filters:
@@ -202,7 +213,7 @@ static_resources:
   clusters:
   - name: echo
     connect_timeout: 1s
-    load_assignment: {cluster_name: echo, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ECHO}}}}]}]}
+    load_assignment: {cluster_name: echo, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ECHO}}}, metadata: {filter_metadata: {envoy.lb: {version: v1, nested: {a: 1}}}}}]}]}
   - name: refused
     connect_timeout: 1s
     load_assignment: {cluster_name: refused, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: REFUSED}}}}]}]}
@@ -374,6 +385,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("prefix rewrite", get("/rewrite/a/b?q=1", "")),
         ("regex rewrite", get("/rx/one/two/three", "")),
         ("host rewrite literal", get("/hostlit", "")),
+        ("upstream metadata and address in headers", get("/meta", "")),
         ("header mutations", get("/mods", "x-appended: first\r\nx-overwritten: old\r\nx-if-absent: kept\r\nx-remove-me: 1\r\n")),
         ("https redirect", get("/https/x?y=1", "")),
         ("path redirect", get("/pathredir?keep=1", "")),
@@ -722,5 +734,68 @@ fn idle_connections_close_like_envoy() {
         std::thread::sleep(std::time::Duration::from_millis(1800));
         let n = c.read(&mut buf).unwrap_or(0);
         assert_eq!(n, 0, "{who} should have closed the idle connection");
+    }
+}
+
+/// `/config_dump` has Envoy's sections in Envoy's order, and `?resource=`, `?mask=`,
+/// `?include_eds` and unknown resources answer as Envoy's do.
+#[test]
+fn config_dump_matches_envoy() {
+    let Some(s) = setup() else { return };
+    let get_json = |admin: u16, q: &str| -> (u16, String) {
+        let r = http_raw(
+            admin,
+            format!("GET /config_dump{q} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("admin");
+        (r.status, r.body_str())
+    };
+    let section_types = |body: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        v["configs"]
+            .as_array()
+            .expect("configs")
+            .iter()
+            .map(|c| c["@type"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let admins: Vec<u16> = s._proxies.iter().map(|p| p.admin).collect();
+    for q in ["", "?include_eds"] {
+        let types: Vec<_> = admins
+            .iter()
+            .map(|a| section_types(&get_json(*a, q).1))
+            .collect();
+        assert_eq!(
+            types[0], types[1],
+            "sections for '{q}': envoy (left) vs petrel (right)"
+        );
+    }
+    for q in [
+        "?resource=static_clusters&mask=cluster.name,cluster.connect_timeout",
+        "?resource=static_listeners&mask=listener.name",
+        "?resource=static_route_configs&mask=route_config.name",
+        "?resource=static_endpoint_configs&include_eds&mask=endpoint_config.cluster_name",
+        "?resource=bogus",
+    ] {
+        let answers: Vec<(u16, serde_json::Value)> = admins
+            .iter()
+            .map(|a| {
+                let (status, body) = get_json(*a, q);
+                let mut v = serde_json::from_str(&body)
+                    .unwrap_or(serde_json::Value::String(body.trim().to_string()));
+                // Envoy keeps static route configs in a hash set: their order carries no meaning.
+                if q.contains("static_route_configs") {
+                    if let Some(items) = v["configs"].as_array_mut() {
+                        items.sort_by_key(|i| i.to_string());
+                    }
+                }
+                (status, v)
+            })
+            .collect();
+        assert_eq!(
+            answers[0], answers[1],
+            "'{q}': envoy (left) vs petrel (right)"
+        );
     }
 }

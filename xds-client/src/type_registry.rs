@@ -266,6 +266,10 @@ pub fn struct_to_json(s: Struct) -> serde_json::Value {
 fn value_to_json(v: Value) -> serde_json::Value {
     match v.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        // Integral numbers print without a fraction, as protobuf's JSON printer does.
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+            serde_json::Value::from(n as i64)
+        }
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
             .map(serde_json::Value::Number)
             .unwrap_or(serde_json::Value::Null),

@@ -124,7 +124,7 @@ impl HttpFilter for Filter {
             downstream_local: req.info.downstream_local,
             protocol: req.info.protocol,
             request_headers: Some(&snapshot),
-            upstream_host: None,
+            upstream: None,
             start_time: req.info.start_time,
         };
         self.lists.request.apply(req.headers, &ctx);
@@ -138,7 +138,7 @@ impl HttpFilter for Filter {
             downstream_local: resp.info.downstream_local,
             protocol: resp.info.protocol,
             request_headers: self.request_headers.as_ref(),
-            upstream_host: None,
+            upstream: None,
             start_time: resp.info.start_time,
         };
         self.lists.response.apply(resp.headers, &ctx);

@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 use xds_client::TypeRegistry;
 
 use crate::cli::Options;
+
+mod config_dump;
 use crate::config::snapshot::Snapshot;
 use crate::logging;
 use crate::observe::stats::Store;
@@ -70,11 +72,17 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+/// Envoy's admin JSON: pretty-printed with a one-space indent.
 fn json_resp(v: &Value) -> Response<Full<Bytes>> {
-    let mut r = text(
-        StatusCode::OK,
-        serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        serde_json::ser::PrettyFormatter::with_indent(b" "),
     );
+    let _ = v.serialize(&mut ser);
+    out.push(b'\n');
+    let mut r = text(StatusCode::OK, out);
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -140,9 +148,22 @@ pub async fn handle(
         "/clusters" => clusters(&st, get("format").as_deref() == Some("json")),
         "/listeners" => listeners(&st, get("format").as_deref() == Some("json")),
         "/config_dump" => {
-            let dump = config_dump(&st, get("resource"));
+            let q = config_dump::Query {
+                resource: get("resource"),
+                mask: get("mask"),
+                include_eds: has("include_eds"),
+            };
+            let snap = st.current.load();
+            let dump = config_dump::render(
+                &snap,
+                &crate::http::date::rfc3339_millis(st.started_wall),
+                &q,
+            );
             crate::memory::release_config_memory();
-            json_resp(&dump)
+            match dump {
+                Ok(v) => json_resp(&v),
+                Err(msg) => text(StatusCode::NOT_FOUND, msg),
+            }
         }
         "/logging" => logging_endpoint(&params),
         "/healthcheck/fail" => {
@@ -430,68 +451,6 @@ fn listeners(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
         .map(|l| format!("{}::{}\n", l.name, l.address))
         .collect();
     text(StatusCode::OK, s)
-}
-
-fn config_dump(st: &AdminState, resource: Option<String>) -> Value {
-    let snap = st.current.load();
-    let reg = TypeRegistry::global();
-    let updated = crate::http::date::rfc3339_millis(st.started_wall);
-    let bootstrap = json!({
-        "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
-        "bootstrap": reg.to_json(&snap.bootstrap),
-        "last_updated": updated,
-    });
-    let clusters: Vec<Value> = snap
-        .cluster_order
-        .iter()
-        .filter_map(|n| snap.clusters.get(n))
-        .map(|c| json!({"cluster": with_type(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"), "last_updated": updated}))
-        .collect();
-    let listeners: Vec<Value> = snap
-        .listeners
-        .iter()
-        .map(|l| json!({"listener": with_type(reg.to_json(&l.source), "envoy.config.listener.v3.Listener"), "last_updated": updated}))
-        .collect();
-    let sections = vec![
-        ("bootstrap", bootstrap),
-        (
-            "static_clusters",
-            json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters}),
-        ),
-        (
-            "static_listeners",
-            json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners}),
-        ),
-    ];
-    match resource {
-        Some(r) => {
-            let items: Vec<Value> = sections
-                .into_iter()
-                .filter(|(k, _)| *k == r)
-                .flat_map(|(k, v)| {
-                    v.get(k)
-                        .and_then(|a| a.as_array())
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .collect();
-            json!({"configs": items})
-        }
-        None => json!({"configs": sections.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}),
-    }
-}
-
-fn with_type(mut v: Value, name: &str) -> Value {
-    if let Value::Object(m) = &mut v {
-        let mut out = serde_json::Map::new();
-        out.insert(
-            "@type".into(),
-            Value::String(format!("type.googleapis.com/{name}")),
-        );
-        out.extend(std::mem::take(m));
-        return Value::Object(out);
-    }
-    v
 }
 
 fn logging_endpoint(params: &[(String, String)]) -> Response<Full<Bytes>> {

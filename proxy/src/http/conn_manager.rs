@@ -294,7 +294,7 @@ pub fn local_response(
             downstream_local: form.local,
             protocol: if form.h2 { "HTTP/2" } else { "HTTP/1.1" },
             request_headers,
-            upstream_host: None,
+            upstream: None,
             start_time: form.start_time,
         };
         hcm.local_reply.apply(
@@ -745,12 +745,21 @@ impl Routed<'_> {
             }
         };
         // Response header mutations: route, then virtual host, then route configuration.
+        let chosen = resp
+            .extensions()
+            .get::<crate::router::upstream_request::ChosenHost>()
+            .map(|c| c.0.clone());
         let fctx = FormatContext {
             downstream_remote: self.remote,
             downstream_local: self.info.local,
             protocol: if self.h2 { "HTTP/2" } else { "HTTP/1.1" },
             request_headers: None,
-            upstream_host: None,
+            upstream: chosen
+                .as_ref()
+                .map(|h| petrel_filters::header_formatter::UpstreamInfo {
+                    address: h.address,
+                    metadata: h.metadata.as_ref(),
+                }),
             start_time: self.start_time,
         };
         let levels = [

@@ -168,7 +168,7 @@ mod tests {
             downstream_local: "127.0.0.1:80".parse().unwrap(),
             protocol: "HTTP/1.1",
             request_headers: None,
-            upstream_host: None,
+            upstream: None,
             start_time: std::time::UNIX_EPOCH,
         }
     }

@@ -64,6 +64,10 @@ fn reply(
     local_response(f.hcm, &r, f.form, request_headers)
 }
 
+/// The upstream host that answered, for response header formatters.
+#[derive(Clone)]
+pub struct ChosenHost(pub Arc<crate::upstream::cluster::Host>);
+
 enum Outcome<T> {
     Response(T),
     RouteTimeout,
@@ -200,7 +204,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         downstream_local: f.info.local,
         protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
         request_headers: None,
-        upstream_host: Some(host.address),
+        // Envoy evaluates request header mutations before it picks the host, so upstream
+        // values are empty here (and such headers are not added).
+        upstream: None,
         start_time: f.start_time,
     };
     let snapshot_headers = headers.clone();
@@ -370,6 +376,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         );
     }
     parts.version = http::Version::HTTP_11;
+    parts.extensions.insert(ChosenHost(host.clone()));
     Response::from_parts(
         parts,
         Either::Right(IdleTimedBody::new(body, f.hcm.stream_idle_timeout)),

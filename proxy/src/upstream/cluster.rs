@@ -91,6 +91,8 @@ pub struct Host {
     pub locality: String,
     /// Requests in flight to this host (for LEAST_REQUEST).
     pub active_requests: AtomicU64,
+    /// `metadata.filter_metadata` as JSON, for `%UPSTREAM_METADATA(…)%`.
+    pub metadata: Option<serde_json::Value>,
 }
 
 #[derive(Debug)]
@@ -220,8 +222,16 @@ fn hosts_from(
                     "value must be greater than or equal to 1",
                 ));
             }
-            // Endpoint metadata is data for matchers and loggers.
-            erest.metadata = None;
+            // Endpoint metadata is data, read by `%UPSTREAM_METADATA(…)%` (which, as in Envoy,
+            // reads filter_metadata; typed metadata has no reader yet).
+            let metadata = erest.metadata.take().map(|m| {
+                serde_json::Value::Object(
+                    m.filter_metadata
+                        .into_iter()
+                        .map(|(k, v)| (k, xds_client::type_registry::struct_to_json(v)))
+                        .collect(),
+                )
+            });
             let ident = erest.host_identifier.take();
             if erest.health_status > 1 {
                 return Err(ConfigError::Unsupported {
@@ -255,6 +265,7 @@ fn hosts_from(
                 priority,
                 locality: locality.clone(),
                 active_requests: AtomicU64::new(0),
+                metadata,
             }));
         }
     }
