@@ -386,50 +386,115 @@ fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Respo
     text(StatusCode::OK, s)
 }
 
+/// A host's stats as `/clusters` lists them: (name, value, is_gauge), in Envoy's order.
+fn host_stats(h: &crate::upstream::cluster::Host) -> [(&'static str, u64, bool); 9] {
+    let s = &h.stats;
+    let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    [
+        ("cx_active", v(&s.cx_active), true),
+        ("cx_connect_fail", v(&s.cx_connect_fail), false),
+        ("cx_total", v(&s.cx_total), false),
+        ("rq_active", v(&h.active_requests), true),
+        ("rq_error", v(&s.rq_error), false),
+        ("rq_pending_active", 0, true),
+        ("rq_success", v(&s.rq_success), false),
+        ("rq_timeout", v(&s.rq_timeout), false),
+        ("rq_total", v(&s.rq_total), false),
+    ]
+}
+
+fn locality_parts(h: &crate::upstream::cluster::Host) -> (String, String, String) {
+    let mut it = h.locality.splitn(3, '/').map(str::to_string);
+    (
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+    )
+}
+
 fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
     let snap = st.current.load();
+    let mut all: Vec<_> = snap.clusters.values().collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
     if json {
-        let statuses: Vec<Value> = snap
-            .cluster_order
+        let statuses: Vec<Value> = all
             .iter()
-            .filter_map(|n| snap.clusters.get(n))
             .map(|c| {
-                json!({
-                    "name": c.name,
-                    "observability_name": c.name,
-                    "host_statuses": c.all_hosts.iter().map(|h| json!({
-                        "address": {"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}},
-                        "stats": [
-                            {"name": "rq_active", "type": "GAUGE", "value": h.active_requests.load(Ordering::Relaxed).to_string()},
-                        ],
-                        "health_status": {"eds_health_status": "HEALTHY"},
-                        "weight": h.weight,
-                        "priority": h.priority,
-                        "hostname": h.hostname,
-                        "locality": {},
-                    })).collect::<Vec<_>>(),
-                })
+                let hosts: Vec<Value> = c
+                    .all_hosts
+                    .iter()
+                    .map(|h| {
+                        // proto3 JSON, as Envoy prints it: zero values and empty strings omitted.
+                        let mut counters: Vec<Value> = Vec::new();
+                        let mut gauges: Vec<Value> = Vec::new();
+                        for (name, value, gauge) in host_stats(h) {
+                            let mut o = serde_json::Map::new();
+                            if value != 0 {
+                                o.insert("value".into(), json!(value.to_string()));
+                            }
+                            o.insert("name".into(), json!(name));
+                            if gauge {
+                                o.insert("type".into(), json!("GAUGE"));
+                                gauges.push(Value::Object(o));
+                            } else {
+                                counters.push(Value::Object(o));
+                            }
+                        }
+                        counters.extend(gauges);
+                        let (region, zone, sub_zone) = locality_parts(h);
+                        let mut locality = serde_json::Map::new();
+                        for (k, v) in [("region", region), ("zone", zone), ("sub_zone", sub_zone)] {
+                            if !v.is_empty() {
+                                locality.insert(k.into(), json!(v));
+                            }
+                        }
+                        let mut o = serde_json::Map::new();
+                        o.insert("address".into(), json!({"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}}));
+                        o.insert("stats".into(), Value::Array(counters));
+                        o.insert("health_status".into(), json!({"eds_health_status": "HEALTHY"}));
+                        o.insert("weight".into(), json!(h.weight));
+                        if !h.hostname.is_empty() {
+                            o.insert("hostname".into(), json!(h.hostname));
+                        }
+                        if h.priority != 0 {
+                            o.insert("priority".into(), json!(h.priority));
+                        }
+                        o.insert("locality".into(), Value::Object(locality));
+                        Value::Object(o)
+                    })
+                    .collect();
+                let mut o = serde_json::Map::new();
+                o.insert("name".into(), json!(c.name));
+                if !hosts.is_empty() {
+                    o.insert("host_statuses".into(), Value::Array(hosts));
+                }
+                o.insert("observability_name".into(), json!(c.name));
+                Value::Object(o)
             })
             .collect();
         return json_resp(&json!({"cluster_statuses": statuses}));
     }
     let mut s = String::new();
-    for name in &snap.cluster_order {
-        let Some(c) = snap.clusters.get(name) else {
-            continue;
-        };
+    for c in all {
         s.push_str(&format!("{0}::observability_name::{0}\n", c.name));
         s.push_str(&format!("{}::added_via_api::false\n", c.name));
         for h in &c.all_hosts {
             let p = format!("{}::{}", c.name, h.address);
-            s.push_str(&format!(
-                "{p}::rq_active::{}\n",
-                h.active_requests.load(Ordering::Relaxed)
-            ));
+            for (name, value, _) in host_stats(h) {
+                s.push_str(&format!("{p}::{name}::{value}\n"));
+            }
+            let (region, zone, sub_zone) = locality_parts(h);
             s.push_str(&format!("{p}::hostname::{}\n", h.hostname));
             s.push_str(&format!("{p}::health_flags::healthy\n"));
             s.push_str(&format!("{p}::weight::{}\n", h.weight));
+            s.push_str(&format!(
+                "{p}::region::{region}\n{p}::zone::{zone}\n{p}::sub_zone::{sub_zone}\n"
+            ));
+            s.push_str(&format!("{p}::canary::false\n"));
             s.push_str(&format!("{p}::priority::{}\n", h.priority));
+            s.push_str(&format!(
+                "{p}::success_rate::-1\n{p}::local_origin_success_rate::-1\n"
+            ));
         }
     }
     text(StatusCode::OK, s)

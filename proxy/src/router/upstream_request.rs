@@ -328,6 +328,8 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         Outcome::RouteTimeout => {
             stats.upstream_rq_timeout.inc();
             stats.response_class(504);
+            host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+            host.record_response(504);
             return reply(&f, LocalReply::upstream_timeout(), reply_headers.as_ref());
         }
         Outcome::StreamIdle => {
@@ -346,6 +348,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             // A downstream body error is the client's fault, not the upstream's.
             if reason != crate::upstream::pool::ResetReason::DownstreamBody {
                 stats.response_class(503);
+                host.record_response(503);
             }
             return reply(
                 &f,
@@ -356,6 +359,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         Outcome::Response(Ok(r)) => r,
     };
     stats.response_class(resp.status().as_u16());
+    host.record_response(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
@@ -387,7 +391,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
 async fn tunnel(
     f: &Forward<'_>,
     cluster: &crate::upstream::cluster::Cluster,
-    host: &crate::upstream::cluster::Host,
+    host: &Arc<crate::upstream::cluster::Host>,
     up_req: Request<crate::upstream::pool::UpstreamBody>,
     down: tokio::sync::oneshot::Receiver<crate::http::h1::Upgraded>,
 ) -> Response<ResponseBody> {

@@ -93,6 +93,31 @@ pub struct Host {
     pub active_requests: AtomicU64,
     /// `metadata.filter_metadata` as JSON, for `%UPSTREAM_METADATA(…)%`.
     pub metadata: Option<serde_json::Value>,
+    pub stats: HostStats,
+}
+
+/// Envoy's per-host stats (shown by `/clusters`).
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub cx_total: AtomicU64,
+    pub cx_active: AtomicU64,
+    pub cx_connect_fail: AtomicU64,
+    pub rq_total: AtomicU64,
+    pub rq_success: AtomicU64,
+    pub rq_error: AtomicU64,
+    pub rq_timeout: AtomicU64,
+}
+
+impl Host {
+    /// `rq_success`/`rq_error` as Envoy's outlier tracking counts them: 5xx is an error.
+    pub fn record_response(&self, status: u16) {
+        let c = if status >= 500 {
+            &self.stats.rq_error
+        } else {
+            &self.stats.rq_success
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -260,12 +285,18 @@ fn hosts_from(
             )?;
             hosts.push(Arc::new(Host {
                 address,
-                hostname: if hostname.is_empty() { name } else { hostname },
+                // Envoy shows the DNS name as the hostname of resolved hosts, and nothing for IPs.
+                hostname: if hostname.is_empty() && resolve {
+                    name
+                } else {
+                    hostname
+                },
                 weight,
                 priority,
                 locality: locality.clone(),
                 active_requests: AtomicU64::new(0),
                 metadata,
+                stats: HostStats::default(),
             }));
         }
     }

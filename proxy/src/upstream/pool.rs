@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -98,18 +100,19 @@ impl WorkerUpstreams {
     pub async fn send_upgrade(
         &self,
         cluster: &Cluster,
-        host: &Host,
+        host: &Arc<Host>,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ResetReason> {
-        let io = tcp(cluster, host.address).await?;
+        let io = tcp(cluster, host).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|_| ResetReason::ConnectionFailure)?;
         cluster.stats.upstream_cx_http1_total.inc();
-        track(&cluster.stats, conn.with_upgrades());
+        track(&cluster.stats, host, conn.with_upgrades());
         // Envoy counts an upstream request once it has a connection to go on.
         cluster.stats.upstream_rq_total.inc();
+        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
         sender.send_request(req).await.map_err(|e| classify(&e))
     }
 
@@ -117,7 +120,7 @@ impl WorkerUpstreams {
     pub async fn send(
         &self,
         cluster: &Cluster,
-        host: &Host,
+        host: &Arc<Host>,
         h2: bool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, ResetReason> {
@@ -127,12 +130,13 @@ impl WorkerUpstreams {
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
-                    let s = connect_h2(cluster, host.address).await?;
+                    let s = connect_h2(cluster, host).await?;
                     *pool.h2.borrow_mut() = Some(s.clone());
                     s
                 }
             };
             cluster.stats.upstream_rq_total.inc();
+            host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
             let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
             return Ok(resp.map(|b| PooledBody {
                 inner: b,
@@ -153,9 +157,10 @@ impl WorkerUpstreams {
         };
         let (mut sender, used) = match reusable {
             Some(c) => (c.sender, c.used),
-            None => (connect_h1(cluster, host.address).await?, 0),
+            None => (connect_h1(cluster, host).await?, 0),
         };
         cluster.stats.upstream_rq_total.inc();
+        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
@@ -181,13 +186,19 @@ fn classify(e: &hyper::Error) -> ResetReason {
 
 async fn tcp(
     cluster: &Cluster,
-    addr: SocketAddr,
+    host: &Host,
 ) -> Result<TokioIo<tokio::net::TcpStream>, ResetReason> {
     let stats = &cluster.stats;
     stats.upstream_cx_total.inc();
+    host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
+    let failed = |reason| {
+        stats.upstream_cx_connect_fail.inc();
+        host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+        Err(reason)
+    };
     match tokio::time::timeout(
         cluster.connect_timeout,
-        tokio::net::TcpStream::connect(addr),
+        tokio::net::TcpStream::connect(host.address),
     )
     .await
     {
@@ -195,54 +206,54 @@ async fn tcp(
             let _ = s.set_nodelay(true);
             Ok(TokioIo::new(s))
         }
-        Ok(Err(_)) => {
-            stats.upstream_cx_connect_fail.inc();
-            Err(ResetReason::ConnectionFailure)
-        }
+        Ok(Err(_)) => failed(ResetReason::ConnectionFailure),
         Err(_) => {
-            stats.upstream_cx_connect_fail.inc();
             stats.upstream_cx_connect_timeout.inc();
-            Err(ResetReason::ConnectionTimeout)
+            failed(ResetReason::ConnectionTimeout)
         }
     }
 }
 
-/// Keeps `upstream_cx_active` and `upstream_cx_destroy` right for a connection task.
-fn track<F: std::future::Future + 'static>(stats: &ClusterStats, conn: F) {
+/// Keeps `upstream_cx_active`/`upstream_cx_destroy` (cluster) and `cx_active` (host) right for
+/// a connection task.
+fn track<F: std::future::Future + 'static>(stats: &ClusterStats, host: &Arc<Host>, conn: F) {
     let stats = stats.clone();
+    let host = host.clone();
     stats.upstream_cx_active.inc();
+    host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
     tokio::task::spawn_local(async move {
         let _ = conn.await;
         stats.upstream_cx_active.dec();
         stats.upstream_cx_destroy.inc();
+        host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
 async fn connect_h1(
     cluster: &Cluster,
-    addr: SocketAddr,
+    host: &Arc<Host>,
 ) -> Result<http1::SendRequest<UpstreamBody>, ResetReason> {
-    let io = tcp(cluster, addr).await?;
+    let io = tcp(cluster, host).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(io)
         .await
         .map_err(|_| ResetReason::ConnectionFailure)?;
     cluster.stats.upstream_cx_http1_total.inc();
-    track(&cluster.stats, conn);
+    track(&cluster.stats, host, conn);
     Ok(sender)
 }
 
 async fn connect_h2(
     cluster: &Cluster,
-    addr: SocketAddr,
+    host: &Arc<Host>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
-    let io = tcp(cluster, addr).await?;
+    let io = tcp(cluster, host).await?;
     let (sender, conn) = http2::Builder::new(LocalExec)
         .handshake(io)
         .await
         .map_err(|_| ResetReason::ConnectionFailure)?;
     cluster.stats.upstream_cx_http2_total.inc();
-    track(&cluster.stats, conn);
+    track(&cluster.stats, host, conn);
     Ok(sender)
 }
 
