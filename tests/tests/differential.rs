@@ -471,6 +471,18 @@ fn petrel_matches_envoy() {
             })
             .collect();
         n += 1;
+        if std::env::var("PETREL_DEBUG_STATS").is_ok() {
+            let c: Vec<_> = s
+                ._proxies
+                .iter()
+                .map(|p| {
+                    stat_map(p.admin)
+                        .get("http.ingress.downstream_rq_completed")
+                        .cloned()
+                })
+                .collect();
+            eprintln!("{name}: completed {c:?}");
+        }
         // Two identical failures to connect would compare equal; the reference must answer.
         assert!(
             !answers[0].1.starts_with("error:"),
@@ -496,6 +508,7 @@ fn petrel_matches_envoy() {
     assert!(n >= 40, "the suite must keep at least 40 cases");
     diffs.extend(stat_differences(&s));
     diffs.extend(clusters_differences(&s));
+    diffs.extend(prometheus_differences(&s));
     assert!(
         diffs.is_empty(),
         "{} of {n} cases differ from Envoy:\n{}",
@@ -568,6 +581,93 @@ fn clusters_differences(s: &Setup) -> Vec<String> {
         p.iter()
             .filter(|l| !e.contains(l))
             .map(|l| format!("--- /clusters: petrel has '{l}'")),
+    );
+    out
+}
+
+/// `/stats/prometheus` as (series → value) and (family → type).
+fn prometheus(
+    admin: u16,
+    ports: &[(u16, &str)],
+) -> (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+) {
+    let r = http_raw(
+        admin,
+        b"GET /stats/prometheus HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .expect("admin /stats/prometheus");
+    let (mut series, mut types) = (
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    );
+    for l in r.body_str().lines() {
+        if let Some(t) = l.strip_prefix("# TYPE ") {
+            if let Some((name, kind)) = t.split_once(' ') {
+                types.insert(name.to_string(), kind.to_string());
+            }
+        } else if let Some((k, v)) = l.rsplit_once(' ') {
+            // Each proxy listens on its own ports: name listeners by role instead.
+            let mut k = k.to_string();
+            for (port, role) in ports {
+                k = k.replace(
+                    &format!("127.0.0.1_{port}\""),
+                    &format!("127.0.0.1_{role}\""),
+                );
+            }
+            series.insert(k, v.to_string());
+        }
+    }
+    (series, types)
+}
+
+/// Every series Petrel exposes in a family Envoy also has must be named and labelled exactly as
+/// Envoy's; the request-level ones must also have Envoy's values.
+fn prometheus_differences(s: &Setup) -> Vec<String> {
+    let all: Vec<_> = s
+        ._proxies
+        .iter()
+        .zip(&s.ports)
+        .zip(&s.mapped)
+        .map(|((p, (_, main, edge)), mapped)| {
+            prometheus(
+                p.admin,
+                &[(*main, "main"), (*edge, "edge"), (*mapped, "mapped")],
+            )
+        })
+        .collect();
+    let ((es, et), (ps, pt)) = (&all[0], &all[1]);
+    let mut out = Vec::new();
+    let mut shared = 0;
+    for (key, value) in ps {
+        let family = key.split('{').next().unwrap_or(key);
+        if !et.contains_key(family) {
+            continue;
+        }
+        shared += 1;
+        if et.get(family) != pt.get(family) {
+            out.push(format!(
+                "--- prometheus type of {family}: envoy {:?}, petrel {:?}",
+                et.get(family),
+                pt.get(family)
+            ));
+        }
+        match es.get(key) {
+            None => out.push(format!("--- prometheus: envoy has no series {key}")),
+            Some(ev)
+                if (key.contains("ingress") || key.contains("envoy_cluster_name=\"echo\""))
+                    && key.contains("_rq")
+                    && ev != value =>
+            {
+                out.push(format!("--- prometheus {key}: envoy {ev}, petrel {value}"))
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        shared > 20,
+        "too few shared prometheus series ({shared}) for the comparison to mean anything"
     );
     out
 }

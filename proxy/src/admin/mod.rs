@@ -15,6 +15,7 @@ use xds_client::TypeRegistry;
 use crate::cli::Options;
 
 mod config_dump;
+mod prometheus;
 use crate::config::snapshot::Snapshot;
 use crate::logging;
 use crate::observe::stats::Store;
@@ -294,57 +295,6 @@ fn stats(
     text(StatusCode::OK, s)
 }
 
-/// Envoy's default tag extraction for the stat families Petrel has so far.
-fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
-    let mut tags = Vec::new();
-    let mut n = name.to_string();
-    let mut extract = |prefix: &str, tag: &'static str, n: &mut String| {
-        if let Some(rest) = n.strip_prefix(prefix) {
-            if let Some((value, tail)) = split_tag_value(rest) {
-                tags.push((tag, value));
-                *n = format!("{prefix}{tail}").trim_end_matches('.').to_string();
-            }
-        }
-    };
-    extract("cluster.", "envoy_cluster_name", &mut n);
-    extract("http.", "envoy_http_conn_manager_prefix", &mut n);
-    if let Some(rest) = n.strip_prefix("listener.") {
-        if let Some((value, tail)) = split_tag_value(rest) {
-            if value != "admin" || tail.starts_with("http.") {
-                tags.push(("envoy_listener_address", value));
-                n = format!("listener.{tail}");
-                if let Some(r2) = n.strip_prefix("listener.http.") {
-                    if let Some((v2, t2)) = split_tag_value(r2) {
-                        tags.push(("envoy_http_conn_manager_prefix", v2));
-                        n = format!("listener.http.{t2}");
-                    }
-                }
-            }
-        }
-    }
-    (format!("envoy_{}", n.replace(['.', '-', ':'], "_")), tags)
-}
-
-/// Splits `value.rest` where value may itself contain dots (listener addresses `127.0.0.1_80`).
-fn split_tag_value(rest: &str) -> Option<(String, &str)> {
-    // Addresses: `a.b.c.d_port.` or `[v6]_port.`.
-    if let Some(m) = regex_address().find(rest) {
-        if m.start() == 0 {
-            let v = rest[..m.end() - 1].to_string();
-            return Some((v, &rest[m.end()..]));
-        }
-    }
-    let (v, t) = rest.split_once('.')?;
-    Some((v.to_string(), t))
-}
-
-fn regex_address() -> &'static regex::Regex {
-    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    RE.get_or_init(|| {
-        regex::Regex::new(r"^(?:\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\])_\d+\.").expect("static regex")
-    })
-}
-
 fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Response<Full<Bytes>> {
     refresh(st);
     let re = match filter_re(filter) {
@@ -352,38 +302,10 @@ fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Respo
         Err(body) => return text(StatusCode::BAD_REQUEST, body),
     };
     let snap = st.store.snapshot();
-    let keep =
-        |n: &str, used: bool| (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n));
-    let mut families: std::collections::BTreeMap<String, (&str, Vec<String>)> = Default::default();
-    let mut add = |n: &str, kind: &'static str, v: String| {
-        let (name, tags) = prometheus_name(n);
-        let labels = tags
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{v}\""))
-            .collect::<Vec<_>>()
-            .join(",");
-        let e = families.entry(name.clone()).or_insert((kind, Vec::new()));
-        e.1.push(format!("{name}{{{labels}}} {v}"));
-    };
-    for (n, v, used) in &snap.counters {
-        if keep(n, *used) {
-            add(n, "counter", v.to_string());
-        }
-    }
-    for (n, v, used) in &snap.gauges {
-        if keep(n, *used) {
-            add(n, "gauge", v.to_string());
-        }
-    }
-    let mut s = String::new();
-    for (name, (kind, lines)) in families {
-        s.push_str(&format!("# TYPE {name} {kind}\n"));
-        for l in lines {
-            s.push_str(&l);
-            s.push('\n');
-        }
-    }
-    text(StatusCode::OK, s)
+    let body = prometheus::render(&snap, |n, used| {
+        (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n))
+    });
+    text(StatusCode::OK, body)
 }
 
 /// A host's stats as `/clusters` lists them: (name, value, is_gauge), in Envoy's order.
@@ -540,31 +462,4 @@ fn logging_endpoint(params: &[(String, String)]) -> Response<Full<Bytes>> {
         s.push_str(&format!("  {c}: {}\n", l.name()));
     }
     text(StatusCode::OK, s)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prometheus_tags() {
-        assert_eq!(
-            prometheus_name("cluster.svc_a.upstream_rq_total"),
-            (
-                "envoy_cluster_upstream_rq_total".to_string(),
-                vec![("envoy_cluster_name", "svc_a".to_string())]
-            )
-        );
-        assert_eq!(
-            prometheus_name("listener.127.0.0.1_10000.downstream_cx_total"),
-            (
-                "envoy_listener_downstream_cx_total".to_string(),
-                vec![("envoy_listener_address", "127.0.0.1_10000".to_string())]
-            )
-        );
-        assert_eq!(
-            prometheus_name("server.live"),
-            ("envoy_server_live".to_string(), vec![])
-        );
-    }
 }

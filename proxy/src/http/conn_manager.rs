@@ -208,6 +208,7 @@ pub fn codec_error_response(
     let (status, body, details) = e.reply();
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
+    stats.downstream_rq_http1_total.inc();
     hcm.listener_stats.downstream_rq_total.inc();
     let form = ReplyForm {
         grpc: false,
@@ -223,6 +224,7 @@ pub fn codec_error_response(
     stats.response_class(resp.status().as_u16());
     hcm.listener_stats.response_class(resp.status().as_u16());
     stats.downstream_rq_completed.inc();
+    hcm.listener_stats.downstream_rq_completed.inc();
     resp
 }
 
@@ -363,6 +365,7 @@ pub async fn handle(
     stats.response_class(status);
     hcm.listener_stats.response_class(status);
     stats.downstream_rq_completed.inc();
+    hcm.listener_stats.downstream_rq_completed.inc();
     stats.downstream_rq_active.dec();
     resp
 }

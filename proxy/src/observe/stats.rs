@@ -85,6 +85,12 @@ pub struct Store {
     maps: Arc<Mutex<Maps>>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
 impl Store {
     pub fn counter(&self, name: &str) -> Arc<Counter> {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());

@@ -106,7 +106,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     let Some(host) = cluster.choose(&lb) else {
         cluster.stats.upstream_cx_none_healthy.inc();
         // Envoy charges the cluster with the 503 it answers for it.
-        cluster.stats.response_class(503);
+        cluster.charge_response(503);
         return reply(
             &f,
             LocalReply::no_healthy_upstream(),
@@ -132,7 +132,11 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if continues {
-        f.hcm.stats.downstream_rq_1xx.inc();
+        // Envoy charges the interim response like any other: 1xx and completed.
+        for s in [&f.hcm.stats, &f.hcm.listener_stats] {
+            s.downstream_rq_1xx.inc();
+            s.downstream_rq_completed.inc();
+        }
     }
     let mut headers = std::mem::take(req.headers_mut());
     if let Some(p) = rewrite_path(
@@ -327,7 +331,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     let resp = match outcome {
         Outcome::RouteTimeout => {
             stats.upstream_rq_timeout.inc();
-            stats.response_class(504);
+            cluster.charge_response(504);
             host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
             host.record_response(504);
             return reply(&f, LocalReply::upstream_timeout(), reply_headers.as_ref());
@@ -347,7 +351,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         Outcome::Response(Err(reason)) => {
             // A downstream body error is the client's fault, not the upstream's.
             if reason != crate::upstream::pool::ResetReason::DownstreamBody {
-                stats.response_class(503);
+                cluster.charge_response(503);
                 host.record_response(503);
             }
             return reply(
@@ -358,7 +362,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         }
         Outcome::Response(Ok(r)) => r,
     };
-    stats.response_class(resp.status().as_u16());
+    cluster.charge_response(resp.status().as_u16());
     host.record_response(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     for h in HOP_BY_HOP {
@@ -410,7 +414,7 @@ async fn tunnel(
         Some(Err(reason)) => return reply(f, LocalReply::upstream_reset(reason), None),
         Some(Ok(r)) => r,
     };
-    stats.response_class(resp.status().as_u16());
+    cluster.charge_response(resp.status().as_u16());
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let up = hyper::upgrade::on(&mut resp);
         tokio::task::spawn_local(async move {

@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use xds_client::pb::envoy::config::cluster::v3 as pb;
@@ -18,7 +18,7 @@ use xds_client::pb::envoy::extensions::upstreams::http::v3::{
 use xds_client::TypeRegistry;
 
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
-use crate::observe::stats::Store;
+use crate::observe::stats::{Counter, Store};
 use crate::stat_struct;
 
 stat_struct!(ClusterStats {
@@ -33,11 +33,6 @@ stat_struct!(ClusterStats {
     gauge upstream_rq_active,
     counter upstream_rq_completed,
     counter upstream_rq_timeout,
-    counter upstream_rq_1xx,
-    counter upstream_rq_2xx,
-    counter upstream_rq_3xx,
-    counter upstream_rq_4xx,
-    counter upstream_rq_5xx,
     counter upstream_rq_pending_total,
     counter upstream_cx_none_healthy,
     gauge membership_total,
@@ -46,16 +41,44 @@ stat_struct!(ClusterStats {
     gauge membership_excluded,
 });
 
-impl ClusterStats {
-    /// Envoy's `chargeResponseStat`: the class counter and `upstream_rq_completed` together.
-    pub fn response_class(&self, status: u16) {
-        self.upstream_rq_completed.inc();
-        match status / 100 {
-            1 => self.upstream_rq_1xx.inc(),
-            2 => self.upstream_rq_2xx.inc(),
-            3 => self.upstream_rq_3xx.inc(),
-            4 => self.upstream_rq_4xx.inc(),
-            _ => self.upstream_rq_5xx.inc(),
+/// `upstream_rq_<class>xx` and `upstream_rq_<code>`, created on first use as Envoy creates them
+/// (so an idle cluster carries none of them).
+#[derive(Debug)]
+pub struct ResponseCodeStats {
+    store: Store,
+    prefix: String,
+    classes: [OnceLock<Arc<Counter>>; 5],
+    codes: OnceLock<Box<[OnceLock<Arc<Counter>>]>>,
+}
+
+impl ResponseCodeStats {
+    fn new(store: &Store, prefix: &str) -> Self {
+        ResponseCodeStats {
+            store: store.clone(),
+            prefix: prefix.to_string(),
+            classes: Default::default(),
+            codes: OnceLock::new(),
+        }
+    }
+
+    fn charge(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize;
+        self.classes[class - 1]
+            .get_or_init(|| {
+                self.store
+                    .counter(&format!("{}upstream_rq_{class}xx", self.prefix))
+            })
+            .inc();
+        if (100..600).contains(&status) {
+            let codes = self
+                .codes
+                .get_or_init(|| (100..600).map(|_| OnceLock::new()).collect());
+            codes[(status - 100) as usize]
+                .get_or_init(|| {
+                    self.store
+                        .counter(&format!("{}upstream_rq_{status}", self.prefix))
+                })
+                .inc();
         }
     }
 }
@@ -136,6 +159,7 @@ pub struct Cluster {
     /// Every host, for `/clusters`.
     pub all_hosts: Vec<Arc<Host>>,
     pub stats: ClusterStats,
+    pub codes: ResponseCodeStats,
     /// The cluster as configured, for `/config_dump`.
     pub source: pb::Cluster,
 }
@@ -474,7 +498,6 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
     stats.membership_excluded.set(0);
     Ok(Cluster {
         name,
-        stat_prefix,
         discovery,
         connect_timeout,
         lb,
@@ -483,6 +506,8 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         max_requests_per_connection,
         hosts,
         all_hosts,
+        codes: ResponseCodeStats::new(store, &stat_prefix),
+        stat_prefix,
         stats,
         source: c.clone(),
     })
@@ -495,6 +520,12 @@ pub struct LbState {
 }
 
 impl Cluster {
+    /// Envoy's `chargeResponseStat`: `upstream_rq_completed`, the class and the code.
+    pub fn charge_response(&self, status: u16) {
+        self.stats.upstream_rq_completed.inc();
+        self.codes.charge(status);
+    }
+
     /// Chooses a host, or None when the cluster has none (Envoy's `no healthy upstream`).
     pub fn choose(&self, state: &LbState) -> Option<&Arc<Host>> {
         let n = self.hosts.len();

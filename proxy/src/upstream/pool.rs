@@ -130,6 +130,8 @@ impl WorkerUpstreams {
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
+                    // The request waits for a new connection: Envoy counts it as pending.
+                    cluster.stats.upstream_rq_pending_total.inc();
                     let s = connect_h2(cluster, host).await?;
                     *pool.h2.borrow_mut() = Some(s.clone());
                     s
@@ -157,7 +159,10 @@ impl WorkerUpstreams {
         };
         let (mut sender, used) = match reusable {
             Some(c) => (c.sender, c.used),
-            None => (connect_h1(cluster, host).await?, 0),
+            None => {
+                cluster.stats.upstream_rq_pending_total.inc();
+                (connect_h1(cluster, host).await?, 0)
+            }
         };
         cluster.stats.upstream_rq_total.inc();
         host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
