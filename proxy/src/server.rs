@@ -135,6 +135,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
                 }
             });
         }
+        spawn_dns_refreshers(&current);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => plog!(warn, "main", "caught SIGTERM"),
@@ -145,6 +146,40 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     })?;
     plog!(info, "main", "exiting");
     Ok(())
+}
+
+/// One task per DNS cluster re-resolves it every `dns_refresh_rate` and publishes a new
+/// snapshot when its addresses change.
+fn spawn_dns_refreshers(current: &Arc<ArcSwap<Snapshot>>) {
+    let snap = current.load();
+    for (name, cluster) in &snap.clusters {
+        let Some(every) = cluster.dns_refresh else {
+            continue;
+        };
+        let (name, current) = (name.clone(), current.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(old) = current.load().clusters.get(&name).cloned() else {
+                    return;
+                };
+                // Resolution blocks in getaddrinfo: keep it off the admin/main loop.
+                let refreshed =
+                    tokio::task::spawn_blocking(move || crate::upstream::cluster::refresh(&old))
+                        .await;
+                match refreshed {
+                    Ok(Ok(Some(new))) => {
+                        let next = current.load().with_cluster(Arc::new(new));
+                        current.store(Arc::new(next));
+                        plog!(debug, "upstream", "DNS hosts of cluster {name} changed");
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => plog!(warn, "upstream", "DNS refresh of cluster {name}: {e}"),
+                    Err(_) => return,
+                }
+            }
+        });
+    }
 }
 
 fn worker_main(

@@ -24,6 +24,23 @@ pub struct Snapshot {
     pub bootstrap: Bootstrap,
 }
 
+impl Snapshot {
+    /// The same snapshot with one cluster replaced (DNS refresh): listeners, routes and every
+    /// other cluster are shared, so connections keep what they started with.
+    pub fn with_cluster(&self, cluster: Arc<Cluster>) -> Snapshot {
+        let mut clusters = self.clusters.clone();
+        clusters.insert(cluster.name.clone(), cluster);
+        Snapshot {
+            listeners: self.listeners.clone(),
+            clusters,
+            cluster_order: self.cluster_order.clone(),
+            admin: self.admin,
+            node: self.node.clone(),
+            bootstrap: self.bootstrap.clone(),
+        }
+    }
+}
+
 pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot, ConfigError> {
     let mut rest = b.clone();
     let mut node = rest.node.take().unwrap_or_default();

@@ -43,7 +43,7 @@ stat_struct!(ClusterStats {
 
 /// `upstream_rq_<class>xx` and `upstream_rq_<code>`, created on first use as Envoy creates them
 /// (so an idle cluster carries none of them).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ResponseCodeStats {
     store: Store,
     prefix: String,
@@ -143,7 +143,7 @@ impl Host {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
     /// The prefix of every stat: `cluster.<alt_stat_name or name>.`.
@@ -162,13 +162,26 @@ pub struct Cluster {
     pub codes: ResponseCodeStats,
     /// The cluster as configured, for `/config_dump`.
     pub source: pb::Cluster,
+    /// How often DNS clusters re-resolve (`dns_refresh_rate`, Envoy's default 5 s).
+    pub dns_refresh: Option<Duration>,
+}
+
+/// How endpoint names are turned into addresses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Resolve {
+    /// STATIC: IP addresses only.
+    None,
+    /// LOGICAL_DNS: the first address.
+    First,
+    /// STRICT_DNS: every address.
+    All,
 }
 
 fn socket_address(
     a: &Address,
     path: &str,
-    resolve: bool,
-) -> Result<(SocketAddr, String), ConfigError> {
+    resolve: Resolve,
+) -> Result<(Vec<SocketAddr>, String), ConfigError> {
     match &a.address {
         Some(address::Address::SocketAddress(sa)) => {
             let port = match sa.port_specifier {
@@ -200,28 +213,27 @@ fn socket_address(
                 });
             }
             if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
-                return Ok((SocketAddr::new(ip, port), sa.address.clone()));
+                return Ok((vec![SocketAddr::new(ip, port)], sa.address.clone()));
             }
-            if !resolve {
+            if resolve == Resolve::None {
                 return Err(invalid(
                     format!("{path}.address"),
                     format!("malformed IP address: {}. Consider setting resolver_name or setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'", sa.address),
                 ));
             }
-            let addr = (sa.address.as_str(), port)
+            // A name that does not resolve leaves the cluster without hosts until a later
+            // resolution succeeds (the refresher retries), as in Envoy; it does not fail boot.
+            let mut addrs: Vec<SocketAddr> = (sa.address.as_str(), port)
                 .to_socket_addrs()
-                .ok()
-                .and_then(|mut it| {
-                    it.find(|a| a.is_ipv4())
-                        .or_else(|| (sa.address.as_str(), port).to_socket_addrs().ok()?.next())
-                })
-                .ok_or_else(|| {
-                    invalid(
-                        format!("{path}.address"),
-                        format!("DNS resolution failed for {}", sa.address),
-                    )
-                })?;
-            Ok((addr, sa.address.clone()))
+                .map(|it| it.collect())
+                .unwrap_or_default();
+            // IPv4 first (V4_PREFERRED), duplicates dropped.
+            addrs.sort_by_key(|a| !a.is_ipv4());
+            addrs.dedup();
+            if resolve == Resolve::First {
+                addrs.truncate(1);
+            }
+            Ok((addrs, sa.address.clone()))
         }
         Some(address::Address::Pipe(_)) => Err(ConfigError::Unsupported {
             path: path.into(),
@@ -238,7 +250,7 @@ fn socket_address(
 fn hosts_from(
     cla: &ClusterLoadAssignment,
     path: &str,
-    resolve: bool,
+    resolve: Resolve,
 ) -> Result<Vec<Arc<Host>>, ConfigError> {
     let mut rest = cla.clone();
     rest.cluster_name.clear();
@@ -302,26 +314,29 @@ fn hosts_from(
             })?;
             let hostname = std::mem::take(&mut e_rest.hostname);
             reject_unhandled(&e_rest, &format!("{ep_path}.endpoint"))?;
-            let (address, name) = socket_address(
+            let (addresses, name) = socket_address(
                 &addr,
                 &format!("{ep_path}.endpoint.address.socket_address"),
                 resolve,
             )?;
-            hosts.push(Arc::new(Host {
-                address,
-                // Envoy shows the DNS name as the hostname of resolved hosts, and nothing for IPs.
-                hostname: if hostname.is_empty() && resolve {
-                    name
-                } else {
-                    hostname
-                },
-                weight,
-                priority,
-                locality: locality.clone(),
-                active_requests: AtomicU64::new(0),
-                metadata,
-                stats: HostStats::default(),
-            }));
+            for address in addresses {
+                hosts.push(Arc::new(Host {
+                    address,
+                    // Envoy shows the DNS name as the hostname of resolved hosts, and nothing
+                    // for IPs.
+                    hostname: if hostname.is_empty() && resolve != Resolve::None {
+                        name.clone()
+                    } else {
+                        hostname.clone()
+                    },
+                    weight,
+                    priority,
+                    locality: locality.clone(),
+                    active_requests: AtomicU64::new(0),
+                    metadata: metadata.clone(),
+                    stats: HostStats::default(),
+                }));
+            }
         }
     }
     Ok(hosts)
@@ -468,7 +483,19 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         }
         reject_unhandled(&o, &p)?;
     }
-    let resolve = discovery != DiscoveryType::Static;
+    let resolve = match discovery {
+        DiscoveryType::Static => Resolve::None,
+        DiscoveryType::LogicalDns => Resolve::First,
+        DiscoveryType::StrictDns => Resolve::All,
+    };
+    let dns_refresh = match discovery {
+        DiscoveryType::Static => None,
+        _ => Some(duration::or(
+            &rest.dns_refresh_rate.take(),
+            Duration::from_millis(5000),
+            &format!("{path}.dns_refresh_rate"),
+        )?),
+    };
     let cla = rest.load_assignment.take().unwrap_or_default();
     let all_hosts = hosts_from(&cla, &format!("{path}.load_assignment"), resolve)?;
     if discovery == DiscoveryType::LogicalDns && all_hosts.len() > 1 {
@@ -477,9 +504,8 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
             "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
         ));
     }
-    // DNS names resolve once, when the cluster is compiled, preferring IPv4 (V4_ONLY and
-    // V4_PREFERRED both hold); periodic re-resolution is not implemented, so an explicit
-    // dns_refresh_rate stays in `rest` and is refused.
+    // DNS names resolve when the cluster is compiled and again every dns_refresh_rate (see
+    // `refresh`), preferring IPv4 (V4_ONLY and V4_PREFERRED both hold).
     if matches!(rest.dns_lookup_family, 1 | 3) {
         rest.dns_lookup_family = 0;
     }
@@ -510,6 +536,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         stat_prefix,
         stats,
         source: c.clone(),
+        dns_refresh,
     })
 }
 
@@ -517,6 +544,45 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
 #[derive(Debug, Default)]
 pub struct LbState {
     rr: std::cell::Cell<u64>,
+}
+
+/// Re-resolves a DNS cluster: `Ok(None)` when its addresses did not change, else the cluster
+/// with its new host set (hosts whose address stayed keep their stats).
+pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
+    let resolve = match old.discovery {
+        DiscoveryType::Static => return Ok(None),
+        DiscoveryType::LogicalDns => Resolve::First,
+        DiscoveryType::StrictDns => Resolve::All,
+    };
+    let cla = old.source.load_assignment.clone().unwrap_or_default();
+    let fresh = hosts_from(
+        &cla,
+        &format!("cluster '{}'.load_assignment", old.name),
+        resolve,
+    )?;
+    let key = |h: &Arc<Host>| (h.address, h.priority);
+    if old.all_hosts.iter().map(key).eq(fresh.iter().map(key)) {
+        return Ok(None);
+    }
+    let reuse = |h: &Arc<Host>| {
+        old.all_hosts
+            .iter()
+            .find(|o| key(o) == key(h))
+            .cloned()
+            .unwrap_or_else(|| h.clone())
+    };
+    let mut new = old.clone();
+    new.all_hosts = fresh.iter().map(reuse).collect();
+    let top = new.all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
+    new.hosts = new
+        .all_hosts
+        .iter()
+        .filter(|h| h.priority == top)
+        .cloned()
+        .collect();
+    new.stats.membership_total.set(new.all_hosts.len() as i64);
+    new.stats.membership_healthy.set(new.all_hosts.len() as i64);
+    Ok(Some(new))
 }
 
 impl Cluster {
@@ -628,6 +694,27 @@ mod tests {
         assert!(e.to_string().contains("outlier_detection"), "{e}");
         let e = cluster(json!({"name": "c", "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "example.invalid", "port_value": 1}}}}]}]}})).unwrap_err();
         assert!(e.to_string().contains("malformed IP address"), "{e}");
+    }
+
+    #[test]
+    fn dns_clusters_resolve_and_refresh() {
+        let c = cluster(json!({"name": "d", "type": "STRICT_DNS", "dns_refresh_rate": "1s", "load_assignment": {"endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "localhost", "port_value": 80}}}}]}]}}))
+        .unwrap();
+        assert_eq!(c.dns_refresh, Some(Duration::from_secs(1)));
+        assert!(c
+            .all_hosts
+            .iter()
+            .all(|h| h.hostname == "localhost" && h.address.ip().is_loopback()));
+        assert!(!c.all_hosts.is_empty());
+        // Same answer: nothing to publish.
+        assert!(refresh(&c).unwrap().is_none());
+        // A name that does not resolve leaves the cluster empty instead of failing boot.
+        let bad = cluster(json!({"name": "d", "type": "LOGICAL_DNS", "load_assignment": {"endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "no-such-host.invalid", "port_value": 80}}}}]}]}}))
+        .unwrap();
+        assert!(bad.all_hosts.is_empty());
+        assert_eq!(bad.dns_refresh, Some(Duration::from_secs(5)));
     }
 
     #[test]
