@@ -939,3 +939,79 @@ fn config_dump_matches_envoy() {
         );
     }
 }
+
+/// The admin endpoints pilot-agent and istioctl use answer as Envoy's do.
+#[test]
+fn admin_endpoints_match_envoy() {
+    let Some(s) = setup() else { return };
+    let call = |admin: u16, method: &str, path: &str| -> (u16, String) {
+        let r = http_raw(admin, format!("{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).expect("admin");
+        (r.status, r.body_str())
+    };
+    let admins: Vec<u16> = s._proxies.iter().map(|p| p.admin).collect();
+    let keys = |body: &str, field: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        match &v[field] {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            other => vec![other.to_string()],
+        }
+    };
+    // Same top-level fields and command-line option names, in the same order.
+    let infos: Vec<String> = admins
+        .iter()
+        .map(|a| call(*a, "GET", "/server_info").1)
+        .collect();
+    let top = |b: &str| -> Vec<String> {
+        serde_json::from_str::<serde_json::Value>(b)
+            .expect("json")
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(top(&infos[0]), top(&infos[1]), "server_info fields");
+    assert_eq!(
+        keys(&infos[0], "command_line_options"),
+        keys(&infos[1], "command_line_options"),
+        "command_line_options"
+    );
+    assert_eq!(keys(&infos[0], "state"), keys(&infos[1], "state"));
+    // Readiness, health-check failure and recovery, as pilot-agent drives them.
+    let sequence = [
+        ("GET", "/ready"),
+        ("GET", "/healthcheck/fail"),
+        ("POST", "/healthcheck/fail"),
+        ("GET", "/ready"),
+        ("POST", "/healthcheck/ok"),
+        ("GET", "/ready"),
+        ("GET", "/nope"),
+        ("GET", "/listeners"),
+    ];
+    for (method, path) in sequence {
+        let answers: Vec<(u16, String)> = admins
+            .iter()
+            .zip(&s.ports)
+            .zip(&s.mapped)
+            .map(|((a, (_, main, edge)), mapped)| {
+                let (status, body) = call(*a, method, path);
+                // Listener addresses differ per proxy: name them by role.
+                let body = body
+                    .replace(&format!(":{main}\n"), ":main\n")
+                    .replace(&format!(":{edge}\n"), ":edge\n")
+                    .replace(&format!(":{mapped}\n"), ":mapped\n");
+                // The 404 help text lists each proxy's own endpoints; compare its first line.
+                let body = if status == 404 {
+                    body.lines().next().unwrap_or("").to_string()
+                } else {
+                    body
+                };
+                (status, body)
+            })
+            .collect();
+        assert_eq!(
+            answers[0], answers[1],
+            "{method} {path}: envoy (left) vs petrel (right)"
+        );
+    }
+}

@@ -122,7 +122,7 @@ pub async fn handle(
     if mutating && req.method() != http::Method::POST {
         return Ok(text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "This endpoint requires POST.\n",
+            format!("Method {} not allowed, POST required.", req.method()),
         ));
     }
     Ok(match path.as_str() {
@@ -189,39 +189,67 @@ pub async fn handle(
     })
 }
 
+/// `/server_info` with Envoy's fields in Envoy's order.
 fn server_info(st: &AdminState) -> Value {
     let snap = st.current.load();
     let o = &st.options;
-    json!({
-        "version": crate::version_string(),
-        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else { "LIVE" },
-        "hot_restart_version": "disabled",
-        "command_line_options": {
+    let uptime = format!("{}s", st.started.elapsed().as_secs());
+    let mut options = json!({
             "base_id": o.base_id.to_string(),
             "concurrency": o.concurrency,
             "config_path": o.config_path.clone().unwrap_or_default(),
             "config_yaml": o.config_yaml.clone().unwrap_or_default(),
             "allow_unknown_static_fields": o.allow_unknown_static_fields,
-            "reject_unknown_dynamic_fields": o.reject_unknown_dynamic_fields,
-            "ignore_unknown_dynamic_fields": o.ignore_unknown_dynamic_fields,
+            "admin_address_path": o.admin_address_path.clone().unwrap_or_default(),
+            "local_address_ip_version": match o.local_address_ip_version { crate::cli::IpVersion::V4 => "v4", crate::cli::IpVersion::V6 => "v6" },
             "log_level": o.log_level,
             "component_log_level": o.component_log_level.iter().map(|(c, l)| format!("{c}:{l}")).collect::<Vec<_>>().join(","),
             "log_format": o.log_format.clone().unwrap_or_else(|| logging::DEFAULT_FORMAT.to_string()),
             "log_path": o.log_path.clone().unwrap_or_default(),
-            "service_cluster": snap.node.cluster,
-            "service_node": snap.node.id,
-            "service_zone": snap.node.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
+            "service_cluster": o.service_cluster.clone().unwrap_or_default(),
+            "service_node": o.service_node.clone().unwrap_or_default(),
+            "service_zone": o.service_zone.clone().unwrap_or_default(),
+            "file_flush_interval": format!("{}s", o.file_flush_interval_msec as f64 / 1000.0),
+    });
+    // Split in two: one `json!` this long exceeds the macro recursion limit.
+    let rest = json!({
             "drain_time": format!("{}s", o.drain_time_s),
-            "drain_strategy": match o.drain_strategy { crate::cli::DrainStrategy::Gradual => "Gradual", crate::cli::DrainStrategy::Immediate => "Immediate" },
             "parent_shutdown_time": format!("{}s", o.parent_shutdown_time_s),
             "mode": o.mode.to_string(),
             "disable_hot_restart": true,
-            "file_flush_interval": format!("{}s", o.file_flush_interval_msec as f64 / 1000.0),
-            "local_address_ip_version": match o.local_address_ip_version { crate::cli::IpVersion::V4 => "v4", crate::cli::IpVersion::V6 => "v6" },
-        },
+            "enable_mutex_tracing": false,
+            "restart_epoch": 0,
+            "cpuset_threads": false,
+            "reject_unknown_dynamic_fields": o.reject_unknown_dynamic_fields,
+            "log_format_escaped": false,
+            "disabled_extensions": [],
+            "ignore_unknown_dynamic_fields": o.ignore_unknown_dynamic_fields,
+            "use_dynamic_base_id": false,
+            "base_id_path": "",
+            "drain_strategy": match o.drain_strategy { crate::cli::DrainStrategy::Gradual => "Gradual", crate::cli::DrainStrategy::Immediate => "Immediate" },
+            "enable_fine_grain_logging": false,
+            "socket_path": "",
+            "socket_mode": 0,
+            "enable_core_dump": false,
+            "stats_tag": [],
+            "skip_hot_restart_on_no_parent": false,
+            "skip_hot_restart_parent_stats": false,
+            "skip_deprecated_logs": false,
+            "file_flush_min_size": 0,
+            "log_stacktrace_single_entry": false,
+    });
+    if let (Value::Object(a), Value::Object(b)) = (&mut options, rest) {
+        a.extend(b);
+    }
+    json!({
+        "version": crate::version_string(),
+        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else { "LIVE" },
+        "uptime_current_epoch": uptime,
+        "uptime_all_epochs": uptime,
+        "hot_restart_version": "disabled",
+        "command_line_options": options,
         "node": TypeRegistry::global().to_json(&snap.node),
-        "uptime_current_epoch": format!("{}s", st.started.elapsed().as_secs()),
-        "uptime_all_epochs": format!("{}s", st.started.elapsed().as_secs()),
+        "hot_restart_initializing": false,
     })
 }
 
