@@ -1015,3 +1015,91 @@ fn admin_endpoints_match_envoy() {
         );
     }
 }
+
+/// HTTP/2 protocol errors end the connection with GOAWAY and the same error code as Envoy's,
+/// and the proxy keeps serving.
+#[test]
+fn h2_protocol_errors_match_envoy() {
+    use std::io::{Read, Write};
+    let Some(s) = setup() else { return };
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let frame = |ty: u8, flags: u8, stream: u32, payload: &[u8]| -> Vec<u8> {
+        let mut f = vec![
+            (payload.len() >> 16) as u8,
+            (payload.len() >> 8) as u8,
+            payload.len() as u8,
+            ty,
+            flags,
+        ];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("DATA on stream 0", frame(0, 0, 0, b"x")),
+        ("SETTINGS with a bad length", frame(4, 0, 0, &[0, 0, 0])),
+        (
+            "WINDOW_UPDATE of zero on the connection",
+            frame(8, 0, 0, &[0, 0, 0, 0]),
+        ),
+        ("HEADERS on an even stream", frame(1, 5, 2, &[0x82])),
+    ];
+    // The GOAWAY error code the server ended with, or none.
+    let goaway = |port: u16, bad: &[u8]| -> Option<u32> {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(4, 0, 0, &[]));
+        out.extend_from_slice(bad);
+        c.write_all(&out).expect("write");
+        let mut all = Vec::new();
+        let _ = c.read_to_end(&mut all);
+        let mut i = 0;
+        let mut code = None;
+        while i + 9 <= all.len() {
+            let len =
+                ((all[i] as usize) << 16) | ((all[i + 1] as usize) << 8) | all[i + 2] as usize;
+            if all[i + 3] == 7 && i + 9 + 8 <= all.len() {
+                code = Some(u32::from_be_bytes([
+                    all[i + 13],
+                    all[i + 14],
+                    all[i + 15],
+                    all[i + 16],
+                ]));
+            }
+            i += 9 + len;
+        }
+        code
+    };
+    // The `h2` crate answers a SETTINGS frame whose length is not a multiple of 6 with
+    // PROTOCOL_ERROR; RFC 9113 section 6.5 (and Envoy) say FRAME_SIZE_ERROR. Fixing it needs a
+    // change in `h2` itself; the test fails once the two agree, so the entry gets removed.
+    const KNOWN: &[&str] = &["SETTINGS with a bad length"];
+    for (name, bad) in cases {
+        let codes: Vec<Option<u32>> = s
+            .ports
+            .iter()
+            .map(|(_, main, _)| goaway(*main, &bad))
+            .collect();
+        if name == "DATA on stream 0" {
+            assert!(
+                codes[0].is_some(),
+                "{name}: envoy sent no GOAWAY, the case no longer tests anything"
+            );
+        }
+        if KNOWN.contains(&name) {
+            assert_ne!(
+                codes[0], codes[1],
+                "{name} now matches Envoy: drop it from KNOWN"
+            );
+        } else {
+            assert_eq!(
+                codes[0], codes[1],
+                "{name}: envoy (left) vs petrel (right) GOAWAY error code"
+            );
+        }
+    }
+    let r = h2c(s.ports[1].1, "GET", "/direct", &[], "").expect("still serving h2c");
+    assert_eq!(r.status, 200);
+}
