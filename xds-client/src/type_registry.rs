@@ -254,9 +254,13 @@ struct TypedStructWire {
 }
 
 /// `google.protobuf.Struct` → JSON object.
+/// `google.protobuf.Struct` → JSON object, keys sorted (a Struct is a map: protobuf's JSON
+/// printer, and so Envoy, emits it in key order).
 pub fn struct_to_json(s: Struct) -> serde_json::Value {
+    let mut fields: Vec<_> = s.fields.into_iter().collect();
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
     serde_json::Value::Object(
-        s.fields
+        fields
             .into_iter()
             .map(|(k, v)| (k, value_to_json(v)))
             .collect(),
