@@ -987,6 +987,13 @@ fn admin_endpoints_match_envoy() {
         ("GET", "/ready"),
         ("GET", "/nope"),
         ("GET", "/listeners"),
+        ("GET", "/stats?filter=^server\\.(live|state|concurrency)$"),
+        (
+            "GET",
+            "/stats?filter=^cluster\\.refused\\.(upstream_rq_total|membership_total)$&format=json",
+        ),
+        ("GET", "/stats?filter=nothing-matches&format=json"),
+        ("GET", "/stats?filter=(&format=json"),
     ];
     for (method, path) in sequence {
         let answers: Vec<(u16, String)> = admins
@@ -1003,6 +1010,12 @@ fn admin_endpoints_match_envoy() {
                 // The 404 help text lists each proxy's own endpoints; compare its first line.
                 let body = if status == 404 {
                     body.lines().next().unwrap_or("").to_string()
+                } else {
+                    body
+                };
+                // RE2's error wording is its own; the status and the prefix are Envoy's.
+                let body = if status == 400 {
+                    body.split(':').next().unwrap_or("").to_string()
                 } else {
                     body
                 };

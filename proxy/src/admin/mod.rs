@@ -311,7 +311,13 @@ fn stats(
             rows.into_iter()
                 .map(|(n, _, v)| json!({"name": n, "value": v})),
         );
-        return json_resp(&json!({"stats": out}));
+        // Envoy prints stats JSON compact, unlike its other admin JSON.
+        let mut r = text(StatusCode::OK, json!({"stats": out}).to_string());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        return r;
     }
     let mut s = String::new();
     for (n, v) in texts {
