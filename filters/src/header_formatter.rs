@@ -55,54 +55,37 @@ pub struct Formatter {
 
 impl Formatter {
     pub fn compile(src: &str, path: &str) -> Result<Formatter, ConfigError> {
-        let mut parts = Vec::new();
-        let mut lit = String::new();
-        let mut rest = src;
-        while let Some(i) = rest.find('%') {
-            lit.push_str(&rest[..i]);
-            rest = &rest[i + 1..];
-            if let Some(r) = rest.strip_prefix('%') {
-                lit.push('%');
-                rest = r;
-                continue;
-            }
-            let Some(end) = rest.find('%') else {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "Invalid header configuration. Un-terminated variable expression '{src}'"
-                    ),
-                ));
-            };
-            let token = &rest[..end];
-            rest = &rest[end + 1..];
-            if !lit.is_empty() {
-                parts.push(Part::Literal(std::mem::take(&mut lit)));
-            }
-            parts.push(Self::command(token, path)?);
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            parts.push(Part::Literal(lit));
+        use crate::substitution::{tokenize, Token, TokenError};
+        let unterminated = |what: &str| {
+            invalid(
+                path,
+                format!("Invalid header configuration. Un-terminated variable expression '{what}'"),
+            )
+        };
+        let tokens = tokenize(src).map_err(|e| match e {
+            TokenError::Unterminated(_) => unterminated(src),
+            TokenError::UnclosedArgument(raw) => unterminated(&raw),
+        })?;
+        let mut parts = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            parts.push(match t {
+                Token::Literal(l) => Part::Literal(l),
+                // `%REQ(x):N%` truncation is refused rather than ignored.
+                Token::Command {
+                    max: Some(_), raw, ..
+                } => return Err(unterminated(raw)),
+                Token::Command { name, arg, raw, .. } => Self::command(name, arg, raw, path)?,
+            });
         }
         Ok(Formatter { parts })
     }
 
-    fn command(token: &str, path: &str) -> Result<Part, ConfigError> {
-        let (name, arg) = match token.split_once('(') {
-            Some((n, a)) => match a.strip_suffix(')') {
-                Some(a) => (n, Some(a)),
-                None => {
-                    return Err(invalid(
-                        path,
-                        format!(
-                        "Invalid header configuration. Un-terminated variable expression '{token}'"
-                    ),
-                    ))
-                }
-            },
-            None => (token, None),
-        };
+    fn command(
+        name: &str,
+        arg: Option<&str>,
+        token: &str,
+        path: &str,
+    ) -> Result<Part, ConfigError> {
         Ok(match (name, arg) {
             ("DOWNSTREAM_REMOTE_ADDRESS", None) => Part::DownstreamRemoteAddress,
             ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", None) => Part::DownstreamRemoteAddressWithoutPort,
@@ -126,7 +109,7 @@ impl Formatter {
             ("HOSTNAME", None) => Part::Hostname(hostname()),
             ("ENVIRONMENT", Some(var)) => Part::Environment(std::env::var(var).unwrap_or_default()),
             ("REQ", Some(h)) => {
-                // `%REQ(x):N%` truncation and `?alt` fallbacks are refused rather than ignored.
+                // `?alt` fallbacks are refused (the name is then invalid) rather than ignored.
                 let name = HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
                     .map_err(|_| invalid(path, format!("Invalid header name in '%{token}%'")))?;
                 Part::Req(name)

@@ -78,57 +78,42 @@ fn header_op(arg: &str, max: Option<usize>, path: &str, resp: bool) -> Result<Op
 
 impl TextFormat {
     pub fn compile(src: &str, path: &str) -> Result<TextFormat, ConfigError> {
-        let mut ops = Vec::new();
-        let mut lit = String::new();
-        let mut rest = src;
-        while let Some(i) = rest.find('%') {
-            lit.push_str(&rest[..i]);
-            rest = &rest[i + 1..];
-            if let Some(r) = rest.strip_prefix('%') {
-                lit.push('%');
-                rest = r;
-                continue;
+        use petrel_filters::substitution::{tokenize, Token, TokenError};
+        let tokens = tokenize(src).map_err(|e| match e {
+            TokenError::Unterminated(at) => invalid(
+                path,
+                format!(
+                    "Incorrect configuration: {src}. Couldn't find valid command at position {at}"
+                ),
+            ),
+            TokenError::UnclosedArgument(raw) => {
+                invalid(path, format!("Incorrect configuration: %{raw}%"))
             }
-            let end = rest.find('%').ok_or_else(|| invalid(path, format!("Incorrect configuration: {src}. Couldn't find valid command at position {}", src.len() - rest.len() - 1)))?;
-            let token = &rest[..end];
-            rest = &rest[end + 1..];
-            if !lit.is_empty() {
-                ops.push(Op::Literal(std::mem::take(&mut lit)));
-            }
-            ops.push(Self::command(token, path)?);
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            ops.push(Op::Literal(lit));
+        })?;
+        let mut ops = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            ops.push(match t {
+                Token::Literal(l) => Op::Literal(l),
+                Token::Command { name, arg, max, .. } => Self::command(name, arg, max, path)?,
+            });
         }
         Ok(TextFormat { ops })
     }
 
-    fn command(token: &str, path: &str) -> Result<Op, ConfigError> {
-        // `NAME(arg):max`
-        let (body, max) = match token.rsplit_once("):") {
-            Some((b, m)) => (
-                format!("{b})"),
-                Some(m.parse::<usize>().map_err(|_| {
-                    invalid(path, format!("Length must be an integer, given: {m}"))
-                })?),
+    fn command(
+        name: &str,
+        arg: Option<&str>,
+        max: Option<&str>,
+        path: &str,
+    ) -> Result<Op, ConfigError> {
+        let max = match max {
+            Some(m) => Some(
+                m.parse::<usize>()
+                    .map_err(|_| invalid(path, format!("Length must be an integer, given: {m}")))?,
             ),
-            None => (token.to_string(), None),
+            None => None,
         };
-        let (name, arg) = match body.split_once('(') {
-            Some((n, a)) => (
-                n.to_string(),
-                Some(
-                    a.strip_suffix(')')
-                        .ok_or_else(|| {
-                            invalid(path, format!("Incorrect configuration: %{token}%"))
-                        })?
-                        .to_string(),
-                ),
-            ),
-            None => (body.clone(), None),
-        };
-        Ok(match (name.as_str(), arg.as_deref()) {
+        Ok(match (name, arg) {
             ("REQ", Some(a)) => header_op(a, max, path, false)?,
             ("RESP", Some(a)) => header_op(a, max, path, true)?,
             ("RESPONSE_CODE", None) => Op::ResponseCode,

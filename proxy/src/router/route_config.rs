@@ -14,6 +14,25 @@ use super::uri_template::UriTemplate;
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
 use petrel_filters::header_formatter::HeaderMutations;
 
+/// Compiles and takes out a message's `request_headers_to_add/_remove` and
+/// `response_headers_to_add/_remove` (every route level has the four fields).
+macro_rules! take_header_mutations {
+    ($msg:ident, $path:expr) => {
+        (
+            HeaderMutations::compile(
+                &std::mem::take(&mut $msg.request_headers_to_add),
+                &std::mem::take(&mut $msg.request_headers_to_remove),
+                &format!("{}.request_headers", $path),
+            )?,
+            HeaderMutations::compile(
+                &std::mem::take(&mut $msg.response_headers_to_add),
+                &std::mem::take(&mut $msg.response_headers_to_remove),
+                &format!("{}.response_headers", $path),
+            )?,
+        )
+    };
+}
+
 #[derive(Debug)]
 pub struct RouteTable {
     pub name: String,
@@ -315,16 +334,7 @@ pub fn compile(
     let mut rest = rc.clone();
     let name = std::mem::take(&mut rest.name);
     let vhosts_pb = std::mem::take(&mut rest.virtual_hosts);
-    let request_headers = HeaderMutations::compile(
-        &std::mem::take(&mut rest.request_headers_to_add),
-        &std::mem::take(&mut rest.request_headers_to_remove),
-        "route_config.request_headers",
-    )?;
-    let response_headers = HeaderMutations::compile(
-        &std::mem::take(&mut rest.response_headers_to_add),
-        &std::mem::take(&mut rest.response_headers_to_remove),
-        "route_config.response_headers",
-    )?;
+    let (request_headers, response_headers) = take_header_mutations!(rest, "route_config");
     let internal_only_headers = std::mem::take(&mut rest.internal_only_headers)
         .iter()
         .map(|h| {
@@ -416,16 +426,7 @@ fn compile_vhost(
         2 => RequireTls::All,
         _ => return Err(invalid(format!("{path}.require_tls"), "unknown enum value")),
     };
-    let request_headers = HeaderMutations::compile(
-        &std::mem::take(&mut rest.request_headers_to_add),
-        &std::mem::take(&mut rest.request_headers_to_remove),
-        &format!("{path}.request_headers"),
-    )?;
-    let response_headers = HeaderMutations::compile(
-        &std::mem::take(&mut rest.response_headers_to_add),
-        &std::mem::take(&mut rest.response_headers_to_remove),
-        &format!("{path}.response_headers"),
-    )?;
+    let (request_headers, response_headers) = take_header_mutations!(rest, path);
     reject_unhandled(&rest, path)?;
     let routes = routes_pb
         .iter()
@@ -461,16 +462,7 @@ fn compile_route(
     // A decorator only names the tracing span; tracing is refused at the connection manager
     // until the observability issue lands, so there is nothing for it to change yet.
     rest.decorator = None;
-    let request_headers = HeaderMutations::compile(
-        &std::mem::take(&mut rest.request_headers_to_add),
-        &std::mem::take(&mut rest.request_headers_to_remove),
-        &format!("{path}.request_headers"),
-    )?;
-    let response_headers = HeaderMutations::compile(
-        &std::mem::take(&mut rest.response_headers_to_add),
-        &std::mem::take(&mut rest.response_headers_to_remove),
-        &format!("{path}.response_headers"),
-    )?;
+    let (request_headers, response_headers) = take_header_mutations!(rest, path);
     reject_unhandled(&rest, path)?;
     let matcher = compile_match(&m, &format!("{path}.match"))?;
     let action = match action_pb {
@@ -726,16 +718,7 @@ fn compile_forward(
                 }
                 check(&name, &format!("{cp}.name"))?;
                 let weight = crest.weight.take().map(|w| w.value).unwrap_or(0);
-                let request_headers = HeaderMutations::compile(
-                    &std::mem::take(&mut crest.request_headers_to_add),
-                    &std::mem::take(&mut crest.request_headers_to_remove),
-                    &format!("{cp}.request_headers"),
-                )?;
-                let response_headers = HeaderMutations::compile(
-                    &std::mem::take(&mut crest.response_headers_to_add),
-                    &std::mem::take(&mut crest.response_headers_to_remove),
-                    &format!("{cp}.response_headers"),
-                )?;
+                let (request_headers, response_headers) = take_header_mutations!(crest, cp);
                 let host_rewrite_literal = match crest.host_rewrite_specifier.take() {
                     Some(pb::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(
                         http::HeaderValue::from_str(&h).map_err(|_| invalid(format!("{cp}.host_rewrite_literal"), "invalid header value"))?,
