@@ -123,6 +123,11 @@ impl Formatter {
         })
     }
 
+    /// Whether the value reads request headers (`%REQ(…)%`).
+    pub fn reads_request_headers(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Req(_)))
+    }
+
     pub fn is_literal(&self) -> Option<&str> {
         match self.parts.as_slice() {
             [] => Some(""),
@@ -293,6 +298,11 @@ impl HeaderMutations {
 
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Whether applying these needs a copy of the request headers as they were.
+    pub fn reads_request_headers(&self) -> bool {
+        self.add.iter().any(|a| a.value.reads_request_headers())
     }
 
     /// Applies removals, then additions, as Envoy's `HeaderParser::evaluateHeaders` does.

@@ -96,6 +96,7 @@ static_resources:
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
                 - header: {key: x-if-absent, value: added}
                   append_action: ADD_IF_ABSENT
+                - header: {key: x-copied, value: "%REQ(x-appended)%|%REQ(x-config-level)%|%REQ(x-vhost-level)%"}
                 response_headers_to_add:
                 - header: {key: x-resp-route, value: r}
                 response_headers_to_remove: [x-upstream]

@@ -203,36 +203,37 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             HeaderValue::from(t.as_millis() as u64),
         );
     }
-    let fctx = FormatContext {
-        downstream_remote: f.remote,
-        downstream_local: f.info.local,
-        protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
-        request_headers: None,
-        // Envoy evaluates request header mutations before it picks the host, so upstream
-        // values are empty here (and such headers are not added).
-        upstream: None,
-        start_time: f.start_time,
-    };
-    let snapshot_headers = headers.clone();
-    let fctx = FormatContext {
-        request_headers: Some(&snapshot_headers),
-        ..fctx
-    };
     let routes = &f.hcm.routes;
-    let mut levels = Vec::with_capacity(4);
-    if let Some(w) = weighted {
-        levels.push(&w.request_headers);
-    }
-    levels.extend([
-        &f.route.request_headers,
-        &f.vh.request_headers,
-        &routes.request_headers,
-    ]);
+    let mut levels = [
+        weighted.map(|w| &w.request_headers),
+        Some(&f.route.request_headers),
+        Some(&f.vh.request_headers),
+        Some(&routes.request_headers),
+    ];
     if routes.most_specific_header_mutations_wins {
         levels.reverse();
     }
-    for m in levels {
-        m.apply(&mut headers, &fctx);
+    let levels = levels.into_iter().flatten().filter(|m| !m.is_empty());
+    // Formatters read the request as it was before any level changed it; copy it only when
+    // one of them reads it.
+    if levels.clone().next().is_some() {
+        let before = levels
+            .clone()
+            .any(|m| m.reads_request_headers())
+            .then(|| headers.clone());
+        let fctx = FormatContext {
+            downstream_remote: f.remote,
+            downstream_local: f.info.local,
+            protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
+            request_headers: before.as_ref(),
+            // Envoy evaluates request header mutations before it picks the host, so upstream
+            // values are empty here (and such headers are not added).
+            upstream: None,
+            start_time: f.start_time,
+        };
+        for m in levels {
+            m.apply(&mut headers, &fctx);
+        }
     }
 
     let upstream_h2 = match cluster.protocol {
@@ -375,13 +376,18 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     );
     apply_server_header(f.hcm, &mut parts.headers);
     if let Some(w) = weighted {
-        w.response_headers.apply(
-            &mut parts.headers,
-            &FormatContext {
-                request_headers: None,
-                ..fctx
-            },
-        );
+        let fctx = FormatContext {
+            downstream_remote: f.remote,
+            downstream_local: f.info.local,
+            protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
+            request_headers: None,
+            upstream: Some(petrel_filters::header_formatter::UpstreamInfo {
+                address: host.address,
+                metadata: host.metadata.as_ref(),
+            }),
+            start_time: f.start_time,
+        };
+        w.response_headers.apply(&mut parts.headers, &fctx);
     }
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(ChosenHost(host.clone()));
