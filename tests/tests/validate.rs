@@ -50,6 +50,24 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
         ("pseudo-header added", config("route: {cluster: c}\n                request_headers_to_add: [{header: {key: \":path\", value: x}}]"), vec![], ":path"),
         ("unknown formatter", config("route: {cluster: c}\n                request_headers_to_add: [{header: {key: x, value: \"%NOT_A_THING%\"}}]"), vec![], "NOT_A_THING"),
         ("duplicate cluster", format!("{}  - name: c\n    connect_timeout: 1s\n", config("route: {cluster: c}")), vec![], "duplicate"),
+        (
+            "auto protocol on a plaintext cluster",
+            config("route: {cluster: c}").replace(
+                "    connect_timeout: 1s\n    load_assignment",
+                "    connect_timeout: 1s\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        auto_config: {http_protocol_options: {}, http2_protocol_options: {}}\n    load_assignment",
+            ),
+            vec![],
+            "auto_config",
+        ),
+        (
+            "explicit HTTP/2 upstream",
+            config("route: {cluster: c}").replace(
+                "    connect_timeout: 1s\n    load_assignment",
+                "    connect_timeout: 1s\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n    load_assignment",
+            ),
+            vec![],
+            "",
+        ),
         ("malformed YAML", "static_resources: [".to_string(), vec![], "YAML"),
         ("unknown typed_config", config("route: {cluster: c}").replace("envoy.extensions.filters.http.router.v3.Router", "envoy.extensions.filters.http.nope.v3.Nope"), vec![], "Nope"),
     ]
@@ -89,6 +107,12 @@ fn validate_agrees_with_envoy() {
         std::fs::write(&path, cfg).expect("write");
         let (envoy_ok, envoy_out) = validate(&envoy, &path, &extra);
         let (petrel_ok, petrel_out) = validate(&petrel_bin(), &path, &extra);
+        // A case that names an expected error must be one Envoy refuses, or it tests nothing.
+        assert_eq!(
+            envoy_ok,
+            expect.is_empty(),
+            "{name}: the case no longer does what it says (envoy ok={envoy_ok}): {envoy_out}"
+        );
         if envoy_ok != petrel_ok {
             problems.push(format!("{name}: envoy ok={envoy_ok}, petrel ok={petrel_ok}\n envoy: {envoy_out}\n petrel: {petrel_out}"));
         } else if !petrel_ok && !petrel_out.contains(expect) {
