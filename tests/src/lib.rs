@@ -1,6 +1,8 @@
 //! Test harness: start Petrel and real Envoy on the same bootstrap, a recording echo upstream,
 //! and a raw HTTP/1.1 client that can also send malformed bytes.
 
+pub mod ads_server;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

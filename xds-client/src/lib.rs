@@ -2,6 +2,7 @@
 //!
 //! Knows nothing of listeners or HTTP: it decodes, and hands typed values on.
 
+pub mod ads;
 pub mod type_registry;
 
 pub use envoy_types::pb;

@@ -1,0 +1,434 @@
+//! The ADS client: one bidirectional gRPC stream (state of the world or delta) to the management
+//! server over TCP or a Unix socket, per-type subscriptions, version/nonce bookkeeping,
+//! ACK/NACK, and reconnection with jittered exponential backoff.
+//!
+//! It knows nothing of listeners or HTTP: each response is handed to a [`Sink`], whose verdict
+//! becomes the ACK or the NACK (with the sink's reason as `error_detail`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// `api_type` of the bootstrap's `ads_config`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ApiType {
+    /// `GRPC`: state of the world.
+    Sotw,
+    /// `DELTA_GRPC` (Istio's default).
+    Delta,
+}
+
+/// Where the management server is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// `http://host:port`.
+    Tcp(String),
+    /// A Unix socket path (`pipe` address; Istio's is `./etc/istio/proxy/XDS`).
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AdsConfig {
+    pub target: Target,
+    pub api: ApiType,
+    pub node: Node,
+    /// Envoy's defaults: 500 ms base, 30 s cap.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl AdsConfig {
+    pub fn new(target: Target, api: ApiType, node: Node) -> Self {
+        AdsConfig {
+            target,
+            api,
+            node,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A resource as the delta protocol names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedResource {
+    pub name: String,
+    pub version: String,
+    pub body: Any,
+}
+
+/// One response, as handed to the sink.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// The whole set of the type's resources (state of the world).
+    Sotw {
+        version: String,
+        resources: Vec<Any>,
+    },
+    /// Changes (delta).
+    Delta {
+        system_version: String,
+        added: Vec<NamedResource>,
+        removed: Vec<String>,
+    },
+}
+
+/// What the rest of the proxy does with updates. `Err` is the NACK's `error_detail`.
+pub trait Sink: Send + 'static {
+    fn apply(&mut self, type_url: &str, update: Update) -> Result<(), String>;
+}
+
+/// What a subscription asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Interest {
+    /// Every resource of the type (LDS, CDS).
+    Wildcard,
+    /// These names only (RDS, EDS, SDS).
+    Names(BTreeSet<String>),
+}
+
+enum Command {
+    Subscribe {
+        type_url: String,
+        interest: Interest,
+    },
+}
+
+/// Handle to a running client.
+#[derive(Clone)]
+pub struct AdsClient {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl AdsClient {
+    /// Starts (or changes) the subscription for a type; takes effect on the live stream and on
+    /// every reconnection.
+    pub fn subscribe(&self, type_url: &str, interest: Interest) {
+        let _ = self.commands.send(Command::Subscribe {
+            type_url: type_url.to_string(),
+            interest,
+        });
+    }
+}
+
+/// Per-type bookkeeping.
+#[derive(Debug, Default, Clone)]
+struct TypeState {
+    interest: Option<Interest>,
+    /// Last accepted version (SotW).
+    version: String,
+    /// Accepted resource versions (delta), for resubscription after a reconnect.
+    resource_versions: HashMap<String, String>,
+}
+
+/// The `error_detail` code Envoy sends with a NACK.
+const NACK_CODE: i32 = 13; // INTERNAL
+
+/// Starts the client on the current Tokio runtime.
+pub fn spawn<S: Sink>(config: AdsConfig, sink: S) -> AdsClient {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(config, sink, rx));
+    AdsClient { commands: tx }
+}
+
+async fn connect(target: &Target) -> Result<Channel, tonic::transport::Error> {
+    match target {
+        Target::Tcp(uri) => Endpoint::from_shared(uri.clone())?.connect().await,
+        Target::Unix(path) => {
+            let path = path.clone();
+            // The URI is required by tonic but unused: the connector dials the socket.
+            Endpoint::from_static("http://[::1]:1")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(hyper_util::rt::TokioIo::new)
+                    }
+                }))
+                .await
+        }
+    }
+}
+
+/// Full jitter on an exponential backoff, as Envoy's `JitteredExponentialBackOffStrategy`.
+fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let ms = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(rand_below(ms))
+}
+
+fn rand_below(n: u64) -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(n);
+    h.finish() % n.max(1)
+}
+
+async fn run<S: Sink>(
+    config: AdsConfig,
+    mut sink: S,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut types: BTreeMap<String, TypeState> = BTreeMap::new();
+    let mut attempt = 0u32;
+    loop {
+        // Take subscription changes made while disconnected.
+        while let Ok(Command::Subscribe { type_url, interest }) = commands.try_recv() {
+            types.entry(type_url).or_default().interest = Some(interest);
+        }
+        let connected = match connect(&config.target).await {
+            Ok(channel) => {
+                let mut client = AggregatedDiscoveryServiceClient::new(channel);
+                let r = match config.api {
+                    ApiType::Sotw => {
+                        sotw_stream(&config, &mut client, &mut sink, &mut types, &mut commands)
+                            .await
+                    }
+                    ApiType::Delta => {
+                        delta_stream(&config, &mut client, &mut sink, &mut types, &mut commands)
+                            .await
+                    }
+                };
+                match r {
+                    StreamEnd::ClientGone => return,
+                    StreamEnd::Lost { had_response } => had_response,
+                }
+            }
+            Err(_) => false,
+        };
+        // A stream that delivered something starts the backoff over.
+        attempt = if connected {
+            0
+        } else {
+            attempt.saturating_add(1)
+        };
+        tokio::time::sleep(backoff(config.backoff_base, config.backoff_max, attempt)).await;
+    }
+}
+
+enum StreamEnd {
+    /// Every [`AdsClient`] handle is gone: stop.
+    ClientGone,
+    Lost {
+        had_response: bool,
+    },
+}
+
+fn sotw_request(
+    config: &AdsConfig,
+    first: &mut bool,
+    type_url: &str,
+    state: &TypeState,
+    nonce: &str,
+    error: Option<String>,
+) -> DiscoveryRequest {
+    let names = match &state.interest {
+        Some(Interest::Names(n)) => n.iter().cloned().collect(),
+        _ => Vec::new(),
+    };
+    DiscoveryRequest {
+        version_info: state.version.clone(),
+        // The node goes in the first request of a stream only, as Envoy sends it.
+        node: std::mem::take(first).then(|| config.node.clone()),
+        resource_names: names,
+        type_url: type_url.to_string(),
+        response_nonce: nonce.to_string(),
+        error_detail: error.map(|message| Status {
+            code: NACK_CODE,
+            message,
+            details: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+async fn sotw_stream<S: Sink>(
+    config: &AdsConfig,
+    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    sink: &mut S,
+    types: &mut BTreeMap<String, TypeState>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> StreamEnd {
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+    let mut first = true;
+    for (type_url, state) in types.iter() {
+        if state.interest.is_some() {
+            let _ = tx.try_send(sotw_request(config, &mut first, type_url, state, "", None));
+        }
+    }
+    let mut inbound = match client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(_) => {
+            return StreamEnd::Lost {
+                had_response: false,
+            }
+        }
+    };
+    let mut had_response = false;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let resp: DiscoveryResponse = match msg {
+                    Ok(Some(r)) => r,
+                    _ => return StreamEnd::Lost { had_response },
+                };
+                had_response = true;
+                let state = types.entry(resp.type_url.clone()).or_default();
+                let verdict = sink.apply(&resp.type_url, Update::Sotw { version: resp.version_info.clone(), resources: resp.resources });
+                let error = match verdict {
+                    Ok(()) => {
+                        state.version = resp.version_info.clone();
+                        None
+                    }
+                    Err(e) => Some(e),
+                };
+                let req = sotw_request(config, &mut first, &resp.type_url, state, &resp.nonce, error);
+                if tx.send(req).await.is_err() {
+                    return StreamEnd::Lost { had_response };
+                }
+            }
+            cmd = commands.recv() => {
+                let Some(Command::Subscribe { type_url, interest }) = cmd else { return StreamEnd::ClientGone };
+                let state = types.entry(type_url.clone()).or_default();
+                state.interest = Some(interest);
+                let req = sotw_request(config, &mut first, &type_url, state, "", None);
+                if tx.send(req).await.is_err() {
+                    return StreamEnd::Lost { had_response };
+                }
+            }
+        }
+    }
+}
+
+fn names_of(interest: &Option<Interest>) -> Vec<String> {
+    match interest {
+        Some(Interest::Names(n)) => n.iter().cloned().collect(),
+        // Delta wildcard: subscribe to "*" explicitly.
+        Some(Interest::Wildcard) => vec!["*".to_string()],
+        None => Vec::new(),
+    }
+}
+
+async fn delta_stream<S: Sink>(
+    config: &AdsConfig,
+    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    sink: &mut S,
+    types: &mut BTreeMap<String, TypeState>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> StreamEnd {
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    let mut first = true;
+    let node = |first: &mut bool| std::mem::take(first).then(|| config.node.clone());
+    for (type_url, state) in types.iter() {
+        if state.interest.is_some() {
+            // Resubscribe with what was already accepted, so the server sends only changes.
+            let _ = tx.try_send(DeltaDiscoveryRequest {
+                node: node(&mut first),
+                type_url: type_url.clone(),
+                resource_names_subscribe: names_of(&state.interest),
+                initial_resource_versions: state.resource_versions.clone(),
+                ..Default::default()
+            });
+        }
+    }
+    let mut inbound = match client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(_) => {
+            return StreamEnd::Lost {
+                had_response: false,
+            }
+        }
+    };
+    let mut had_response = false;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let resp: DeltaDiscoveryResponse = match msg {
+                    Ok(Some(r)) => r,
+                    _ => return StreamEnd::Lost { had_response },
+                };
+                had_response = true;
+                let added: Vec<NamedResource> = resp
+                    .resources
+                    .iter()
+                    .filter_map(|r| r.resource.clone().map(|body| NamedResource { name: r.name.clone(), version: r.version.clone(), body }))
+                    .collect();
+                let update = Update::Delta { system_version: resp.system_version_info.clone(), added: added.clone(), removed: resp.removed_resources.clone() };
+                let state = types.entry(resp.type_url.clone()).or_default();
+                let error = match sink.apply(&resp.type_url, update) {
+                    Ok(()) => {
+                        for r in &added {
+                            state.resource_versions.insert(r.name.clone(), r.version.clone());
+                        }
+                        for r in &resp.removed_resources {
+                            state.resource_versions.remove(r);
+                        }
+                        None
+                    }
+                    Err(e) => Some(Status { code: NACK_CODE, message: e, details: vec![] }),
+                };
+                let req = DeltaDiscoveryRequest {
+                    node: node(&mut first),
+                    type_url: resp.type_url.clone(),
+                    response_nonce: resp.nonce.clone(),
+                    error_detail: error,
+                    ..Default::default()
+                };
+                if tx.send(req).await.is_err() {
+                    return StreamEnd::Lost { had_response };
+                }
+            }
+            cmd = commands.recv() => {
+                let Some(Command::Subscribe { type_url, interest }) = cmd else { return StreamEnd::ClientGone };
+                let state = types.entry(type_url.clone()).or_default();
+                let old: BTreeSet<String> = names_of(&state.interest).into_iter().collect();
+                let new: BTreeSet<String> = names_of(&Some(interest.clone())).into_iter().collect();
+                state.interest = Some(interest);
+                let req = DeltaDiscoveryRequest {
+                    node: node(&mut first),
+                    type_url,
+                    resource_names_subscribe: new.difference(&old).cloned().collect(),
+                    resource_names_unsubscribe: old.difference(&new).cloned().collect(),
+                    ..Default::default()
+                };
+                if tx.send(req).await.is_err() {
+                    return StreamEnd::Lost { had_response };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let (base, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        for attempt in 0..40 {
+            let d = backoff(base, max, attempt);
+            assert!(d <= max);
+            assert!(d <= base.saturating_mul(1 << attempt.min(16)));
+        }
+    }
+}
