@@ -11,6 +11,7 @@ use crate::admin::{self, AdminState};
 use crate::cli::{Mode, Options};
 use crate::config::{self, snapshot::Snapshot, ConfigError};
 use crate::http::conn_manager::{self, ConnInfo};
+use crate::listener::filter_chain_match::ConnectionFacts;
 use crate::observe::stats::Store;
 use crate::worker::WorkerCtx;
 use crate::{plog, stat_struct};
@@ -213,16 +214,24 @@ fn worker_main(
                     };
                     let local = stream.local_addr().unwrap_or(l.address);
                     l.stats.downstream_cx_total.inc();
+                    let facts = ConnectionFacts {
+                        destination: local,
+                        source: remote,
+                        direct_source: remote,
+                        server_name: None,
+                        transport_protocol: "raw_buffer",
+                        application_protocols: &[],
+                    };
+                    let Some(hcm) = l.chain_for(&facts).cloned() else {
+                        // Envoy closes a connection no chain matches.
+                        l.stats.no_filter_chain_match.inc();
+                        l.stats.downstream_cx_destroy.inc();
+                        continue;
+                    };
                     l.stats.downstream_cx_active.inc();
                     let (l2, ctx) = (l.clone(), ctx.clone());
                     tokio::task::spawn_local(async move {
-                        conn_manager::serve(
-                            stream,
-                            ConnInfo { remote, local },
-                            l2.hcm.clone(),
-                            ctx,
-                        )
-                        .await;
+                        conn_manager::serve(stream, ConnInfo { remote, local }, hcm, ctx).await;
                         l2.stats.downstream_cx_active.dec();
                         l2.stats.downstream_cx_destroy.inc();
                     });

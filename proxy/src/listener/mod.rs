@@ -9,6 +9,10 @@ use xds_client::pb::envoy::config::core::v3::Address;
 use xds_client::pb::envoy::config::listener::v3 as pb;
 use xds_client::TypeRegistry;
 
+pub mod filter_chain_match;
+
+use filter_chain_match::{ChainMatch, ConnectionFacts};
+
 use crate::config::{invalid, reject_unhandled, ConfigError};
 use crate::http::conn_manager_config::{self, HcmConfig};
 use crate::observe::stats::Store;
@@ -25,7 +29,10 @@ stat_struct!(ListenerStats {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
-    pub hcm: Arc<HcmConfig>,
+    pub chains: Vec<FilterChain>,
+    /// The chains' matchers, in order, for selection.
+    matchers: Vec<ChainMatch>,
+    pub default_chain: Option<Arc<HcmConfig>>,
     pub stats: ListenerStats,
     pub source: pb::Listener,
 }
@@ -65,34 +72,43 @@ pub fn socket_addr(a: &Option<Address>, path: &str) -> Result<SocketAddr, Config
     }
 }
 
-pub fn compile(
+/// One filter chain: what it matches and the connection manager it runs.
+#[derive(Debug)]
+pub struct FilterChain {
+    pub matcher: ChainMatch,
+    pub hcm: Arc<HcmConfig>,
+}
+
+impl Listener {
+    /// The chain for a connection (`filter_chain_match`, then `default_filter_chain`).
+    pub fn chain_for(&self, facts: &ConnectionFacts<'_>) -> Option<&Arc<HcmConfig>> {
+        let matchers: &[ChainMatch] = &self.matchers;
+        match filter_chain_match::select(matchers, facts) {
+            Some(i) => Some(&self.chains[i].hcm),
+            None => self.default_chain.as_ref(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_chain(
     local_address: std::net::IpAddr,
-    l: &pb::Listener,
+    fc: &pb::FilterChain,
+    fcp: &str,
+    lprefix: &str,
     known_clusters: &HashSet<String>,
     store: &Store,
-) -> Result<Listener, ConfigError> {
-    let path = format!("listener '{}'", l.name);
-    let mut rest = l.clone();
-    let name = std::mem::take(&mut rest.name);
-    let address = socket_addr(&rest.address.take(), &format!("{path}.address"))?;
-    let chains = std::mem::take(&mut rest.filter_chains);
-    let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
-    // Istio sets these on every listener; Petrel's accept path already behaves this way.
-    let _ = rest.traffic_direction;
-    rest.traffic_direction = 0;
-    reject_unhandled(&rest, &path)?;
-    if chains.len() != 1 {
-        return Err(ConfigError::Unsupported {
-            path: format!("{path}.filter_chains"),
-            fields: "more than one filter chain (filter-chain matching comes with issue #4)".into(),
-        });
-    }
-    let fc = &chains[0];
-    let fcp = format!("{path}.filter_chains[0]");
+) -> Result<(ChainMatch, Arc<HcmConfig>), ConfigError> {
     let mut fc_rest = fc.clone();
     let filters = std::mem::take(&mut fc_rest.filters);
+    let matcher = ChainMatch::compile(
+        fc_rest.filter_chain_match.take().as_ref(),
+        &format!("{fcp}.filter_chain_match"),
+    )?;
     fc_rest.name.clear();
-    reject_unhandled(&fc_rest, &fcp)?;
+    // Chain metadata is data for filters and loggers.
+    fc_rest.metadata = None;
+    reject_unhandled(&fc_rest, fcp)?;
     if filters.len() != 1 {
         return Err(ConfigError::Unsupported {
             path: format!("{fcp}.filters"),
@@ -111,24 +127,84 @@ pub fn compile(
         return Err(ConfigError::UnsupportedExtension { path: format!("{fcp}.filters[0]"), type_url: url.clone(), why: petrel_filters::extensions::refusal(&url) });
     }
     let hcm_pb = TypeRegistry::global().unpack(any)?;
+    let hcm = conn_manager_config::compile(
+        local_address,
+        &hcm_pb,
+        lprefix,
+        known_clusters,
+        store,
+        &format!("{fcp}.filters[0].typed_config"),
+    )?;
+    Ok((matcher, Arc::new(hcm)))
+}
+
+pub fn compile(
+    local_address: std::net::IpAddr,
+    l: &pb::Listener,
+    known_clusters: &HashSet<String>,
+    store: &Store,
+) -> Result<Listener, ConfigError> {
+    let path = format!("listener '{}'", l.name);
+    let mut rest = l.clone();
+    let name = std::mem::take(&mut rest.name);
+    let address = socket_addr(&rest.address.take(), &format!("{path}.address"))?;
+    let chains_pb = std::mem::take(&mut rest.filter_chains);
+    let default_pb = rest.default_filter_chain.take();
+    let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
+    // Traffic direction only labels stats and traces; Petrel's accept path is the same.
+    rest.traffic_direction = 0;
+    reject_unhandled(&rest, &path)?;
+    if chains_pb.is_empty() && default_pb.is_none() {
+        return Err(invalid(
+            format!("{path}.filter_chains"),
+            "no filter chains specified",
+        ));
+    }
     // Envoy names listener stats by address: `listener.127.0.0.1_10000.` (or the stat_prefix).
     let lprefix = if stat_prefix_field.is_empty() {
         format!("listener.{}_{}.", address.ip(), address.port())
     } else {
         format!("listener.{stat_prefix_field}.")
     };
-    let hcm = conn_manager_config::compile(
-        local_address,
-        &hcm_pb,
-        &lprefix,
-        known_clusters,
-        store,
-        &format!("{fcp}.filters[0].typed_config"),
-    )?;
+    let mut chains = Vec::with_capacity(chains_pb.len());
+    for (i, fc) in chains_pb.iter().enumerate() {
+        let (matcher, hcm) = compile_chain(
+            local_address,
+            fc,
+            &format!("{path}.filter_chains[{i}]"),
+            &lprefix,
+            known_clusters,
+            store,
+        )?;
+        if chains.iter().any(|c: &FilterChain| c.matcher == matcher) {
+            return Err(invalid(
+                format!("{path}.filter_chains[{i}]"),
+                format!("error adding listener '{name}': multiple filter chains with the same matching rules are defined"),
+            ));
+        }
+        chains.push(FilterChain { matcher, hcm });
+    }
+    let default_chain = match default_pb {
+        Some(fc) => Some(
+            compile_chain(
+                local_address,
+                &fc,
+                &format!("{path}.default_filter_chain"),
+                &lprefix,
+                known_clusters,
+                store,
+            )?
+            .1,
+        ),
+        None => None,
+    };
+    let matchers = chains.iter().map(|c| c.matcher.clone()).collect();
     Ok(Listener {
         name,
         address,
-        hcm: Arc::new(hcm),
+        chains,
+        matchers,
+        default_chain,
         stats: ListenerStats::new(store, &lprefix),
         source: l.clone(),
     })
