@@ -137,6 +137,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             });
         }
         spawn_dns_refreshers(&current);
+        let _ads = start_ads(&current, &store);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => plog!(warn, "main", "caught SIGTERM"),
@@ -147,6 +148,28 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     })?;
     plog!(info, "main", "exiting");
     Ok(())
+}
+
+/// Starts the ADS client when the bootstrap has `dynamic_resources`, subscribed to what they
+/// name (CDS today).
+fn start_ads(
+    current: &Arc<ArcSwap<Snapshot>>,
+    store: &Store,
+) -> Option<xds_client::ads::AdsClient> {
+    let snap = current.load();
+    let d = snap.dynamic.clone()?;
+    let sink = crate::config::xds_sink::XdsSink::new(current.clone(), store.clone());
+    let client = xds_client::ads::spawn(
+        xds_client::ads::AdsConfig::new(d.target, d.api, snap.node.clone()),
+        sink,
+    );
+    if d.cds {
+        client.subscribe(
+            crate::config::xds_sink::CLUSTER_TYPE,
+            xds_client::ads::Interest::Wildcard,
+        );
+    }
+    Some(client)
 }
 
 /// One task per DNS cluster re-resolves it every `dns_refresh_rate` and publishes a new

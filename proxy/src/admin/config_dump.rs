@@ -33,7 +33,19 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
 
     let static_clusters: Vec<Value> = clusters
         .iter()
+        .filter(|c| !snap.dynamic_clusters.contains_key(&c.name))
         .map(|c| json!({"cluster": typed(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"), "last_updated": last_updated}))
+        .collect();
+    let dynamic_clusters: Vec<Value> = clusters
+        .iter()
+        .filter_map(|c| snap.dynamic_clusters.get(&c.name).map(|info| (c, info)))
+        .map(|(c, info)| {
+            json!({
+                "version_info": info.version,
+                "cluster": typed(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"),
+                "last_updated": info.last_updated,
+            })
+        })
         .collect();
     let static_endpoints: Vec<Value> = clusters
         .iter()
@@ -80,6 +92,14 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
                 "static_clusters",
                 static_clusters,
                 "ClustersConfigDump.StaticCluster",
+            )),
+        ),
+        (
+            "ClustersConfigDump",
+            Some((
+                "dynamic_active_clusters",
+                dynamic_clusters,
+                "ClustersConfigDump.DynamicCluster",
             )),
         ),
     ];
@@ -136,18 +156,27 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
             .collect();
         return Ok(json!({ "configs": configs }));
     }
-    let configs: Vec<Value> = sections
+    // Sections of one type (static and dynamic clusters) print as one object.
+    let mut merged: Vec<(&str, Map<String, Value>)> = Vec::new();
+    for (ty, sec) in sections {
+        let body = match (ty, sec) {
+            ("BootstrapConfigDump", _) => {
+                json!({"bootstrap": reg.to_json(&snap.bootstrap), "last_updated": last_updated})
+            }
+            (_, Some((name, items, _))) if !items.is_empty() => json!({ name: items }),
+            _ => json!({}),
+        };
+        let Value::Object(fields) = body else {
+            continue;
+        };
+        match merged.last_mut() {
+            Some((last, m)) if *last == ty => m.extend(fields),
+            _ => merged.push((ty, fields)),
+        }
+    }
+    let configs: Vec<Value> = merged
         .into_iter()
-        .map(|(ty, s)| {
-            let body = match (ty, s) {
-                ("BootstrapConfigDump", _) => {
-                    json!({"bootstrap": reg.to_json(&snap.bootstrap), "last_updated": last_updated})
-                }
-                (_, Some((name, items, _))) if !items.is_empty() => json!({ name: items }),
-                _ => json!({}),
-            };
-            masked(with_type(body, &format!("{ADMIN}{ty}")))
-        })
+        .map(|(ty, fields)| masked(with_type(Value::Object(fields), &format!("{ADMIN}{ty}"))))
         .collect();
     Ok(json!({ "configs": configs }))
 }

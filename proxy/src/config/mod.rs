@@ -5,7 +5,9 @@
 
 pub mod bootstrap;
 pub mod duration;
+pub mod dynamic;
 pub mod snapshot;
+pub mod xds_sink;
 
 use prost::{Message, Name};
 use xds_client::TypeRegistry;

@@ -22,22 +22,52 @@ pub struct Snapshot {
     pub admin: Option<SocketAddr>,
     pub node: Node,
     pub bootstrap: Bootstrap,
+    /// `dynamic_resources`, when the bootstrap has them.
+    pub dynamic: Option<super::dynamic::Dynamic>,
+    /// Clusters that came from CDS: version and when they were last updated.
+    pub dynamic_clusters: std::collections::BTreeMap<String, DynamicInfo>,
+}
+
+/// What `/config_dump` shows for a resource from xDS.
+#[derive(Debug, Clone)]
+pub struct DynamicInfo {
+    pub version: String,
+    pub last_updated: String,
 }
 
 impl Snapshot {
-    /// The same snapshot with one cluster replaced (DNS refresh): listeners, routes and every
-    /// other cluster are shared, so connections keep what they started with.
-    pub fn with_cluster(&self, cluster: Arc<Cluster>) -> Snapshot {
-        let mut clusters = self.clusters.clone();
-        clusters.insert(cluster.name.clone(), cluster);
+    /// The same snapshot with another cluster set (CDS).
+    pub fn with_clusters(
+        &self,
+        clusters: HashMap<String, Arc<Cluster>>,
+        cluster_order: Vec<String>,
+    ) -> Snapshot {
+        Snapshot {
+            clusters,
+            cluster_order,
+            ..self.with_cluster_set()
+        }
+    }
+
+    fn with_cluster_set(&self) -> Snapshot {
         Snapshot {
             listeners: self.listeners.clone(),
-            clusters,
+            clusters: self.clusters.clone(),
             cluster_order: self.cluster_order.clone(),
             admin: self.admin,
             node: self.node.clone(),
             bootstrap: self.bootstrap.clone(),
+            dynamic: self.dynamic.clone(),
+            dynamic_clusters: self.dynamic_clusters.clone(),
         }
+    }
+
+    /// The same snapshot with one cluster replaced (DNS refresh): listeners, routes and every
+    /// other cluster are shared, so connections keep what they started with.
+    pub fn with_cluster(&self, cluster: Arc<Cluster>) -> Snapshot {
+        let mut next = self.with_cluster_set();
+        next.clusters.insert(cluster.name.clone(), cluster);
+        next
     }
 }
 
@@ -68,6 +98,10 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let clusters_pb = std::mem::take(&mut srest.clusters);
     let listeners_pb = std::mem::take(&mut srest.listeners);
     reject_unhandled(&srest, "static_resources")?;
+    let dynamic = match rest.dynamic_resources.take() {
+        Some(d) => super::dynamic::compile(&d, &clusters_pb)?,
+        None => None,
+    };
     reject_unhandled(&rest, "(bootstrap)")?;
 
     let mut clusters = HashMap::new();
@@ -113,5 +147,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         admin,
         node,
         bootstrap: b.clone(),
+        dynamic,
+        dynamic_clusters: Default::default(),
     })
 }

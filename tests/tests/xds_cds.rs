@@ -1,0 +1,191 @@
+//! Petrel under a management server: clusters arrive over ADS (CDS), are served at once, a bad
+//! one is NACKed with the field named while the last good set keeps serving, and removal works.
+
+use std::time::Duration;
+
+use petrel_tests::ads_server::serve_tcp;
+use petrel_tests::*;
+use prost::Message;
+use xds_client::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use xds_client::pb::google::protobuf::Any;
+use xds_client::TypeRegistry;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+fn cluster_any(json: serde_json::Value) -> Any {
+    let c: xds_client::pb::envoy::config::cluster::v3::Cluster = TypeRegistry::global()
+        .from_json(&json, false)
+        .expect("cluster json");
+    Any {
+        type_url: CDS.into(),
+        value: c.encode_to_vec(),
+    }
+}
+
+async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("timed out")
+        .expect("closed")
+}
+
+/// Polls until the proxy answers `want` on `path` (updates apply asynchronously).
+async fn eventually(port: u16, path: &str, want: u16) -> u16 {
+    let mut last = 0;
+    for _ in 0..100 {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+        last = tokio::task::spawn_blocking(move || {
+            http_raw(port, req.as_bytes())
+                .map(|r| r.status)
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0);
+        if last == want {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_from_cds() {
+    let (addr, mut sessions) = serve_tcp().await;
+    let ads_port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let echo = start_echo();
+    let (main, admin) = (free_port(), free_port());
+    let bootstrap = format!(
+        r#"
+node: {{id: test-node, cluster: test}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {main}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            validate_clusters: false
+            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: dyn}}}}]}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: xds
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {{cluster_name: xds, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]}}
+"#
+    );
+    let dir = std::env::temp_dir().join(format!("petrel-cds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let path = dir.join("petrel.yaml");
+    std::fs::write(&path, bootstrap).expect("write");
+    let _petrel =
+        tokio::task::spawn_blocking(move || start("petrel", &petrel_bin(), &path, admin, 0))
+            .await
+            .expect("start");
+
+    let mut s = next(&mut sessions.sotw).await;
+    let first = next(&mut s.requests).await;
+    assert_eq!(first.type_url, CDS);
+    assert_eq!(
+        first.node.as_ref().map(|n| n.id.as_str()),
+        Some("test-node")
+    );
+    // No cluster yet: Envoy's 503 for an unknown cluster.
+    assert_eq!(eventually(main, "/x", 503).await, 503);
+
+    let dyn_cluster = serde_json::json!({"name": "dyn", "connect_timeout": "1s", "load_assignment": {"cluster_name": "dyn", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": echo}}}}]}]}});
+    let push = |version: &str, nonce: &str, resources: Vec<Any>| DiscoveryResponse {
+        version_info: version.into(),
+        nonce: nonce.into(),
+        type_url: CDS.into(),
+        resources,
+        ..Default::default()
+    };
+    s.responses
+        .send(Ok(push("1", "a", vec![cluster_any(dyn_cluster.clone())])))
+        .await
+        .expect("send");
+    let ack = next(&mut s.requests).await;
+    assert_eq!(
+        (ack.version_info.as_str(), ack.response_nonce.as_str()),
+        ("1", "a")
+    );
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    assert_eq!(eventually(main, "/x", 200).await, 200);
+    let dump = tokio::task::spawn_blocking(move || {
+        http_raw(admin, b"GET /config_dump?resource=dynamic_active_clusters HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").map(|r| r.body_str()).unwrap_or_default()
+    })
+    .await
+    .expect("dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    assert_eq!(
+        dump["configs"][0]["@type"],
+        "type.googleapis.com/envoy.admin.v3.ClustersConfigDump.DynamicCluster"
+    );
+    assert_eq!(dump["configs"][0]["version_info"], "1");
+    assert_eq!(dump["configs"][0]["cluster"]["name"], "dyn");
+
+    // A cluster Petrel cannot honour: NACK naming it, and the last good set keeps serving.
+    let bad = serde_json::json!({"name": "other", "lb_policy": "MAGLEV"});
+    s.responses
+        .send(Ok(push(
+            "2",
+            "b",
+            vec![cluster_any(dyn_cluster), cluster_any(bad)],
+        )))
+        .await
+        .expect("send");
+    let nack = next(&mut s.requests).await;
+    assert_eq!(
+        (nack.version_info.as_str(), nack.response_nonce.as_str()),
+        ("1", "b")
+    );
+    let reason = nack.error_detail.expect("NACK").message;
+    assert!(
+        reason.contains("other") && reason.contains("MAGLEV"),
+        "{reason}"
+    );
+    assert_eq!(eventually(main, "/x", 200).await, 200);
+
+    // State of the world without it: the cluster is gone.
+    s.responses
+        .send(Ok(push("3", "c", vec![])))
+        .await
+        .expect("send");
+    assert!(next(&mut s.requests).await.error_detail.is_none());
+    assert_eq!(eventually(main, "/x", 503).await, 503);
+
+    let stats = tokio::task::spawn_blocking(move || http_raw(admin, b"GET /stats?filter=cluster_manager.cds HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").map(|r| r.body_str()).unwrap_or_default())
+        .await
+        .expect("stats");
+    assert!(
+        stats.contains("cluster_manager.cds.update_success: 2"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("cluster_manager.cds.update_rejected: 1"),
+        "{stats}"
+    );
+}
