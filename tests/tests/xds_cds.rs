@@ -49,15 +49,14 @@ async fn eventually(port: u16, path: &str, want: u16) -> u16 {
     last
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clusters_from_cds() {
-    let (addr, mut sessions) = serve_tcp().await;
+/// Starts Petrel on a bootstrap whose only route goes to the dynamic cluster `dyn`; returns the
+/// listener and admin ports and the running proxy.
+async fn start_under_ads(addr: &str, api_type: &str) -> (u16, u16, Proxy) {
     let ads_port: u16 = addr
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port");
-    let echo = start_echo();
     let (main, admin) = (free_port(), free_port());
     let bootstrap = format!(
         r#"
@@ -66,7 +65,7 @@ admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
@@ -96,15 +95,26 @@ static_resources:
     load_assignment: {{cluster_name: xds, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]}}
 "#
     );
-    let dir = std::env::temp_dir().join(format!("petrel-cds-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("petrel-cds-{}-{api_type}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
     let path = dir.join("petrel.yaml");
     std::fs::write(&path, bootstrap).expect("write");
-    let _petrel =
+    let proxy =
         tokio::task::spawn_blocking(move || start("petrel", &petrel_bin(), &path, admin, 0))
             .await
             .expect("start");
+    (main, admin, proxy)
+}
 
+fn dyn_cluster(port: u16) -> serde_json::Value {
+    serde_json::json!({"name": "dyn", "connect_timeout": "1s", "load_assignment": {"cluster_name": "dyn", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_from_cds() {
+    let (addr, mut sessions) = serve_tcp().await;
+    let echo = start_echo();
+    let (main, admin, _petrel) = start_under_ads(&addr, "GRPC").await;
     let mut s = next(&mut sessions.sotw).await;
     let first = next(&mut s.requests).await;
     assert_eq!(first.type_url, CDS);
@@ -115,7 +125,7 @@ static_resources:
     // No cluster yet: Envoy's 503 for an unknown cluster.
     assert_eq!(eventually(main, "/x", 503).await, 503);
 
-    let dyn_cluster = serde_json::json!({"name": "dyn", "connect_timeout": "1s", "load_assignment": {"cluster_name": "dyn", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": echo}}}}]}]}});
+    let dyn_cluster = dyn_cluster(echo);
     let push = |version: &str, nonce: &str, resources: Vec<Any>| DiscoveryResponse {
         version_info: version.into(),
         nonce: nonce.into(),
@@ -188,4 +198,66 @@ static_resources:
         stats.contains("cluster_manager.cds.update_rejected: 1"),
         "{stats}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_from_delta_cds() {
+    use xds_client::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    let (addr, mut sessions) = serve_tcp().await;
+    let echo = start_echo();
+    let (main, _admin, _petrel) = start_under_ads(&addr, "DELTA_GRPC").await;
+    let mut s = next(&mut sessions.delta).await;
+    let first = next(&mut s.requests).await;
+    assert_eq!(
+        (
+            first.type_url.as_str(),
+            first.resource_names_subscribe.as_slice()
+        ),
+        (CDS, &["*".to_string()][..])
+    );
+    let resource = |name: &str, v: &str, json: serde_json::Value| Resource {
+        name: name.into(),
+        version: v.into(),
+        resource: Some(cluster_any(json)),
+        ..Default::default()
+    };
+    s.responses
+        .send(Ok(DeltaDiscoveryResponse {
+            type_url: CDS.into(),
+            nonce: "1".into(),
+            resources: vec![resource("dyn", "a", dyn_cluster(echo))],
+            ..Default::default()
+        }))
+        .await
+        .expect("send");
+    assert!(next(&mut s.requests).await.error_detail.is_none());
+    assert_eq!(eventually(main, "/x", 200).await, 200);
+    // A bad addition is refused as a whole; what was there keeps serving.
+    s.responses
+        .send(Ok(DeltaDiscoveryResponse {
+            type_url: CDS.into(),
+            nonce: "2".into(),
+            resources: vec![resource(
+                "other",
+                "b",
+                serde_json::json!({"name": "other", "type": "EDS"}),
+            )],
+            ..Default::default()
+        }))
+        .await
+        .expect("send");
+    let nack = next(&mut s.requests).await;
+    assert!(nack.error_detail.is_some_and(|e| e.message.contains("EDS")));
+    assert_eq!(eventually(main, "/x", 200).await, 200);
+    s.responses
+        .send(Ok(DeltaDiscoveryResponse {
+            type_url: CDS.into(),
+            nonce: "3".into(),
+            removed_resources: vec!["dyn".into()],
+            ..Default::default()
+        }))
+        .await
+        .expect("send");
+    assert!(next(&mut s.requests).await.error_detail.is_none());
+    assert_eq!(eventually(main, "/x", 503).await, 503);
 }
