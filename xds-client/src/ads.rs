@@ -194,12 +194,24 @@ async fn run<S: Sink>(
                 let mut client = AggregatedDiscoveryServiceClient::new(channel);
                 let r = match config.api {
                     ApiType::Sotw => {
-                        sotw_stream(&config, &mut client, &mut sink, &mut types, &mut commands)
-                            .await
+                        run_stream::<StateOfTheWorld, S>(
+                            &config,
+                            &mut client,
+                            &mut sink,
+                            &mut types,
+                            &mut commands,
+                        )
+                        .await
                     }
                     ApiType::Delta => {
-                        delta_stream(&config, &mut client, &mut sink, &mut types, &mut commands)
-                            .await
+                        run_stream::<Delta, S>(
+                            &config,
+                            &mut client,
+                            &mut sink,
+                            &mut types,
+                            &mut commands,
+                        )
+                        .await
                     }
                 };
                 match r {
@@ -227,94 +239,111 @@ enum StreamEnd {
     },
 }
 
-fn sotw_request(
-    config: &AdsConfig,
-    first: &mut bool,
-    type_url: &str,
-    state: &TypeState,
-    nonce: &str,
-    error: Option<String>,
-) -> DiscoveryRequest {
-    let names = match &state.interest {
-        Some(Interest::Names(n)) => n.iter().cloned().collect(),
-        _ => Vec::new(),
-    };
-    DiscoveryRequest {
-        version_info: state.version.clone(),
-        // The node goes in the first request of a stream only, as Envoy sends it.
-        node: std::mem::take(first).then(|| config.node.clone()),
-        resource_names: names,
-        type_url: type_url.to_string(),
-        response_nonce: nonce.to_string(),
-        error_detail: error.map(|message| Status {
-            code: NACK_CODE,
-            message,
-            details: vec![],
-        }),
-        ..Default::default()
+/// What differs between the state-of-the-world and the delta protocol; the stream skeleton in
+/// [`run_stream`] is shared.
+trait Protocol {
+    type Req: Send + 'static;
+    type Resp;
+    /// Opens the stream with the requests `rx` yields.
+    async fn open(
+        client: &mut AggregatedDiscoveryServiceClient<Channel>,
+        rx: mpsc::Receiver<Self::Req>,
+    ) -> Result<tonic::Streaming<Self::Resp>, tonic::Status>;
+    /// The first request for a type on a new stream (resubscribing with what was accepted).
+    fn subscribe(node: Option<Node>, type_url: &str, state: &TypeState) -> Self::Req;
+    /// Hands a response to the sink and builds the ACK or NACK.
+    fn respond<S: Sink>(
+        node: Option<Node>,
+        resp: Self::Resp,
+        sink: &mut S,
+        types: &mut BTreeMap<String, TypeState>,
+    ) -> Self::Req;
+    /// A subscription changed on a live stream.
+    fn resubscribe(
+        node: Option<Node>,
+        type_url: &str,
+        old: &Option<Interest>,
+        state: &TypeState,
+    ) -> Self::Req;
+}
+
+fn nack(message: String) -> Status {
+    Status {
+        code: NACK_CODE,
+        message,
+        details: vec![],
     }
 }
 
-async fn sotw_stream<S: Sink>(
-    config: &AdsConfig,
-    client: &mut AggregatedDiscoveryServiceClient<Channel>,
-    sink: &mut S,
-    types: &mut BTreeMap<String, TypeState>,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-) -> StreamEnd {
-    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
-    let mut first = true;
-    for (type_url, state) in types.iter() {
-        if state.interest.is_some() {
-            let _ = tx.try_send(sotw_request(config, &mut first, type_url, state, "", None));
+struct StateOfTheWorld;
+
+impl Protocol for StateOfTheWorld {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+
+    async fn open(
+        client: &mut AggregatedDiscoveryServiceClient<Channel>,
+        rx: mpsc::Receiver<DiscoveryRequest>,
+    ) -> Result<tonic::Streaming<DiscoveryResponse>, tonic::Status> {
+        Ok(client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner())
+    }
+
+    fn subscribe(node: Option<Node>, type_url: &str, state: &TypeState) -> DiscoveryRequest {
+        let resource_names = match &state.interest {
+            Some(Interest::Names(n)) => n.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        DiscoveryRequest {
+            version_info: state.version.clone(),
+            node,
+            resource_names,
+            type_url: type_url.to_string(),
+            ..Default::default()
         }
     }
-    let mut inbound = match client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(_) => {
-            return StreamEnd::Lost {
-                had_response: false,
+
+    fn respond<S: Sink>(
+        node: Option<Node>,
+        resp: DiscoveryResponse,
+        sink: &mut S,
+        types: &mut BTreeMap<String, TypeState>,
+    ) -> DiscoveryRequest {
+        let state = types.entry(resp.type_url.clone()).or_default();
+        let error = match sink.apply(
+            &resp.type_url,
+            Update::Sotw {
+                version: resp.version_info.clone(),
+                resources: resp.resources,
+            },
+        ) {
+            Ok(()) => {
+                state.version = resp.version_info.clone();
+                None
             }
+            // A NACK repeats the last accepted version.
+            Err(e) => Some(nack(e)),
+        };
+        DiscoveryRequest {
+            response_nonce: resp.nonce,
+            error_detail: error,
+            ..Self::subscribe(node, &resp.type_url, state)
         }
-    };
-    let mut had_response = false;
-    loop {
-        tokio::select! {
-            msg = inbound.message() => {
-                let resp: DiscoveryResponse = match msg {
-                    Ok(Some(r)) => r,
-                    _ => return StreamEnd::Lost { had_response },
-                };
-                had_response = true;
-                let state = types.entry(resp.type_url.clone()).or_default();
-                let verdict = sink.apply(&resp.type_url, Update::Sotw { version: resp.version_info.clone(), resources: resp.resources });
-                let error = match verdict {
-                    Ok(()) => {
-                        state.version = resp.version_info.clone();
-                        None
-                    }
-                    Err(e) => Some(e),
-                };
-                let req = sotw_request(config, &mut first, &resp.type_url, state, &resp.nonce, error);
-                if tx.send(req).await.is_err() {
-                    return StreamEnd::Lost { had_response };
-                }
-            }
-            cmd = commands.recv() => {
-                let Some(Command::Subscribe { type_url, interest }) = cmd else { return StreamEnd::ClientGone };
-                let state = types.entry(type_url.clone()).or_default();
-                state.interest = Some(interest);
-                let req = sotw_request(config, &mut first, &type_url, state, "", None);
-                if tx.send(req).await.is_err() {
-                    return StreamEnd::Lost { had_response };
-                }
-            }
-        }
+    }
+
+    fn resubscribe(
+        node: Option<Node>,
+        type_url: &str,
+        _old: &Option<Interest>,
+        state: &TypeState,
+    ) -> DiscoveryRequest {
+        Self::subscribe(node, type_url, state)
     }
 }
+
+struct Delta;
 
 fn names_of(interest: &Option<Interest>) -> Vec<String> {
     match interest {
@@ -325,33 +354,115 @@ fn names_of(interest: &Option<Interest>) -> Vec<String> {
     }
 }
 
-async fn delta_stream<S: Sink>(
+impl Protocol for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+
+    async fn open(
+        client: &mut AggregatedDiscoveryServiceClient<Channel>,
+        rx: mpsc::Receiver<DeltaDiscoveryRequest>,
+    ) -> Result<tonic::Streaming<DeltaDiscoveryResponse>, tonic::Status> {
+        Ok(client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner())
+    }
+
+    fn subscribe(node: Option<Node>, type_url: &str, state: &TypeState) -> DeltaDiscoveryRequest {
+        // Resubscribe with what was already accepted, so the server sends only changes.
+        DeltaDiscoveryRequest {
+            node,
+            type_url: type_url.to_string(),
+            resource_names_subscribe: names_of(&state.interest),
+            initial_resource_versions: state.resource_versions.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn respond<S: Sink>(
+        node: Option<Node>,
+        resp: DeltaDiscoveryResponse,
+        sink: &mut S,
+        types: &mut BTreeMap<String, TypeState>,
+    ) -> DeltaDiscoveryRequest {
+        let added: Vec<NamedResource> = resp
+            .resources
+            .iter()
+            .filter_map(|r| {
+                r.resource.clone().map(|body| NamedResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    body,
+                })
+            })
+            .collect();
+        let update = Update::Delta {
+            system_version: resp.system_version_info.clone(),
+            added: added.clone(),
+            removed: resp.removed_resources.clone(),
+        };
+        let state = types.entry(resp.type_url.clone()).or_default();
+        let error = match sink.apply(&resp.type_url, update) {
+            Ok(()) => {
+                for r in &added {
+                    state
+                        .resource_versions
+                        .insert(r.name.clone(), r.version.clone());
+                }
+                for r in &resp.removed_resources {
+                    state.resource_versions.remove(r);
+                }
+                None
+            }
+            Err(e) => Some(nack(e)),
+        };
+        DeltaDiscoveryRequest {
+            node,
+            type_url: resp.type_url,
+            response_nonce: resp.nonce,
+            error_detail: error,
+            ..Default::default()
+        }
+    }
+
+    fn resubscribe(
+        node: Option<Node>,
+        type_url: &str,
+        old: &Option<Interest>,
+        state: &TypeState,
+    ) -> DeltaDiscoveryRequest {
+        let old: BTreeSet<String> = names_of(old).into_iter().collect();
+        let new: BTreeSet<String> = names_of(&state.interest).into_iter().collect();
+        DeltaDiscoveryRequest {
+            node,
+            type_url: type_url.to_string(),
+            resource_names_subscribe: new.difference(&old).cloned().collect(),
+            resource_names_unsubscribe: old.difference(&new).cloned().collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// One stream's life: subscribe, then answer every response and apply subscription changes,
+/// until the stream breaks or every client handle is gone.
+async fn run_stream<P: Protocol, S: Sink>(
     config: &AdsConfig,
     client: &mut AggregatedDiscoveryServiceClient<Channel>,
     sink: &mut S,
     types: &mut BTreeMap<String, TypeState>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> StreamEnd {
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    let (tx, rx) = mpsc::channel::<P::Req>(64);
+    // The node goes in the first request of a stream only, as Envoy sends it.
     let mut first = true;
-    let node = |first: &mut bool| std::mem::take(first).then(|| config.node.clone());
+    let mut node = || std::mem::take(&mut first).then(|| config.node.clone());
     for (type_url, state) in types.iter() {
         if state.interest.is_some() {
-            // Resubscribe with what was already accepted, so the server sends only changes.
-            let _ = tx.try_send(DeltaDiscoveryRequest {
-                node: node(&mut first),
-                type_url: type_url.clone(),
-                resource_names_subscribe: names_of(&state.interest),
-                initial_resource_versions: state.resource_versions.clone(),
-                ..Default::default()
-            });
+            let _ = tx.try_send(P::subscribe(node(), type_url, state));
         }
     }
-    let mut inbound = match client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let mut inbound = match P::open(client, rx).await {
+        Ok(s) => s,
         Err(_) => {
             return StreamEnd::Lost {
                 had_response: false,
@@ -360,60 +471,21 @@ async fn delta_stream<S: Sink>(
     };
     let mut had_response = false;
     loop {
-        tokio::select! {
+        let req = tokio::select! {
             msg = inbound.message() => {
-                let resp: DeltaDiscoveryResponse = match msg {
-                    Ok(Some(r)) => r,
-                    _ => return StreamEnd::Lost { had_response },
-                };
+                let Ok(Some(resp)) = msg else { return StreamEnd::Lost { had_response } };
                 had_response = true;
-                let added: Vec<NamedResource> = resp
-                    .resources
-                    .iter()
-                    .filter_map(|r| r.resource.clone().map(|body| NamedResource { name: r.name.clone(), version: r.version.clone(), body }))
-                    .collect();
-                let update = Update::Delta { system_version: resp.system_version_info.clone(), added: added.clone(), removed: resp.removed_resources.clone() };
-                let state = types.entry(resp.type_url.clone()).or_default();
-                let error = match sink.apply(&resp.type_url, update) {
-                    Ok(()) => {
-                        for r in &added {
-                            state.resource_versions.insert(r.name.clone(), r.version.clone());
-                        }
-                        for r in &resp.removed_resources {
-                            state.resource_versions.remove(r);
-                        }
-                        None
-                    }
-                    Err(e) => Some(Status { code: NACK_CODE, message: e, details: vec![] }),
-                };
-                let req = DeltaDiscoveryRequest {
-                    node: node(&mut first),
-                    type_url: resp.type_url.clone(),
-                    response_nonce: resp.nonce.clone(),
-                    error_detail: error,
-                    ..Default::default()
-                };
-                if tx.send(req).await.is_err() {
-                    return StreamEnd::Lost { had_response };
-                }
+                P::respond(node(), resp, sink, types)
             }
             cmd = commands.recv() => {
                 let Some(Command::Subscribe { type_url, interest }) = cmd else { return StreamEnd::ClientGone };
                 let state = types.entry(type_url.clone()).or_default();
-                let old: BTreeSet<String> = names_of(&state.interest).into_iter().collect();
-                let new: BTreeSet<String> = names_of(&Some(interest.clone())).into_iter().collect();
-                state.interest = Some(interest);
-                let req = DeltaDiscoveryRequest {
-                    node: node(&mut first),
-                    type_url,
-                    resource_names_subscribe: new.difference(&old).cloned().collect(),
-                    resource_names_unsubscribe: old.difference(&new).cloned().collect(),
-                    ..Default::default()
-                };
-                if tx.send(req).await.is_err() {
-                    return StreamEnd::Lost { had_response };
-                }
+                let old = state.interest.replace(interest);
+                P::resubscribe(node(), &type_url, &old, state)
             }
+        };
+        if tx.send(req).await.is_err() {
+            return StreamEnd::Lost { had_response };
         }
     }
 }
