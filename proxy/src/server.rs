@@ -158,11 +158,15 @@ fn start_ads(
 ) -> Option<xds_client::ads::AdsClient> {
     let snap = current.load();
     let d = snap.dynamic.clone()?;
-    let sink = crate::config::xds_sink::XdsSink::new(current.clone(), store.clone());
+    let handle = Arc::new(std::sync::OnceLock::new());
+    let sink =
+        crate::config::xds_sink::XdsSink::new(current.clone(), store.clone(), handle.clone());
     let client = xds_client::ads::spawn(
         xds_client::ads::AdsConfig::new(d.target, d.api, snap.node.clone()),
         sink,
     );
+    // The sink follows EDS names through the client it runs under.
+    let _ = handle.set(client.clone());
     if d.cds {
         client.subscribe(
             crate::config::xds_sink::CLUSTER_TYPE,

@@ -261,3 +261,80 @@ async fn clusters_from_delta_cds() {
     assert!(next(&mut s.requests).await.error_detail.is_none());
     assert_eq!(eventually(main, "/x", 503).await, 503);
 }
+
+/// An EDS cluster from CDS warms (not routable) until its assignment arrives over EDS, which the
+/// proxy subscribes to by name; then it serves, and a new assignment moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eds_clusters_warm_until_their_assignment() {
+    use xds_client::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    let (addr, mut sessions) = serve_tcp().await;
+    let (echo, other) = (start_echo(), start_echo());
+    let (main, _admin, _petrel) = start_under_ads(&addr, "DELTA_GRPC").await;
+    let mut s = next(&mut sessions.delta).await;
+    assert_eq!(next(&mut s.requests).await.type_url, CDS);
+    let eds_cluster = serde_json::json!({"name": "dyn", "type": "EDS", "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}});
+    let cds = Resource {
+        name: "dyn".into(),
+        version: "1".into(),
+        resource: Some(cluster_any(eds_cluster)),
+        ..Default::default()
+    };
+    s.responses
+        .send(Ok(DeltaDiscoveryResponse {
+            type_url: CDS.into(),
+            nonce: "c1".into(),
+            resources: vec![cds],
+            ..Default::default()
+        }))
+        .await
+        .expect("send");
+    // The ACK and the EDS subscription, in either order.
+    let mut saw_ack = false;
+    let mut eds_names = Vec::new();
+    while !saw_ack || eds_names.is_empty() {
+        let r = next(&mut s.requests).await;
+        if r.type_url == CDS {
+            assert!(r.error_detail.is_none(), "{:?}", r.error_detail);
+            saw_ack = true;
+        } else {
+            assert_eq!(r.type_url, EDS);
+            eds_names = r.resource_names_subscribe;
+        }
+    }
+    assert_eq!(eds_names, ["dyn"]);
+    // Warming: not routable yet.
+    assert_eq!(eventually(main, "/x", 503).await, 503);
+    let cla = |port: u16| {
+        let v = serde_json::json!({"cluster_name": "dyn", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]});
+        let c: xds_client::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+            TypeRegistry::global().from_json(&v, false).expect("cla");
+        Any {
+            type_url: EDS.into(),
+            value: c.encode_to_vec(),
+        }
+    };
+    let eds = |nonce: &str, port: u16| DeltaDiscoveryResponse {
+        type_url: EDS.into(),
+        nonce: nonce.into(),
+        resources: vec![Resource {
+            name: "dyn".into(),
+            version: nonce.into(),
+            resource: Some(cla(port)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    s.responses.send(Ok(eds("e1", echo))).await.expect("send");
+    assert!(next(&mut s.requests).await.error_detail.is_none());
+    assert_eq!(eventually(main, "/x", 200).await, 200);
+    // A new assignment: the cluster now points at a port where nothing listens... then back.
+    let closed = free_port();
+    s.responses.send(Ok(eds("e2", closed))).await.expect("send");
+    assert!(next(&mut s.requests).await.error_detail.is_none());
+    assert_eq!(eventually(main, "/x", 503).await, 503);
+    s.responses.send(Ok(eds("e3", other))).await.expect("send");
+    assert!(next(&mut s.requests).await.error_detail.is_none());
+    assert_eq!(eventually(main, "/x", 200).await, 200);
+}

@@ -20,7 +20,7 @@ pub struct Dynamic {
 }
 
 /// A `ConfigSource` must say "from ADS, v3".
-fn ads_source(c: &ConfigSource, path: &str) -> Result<(), ConfigError> {
+pub fn ads_source(c: &ConfigSource, path: &str) -> Result<(), ConfigError> {
     let mut rest = c.clone();
     if !matches!(
         rest.config_source_specifier.take(),

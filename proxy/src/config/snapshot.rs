@@ -108,6 +108,12 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let mut cluster_order = Vec::new();
     for c in &clusters_pb {
         let compiled = cluster::compile(c, store)?;
+        if compiled.eds_service.is_some() {
+            return Err(ConfigError::Unsupported {
+                path: format!("cluster '{}'", compiled.name),
+                fields: "'type: EDS' in static_resources (EDS is applied to CDS clusters for now, issue #4)".into(),
+            });
+        }
         if clusters.contains_key(&compiled.name) {
             return Err(super::invalid(
                 "static_resources.clusters",

@@ -88,6 +88,8 @@ pub enum DiscoveryType {
     Static,
     StrictDns,
     LogicalDns,
+    /// Hosts come from EDS (`ClusterLoadAssignment` over ADS).
+    Eds,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,6 +166,8 @@ pub struct Cluster {
     pub source: pb::Cluster,
     /// How often DNS clusters re-resolve (`dns_refresh_rate`, Envoy's default 5 s).
     pub dns_refresh: Option<Duration>,
+    /// The EDS resource name (`service_name`, else the cluster name) of an EDS cluster.
+    pub eds_service: Option<String>,
 }
 
 /// How endpoint names are turned into addresses.
@@ -359,12 +363,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
                 Ok(pb::cluster::DiscoveryType::Static) => DiscoveryType::Static,
                 Ok(pb::cluster::DiscoveryType::StrictDns) => DiscoveryType::StrictDns,
                 Ok(pb::cluster::DiscoveryType::LogicalDns) => DiscoveryType::LogicalDns,
-                Ok(pb::cluster::DiscoveryType::Eds) => {
-                    return Err(ConfigError::Unsupported {
-                        path,
-                        fields: "'type: EDS' (comes with xDS support, issue #4)".into(),
-                    })
-                }
+                Ok(pb::cluster::DiscoveryType::Eds) => DiscoveryType::Eds,
                 Ok(pb::cluster::DiscoveryType::OriginalDst) => {
                     return Err(ConfigError::Unsupported {
                         path,
@@ -484,12 +483,46 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         reject_unhandled(&o, &p)?;
     }
     let resolve = match discovery {
-        DiscoveryType::Static => Resolve::None,
+        DiscoveryType::Static | DiscoveryType::Eds => Resolve::None,
         DiscoveryType::LogicalDns => Resolve::First,
         DiscoveryType::StrictDns => Resolve::All,
     };
+    let eds_service = match (discovery, rest.eds_cluster_config.take()) {
+        (DiscoveryType::Eds, Some(e)) => {
+            let ep = format!("{path}.eds_cluster_config");
+            let mut erest = e.clone();
+            match erest.eds_config.take() {
+                Some(src) => crate::config::dynamic::ads_source(&src, &format!("{ep}.eds_config"))?,
+                None => return Err(invalid(format!("{ep}.eds_config"), "value is required")),
+            }
+            let service = std::mem::take(&mut erest.service_name);
+            reject_unhandled(&erest, &ep)?;
+            if rest.load_assignment.is_some() {
+                return Err(ConfigError::Unsupported {
+                    path,
+                    fields: "'load_assignment' on an EDS cluster".into(),
+                });
+            }
+            Some(if service.is_empty() {
+                name.clone()
+            } else {
+                service
+            })
+        }
+        (DiscoveryType::Eds, None) => {
+            return Err(invalid(
+                format!("{path}.eds_cluster_config"),
+                "EDS clusters need eds_cluster_config",
+            ))
+        }
+        // Any other type with eds_cluster_config keeps it in `rest`, where it is refused.
+        (_, e) => {
+            rest.eds_cluster_config = e;
+            None
+        }
+    };
     let dns_refresh = match discovery {
-        DiscoveryType::Static => None,
+        DiscoveryType::Static | DiscoveryType::Eds => None,
         _ => Some(duration::or(
             &rest.dns_refresh_rate.take(),
             Duration::from_millis(5000),
@@ -537,6 +570,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         stats,
         source: c.clone(),
         dns_refresh,
+        eds_service,
     })
 }
 
@@ -546,11 +580,47 @@ pub struct LbState {
     rr: std::cell::Cell<u64>,
 }
 
+/// An EDS cluster with the hosts of a `ClusterLoadAssignment`; hosts of `previous` whose address
+/// and priority stay keep their stats.
+pub fn with_assignment(
+    base: &Cluster,
+    cla: &ClusterLoadAssignment,
+    previous: Option<&Cluster>,
+) -> Result<Cluster, ConfigError> {
+    let mut cla = cla.clone();
+    // The policy's overprovisioning factor only matters for priority spill-over, which Petrel
+    // does not do while every host is healthy (there are no health checks yet).
+    cla.policy = None;
+    let fresh = hosts_from(
+        &cla,
+        &format!("cluster '{}' assignment", base.name),
+        Resolve::None,
+    )?;
+    let key = |h: &Arc<Host>| (h.address, h.priority);
+    let reuse = |h: &Arc<Host>| {
+        previous
+            .and_then(|p| p.all_hosts.iter().find(|o| key(o) == key(h)).cloned())
+            .unwrap_or_else(|| h.clone())
+    };
+    let mut new = base.clone();
+    new.all_hosts = fresh.iter().map(reuse).collect();
+    let top = new.all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
+    new.hosts = new
+        .all_hosts
+        .iter()
+        .filter(|h| h.priority == top)
+        .cloned()
+        .collect();
+    new.stats.membership_total.set(new.all_hosts.len() as i64);
+    new.stats.membership_healthy.set(new.all_hosts.len() as i64);
+    Ok(new)
+}
+
 /// Re-resolves a DNS cluster: `Ok(None)` when its addresses did not change, else the cluster
 /// with its new host set (hosts whose address stayed keep their stats).
 pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
     let resolve = match old.discovery {
-        DiscoveryType::Static => return Ok(None),
+        DiscoveryType::Static | DiscoveryType::Eds => return Ok(None),
         DiscoveryType::LogicalDns => Resolve::First,
         DiscoveryType::StrictDns => Resolve::All,
     };
