@@ -596,14 +596,29 @@ pub fn with_assignment(
         &format!("cluster '{}' assignment", base.name),
         Resolve::None,
     )?;
-    let key = |h: &Arc<Host>| (h.address, h.priority);
-    let reuse = |h: &Arc<Host>| {
+    Ok(with_hosts(base, fresh, previous))
+}
+
+fn host_key(h: &Arc<Host>) -> (SocketAddr, u32) {
+    (h.address, h.priority)
+}
+
+/// `base` with a new host set: hosts of `previous` with the same address and priority are kept
+/// (with their stats and in-flight counts), the balancer uses the top priority, membership
+/// gauges follow.
+fn with_hosts(base: &Cluster, fresh: Vec<Arc<Host>>, previous: Option<&Cluster>) -> Cluster {
+    let reuse = |h: Arc<Host>| {
         previous
-            .and_then(|p| p.all_hosts.iter().find(|o| key(o) == key(h)).cloned())
-            .unwrap_or_else(|| h.clone())
+            .and_then(|p| {
+                p.all_hosts
+                    .iter()
+                    .find(|o| host_key(o) == host_key(&h))
+                    .cloned()
+            })
+            .unwrap_or(h)
     };
     let mut new = base.clone();
-    new.all_hosts = fresh.iter().map(reuse).collect();
+    new.all_hosts = fresh.into_iter().map(reuse).collect();
     let top = new.all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
     new.hosts = new
         .all_hosts
@@ -613,7 +628,7 @@ pub fn with_assignment(
         .collect();
     new.stats.membership_total.set(new.all_hosts.len() as i64);
     new.stats.membership_healthy.set(new.all_hosts.len() as i64);
-    Ok(new)
+    new
 }
 
 /// Re-resolves a DNS cluster: `Ok(None)` when its addresses did not change, else the cluster
@@ -630,29 +645,15 @@ pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
         &format!("cluster '{}'.load_assignment", old.name),
         resolve,
     )?;
-    let key = |h: &Arc<Host>| (h.address, h.priority);
-    if old.all_hosts.iter().map(key).eq(fresh.iter().map(key)) {
-        return Ok(None);
-    }
-    let reuse = |h: &Arc<Host>| {
-        old.all_hosts
-            .iter()
-            .find(|o| key(o) == key(h))
-            .cloned()
-            .unwrap_or_else(|| h.clone())
-    };
-    let mut new = old.clone();
-    new.all_hosts = fresh.iter().map(reuse).collect();
-    let top = new.all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
-    new.hosts = new
+    if old
         .all_hosts
         .iter()
-        .filter(|h| h.priority == top)
-        .cloned()
-        .collect();
-    new.stats.membership_total.set(new.all_hosts.len() as i64);
-    new.stats.membership_healthy.set(new.all_hosts.len() as i64);
-    Ok(Some(new))
+        .map(host_key)
+        .eq(fresh.iter().map(host_key))
+    {
+        return Ok(None);
+    }
+    Ok(Some(with_hosts(old, fresh, Some(old))))
 }
 
 impl Cluster {
