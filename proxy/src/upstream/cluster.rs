@@ -176,9 +176,52 @@ enum Resolve {
     /// STATIC: IP addresses only.
     None,
     /// LOGICAL_DNS: the first address.
-    First,
+    First(Family),
     /// STRICT_DNS: every address.
+    All(Family),
+}
+
+/// `dns_lookup_family`, with Envoy's meaning of each value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Family {
+    /// IPv6 if the name has any IPv6 address, else IPv4 (Envoy's default).
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 if the name has any IPv4 address, else IPv6.
+    V4Preferred,
     All,
+}
+
+impl Family {
+    fn from_proto(v: i32, path: &str) -> Result<Family, ConfigError> {
+        Ok(match pb::cluster::DnsLookupFamily::try_from(v) {
+            Ok(pb::cluster::DnsLookupFamily::Auto) => Family::Auto,
+            Ok(pb::cluster::DnsLookupFamily::V4Only) => Family::V4Only,
+            Ok(pb::cluster::DnsLookupFamily::V6Only) => Family::V6Only,
+            Ok(pb::cluster::DnsLookupFamily::V4Preferred) => Family::V4Preferred,
+            Ok(pb::cluster::DnsLookupFamily::All) => Family::All,
+            Err(_) => {
+                return Err(invalid(
+                    format!("{path}.dns_lookup_family"),
+                    "unknown enum value",
+                ))
+            }
+        })
+    }
+
+    /// Keeps the addresses this family allows, in resolver order.
+    fn pick(self, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let (v4, v6): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv4());
+        match self {
+            Family::Auto if !v6.is_empty() => v6,
+            Family::Auto | Family::V4Only => v4,
+            Family::V6Only => v6,
+            Family::V4Preferred if !v4.is_empty() => v4,
+            Family::V4Preferred => v6,
+            Family::All => v4.into_iter().chain(v6).collect(),
+        }
+    }
 }
 
 fn socket_address(
@@ -231,12 +274,13 @@ fn socket_address(
                 .to_socket_addrs()
                 .map(|it| it.collect())
                 .unwrap_or_default();
-            // IPv4 first (V4_PREFERRED), duplicates dropped.
-            addrs.sort_by_key(|a| !a.is_ipv4());
-            addrs.dedup();
-            if resolve == Resolve::First {
-                addrs.truncate(1);
-            }
+            let mut seen = std::collections::HashSet::new();
+            addrs.retain(|a| seen.insert(*a));
+            let addrs = match resolve {
+                Resolve::First(family) => family.pick(addrs).into_iter().take(1).collect(),
+                Resolve::All(family) => family.pick(addrs),
+                Resolve::None => addrs,
+            };
             Ok((addrs, sa.address.clone()))
         }
         Some(address::Address::Pipe(_)) => Err(ConfigError::Unsupported {
@@ -484,8 +528,14 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
     }
     let resolve = match discovery {
         DiscoveryType::Static | DiscoveryType::Eds => Resolve::None,
-        DiscoveryType::LogicalDns => Resolve::First,
-        DiscoveryType::StrictDns => Resolve::All,
+        DiscoveryType::LogicalDns => Resolve::First(Family::from_proto(
+            std::mem::take(&mut rest.dns_lookup_family),
+            &path,
+        )?),
+        DiscoveryType::StrictDns => Resolve::All(Family::from_proto(
+            std::mem::take(&mut rest.dns_lookup_family),
+            &path,
+        )?),
     };
     let eds_service = match (discovery, rest.eds_cluster_config.take()) {
         (DiscoveryType::Eds, Some(e)) => {
@@ -538,10 +588,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         ));
     }
     // DNS names resolve when the cluster is compiled and again every dns_refresh_rate (see
-    // `refresh`), preferring IPv4 (V4_ONLY and V4_PREFERRED both hold).
-    if matches!(rest.dns_lookup_family, 1 | 3) {
-        rest.dns_lookup_family = 0;
-    }
+    // `refresh`); a dns_lookup_family on a STATIC or EDS cluster stays in `rest` and is refused.
     reject_unhandled(&rest, &path)?;
     let top = all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
     let hosts: Vec<_> = all_hosts
@@ -636,8 +683,12 @@ fn with_hosts(base: &Cluster, fresh: Vec<Arc<Host>>, previous: Option<&Cluster>)
 pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
     let resolve = match old.discovery {
         DiscoveryType::Static | DiscoveryType::Eds => return Ok(None),
-        DiscoveryType::LogicalDns => Resolve::First,
-        DiscoveryType::StrictDns => Resolve::All,
+        DiscoveryType::LogicalDns => {
+            Resolve::First(Family::from_proto(old.source.dns_lookup_family, &old.name)?)
+        }
+        DiscoveryType::StrictDns => {
+            Resolve::All(Family::from_proto(old.source.dns_lookup_family, &old.name)?)
+        }
     };
     let cla = old.source.load_assignment.clone().unwrap_or_default();
     let fresh = hosts_from(
@@ -786,6 +837,26 @@ mod tests {
         .unwrap();
         assert!(bad.all_hosts.is_empty());
         assert_eq!(bad.dns_refresh, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn dns_lookup_family_as_envoy_means_it() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let both = vec![a("[::1]:80"), a("127.0.0.1:80")];
+        assert_eq!(Family::Auto.pick(both.clone()), [a("[::1]:80")]);
+        assert_eq!(
+            Family::Auto.pick(vec![a("127.0.0.1:80")]),
+            [a("127.0.0.1:80")]
+        );
+        assert_eq!(
+            Family::V4Only.pick(vec![a("[::1]:80")]),
+            Vec::<SocketAddr>::new()
+        );
+        assert_eq!(Family::V4Preferred.pick(both.clone()), [a("127.0.0.1:80")]);
+        assert_eq!(Family::V6Only.pick(both.clone()), [a("[::1]:80")]);
+        assert_eq!(Family::All.pick(both), [a("127.0.0.1:80"), a("[::1]:80")]);
+        // A family on a cluster that resolves nothing is refused, not ignored.
+        assert!(cluster(json!({"name": "c", "dns_lookup_family": "V4_ONLY"})).is_err());
     }
 
     #[test]
