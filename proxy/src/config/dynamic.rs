@@ -37,8 +37,8 @@ pub fn ads_source(c: &ConfigSource, path: &str) -> Result<(), ConfigError> {
             "only V3 is supported",
         ));
     }
-    // initial_fetch_timeout only delays readiness; Petrel is ready once workers start.
-    rest.initial_fetch_timeout = None;
+    // initial_fetch_timeout stays in `rest` and is refused: Petrel does not yet hold
+    // initialization until the first xDS answer (issue #4), so honouring it is not possible.
     reject_unhandled(&rest, path)
 }
 
