@@ -796,6 +796,11 @@ fn h2c_matches_envoy() {
                     .unwrap_or_else(|e| format!("error: {e}"))
             })
             .collect();
+        assert!(
+            !answers[0].starts_with("error:"),
+            "{name}: envoy did not answer over h2c: {}",
+            answers[0]
+        );
         if answers[0] != answers[1] {
             diffs.push(format!(
                 "--- {name}\n envoy:  {:?}\n petrel: {:?}",
