@@ -14,7 +14,8 @@ use crate::{invalid, FilterConfigError as ConfigError};
 /// The chosen upstream host, once there is one.
 #[derive(Clone, Copy)]
 pub struct UpstreamInfo<'a> {
-    pub address: SocketAddr,
+    /// The host's address as Envoy prints it (`ip:port`, or a Unix socket path).
+    pub address: &'a dyn std::fmt::Display,
     /// The endpoint's `metadata.filter_metadata` as JSON (namespace → value).
     pub metadata: Option<&'a serde_json::Value>,
 }
@@ -377,7 +378,7 @@ mod tests {
         let md = serde_json::json!({"envoy.lb": {"version": "v2", "n": 3, "nested": {"a": true}}});
         let ctx = FormatContext {
             upstream: Some(UpstreamInfo {
-                address: "10.0.0.9:80".parse().unwrap(),
+                address: &"10.0.0.9:80",
                 metadata: Some(&md),
             }),
             ..ctx(None)

@@ -9,11 +9,10 @@ use arc_swap::ArcSwap;
 
 use crate::admin::{self, AdminState};
 use crate::cli::{Mode, Options};
+use crate::config::xds_sink::{SharedSink, XdsState};
 use crate::config::{self, snapshot::Snapshot, ConfigError};
-use crate::http::conn_manager::{self, ConnInfo};
-use crate::listener::filter_chain_match::ConnectionFacts;
+use crate::listener::manager::ListenerManager;
 use crate::observe::stats::Store;
-use crate::worker::WorkerCtx;
 use crate::{plog, stat_struct};
 
 stat_struct!(ServerStats {
@@ -61,23 +60,24 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         .days_until_first_cert_expiring
         .set(i32::MAX as i64);
     server_stats.envoy_bug_failures.add(0);
-    let listeners = snapshot.listeners.clone();
     let admin_addr = snapshot.admin;
-    let current = Arc::new(ArcSwap::from_pointee(snapshot));
+    let dynamic = snapshot.dynamic.clone();
 
     // Bind everything first so that a bad address fails the start, as in Envoy.
-    let mut per_worker = Vec::new();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
     for _ in 0..opts.concurrency {
-        let mut socks = Vec::new();
-        for l in &listeners {
-            let s = crate::listener::bind(l.address).map_err(|err| ServerError::Bind {
-                addr: l.address,
-                err,
-            })?;
-            socks.push((l.clone(), s));
-        }
-        per_worker.push(socks);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        senders.push(tx);
+        receivers.push(rx);
     }
+    let mut manager = ListenerManager::new(senders);
+    manager
+        .update(&snapshot.listeners, &[])
+        .map_err(|e| ServerError::Bind {
+            addr: e.addr,
+            err: e.err,
+        })?;
     let admin_listener = match admin_addr {
         Some(a) => {
             Some(std::net::TcpListener::bind(a).map_err(|err| ServerError::Bind { addr: a, err })?)
@@ -92,17 +92,29 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     if opts.mode == Mode::InitOnly {
         return Ok(());
     }
+    let current = Arc::new(ArcSwap::from_pointee(snapshot));
 
-    for (i, socks) in per_worker.into_iter().enumerate() {
+    for (i, rx) in receivers.into_iter().enumerate() {
         let current = current.clone();
         std::thread::Builder::new()
             .name(format!("wrk:worker_{i}"))
-            .spawn(move || worker_main(socks, current))?;
+            .spawn(move || crate::worker::run(rx, current))?;
     }
-    store.gauge("listener_manager.workers_started").set(1);
     server_stats.live.set(1);
+    let manager = Arc::new(std::sync::Mutex::new(manager));
+    if dynamic.is_none() {
+        // Nothing to wait for: workers accept at once.
+        if let Ok(mut m) = manager.lock() {
+            m.start_workers(&current.load().listeners);
+        }
+        store.gauge("listener_manager.workers_started").set(1);
+    } else {
+        // INITIALIZING until xDS has answered (`check_init`).
+        server_stats.state.set(3);
+    }
     plog!(info, "main", "starting main dispatch loop");
 
+    let opts_for_ads = opts.clone();
     let state = Arc::new(AdminState {
         current: current.clone(),
         store: store.clone(),
@@ -137,7 +149,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             });
         }
         spawn_dns_refreshers(&current);
-        let _ads = start_ads(&current, &store);
+        let _ads = start_ads(&current, &store, &opts_for_ads, &manager);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => plog!(warn, "main", "caught SIGTERM"),
@@ -155,23 +167,34 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
 fn start_ads(
     current: &Arc<ArcSwap<Snapshot>>,
     store: &Store,
+    opts: &Options,
+    manager: &Arc<std::sync::Mutex<ListenerManager>>,
 ) -> Option<xds_client::ads::AdsClient> {
     let snap = current.load();
     let d = snap.dynamic.clone()?;
     let handle = Arc::new(std::sync::OnceLock::new());
-    let sink =
-        crate::config::xds_sink::XdsSink::new(current.clone(), store.clone(), handle.clone());
+    let state = XdsState::new(
+        current.clone(),
+        store.clone(),
+        opts.clone(),
+        d.clone(),
+        manager.clone(),
+        handle.clone(),
+    );
     let client = xds_client::ads::spawn(
         xds_client::ads::AdsConfig::new(d.target, d.api, snap.node.clone()),
-        sink,
+        SharedSink(state.clone()),
     );
-    // The sink follows EDS names through the client it runs under.
+    // The sink follows EDS/RDS names and starts LDS through the client it runs under.
     let _ = handle.set(client.clone());
-    if d.cds {
+    if d.cds.is_some() {
         client.subscribe(
             crate::config::xds_sink::CLUSTER_TYPE,
             xds_client::ads::Interest::Wildcard,
         );
+    }
+    if let Ok(mut s) = state.lock() {
+        s.begin();
     }
     Some(client)
 }
@@ -208,65 +231,4 @@ fn spawn_dns_refreshers(current: &Arc<ArcSwap<Snapshot>>) {
             }
         });
     }
-}
-
-fn worker_main(
-    socks: Vec<(Arc<crate::listener::Listener>, std::net::TcpListener)>,
-    current: Arc<ArcSwap<Snapshot>>,
-) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            plog!(critical, "main", "worker runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let ctx = WorkerCtx::new(current);
-        let mut accepts = Vec::new();
-        for (l, s) in socks {
-            let Ok(listener) = tokio::net::TcpListener::from_std(s) else {
-                continue;
-            };
-            let ctx = ctx.clone();
-            accepts.push(tokio::task::spawn_local(async move {
-                loop {
-                    let (stream, remote) = match listener.accept().await {
-                        Ok(x) => x,
-                        Err(_) => continue,
-                    };
-                    let local = stream.local_addr().unwrap_or(l.address);
-                    l.stats.downstream_cx_total.inc();
-                    let facts = ConnectionFacts {
-                        destination: local,
-                        source: remote,
-                        direct_source: remote,
-                        server_name: None,
-                        transport_protocol: "raw_buffer",
-                        application_protocols: &[],
-                    };
-                    let Some(hcm) = l.chain_for(&facts).cloned() else {
-                        // Envoy closes a connection no chain matches.
-                        l.stats.no_filter_chain_match.inc();
-                        l.stats.downstream_cx_destroy.inc();
-                        continue;
-                    };
-                    l.stats.downstream_cx_active.inc();
-                    let (l2, ctx) = (l.clone(), ctx.clone());
-                    tokio::task::spawn_local(async move {
-                        conn_manager::serve(stream, ConnInfo { remote, local }, hcm, ctx).await;
-                        l2.stats.downstream_cx_active.dec();
-                        l2.stats.downstream_cx_destroy.inc();
-                    });
-                }
-            }));
-        }
-        for a in accepts {
-            let _ = a.await;
-        }
-    });
 }

@@ -2,6 +2,7 @@
 //! and a raw HTTP/1.1 client that can also send malformed bytes.
 
 pub mod ads_server;
+pub mod xds;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -62,7 +63,16 @@ impl Drop for Proxy {
     }
 }
 
-fn wait_ready(admin: u16, child: &mut Child, name: &str) {
+/// What `start` waits for on `/ready`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ready {
+    /// 200 LIVE.
+    Live,
+    /// Any answer: the admin server is up (a proxy initializing from xDS says 503).
+    Admin,
+}
+
+fn wait_ready(admin: u16, child: &mut Child, name: &str, want: Ready) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -76,7 +86,7 @@ fn wait_ready(admin: u16, child: &mut Child, name: &str) {
             admin,
             b"GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
         ) {
-            if r.status == 200 {
+            if r.status == 200 || (want == Ready::Admin && r.status != 0) {
                 return;
             }
         }
@@ -93,6 +103,18 @@ pub fn start(
     admin: u16,
     base_id: u32,
 ) -> Proxy {
+    start_until(name, bin, config, admin, base_id, Ready::Live)
+}
+
+/// Starts a proxy binary and waits until `/ready` answers as `want` says.
+pub fn start_until(
+    name: &'static str,
+    bin: &PathBuf,
+    config: &PathBuf,
+    admin: u16,
+    base_id: u32,
+    want: Ready,
+) -> Proxy {
     let mut cmd = Command::new(bin);
     cmd.arg("-c")
         .arg(config)
@@ -105,7 +127,7 @@ pub fn start(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    wait_ready(admin, &mut child, name);
+    wait_ready(admin, &mut child, name, want);
     Proxy { name, child, admin }
 }
 
@@ -268,6 +290,10 @@ pub fn start_echo() -> u16 {
                         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
                         if path.starts_with("/slow") {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        // `/delay/<ms>` answers after that many milliseconds.
+                        if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
                         }
                         let mut headers: Vec<(String, String)> = req
                             .headers()

@@ -1,52 +1,16 @@
 //! Petrel under a management server: clusters arrive over ADS (CDS), are served at once, a bad
 //! one is NACKed with the field named while the last good set keeps serving, and removal works.
 
-use std::time::Duration;
-
 use petrel_tests::ads_server::serve_tcp;
+use petrel_tests::xds::*;
 use petrel_tests::*;
-use prost::Message;
 use xds_client::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use xds_client::pb::google::protobuf::Any;
-use xds_client::TypeRegistry;
 
-const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+type Cluster = xds_client::pb::envoy::config::cluster::v3::Cluster;
 
 fn cluster_any(json: serde_json::Value) -> Any {
-    let c: xds_client::pb::envoy::config::cluster::v3::Cluster = TypeRegistry::global()
-        .from_json(&json, false)
-        .expect("cluster json");
-    Any {
-        type_url: CDS.into(),
-        value: c.encode_to_vec(),
-    }
-}
-
-async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
-    tokio::time::timeout(Duration::from_secs(15), rx.recv())
-        .await
-        .expect("timed out")
-        .expect("closed")
-}
-
-/// Polls until the proxy answers `want` on `path` (updates apply asynchronously).
-async fn eventually(port: u16, path: &str, want: u16) -> u16 {
-    let mut last = 0;
-    for _ in 0..100 {
-        let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
-        last = tokio::task::spawn_blocking(move || {
-            http_raw(port, req.as_bytes())
-                .map(|r| r.status)
-                .unwrap_or(0)
-        })
-        .await
-        .unwrap_or(0);
-        if last == want {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    last
+    any::<Cluster>(&json)
 }
 
 /// Starts Petrel on a bootstrap whose only route goes to the dynamic cluster `dyn`; returns the
@@ -99,11 +63,17 @@ static_resources:
     std::fs::create_dir_all(&dir).expect("tmp");
     let path = dir.join("petrel.yaml");
     std::fs::write(&path, bootstrap).expect("write");
-    let proxy =
-        tokio::task::spawn_blocking(move || start("petrel", &petrel_bin(), &path, admin, 0))
-            .await
-            .expect("start");
+    let proxy = tokio::task::spawn_blocking(move || {
+        start_until("petrel", &petrel_bin(), &path, admin, 0, Ready::Admin)
+    })
+    .await
+    .expect("start");
     (main, admin, proxy)
+}
+
+/// `/ready`'s status and body.
+async fn ready(admin: u16) -> (u16, String) {
+    get(admin, "/ready").await
 }
 
 fn dyn_cluster(port: u16) -> serde_json::Value {
@@ -122,8 +92,8 @@ async fn clusters_from_cds() {
         first.node.as_ref().map(|n| n.id.as_str()),
         Some("test-node")
     );
-    // No cluster yet: Envoy's 503 for an unknown cluster.
-    assert_eq!(eventually(main, "/x", 503).await, 503);
+    // Initialization waits for the first CDS answer: not ready, listeners not accepting.
+    assert_eq!(ready(admin).await, (503, "INITIALIZING\n".into()));
 
     let dyn_cluster = dyn_cluster(echo);
     let push = |version: &str, nonce: &str, resources: Vec<Any>| DiscoveryResponse {
@@ -144,12 +114,7 @@ async fn clusters_from_cds() {
     );
     assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
     assert_eq!(eventually(main, "/x", 200).await, 200);
-    let dump = tokio::task::spawn_blocking(move || {
-        http_raw(admin, b"GET /config_dump?resource=dynamic_active_clusters HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").map(|r| r.body_str()).unwrap_or_default()
-    })
-    .await
-    .expect("dump");
-    let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    let dump = admin_json(admin, "/config_dump?resource=dynamic_active_clusters").await;
     assert_eq!(
         dump["configs"][0]["@type"],
         "type.googleapis.com/envoy.admin.v3.ClustersConfigDump.DynamicCluster"
@@ -187,9 +152,7 @@ async fn clusters_from_cds() {
     assert!(next(&mut s.requests).await.error_detail.is_none());
     assert_eq!(eventually(main, "/x", 503).await, 503);
 
-    let stats = tokio::task::spawn_blocking(move || http_raw(admin, b"GET /stats?filter=cluster_manager.cds HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").map(|r| r.body_str()).unwrap_or_default())
-        .await
-        .expect("stats");
+    let stats = get(admin, "/stats?filter=cluster_manager.cds").await.1;
     assert!(
         stats.contains("cluster_manager.cds.update_success: 2"),
         "{stats}"
@@ -267,10 +230,9 @@ async fn clusters_from_delta_cds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eds_clusters_warm_until_their_assignment() {
     use xds_client::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
-    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     let (addr, mut sessions) = serve_tcp().await;
     let (echo, other) = (start_echo(), start_echo());
-    let (main, _admin, _petrel) = start_under_ads(&addr, "DELTA_GRPC").await;
+    let (main, admin, _petrel) = start_under_ads(&addr, "DELTA_GRPC").await;
     let mut s = next(&mut sessions.delta).await;
     assert_eq!(next(&mut s.requests).await.type_url, CDS);
     let eds_cluster = serde_json::json!({"name": "dyn", "type": "EDS", "connect_timeout": "1s",
@@ -304,16 +266,13 @@ async fn eds_clusters_warm_until_their_assignment() {
         }
     }
     assert_eq!(eds_names, ["dyn"]);
-    // Warming: not routable yet.
-    assert_eq!(eventually(main, "/x", 503).await, 503);
+    // Warming: initialization waits for the cluster's assignment.
+    assert_eq!(ready(admin).await.0, 503);
+    let dump = admin_json(admin, "/config_dump?resource=dynamic_warming_clusters").await;
+    assert_eq!(dump["configs"][0]["cluster"]["name"], "dyn", "{dump}");
     let cla = |port: u16| {
         let v = serde_json::json!({"cluster_name": "dyn", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]});
-        let c: xds_client::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
-            TypeRegistry::global().from_json(&v, false).expect("cla");
-        Any {
-            type_url: EDS.into(),
-            value: c.encode_to_vec(),
-        }
+        any::<xds_client::pb::envoy::config::endpoint::v3::ClusterLoadAssignment>(&v)
     };
     let eds = |nonce: &str, port: u16| DeltaDiscoveryResponse {
         type_url: EDS.into(),
@@ -329,6 +288,7 @@ async fn eds_clusters_warm_until_their_assignment() {
     s.responses.send(Ok(eds("e1", echo))).await.expect("send");
     assert!(next(&mut s.requests).await.error_detail.is_none());
     assert_eq!(eventually(main, "/x", 200).await, 200);
+    assert_eq!(ready(admin).await, (200, "LIVE\n".into()));
     // A new assignment: the cluster now points at a port where nothing listens... then back.
     let closed = free_port();
     s.responses.send(Ok(eds("e2", closed))).await.expect("send");

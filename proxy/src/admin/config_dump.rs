@@ -66,12 +66,50 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
             json!({"endpoint_config": v})
         })
         .collect();
+    let is_dynamic_listener = |name: &str| snap.dynamic_listeners.contains_key(name);
+    let listener_json = |l: &crate::listener::Listener| {
+        typed(reg.to_json(&l.source), "envoy.config.listener.v3.Listener")
+    };
     let static_listeners: Vec<Value> = listeners
         .iter()
-        .map(|l| json!({"listener": typed(reg.to_json(&l.source), "envoy.config.listener.v3.Listener"), "last_updated": last_updated}))
+        .filter(|l| !is_dynamic_listener(&l.name))
+        .map(|l| json!({"listener": listener_json(l), "last_updated": last_updated}))
         .collect();
+    // Envoy's DynamicListener: the active state and, while an update warms, the warming one.
+    let mut dynamic_listeners: Vec<(String, Map<String, Value>)> = Vec::new();
+    let state = |l: &crate::listener::Listener, info: &crate::config::snapshot::DynamicInfo| json!({"version_info": info.version, "listener": listener_json(l), "last_updated": info.last_updated});
+    for l in listeners.iter() {
+        if let Some(info) = snap.dynamic_listeners.get(&l.name) {
+            let mut m = Map::new();
+            m.insert("name".into(), json!(l.name));
+            m.insert("active_state".into(), state(l, info));
+            dynamic_listeners.push((l.name.clone(), m));
+        }
+    }
+    for (l, info) in &snap.warming_listeners {
+        let st = state(l, info);
+        match dynamic_listeners.iter_mut().find(|(n, _)| *n == l.name) {
+            Some((_, m)) => {
+                m.insert("warming_state".into(), st);
+            }
+            None => {
+                let mut m = Map::new();
+                m.insert("name".into(), json!(l.name));
+                m.insert("warming_state".into(), st);
+                dynamic_listeners.push((l.name.clone(), m));
+            }
+        }
+    }
+    let dynamic_listeners: Vec<Value> = dynamic_listeners
+        .into_iter()
+        .map(|(_, m)| Value::Object(m))
+        .collect();
+    // Inline route configurations, of bootstrap and LDS listeners alike, are Envoy's "static"
+    // ones.
     let static_routes: Vec<Value> = listeners
         .iter()
+        .copied()
+        .chain(snap.warming_listeners.iter().map(|(l, _)| l))
         .flat_map(|l| l.source.filter_chains.iter().chain(l.source.default_filter_chain.iter()).flat_map(|fc| fc.filters.iter()))
         .filter_map(|f| match &f.config_type {
             Some(ConfigType::TypedConfig(any)) => reg.unpack::<HttpConnectionManager>(any).ok(),
@@ -82,6 +120,45 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
             _ => None,
         })
         .map(|rc| json!({"route_config": typed(reg.to_json(&rc), "envoy.config.route.v3.RouteConfiguration"), "last_updated": last_updated}))
+        .collect();
+    let mut rds: Vec<_> = snap.route_configs.iter().collect();
+    rds.sort_by(|a, b| a.0.cmp(b.0));
+    let dynamic_routes: Vec<Value> = rds
+        .into_iter()
+        .map(|(_, r)| {
+            json!({
+                "version_info": r.info.version,
+                "route_config": typed(reg.to_json(r.source.as_ref()), "envoy.config.route.v3.RouteConfiguration"),
+                "last_updated": r.info.last_updated,
+            })
+        })
+        .collect();
+    let warming_clusters: Vec<Value> = snap
+        .warming_clusters
+        .iter()
+        .map(|(c, info)| {
+            json!({
+                "version_info": info.version,
+                "cluster": typed(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"),
+                "last_updated": info.last_updated,
+            })
+        })
+        .collect();
+    let mut eds: Vec<_> = snap.endpoint_configs.iter().collect();
+    eds.sort_by(|a, b| a.0.cmp(b.0));
+    let dynamic_endpoints: Vec<Value> = eds
+        .into_iter()
+        .map(|(_, a)| {
+            let mut v = typed(
+                reg.to_json(a.cla.as_ref()),
+                "envoy.config.endpoint.v3.ClusterLoadAssignment",
+            );
+            if let Value::Object(m) = &mut v {
+                m.entry("policy")
+                    .or_insert_with(|| json!({"overprovisioning_factor": 140}));
+            }
+            json!({"version_info": a.info.version, "endpoint_config": v, "last_updated": a.info.last_updated})
+        })
         .collect();
 
     let mut sections: Vec<(&str, Option<Resources>)> = vec![
@@ -102,6 +179,14 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
                 "ClustersConfigDump.DynamicCluster",
             )),
         ),
+        (
+            "ClustersConfigDump",
+            Some((
+                "dynamic_warming_clusters",
+                warming_clusters,
+                "ClustersConfigDump.DynamicCluster",
+            )),
+        ),
     ];
     if q.include_eds {
         sections.push((
@@ -110,6 +195,14 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
                 "static_endpoint_configs",
                 static_endpoints,
                 "EndpointsConfigDump.StaticEndpointConfig",
+            )),
+        ));
+        sections.push((
+            "EndpointsConfigDump",
+            Some((
+                "dynamic_endpoint_configs",
+                dynamic_endpoints,
+                "EndpointsConfigDump.DynamicEndpointConfig",
             )),
         ));
     }
@@ -121,6 +214,14 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
             "ListenersConfigDump.StaticListener",
         )),
     ));
+    sections.push((
+        "ListenersConfigDump",
+        Some((
+            "dynamic_listeners",
+            dynamic_listeners,
+            "ListenersConfigDump.DynamicListener",
+        )),
+    ));
     sections.push(("ScopedRoutesConfigDump", None));
     sections.push((
         "RoutesConfigDump",
@@ -128,6 +229,14 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
             "static_route_configs",
             static_routes,
             "RoutesConfigDump.StaticRouteConfig",
+        )),
+    ));
+    sections.push((
+        "RoutesConfigDump",
+        Some((
+            "dynamic_route_configs",
+            dynamic_routes,
+            "RoutesConfigDump.DynamicRouteConfig",
         )),
     ));
     sections.push(("SecretsConfigDump", None));
@@ -161,7 +270,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
     for (ty, sec) in sections {
         let body = match (ty, sec) {
             ("BootstrapConfigDump", _) => {
-                json!({"bootstrap": reg.to_json(&snap.bootstrap), "last_updated": last_updated})
+                json!({"bootstrap": reg.to_json(snap.bootstrap.as_ref()), "last_updated": last_updated})
             }
             (_, Some((name, items, _))) if !items.is_empty() => json!({ name: items }),
             _ => json!({}),

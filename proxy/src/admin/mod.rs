@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use xds_client::TypeRegistry;
 
 use crate::cli::Options;
+use crate::upstream::cluster::HostAddress;
 
 mod config_dump;
 mod prometheus;
@@ -130,6 +131,10 @@ pub async fn handle(
         "/ready" if st.healthcheck_failed.load(Ordering::Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
         }
+        // Until xDS initialization is over (`server.state` 3), Envoy answers INITIALIZING.
+        "/ready" if st.store.gauge("server.state").value() == 3 => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n")
+        }
         "/ready" => text(StatusCode::OK, "LIVE\n"),
         "/help" | "/" => {
             let mut s = String::from("admin commands are:\n");
@@ -243,7 +248,7 @@ fn server_info(st: &AdminState) -> Value {
     }
     json!({
         "version": crate::version_string(),
-        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else { "LIVE" },
+        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else if st.store.gauge("server.state").value() == 3 { "INITIALIZING" } else { "LIVE" },
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
         "hot_restart_version": "disabled",
@@ -405,7 +410,11 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
                             }
                         }
                         let mut o = serde_json::Map::new();
-                        o.insert("address".into(), json!({"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}}));
+                        let address = match &h.address {
+                            HostAddress::Ip(a) => json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}),
+                            HostAddress::Pipe(p) => json!({"pipe": {"path": p.as_ref()}}),
+                        };
+                        o.insert("address".into(), address);
                         o.insert("stats".into(), Value::Array(counters));
                         o.insert("health_status".into(), json!({"eds_health_status": "HEALTHY"}));
                         o.insert("weight".into(), json!(h.weight));

@@ -1,5 +1,5 @@
-//! The bootstrap's `dynamic_resources`: where ADS is and which types come from it. CDS over ADS
-//! is applied today; LDS comes next (issue #4).
+//! The bootstrap's `dynamic_resources`: where ADS is and which types come from it (CDS and LDS,
+//! with EDS and RDS following the clusters and listeners that name them).
 
 use xds_client::ads::{ApiType, Target};
 use xds_client::pb::envoy::config::bootstrap::v3::bootstrap::DynamicResources;
@@ -15,12 +15,31 @@ use super::{invalid, reject_unhandled, ConfigError};
 pub struct Dynamic {
     pub target: Target,
     pub api: ApiType,
-    /// Clusters come from ADS.
-    pub cds: bool,
+    /// Clusters come from ADS; initialization waits for the first answer (or the
+    /// `initial_fetch_timeout`, when set).
+    pub cds: Option<Wait>,
+    /// Listeners come from ADS.
+    pub lds: Option<Wait>,
 }
 
-/// A `ConfigSource` must say "from ADS, v3".
-pub fn ads_source(c: &ConfigSource, path: &str) -> Result<(), ConfigError> {
+/// How long initialization (or warming) waits for a source's first answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Wait {
+    Forever,
+    Until(std::time::Duration),
+}
+
+impl Wait {
+    pub fn timeout(self) -> Option<std::time::Duration> {
+        match self {
+            Wait::Forever => None,
+            Wait::Until(d) => Some(d),
+        }
+    }
+}
+
+/// A `ConfigSource` must say "from ADS, v3". Returns its `initial_fetch_timeout` (0 = forever).
+pub fn ads_source(c: &ConfigSource, path: &str) -> Result<Wait, ConfigError> {
     let mut rest = c.clone();
     if !matches!(
         rest.config_source_specifier.take(),
@@ -37,9 +56,17 @@ pub fn ads_source(c: &ConfigSource, path: &str) -> Result<(), ConfigError> {
             "only V3 is supported",
         ));
     }
-    // initial_fetch_timeout stays in `rest` and is refused: Petrel does not yet hold
-    // initialization until the first xDS answer (issue #4), so honouring it is not possible.
-    reject_unhandled(&rest, path)
+    let wait = match rest.initial_fetch_timeout.take() {
+        Some(d) if d.seconds != 0 || d.nanos != 0 => Wait::Until(super::duration::to_std(
+            &d,
+            &format!("{path}.initial_fetch_timeout"),
+        )?),
+        // Envoy's default is 15 s; 0 waits forever.
+        Some(_) => Wait::Forever,
+        None => Wait::Until(std::time::Duration::from_secs(15)),
+    };
+    reject_unhandled(&rest, path)?;
+    Ok(wait)
 }
 
 /// Compiles `dynamic_resources` against the static clusters (the ADS cluster is one of them).
@@ -51,19 +78,16 @@ pub fn compile(
     let mut rest = d.clone();
     let ads = rest.ads_config.take();
     let cds = rest.cds_config.take();
-    if rest.lds_config.take().is_some() {
-        return Err(ConfigError::Unsupported {
-            path: path.into(),
-            fields: "'lds_config' (LDS is the next step of issue #4)".into(),
-        });
-    }
+    let lds = rest.lds_config.take();
     reject_unhandled(&rest, path)?;
     let Some(ads) = ads else {
-        if cds.is_some() {
-            return Err(invalid(
-                format!("{path}.cds_config"),
-                "only ADS ('ads: {}') sources are supported and ads_config is missing",
-            ));
+        for (name, src) in [("cds_config", &cds), ("lds_config", &lds)] {
+            if src.is_some() {
+                return Err(invalid(
+                    format!("{path}.{name}"),
+                    "only ADS ('ads: {}') sources are supported and ads_config is missing",
+                ));
+            }
         }
         return Ok(None);
     };
@@ -157,12 +181,18 @@ pub fn compile(
             })
         }
     };
-    if let Some(c) = &cds {
-        ads_source(c, &format!("{path}.cds_config"))?;
-    }
+    let cds = match &cds {
+        Some(c) => Some(ads_source(c, &format!("{path}.cds_config"))?),
+        None => None,
+    };
+    let lds = match &lds {
+        Some(c) => Some(ads_source(c, &format!("{path}.lds_config"))?),
+        None => None,
+    };
     Ok(Some(Dynamic {
         target,
         api,
-        cds: cds.is_some(),
+        cds,
+        lds,
     }))
 }

@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod duration;
 pub mod dynamic;
 pub mod snapshot;
+pub mod xds_listeners;
 pub mod xds_sink;
 
 use prost::{Message, Name};

@@ -7,26 +7,56 @@ use std::sync::Arc;
 use xds_client::pb::envoy::config::bootstrap::v3::Bootstrap;
 use xds_client::pb::envoy::config::core::v3::Node;
 
-use super::{reject_unhandled, ConfigError};
+use super::{invalid, reject_unhandled, ConfigError};
 use crate::cli::Options;
-use crate::listener::{self, Listener};
+use crate::listener::{self, ListenerSet};
 use crate::observe::stats::Store;
+use crate::router::route_config::RouteTable;
 use crate::upstream::cluster::{self, Cluster};
+use xds_client::pb::envoy::config::route::v3::RouteConfiguration;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
-    pub listeners: Vec<Arc<Listener>>,
+    /// Active listeners (static, then those from LDS).
+    pub listeners: ListenerSet,
+    /// Listeners from LDS: active ones by name, and those still warming (waiting for RDS).
+    pub dynamic_listeners: std::collections::BTreeMap<String, DynamicInfo>,
+    pub warming_listeners: Vec<(Arc<listener::Listener>, DynamicInfo)>,
+    /// Route configurations from RDS, by name.
+    pub route_configs: HashMap<String, RdsRoute>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Cluster names in configuration order (for `/clusters` and `/config_dump`).
     pub cluster_order: Vec<String>,
     pub admin: Option<SocketAddr>,
     pub node: Node,
-    pub bootstrap: Bootstrap,
+    pub bootstrap: Arc<Bootstrap>,
     /// `dynamic_resources`, when the bootstrap has them.
     pub dynamic: Option<super::dynamic::Dynamic>,
     /// Clusters that came from CDS: version and when they were last updated.
     pub dynamic_clusters: std::collections::BTreeMap<String, DynamicInfo>,
+    /// CDS clusters waiting for their EDS assignment.
+    pub warming_clusters: Vec<(Arc<Cluster>, DynamicInfo)>,
+    /// Assignments from EDS.
+    pub endpoint_configs: Arc<Assignments>,
 }
+
+/// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
+#[derive(Debug, Clone)]
+pub struct RdsRoute {
+    pub table: Arc<RouteTable>,
+    pub source: Arc<RouteConfiguration>,
+    pub info: DynamicInfo,
+}
+
+/// A `ClusterLoadAssignment` from EDS, with what `/config_dump` shows of it.
+#[derive(Debug, Clone)]
+pub struct Assigned {
+    pub cla: Arc<xds_client::pb::envoy::config::endpoint::v3::ClusterLoadAssignment>,
+    pub info: DynamicInfo,
+}
+
+/// Accepted assignments by EDS service name.
+pub type Assignments = HashMap<String, Assigned>;
 
 /// What `/config_dump` shows for a resource from xDS.
 #[derive(Debug, Clone)]
@@ -45,27 +75,14 @@ impl Snapshot {
         Snapshot {
             clusters,
             cluster_order,
-            ..self.with_cluster_set()
-        }
-    }
-
-    fn with_cluster_set(&self) -> Snapshot {
-        Snapshot {
-            listeners: self.listeners.clone(),
-            clusters: self.clusters.clone(),
-            cluster_order: self.cluster_order.clone(),
-            admin: self.admin,
-            node: self.node.clone(),
-            bootstrap: self.bootstrap.clone(),
-            dynamic: self.dynamic.clone(),
-            dynamic_clusters: self.dynamic_clusters.clone(),
+            ..self.clone()
         }
     }
 
     /// The same snapshot with one cluster replaced (DNS refresh): listeners, routes and every
     /// other cluster are shared, so connections keep what they started with.
     pub fn with_cluster(&self, cluster: Arc<Cluster>) -> Snapshot {
-        let mut next = self.with_cluster_set();
+        let mut next = self.clone();
         next.clusters.insert(cluster.name.clone(), cluster);
         next
     }
@@ -138,6 +155,12 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
                 ),
             ));
         }
+        if dynamic.is_none() && !compiled.rds.is_empty() {
+            return Err(invalid(
+                format!("listener '{}'", compiled.name),
+                "'rds' needs an ADS source: dynamic_resources.ads_config is missing",
+            ));
+        }
         listeners.push(Arc::new(compiled));
     }
     store
@@ -147,13 +170,18 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         .gauge("listener_manager.total_listeners_active")
         .set(listeners.len() as i64);
     Ok(Snapshot {
-        listeners,
+        listeners: ListenerSet::new(listeners),
+        dynamic_listeners: Default::default(),
+        warming_listeners: Vec::new(),
+        route_configs: HashMap::new(),
         clusters,
         cluster_order,
         admin,
         node,
-        bootstrap: b.clone(),
+        bootstrap: Arc::new(b.clone()),
         dynamic,
         dynamic_clusters: Default::default(),
+        warming_clusters: Vec::new(),
+        endpoint_configs: Default::default(),
     })
 }

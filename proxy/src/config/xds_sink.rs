@@ -1,19 +1,25 @@
 //! Applies xDS updates: each resource is compiled exactly as a static one would be, the new
 //! snapshot is published atomically, and any compile error becomes the NACK's reason (it already
 //! names the resource and the field).
+//!
+//! Clusters (CDS) and their endpoints (EDS) are here; listeners (LDS), their route
+//! configurations (RDS) and initialization are in `xds_listeners.rs`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use prost::Message;
-use std::collections::BTreeSet;
 
 use xds_client::ads::{AdsClient, Interest, Sink, Update};
 use xds_client::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use xds_client::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use xds_client::pb::google::protobuf::Any;
 
-use super::snapshot::{DynamicInfo, Snapshot};
+use super::dynamic::Dynamic;
+use super::snapshot::{Assigned, Assignments, DynamicInfo, Snapshot};
+use crate::cli::Options;
+use crate::listener::manager::ListenerManager;
 use crate::observe::stats::Store;
 use crate::stat_struct;
 use crate::upstream::cluster::{self, Cluster};
@@ -21,64 +27,143 @@ use crate::upstream::cluster::{self, Cluster};
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
-stat_struct!(CdsStats {
+stat_struct!(SubscriptionStats {
     counter update_attempt,
     counter update_success,
     counter update_rejected,
 });
 
-stat_struct!(EdsStats {
-    counter update_attempt,
-    counter update_success,
-    counter update_rejected,
-});
+/// The ADS sink shared with the timers that end waits (`initial_fetch_timeout`).
+#[derive(Clone)]
+pub struct SharedSink(pub Arc<Mutex<XdsState>>);
 
-pub struct XdsSink {
-    current: Arc<ArcSwap<Snapshot>>,
-    store: Store,
-    cds: CdsStats,
-    eds: EdsStats,
+impl Sink for SharedSink {
+    fn apply(&mut self, type_url: &str, update: Update) -> Result<(), String> {
+        match self.0.lock() {
+            Ok(mut s) => s.apply(type_url, update),
+            Err(_) => Err("configuration state is unavailable".into()),
+        }
+    }
+}
+
+pub struct XdsState {
+    pub(super) current: Arc<ArcSwap<Snapshot>>,
+    pub(super) store: Store,
+    pub(super) options: Options,
+    pub(super) dynamic: Dynamic,
+    pub(super) manager: Arc<Mutex<ListenerManager>>,
+    /// This state, for timers.
+    pub(super) me: Weak<Mutex<XdsState>>,
+    /// The client, to follow EDS/RDS names and to start LDS (set once it is running).
+    pub(super) client: Arc<std::sync::OnceLock<AdsClient>>,
+    stats: HashMap<&'static str, SubscriptionStats>,
     /// Dynamic clusters as last accepted, by name (for delta updates).
     accepted: HashMap<String, (PbCluster, String)>,
     /// The accepted clusters compiled (EDS ones without hosts).
     base: HashMap<String, Arc<Cluster>>,
     /// Accepted `ClusterLoadAssignment`s by EDS name.
-    assignments: HashMap<String, ClusterLoadAssignment>,
-    /// The client, to follow EDS names as clusters come and go (set once it is running).
-    client: Arc<std::sync::OnceLock<AdsClient>>,
+    pub(super) assignments: Arc<Assignments>,
     eds_names: BTreeSet<String>,
+    /// EDS names whose `initial_fetch_timeout` passed: their clusters go active without hosts.
+    eds_timed_out: HashSet<String>,
+    pub(super) lds: super::xds_listeners::LdsState,
+    pub(super) init: super::xds_listeners::InitState,
 }
 
-impl XdsSink {
+impl XdsState {
     pub fn new(
         current: Arc<ArcSwap<Snapshot>>,
         store: Store,
+        options: Options,
+        dynamic: Dynamic,
+        manager: Arc<Mutex<ListenerManager>>,
         client: Arc<std::sync::OnceLock<AdsClient>>,
-    ) -> Self {
-        let cds = CdsStats::new(&store, "cluster_manager.cds.");
-        let eds = EdsStats::new(&store, "cluster_manager.eds.");
-        XdsSink {
-            current,
-            store,
-            cds,
-            eds,
-            accepted: HashMap::new(),
-            base: HashMap::new(),
-            assignments: HashMap::new(),
-            client,
-            eds_names: BTreeSet::new(),
-        }
+    ) -> Arc<Mutex<XdsState>> {
+        let stats = [
+            (CLUSTER_TYPE, "cluster_manager.cds."),
+            (ENDPOINT_TYPE, "cluster_manager.eds."),
+            (LISTENER_TYPE, "listener_manager.lds."),
+            (ROUTE_TYPE, "http.rds."),
+        ]
+        .into_iter()
+        .map(|(t, p)| (t, SubscriptionStats::new(&store, p)))
+        .collect();
+        Arc::new_cyclic(|me| {
+            Mutex::new(XdsState {
+                current,
+                store,
+                options,
+                dynamic,
+                manager,
+                me: me.clone(),
+                client,
+                stats,
+                accepted: HashMap::new(),
+                base: HashMap::new(),
+                assignments: Default::default(),
+                eds_names: BTreeSet::new(),
+                eds_timed_out: HashSet::new(),
+                lds: Default::default(),
+                init: Default::default(),
+            })
+        })
     }
 
-    /// Publishes static clusters plus every accepted dynamic one; an EDS cluster whose
-    /// assignment has not arrived stays out (warming), as in Envoy.
-    fn publish(
-        &mut self,
-        assignments: &HashMap<String, ClusterLoadAssignment>,
-    ) -> Result<(), String> {
-        let snap = self.current.load_full();
+    /// Runs `f` on this state after `after` (an `initial_fetch_timeout`).
+    pub(super) fn later(
+        &self,
+        after: std::time::Duration,
+        f: impl FnOnce(&mut XdsState) + Send + 'static,
+    ) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(s) = me.upgrade() {
+                if let Ok(mut s) = s.lock() {
+                    f(&mut s);
+                }
+            }
+        });
+    }
+
+    fn apply(&mut self, type_url: &str, update: Update) -> Result<(), String> {
+        let r = match type_url {
+            CLUSTER_TYPE => self.cds(update),
+            ENDPOINT_TYPE => self.eds(update),
+            LISTENER_TYPE => self.lds_update(update),
+            ROUTE_TYPE => self.rds_update(update),
+            other => Err(format!("type {other} is not subscribed to")),
+        };
+        if let Some(s) = self.stats.get(type_url) {
+            s.update_attempt.inc();
+            match &r {
+                Ok(()) => s.update_success.inc(),
+                Err(_) => s.update_rejected.inc(),
+            }
+        }
+        // The first answer ends the initial fetch even when it is refused, as in Envoy.
+        match type_url {
+            CLUSTER_TYPE => self.init.cds_answered = true,
+            LISTENER_TYPE => self.init.lds_answered = true,
+            _ => {}
+        }
+        self.check_init();
+        crate::memory::release_config_memory();
+        r
+    }
+
+    /// Clusters as they should be published: static ones plus every accepted dynamic one; an
+    /// EDS cluster whose assignment has not arrived stays out (warming), as in Envoy.
+    fn cluster_set(
+        &self,
+        snap: &Snapshot,
+        assignments: &Assignments,
+    ) -> Result<ClusterSet, String> {
         let mut active: Vec<(Arc<Cluster>, String)> = Vec::new();
+        let mut warming = Vec::new();
         for (name, base) in &self.base {
             let version = self
                 .accepted
@@ -88,12 +173,31 @@ impl XdsSink {
             match &base.eds_service {
                 None => active.push((base.clone(), version)),
                 Some(service) => {
-                    if let Some(cla) = assignments.get(service) {
-                        let previous = snap.clusters.get(name).map(|c| c.as_ref());
-                        let c = cluster::with_assignment(base, cla, previous)
-                            .map_err(|e| e.to_string())?;
-                        active.push((Arc::new(c), version));
-                    }
+                    let empty = ClusterLoadAssignment::default();
+                    let cla = match assignments.get(service) {
+                        Some(a) => a.cla.as_ref(),
+                        None if self.eds_timed_out.contains(service) => &empty,
+                        None => {
+                            let since = snap
+                                .warming_clusters
+                                .iter()
+                                .find(|(c, i)| Arc::ptr_eq(c, base) && i.version == version)
+                                .map(|(_, i)| i.last_updated.clone())
+                                .unwrap_or_else(now);
+                            warming.push((
+                                base.clone(),
+                                DynamicInfo {
+                                    version,
+                                    last_updated: since,
+                                },
+                            ));
+                            continue;
+                        }
+                    };
+                    let previous = snap.clusters.get(name).map(|c| c.as_ref());
+                    let c =
+                        cluster::with_assignment(base, cla, previous).map_err(|e| e.to_string())?;
+                    active.push((Arc::new(c), version));
                 }
             }
         }
@@ -111,8 +215,8 @@ impl XdsSink {
             .cloned()
             .collect();
         let statics = clusters.len();
-        let now = crate::http::date::rfc3339_millis(std::time::SystemTime::now());
-        let mut dynamic = std::collections::BTreeMap::new();
+        let now = now();
+        let mut dynamic = BTreeMap::new();
         for (c, version) in active {
             let unchanged = snap
                 .clusters
@@ -132,59 +236,109 @@ impl XdsSink {
             order.push(c.name.clone());
             clusters.insert(c.name.clone(), c);
         }
+        debug_assert_eq!(
+            warming.len(),
+            (statics + self.base.len()).saturating_sub(clusters.len())
+        );
+        Ok(ClusterSet {
+            clusters,
+            order,
+            dynamic,
+            warming,
+        })
+    }
+
+    /// Publishes clusters (with these assignments) and listeners as accepted now.
+    pub(super) fn publish(&mut self, assignments: &Arc<Assignments>) -> Result<(), String> {
+        let snap = self.current.load_full();
+        let set = self.cluster_set(&snap, assignments)?;
         self.store
             .gauge("cluster_manager.active_clusters")
-            .set(clusters.len() as i64);
+            .set(set.clusters.len() as i64);
         self.store
             .gauge("cluster_manager.warming_clusters")
-            .set((statics + self.base.len()).saturating_sub(clusters.len()) as i64);
-        let mut new = snap.with_clusters(clusters, order);
-        new.dynamic_clusters = dynamic;
-        self.current.store(Arc::new(new));
-        // Follow the EDS names the clusters need.
+            .set(set.warming.len() as i64);
+        self.init.clusters_warming = set.warming.len();
+        let mut next = snap.with_clusters(set.clusters, set.order);
+        next.dynamic_clusters = set.dynamic;
+        next.warming_clusters = set.warming;
+        next.endpoint_configs = assignments.clone();
+        self.place_listeners(&snap, &mut next)?;
+        self.current.store(Arc::new(next));
+        // Follow the EDS names the clusters need; a cluster warming on one that may time out
+        // gets a timer.
         let names: BTreeSet<String> = self
             .base
             .values()
             .filter_map(|c| c.eds_service.clone())
             .collect();
         if names != self.eds_names {
+            for c in self.base.values() {
+                let (Some(service), Some(after)) = (&c.eds_service, c.eds_wait.timeout()) else {
+                    continue;
+                };
+                if !self.eds_names.contains(service) && !assignments.contains_key(service) {
+                    let service = service.clone();
+                    self.later(after, move |s| {
+                        if s.eds_timed_out.insert(service) {
+                            let a = s.assignments.clone();
+                            let _ = s.publish(&a);
+                            s.check_init();
+                        }
+                    });
+                }
+            }
             if let Some(client) = self.client.get() {
                 client.subscribe(ENDPOINT_TYPE, Interest::Names(names.clone()));
             }
             self.eds_names = names;
         }
+        self.follow_routes();
         Ok(())
     }
 
     fn eds(&mut self, update: Update) -> Result<(), String> {
-        let mut next = match &update {
-            Update::Sotw { .. } => HashMap::new(),
-            Update::Delta { .. } => self.assignments.clone(),
-        };
-        let mut put = |any: &xds_client::pb::google::protobuf::Any| -> Result<(), String> {
-            if any.type_url != ENDPOINT_TYPE {
-                return Err(format!("expected {ENDPOINT_TYPE}, got {}", any.type_url));
+        // Assignments absent from a state-of-the-world answer are kept: only LDS and CDS
+        // remove by absence (xDS protocol).
+        let mut next: Assignments = self.assignments.as_ref().clone();
+        let now = now();
+        let mut put = |any: &Any, version: &str| -> Result<(), String> {
+            let cla: ClusterLoadAssignment = decode(ENDPOINT_TYPE, any, "an assignment")?;
+            let unchanged = next
+                .get(&cla.cluster_name)
+                .is_some_and(|a| *a.cla == cla && a.info.version == version);
+            if !unchanged {
+                let info = DynamicInfo {
+                    version: version.to_string(),
+                    last_updated: now.clone(),
+                };
+                let name = cla.cluster_name.clone();
+                next.insert(
+                    name,
+                    Assigned {
+                        cla: Arc::new(cla),
+                        info,
+                    },
+                );
             }
-            let cla = ClusterLoadAssignment::decode(any.value.as_slice())
-                .map_err(|e| format!("cannot decode an assignment: {e}"))?;
-            next.insert(cla.cluster_name.clone(), cla);
             Ok(())
         };
         match &update {
-            Update::Sotw { resources, .. } => {
+            Update::Sotw { resources, version } => {
                 for a in resources {
-                    put(a)?;
+                    put(a, version)?;
                 }
             }
             Update::Delta { added, removed, .. } => {
                 for r in added {
-                    put(&r.body)?;
+                    put(&r.body, &r.version)?;
                 }
                 for r in removed {
                     next.remove(r);
                 }
             }
         }
+        let next = Arc::new(next);
         self.publish(&next)?;
         self.assignments = next;
         Ok(())
@@ -224,64 +378,71 @@ impl XdsSink {
     }
 
     fn cds(&mut self, update: Update) -> Result<(), String> {
-        let mut next = match &update {
-            Update::Sotw { .. } => HashMap::new(),
-            Update::Delta { .. } => self.accepted.clone(),
-        };
-        match update {
-            Update::Sotw { version, resources } => {
-                for any in resources {
-                    let c = decode(&any.type_url, &any.value)?;
-                    next.insert(c.name.clone(), (c, version.clone()));
-                }
-            }
-            Update::Delta { added, removed, .. } => {
-                for r in removed {
-                    next.remove(&r);
-                }
-                for r in added {
-                    let c = decode(&r.body.type_url, &r.body.value)?;
-                    if c.name != r.name {
-                        return Err(format!("resource '{}' holds cluster '{}'", r.name, c.name));
-                    }
-                    next.insert(r.name, (c, r.version));
-                }
-            }
-        }
+        let next = collect(
+            update,
+            &self.accepted,
+            |c: &PbCluster| c.name.clone(),
+            CLUSTER_TYPE,
+        )?;
         self.apply_clusters(next)
     }
 }
 
-fn decode(type_url: &str, bytes: &[u8]) -> Result<PbCluster, String> {
-    if type_url != CLUSTER_TYPE {
-        return Err(format!("expected {CLUSTER_TYPE}, got {type_url}"));
-    }
-    PbCluster::decode(bytes).map_err(|e| format!("cannot decode a cluster: {e}"))
+/// What `cluster_set` computes.
+struct ClusterSet {
+    clusters: HashMap<String, Arc<Cluster>>,
+    order: Vec<String>,
+    dynamic: BTreeMap<String, DynamicInfo>,
+    warming: Vec<(Arc<Cluster>, DynamicInfo)>,
 }
 
-impl Sink for XdsSink {
-    fn apply(&mut self, type_url: &str, update: Update) -> Result<(), String> {
-        match type_url {
-            CLUSTER_TYPE => {
-                self.cds.update_attempt.inc();
-                let r = self.cds(update);
-                match &r {
-                    Ok(()) => self.cds.update_success.inc(),
-                    Err(_) => self.cds.update_rejected.inc(),
-                }
-                crate::memory::release_config_memory();
-                r
+pub(super) fn now() -> String {
+    crate::http::date::rfc3339_millis(std::time::SystemTime::now())
+}
+
+/// Decodes one resource of the expected type.
+pub(super) fn decode<T: Message + Default>(
+    type_url: &str,
+    any: &Any,
+    what: &str,
+) -> Result<T, String> {
+    if any.type_url != type_url {
+        return Err(format!("expected {type_url}, got {}", any.type_url));
+    }
+    T::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {what}: {e}"))
+}
+
+/// The full set of named resources after an update: a state-of-the-world update replaces the
+/// set (absent ones are removed); a delta one adds and removes from what was accepted.
+pub(super) fn collect<T: Message + Default + Clone>(
+    update: Update,
+    accepted: &HashMap<String, (T, String)>,
+    name_of: impl Fn(&T) -> String,
+    type_url: &str,
+) -> Result<HashMap<String, (T, String)>, String> {
+    match update {
+        Update::Sotw { version, resources } => {
+            let mut next = HashMap::new();
+            for any in resources {
+                let r: T = decode(type_url, &any, "a resource")?;
+                next.insert(name_of(&r), (r, version.clone()));
             }
-            ENDPOINT_TYPE => {
-                self.eds.update_attempt.inc();
-                let r = self.eds(update);
-                match &r {
-                    Ok(()) => self.eds.update_success.inc(),
-                    Err(_) => self.eds.update_rejected.inc(),
-                }
-                r
+            Ok(next)
+        }
+        Update::Delta { added, removed, .. } => {
+            let mut next = accepted.clone();
+            for r in removed {
+                next.remove(&r);
             }
-            other => Err(format!("type {other} is not subscribed to")),
+            for r in added {
+                let body: T = decode(type_url, &r.body, "a resource")?;
+                let name = name_of(&body);
+                if name != r.name {
+                    return Err(format!("resource '{}' holds '{name}'", r.name));
+                }
+                next.insert(r.name, (body, r.version));
+            }
+            Ok(next)
         }
     }
 }

@@ -22,6 +22,7 @@ use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreActio
 use super::local_reply::LocalReply;
 use super::local_reply_config::ReplyContext;
 use crate::http::stream_timeouts::IdleTimedBody;
+use crate::listener::drain::Drain;
 use crate::router::route_config::{RouteAction, RouteInput};
 use crate::upstream::pool::PooledBody;
 use crate::worker::{LocalExec, WorkerCtx};
@@ -65,16 +66,32 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves one accepted connection until it closes: HTTP/1.1 with Petrel's codec, HTTP/2 with
 /// hyper's, chosen by the codec setting (AUTO looks for the HTTP/2 preface, as Envoy does).
 pub async fn serve(
-    mut stream: tokio::net::TcpStream,
+    stream: tokio::net::TcpStream,
     info: ConnInfo,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
+    drain: Drain,
 ) {
-    use tokio::io::AsyncReadExt;
-    let _ = stream.set_nodelay(true);
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
     hcm.listener_stats.downstream_cx_total.inc();
+    // Connections still open when the listener's drain time is over are closed.
+    tokio::select! {
+        _ = serve_codec(stream, info, &hcm, ctx, &drain) => {}
+        _ = drain.finished() => {}
+    }
+    hcm.stats.downstream_cx_active.dec();
+}
+
+async fn serve_codec(
+    mut stream: tokio::net::TcpStream,
+    info: ConnInfo,
+    hcm: &Arc<HcmConfig>,
+    ctx: Rc<WorkerCtx>,
+    drain: &Drain,
+) {
+    use tokio::io::AsyncReadExt;
+    let _ = stream.set_nodelay(true);
     let info = Rc::new(info);
     let mut initial = bytes::BytesMut::with_capacity(16 * 1024);
     let h2 = match hcm.codec {
@@ -91,10 +108,7 @@ pub async fn serve(
                     break true;
                 }
                 match stream.read_buf(&mut initial).await {
-                    Ok(0) | Err(_) => {
-                        hcm.stats.downstream_cx_active.dec();
-                        return;
-                    }
+                    Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
             }
@@ -102,15 +116,20 @@ pub async fn serve(
     };
     if h2 {
         hcm.stats.downstream_cx_http2_total.inc();
-        serve_h2(Rewind::new(stream, initial.freeze()), info, &hcm, ctx).await;
+        serve_h2(Rewind::new(stream, initial.freeze()), info, hcm, ctx, drain).await;
     } else {
         hcm.stats.downstream_cx_http1_total.inc();
-        super::h1::conn::serve(stream, initial, info, hcm.clone(), ctx).await;
+        super::h1::conn::serve(stream, initial, info, hcm.clone(), ctx, drain).await;
     }
-    hcm.stats.downstream_cx_active.dec();
 }
 
-async fn serve_h2(io: Rewind, info: Rc<ConnInfo>, hcm: &Arc<HcmConfig>, ctx: Rc<WorkerCtx>) {
+async fn serve_h2(
+    io: Rewind,
+    info: Rc<ConnInfo>,
+    hcm: &Arc<HcmConfig>,
+    ctx: Rc<WorkerCtx>,
+    drain: &Drain,
+) {
     let h = hcm.clone();
     let idle = Rc::new(ConnIdle {
         active: Cell::new(0),
@@ -139,6 +158,11 @@ async fn serve_h2(io: Rewind, info: Rc<ConnInfo>, hcm: &Arc<HcmConfig>, ctx: Rc<
             _ = idle.expired(hcm.idle_timeout), if !shutting_down => {
                 // Envoy closes a connection with no active streams after idle_timeout.
                 hcm.stats.downstream_cx_idle_timeout.inc();
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            _ = drain.started(), if !shutting_down => {
+                // A draining listener's HTTP/2 connections get GOAWAY and finish their streams.
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
@@ -575,7 +599,7 @@ async fn process(
     let request_id = headers.get(&rid).cloned();
 
     let snapshot = ctx.snapshot();
-    let routes = hcm.routes.clone();
+    let routes = hcm.route_table(&snapshot);
     let scheme = if hcm.use_remote_address {
         "http"
     } else {
@@ -736,6 +760,7 @@ impl Routed<'_> {
                     form,
                     upgrade: self.upgrade,
                     snapshot: self.snapshot,
+                    routes,
                     vh,
                     route,
                     fwd,
@@ -760,7 +785,7 @@ impl Routed<'_> {
             upstream: chosen
                 .as_ref()
                 .map(|h| petrel_filters::header_formatter::UpstreamInfo {
-                    address: h.address,
+                    address: &h.address,
                     metadata: h.metadata.as_ref(),
                 }),
             start_time: self.start_time,

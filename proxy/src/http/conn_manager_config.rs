@@ -77,6 +77,16 @@ pub enum UnderscoreAction {
     DropHeader,
 }
 
+/// Where a connection manager's route table comes from.
+#[derive(Debug)]
+pub enum Routes {
+    /// `route_config`, compiled with the listener.
+    Static(Arc<RouteTable>),
+    /// `rds.route_config_name`: the snapshot's current table of that name, read per request;
+    /// the listener warms until it arrives or `initial_fetch_timeout` passes.
+    Rds(String, crate::config::dynamic::Wait),
+}
+
 #[derive(Debug)]
 pub struct HcmConfig {
     /// `internal_address_config.cidr_ranges`: peers treated as internal.
@@ -94,7 +104,7 @@ pub struct HcmConfig {
     pub local_address: std::net::IpAddr,
     pub stat_prefix: String,
     pub codec: Codec,
-    pub routes: Arc<RouteTable>,
+    pub routes: Routes,
     pub filters: Vec<Arc<dyn HttpFilterFactory>>,
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
@@ -113,6 +123,37 @@ pub struct HcmConfig {
     /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
     pub listener_stats: HcmStats,
 }
+
+impl HcmConfig {
+    /// The route table a request starts with.
+    pub fn route_table(&self, snap: &crate::config::snapshot::Snapshot) -> Arc<RouteTable> {
+        match &self.routes {
+            Routes::Static(t) => t.clone(),
+            // A table removed after the listener warmed routes nothing (404 NR), as in Envoy.
+            Routes::Rds(name, _) => snap
+                .route_configs
+                .get(name)
+                .map(|r| r.table.clone())
+                .unwrap_or_else(|| {
+                    EMPTY_ROUTES
+                        .get_or_init(|| {
+                            let none = Default::default();
+                            let opts = CompileOptions {
+                                known_clusters: None,
+                                from_rds: true,
+                            };
+                            // An empty RouteConfiguration always compiles.
+                            Arc::new(route_config::compile(&none, &opts).unwrap_or_else(|_| {
+                                unreachable!("the empty route configuration compiles")
+                            }))
+                        })
+                        .clone()
+                }),
+        }
+    }
+}
+
+static EMPTY_ROUTES: std::sync::OnceLock<Arc<RouteTable>> = std::sync::OnceLock::new();
 
 pub fn compile(
     local_address: std::net::IpAddr,
@@ -145,18 +186,26 @@ pub fn compile(
     };
     let routes = match rest.route_specifier.take() {
         Some(pb::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
-            route_config::compile(
+            Routes::Static(Arc::new(route_config::compile(
                 &rc,
                 &CompileOptions {
                     known_clusters: Some(known_clusters),
+                    from_rds: false,
                 },
-            )?
+            )?))
         }
-        Some(pb::http_connection_manager::RouteSpecifier::Rds(_)) => {
-            return Err(ConfigError::Unsupported {
-                path: path.into(),
-                fields: "'rds' (comes with xDS support, issue #4)".into(),
-            })
+        Some(pb::http_connection_manager::RouteSpecifier::Rds(rds)) => {
+            let rp = format!("{path}.rds");
+            let mut rds_rest = rds.clone();
+            let name = std::mem::take(&mut rds_rest.route_config_name);
+            let wait = match rds_rest.config_source.take() {
+                Some(cs) => {
+                    crate::config::dynamic::ads_source(&cs, &format!("{rp}.config_source"))?
+                }
+                None => return Err(invalid(format!("{rp}.config_source"), "value is required")),
+            };
+            reject_unhandled(&rds_rest, &rp)?;
+            Routes::Rds(name, wait)
         }
         Some(_) => {
             return Err(ConfigError::Unsupported {
@@ -386,7 +435,7 @@ pub fn compile(
         local_address,
         stat_prefix,
         codec,
-        routes: Arc::new(routes),
+        routes,
         filters,
         use_remote_address,
         xff_num_trusted_hops,

@@ -1,7 +1,7 @@
-//! Static listeners: compiled from `envoy.config.listener.v3.Listener`, bound once per worker with
-//! SO_REUSEPORT so that the kernel spreads connections across workers.
+//! Listeners compiled from `envoy.config.listener.v3.Listener` (bootstrap or LDS), bound once per
+//! worker with SO_REUSEPORT so that the kernel spreads connections across workers.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,7 +9,10 @@ use xds_client::pb::envoy::config::core::v3::Address;
 use xds_client::pb::envoy::config::listener::v3 as pb;
 use xds_client::TypeRegistry;
 
+pub mod connection;
+pub mod drain;
 pub mod filter_chain_match;
+pub mod manager;
 
 use filter_chain_match::{ChainMatch, ConnectionFacts};
 
@@ -29,12 +32,63 @@ stat_struct!(ListenerStats {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// `bind_to_port: false` listeners only receive connections handed off by a
+    /// `use_original_dst` listener.
+    pub bind_to_port: bool,
+    pub use_original_dst: bool,
     pub chains: Vec<FilterChain>,
     /// The chains' matchers, in order, for selection.
     matchers: Vec<ChainMatch>,
     pub default_chain: Option<Arc<HcmConfig>>,
     pub stats: ListenerStats,
     pub source: pb::Listener,
+    /// Route configurations the chains fetch by RDS (with their `initial_fetch_timeout`): the
+    /// listener warms until all are known.
+    pub rds: BTreeMap<String, crate::config::dynamic::Wait>,
+    pub drain: drain::Drain,
+}
+
+/// The active listeners of a snapshot, by name and by address (for `use_original_dst`).
+#[derive(Debug, Default, Clone)]
+pub struct ListenerSet {
+    list: Vec<Arc<Listener>>,
+    by_name: HashMap<String, Arc<Listener>>,
+    by_address: HashMap<SocketAddr, Arc<Listener>>,
+}
+
+impl ListenerSet {
+    pub fn new(list: Vec<Arc<Listener>>) -> Self {
+        let by_name = list.iter().map(|l| (l.name.clone(), l.clone())).collect();
+        let by_address = list.iter().map(|l| (l.address, l.clone())).collect();
+        ListenerSet {
+            list,
+            by_name,
+            by_address,
+        }
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, Arc<Listener>> {
+        self.list.iter()
+    }
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+    pub fn get(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.by_name.get(name)
+    }
+    /// The listener a redirected connection belongs to: the exact address, else a wildcard
+    /// address on the same port (Envoy's lookup for `use_original_dst`).
+    pub fn for_original_destination(&self, dst: SocketAddr) -> Option<&Arc<Listener>> {
+        self.by_address.get(&dst).or_else(|| {
+            let any: std::net::IpAddr = match dst {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            self.by_address.get(&SocketAddr::new(any, dst.port()))
+        })
+    }
 }
 
 pub fn socket_addr(a: &Option<Address>, path: &str) -> Result<SocketAddr, ConfigError> {
@@ -153,6 +207,8 @@ pub fn compile(
     let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
     // Traffic direction only labels stats and traces; Petrel's accept path is the same.
     rest.traffic_direction = 0;
+    let bind_to_port = rest.bind_to_port.take().is_none_or(|b| b.value);
+    let use_original_dst = rest.use_original_dst.take().is_some_and(|b| b.value);
     reject_unhandled(&rest, &path)?;
     if chains_pb.is_empty() && default_pb.is_none() {
         return Err(invalid(
@@ -199,14 +255,27 @@ pub fn compile(
         None => None,
     };
     let matchers = chains.iter().map(|c| c.matcher.clone()).collect();
+    let rds = chains
+        .iter()
+        .map(|c| &c.hcm)
+        .chain(default_chain.iter())
+        .filter_map(|h| match &h.routes {
+            conn_manager_config::Routes::Rds(n, w) => Some((n.clone(), *w)),
+            conn_manager_config::Routes::Static(_) => None,
+        })
+        .collect();
     Ok(Listener {
         name,
         address,
+        bind_to_port,
+        use_original_dst,
         chains,
         matchers,
         default_chain,
         stats: ListenerStats::new(store, &lprefix),
         source: l.clone(),
+        rds,
+        drain: drain::Drain::default(),
     })
 }
 

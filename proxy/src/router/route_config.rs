@@ -325,6 +325,8 @@ fn header_value(name: &str, input: &RouteInput<'_>) -> Option<String> {
 pub struct CompileOptions<'a> {
     /// Cluster names known now, when the config asks for validation.
     pub known_clusters: Option<&'a HashSet<String>>,
+    /// From RDS: `validate_clusters` defaults to false (true for inline route configs).
+    pub from_rds: bool,
 }
 
 pub fn compile(
@@ -354,6 +356,7 @@ pub fn compile(
     // Static route configs validate clusters by default; RDS ones do not (Envoy's rule).
     let known = match validate {
         Some(false) => None,
+        None if opts.from_rds => None,
         _ => opts.known_clusters,
     };
 
@@ -939,6 +942,7 @@ mod tests {
             &rc,
             &CompileOptions {
                 known_clusters: None,
+                from_rds: false,
             },
         )
     }
@@ -1091,6 +1095,7 @@ mod tests {
             &rc,
             &CompileOptions {
                 known_clusters: Some(&known),
+                from_rds: false,
             },
         )
         .unwrap_err();

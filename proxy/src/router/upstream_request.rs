@@ -12,7 +12,7 @@ use http_body::Body as _;
 use http_body_util::Either;
 
 use super::route_config::{
-    rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, VirtualHost,
+    rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, RouteTable, VirtualHost,
 };
 use crate::config::snapshot::Snapshot;
 use crate::http::conn_manager::{
@@ -36,6 +36,7 @@ pub struct Forward<'a> {
     /// A WebSocket upgrade the listener allows: forwarded as a tunnel.
     pub upgrade: bool,
     pub snapshot: &'a Arc<Snapshot>,
+    pub routes: &'a RouteTable,
     pub vh: &'a VirtualHost,
     pub route: &'a Route,
     pub fwd: &'a ForwardAction,
@@ -203,7 +204,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             HeaderValue::from(t.as_millis() as u64),
         );
     }
-    let routes = &f.hcm.routes;
+    let routes = f.routes;
     let mut levels = [
         weighted.map(|w| &w.request_headers),
         Some(&f.route.request_headers),
@@ -382,7 +383,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             protocol: if f.h2 { "HTTP/2" } else { "HTTP/1.1" },
             request_headers: None,
             upstream: Some(petrel_filters::header_formatter::UpstreamInfo {
-                address: host.address,
+                address: &host.address,
                 metadata: host.metadata.as_ref(),
             }),
             start_time: f.start_time,

@@ -107,9 +107,35 @@ pub enum UpstreamProtocol {
     Downstream,
 }
 
+/// Where an upstream host is: an IP and port, or a Unix socket path (`pipe`, as Istio's
+/// `xds-grpc` and `sds-grpc` clusters are).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostAddress {
+    Ip(SocketAddr),
+    Pipe(Arc<str>),
+}
+
+impl std::fmt::Display for HostAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostAddress::Ip(a) => a.fmt(f),
+            HostAddress::Pipe(p) => f.write_str(p),
+        }
+    }
+}
+
+impl HostAddress {
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            HostAddress::Ip(a) => Some(*a),
+            HostAddress::Pipe(_) => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Host {
-    pub address: SocketAddr,
+    pub address: HostAddress,
     pub hostname: String,
     pub weight: u32,
     pub priority: u32,
@@ -168,6 +194,9 @@ pub struct Cluster {
     pub dns_refresh: Option<Duration>,
     /// The EDS resource name (`service_name`, else the cluster name) of an EDS cluster.
     pub eds_service: Option<String>,
+    /// `eds_config.initial_fetch_timeout`: how long the cluster warms before it goes active
+    /// without endpoints.
+    pub eds_wait: crate::config::dynamic::Wait,
 }
 
 /// How endpoint names are turned into addresses.
@@ -228,7 +257,7 @@ fn socket_address(
     a: &Address,
     path: &str,
     resolve: Resolve,
-) -> Result<(Vec<SocketAddr>, String), ConfigError> {
+) -> Result<(Vec<HostAddress>, String), ConfigError> {
     match &a.address {
         Some(address::Address::SocketAddress(sa)) => {
             let port = match sa.port_specifier {
@@ -260,7 +289,10 @@ fn socket_address(
                 });
             }
             if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
-                return Ok((vec![SocketAddr::new(ip, port)], sa.address.clone()));
+                return Ok((
+                    vec![HostAddress::Ip(SocketAddr::new(ip, port))],
+                    sa.address.clone(),
+                ));
             }
             if resolve == Resolve::None {
                 return Err(invalid(
@@ -281,12 +313,33 @@ fn socket_address(
                 Resolve::All(family) => family.pick(addrs),
                 Resolve::None => addrs,
             };
-            Ok((addrs, sa.address.clone()))
+            Ok((
+                addrs.into_iter().map(HostAddress::Ip).collect(),
+                sa.address.clone(),
+            ))
         }
-        Some(address::Address::Pipe(_)) => Err(ConfigError::Unsupported {
-            path: path.into(),
-            fields: "'pipe'".into(),
-        }),
+        Some(address::Address::Pipe(p)) => {
+            if p.path.is_empty() {
+                return Err(invalid(
+                    format!("{path}.pipe.path"),
+                    "value length must be at least 1 characters",
+                ));
+            }
+            // Abstract sockets and the listener-only `mode` are not for upstream hosts.
+            if p.path.starts_with('@') || p.mode != 0 {
+                return Err(ConfigError::Unsupported {
+                    path: format!("{path}.pipe"),
+                    fields: "an abstract socket ('@') or 'mode'".into(),
+                });
+            }
+            if resolve != Resolve::None {
+                return Err(invalid(path, "a pipe address cannot be resolved by DNS"));
+            }
+            Ok((
+                vec![HostAddress::Pipe(p.path.as_str().into())],
+                String::new(),
+            ))
+        }
         Some(_) => Err(ConfigError::Unsupported {
             path: path.into(),
             fields: "'envoy_internal_address'".into(),
@@ -362,11 +415,8 @@ fn hosts_from(
             })?;
             let hostname = std::mem::take(&mut e_rest.hostname);
             reject_unhandled(&e_rest, &format!("{ep_path}.endpoint"))?;
-            let (addresses, name) = socket_address(
-                &addr,
-                &format!("{ep_path}.endpoint.address.socket_address"),
-                resolve,
-            )?;
+            let (addresses, name) =
+                socket_address(&addr, &format!("{ep_path}.endpoint.address"), resolve)?;
             for address in addresses {
                 hosts.push(Arc::new(Host {
                     address,
@@ -537,14 +587,15 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
             &path,
         )?),
     };
+    let mut eds_wait = crate::config::dynamic::Wait::Forever;
     let eds_service = match (discovery, rest.eds_cluster_config.take()) {
         (DiscoveryType::Eds, Some(e)) => {
             let ep = format!("{path}.eds_cluster_config");
             let mut erest = e.clone();
-            match erest.eds_config.take() {
+            eds_wait = match erest.eds_config.take() {
                 Some(src) => crate::config::dynamic::ads_source(&src, &format!("{ep}.eds_config"))?,
                 None => return Err(invalid(format!("{ep}.eds_config"), "value is required")),
-            }
+            };
             let service = std::mem::take(&mut erest.service_name);
             reject_unhandled(&erest, &ep)?;
             if rest.load_assignment.is_some() {
@@ -618,6 +669,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         source: c.clone(),
         dns_refresh,
         eds_service,
+        eds_wait,
     })
 }
 
@@ -646,8 +698,8 @@ pub fn with_assignment(
     Ok(with_hosts(base, fresh, previous))
 }
 
-fn host_key(h: &Arc<Host>) -> (SocketAddr, u32) {
-    (h.address, h.priority)
+fn host_key(h: &Arc<Host>) -> (&HostAddress, u32) {
+    (&h.address, h.priority)
 }
 
 /// `base` with a new host set: hosts of `previous` with the same address and priority are kept
@@ -784,12 +836,12 @@ mod tests {
         let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 1)]}]}})).unwrap();
         let s = LbState::default();
         let ports: Vec<_> = (0..4)
-            .map(|_| c.choose(&s).unwrap().address.port())
+            .map(|_| c.choose(&s).unwrap().address.ip().unwrap().port())
             .collect();
         assert_eq!(ports, [1, 2, 1, 2]);
         let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 3)]}]}})).unwrap();
         let ports: Vec<_> = (0..4)
-            .map(|_| c.choose(&s).unwrap().address.port())
+            .map(|_| c.choose(&s).unwrap().address.ip().unwrap().port())
             .collect();
         let twos = ports.iter().filter(|p| **p == 2).count();
         assert_eq!(twos, 3);
@@ -802,7 +854,15 @@ mod tests {
             {"priority": 1, "lb_endpoints": [ep(2, 1)]}, {"lb_endpoints": [ep(1, 1)]}]}}),
         )
         .unwrap();
-        assert_eq!(c.choose(&LbState::default()).unwrap().address.port(), 1);
+        assert_eq!(
+            c.choose(&LbState::default())
+                .unwrap()
+                .address
+                .ip()
+                .unwrap()
+                .port(),
+            1
+        );
         assert_eq!(c.all_hosts.len(), 2);
     }
 
@@ -827,7 +887,8 @@ mod tests {
         assert!(c
             .all_hosts
             .iter()
-            .all(|h| h.hostname == "localhost" && h.address.ip().is_loopback()));
+            .all(|h| h.hostname == "localhost"
+                && h.address.ip().is_some_and(|a| a.ip().is_loopback())));
         assert!(!c.all_hosts.is_empty());
         // Same answer: nothing to publish.
         assert!(refresh(&c).unwrap().is_none());

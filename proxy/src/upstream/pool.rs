@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -20,7 +19,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use super::cluster::{Cluster, ClusterStats, Host, LbState};
+use super::cluster::{Cluster, ClusterStats, Host, HostAddress, LbState};
 use crate::worker::LocalExec;
 
 /// A request body sent upstream: the downstream body as it streams, or a buffered one.
@@ -75,7 +74,7 @@ struct HostPool {
 /// One worker's pools and balancer state, for every cluster.
 #[derive(Default)]
 pub struct WorkerUpstreams {
-    pools: RefCell<HashMap<(SocketAddr, bool), Rc<HostPool>>>,
+    pools: RefCell<HashMap<(HostAddress, bool), Rc<HostPool>>>,
     lb: RefCell<HashMap<String, Rc<LbState>>>,
 }
 
@@ -88,10 +87,10 @@ impl WorkerUpstreams {
             .clone()
     }
 
-    fn pool(&self, addr: SocketAddr, h2: bool) -> Rc<HostPool> {
+    fn pool(&self, addr: &HostAddress, h2: bool) -> Rc<HostPool> {
         self.pools
             .borrow_mut()
-            .entry((addr, h2))
+            .entry((addr.clone(), h2))
             .or_default()
             .clone()
     }
@@ -124,7 +123,7 @@ impl WorkerUpstreams {
         h2: bool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, ResetReason> {
-        let pool = self.pool(host.address, h2);
+        let pool = self.pool(&host.address, h2);
         if h2 {
             let existing = pool.h2.borrow().clone().filter(|s| s.is_ready());
             let mut sender = match existing {
@@ -189,10 +188,24 @@ fn classify(e: &hyper::Error) -> ResetReason {
     }
 }
 
-async fn tcp(
-    cluster: &Cluster,
-    host: &Host,
-) -> Result<TokioIo<tokio::net::TcpStream>, ResetReason> {
+/// A connection to an upstream host: TCP, or a Unix socket for `pipe` hosts.
+type HostStream = tokio_util::either::Either<tokio::net::TcpStream, tokio::net::UnixStream>;
+
+async fn connect(address: &HostAddress) -> std::io::Result<HostStream> {
+    use tokio_util::either::Either;
+    match address {
+        HostAddress::Ip(a) => {
+            let s = tokio::net::TcpStream::connect(a).await?;
+            let _ = s.set_nodelay(true);
+            Ok(Either::Left(s))
+        }
+        HostAddress::Pipe(p) => Ok(Either::Right(
+            tokio::net::UnixStream::connect(p.as_ref()).await?,
+        )),
+    }
+}
+
+async fn tcp(cluster: &Cluster, host: &Host) -> Result<TokioIo<HostStream>, ResetReason> {
     let stats = &cluster.stats;
     stats.upstream_cx_total.inc();
     host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
@@ -201,16 +214,8 @@ async fn tcp(
         host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
         Err(reason)
     };
-    match tokio::time::timeout(
-        cluster.connect_timeout,
-        tokio::net::TcpStream::connect(host.address),
-    )
-    .await
-    {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(TokioIo::new(s))
-        }
+    match tokio::time::timeout(cluster.connect_timeout, connect(&host.address)).await {
+        Ok(Ok(s)) => Ok(TokioIo::new(s)),
         Ok(Err(_)) => failed(ResetReason::ConnectionFailure),
         Err(_) => {
             stats.upstream_cx_connect_timeout.inc();

@@ -1,0 +1,154 @@
+//! The listener manager: owns the listening sockets and tells each worker which ones to accept
+//! on. Sockets are bound on the main thread when a listener is first seen (so a bind failure
+//! refuses the bootstrap or the LDS update), one per worker with SO_REUSEPORT; workers accept
+//! only once initialization is over and only for active (warmed) listeners. A listener updated at
+//! the same address keeps its sockets: only the configuration connections get changes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Listener, ListenerSet};
+
+/// What the main thread asks of a worker.
+#[derive(Debug)]
+pub enum WorkerCmd {
+    /// Accept on this socket for the listener of this name.
+    Accept {
+        name: String,
+        generation: u64,
+        socket: std::net::TcpListener,
+    },
+    /// Stop accepting on the socket of this generation (closing it).
+    Stop { generation: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind '{addr}': {err}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub err: std::io::Error,
+}
+
+#[derive(Debug)]
+struct Bound {
+    generation: u64,
+    /// One socket per worker until they are handed over.
+    pending: Option<Vec<std::net::TcpListener>>,
+}
+
+#[derive(Debug)]
+pub struct ListenerManager {
+    workers: Vec<UnboundedSender<WorkerCmd>>,
+    bound: HashMap<(String, SocketAddr), Bound>,
+    next_generation: u64,
+    workers_started: bool,
+}
+
+fn key(l: &Listener) -> (String, SocketAddr) {
+    (l.name.clone(), l.address)
+}
+
+impl ListenerManager {
+    pub fn new(workers: Vec<UnboundedSender<WorkerCmd>>) -> Self {
+        ListenerManager {
+            workers,
+            bound: HashMap::new(),
+            next_generation: 0,
+            workers_started: false,
+        }
+    }
+
+    /// Makes the sockets match the listeners: binds those of new listeners (all or nothing),
+    /// closes those no listener needs any more, and hands active ones to the workers once they
+    /// have started.
+    pub fn update(&mut self, active: &ListenerSet, warming: &[&Listener]) -> Result<(), BindError> {
+        let needed: Vec<&Listener> = active
+            .iter()
+            .map(|l| l.as_ref())
+            .chain(warming.iter().copied())
+            .filter(|l| l.bind_to_port)
+            .collect();
+        let mut fresh = Vec::new();
+        for l in &needed {
+            let k = key(l);
+            if self.bound.contains_key(&k) || fresh.iter().any(|(f, _)| *f == k) {
+                continue;
+            }
+            let mut socks = Vec::with_capacity(self.workers.len());
+            for _ in 0..self.workers.len().max(1) {
+                socks.push(super::bind(l.address).map_err(|err| BindError {
+                    addr: l.address,
+                    err,
+                })?);
+            }
+            fresh.push((k, socks));
+        }
+        for (k, socks) in fresh {
+            self.next_generation += 1;
+            self.bound.insert(
+                k,
+                Bound {
+                    generation: self.next_generation,
+                    pending: Some(socks),
+                },
+            );
+        }
+        let keep: std::collections::HashSet<(String, SocketAddr)> =
+            needed.iter().map(|l| key(l)).collect();
+        let gone: Vec<_> = self
+            .bound
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(b) = self.bound.remove(&k) {
+                if b.pending.is_none() {
+                    self.send_all(|| WorkerCmd::Stop {
+                        generation: b.generation,
+                    });
+                }
+            }
+        }
+        if self.workers_started {
+            self.hand_over(active);
+        }
+        Ok(())
+    }
+
+    /// Initialization is over: workers start accepting on the active listeners.
+    pub fn start_workers(&mut self, active: &ListenerSet) {
+        self.workers_started = true;
+        self.hand_over(active);
+    }
+
+    pub fn workers_started(&self) -> bool {
+        self.workers_started
+    }
+
+    fn hand_over(&mut self, active: &ListenerSet) {
+        for l in active.iter().filter(|l| l.bind_to_port) {
+            let Some(b) = self.bound.get_mut(&key(l)) else {
+                continue;
+            };
+            let Some(socks) = b.pending.take() else {
+                continue;
+            };
+            for (w, socket) in self.workers.iter().zip(socks) {
+                let _ = w.send(WorkerCmd::Accept {
+                    name: l.name.clone(),
+                    generation: b.generation,
+                    socket,
+                });
+            }
+        }
+    }
+
+    fn send_all(&self, cmd: impl Fn() -> WorkerCmd) {
+        for w in &self.workers {
+            let _ = w.send(cmd());
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Helpers for tests that drive a proxy over xDS: resources from JSON, delta responses, waiting
+//! for requests and for the proxy to apply what it was sent.
+
+use std::time::Duration;
+
+use prost::{Message, Name};
+use xds_client::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+use xds_client::pb::google::protobuf::Any;
+use xds_client::TypeRegistry;
+
+use crate::http_raw;
+
+pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// A resource of type `M` from proto3 JSON, packed as an `Any`.
+pub fn any<M: Message + Default + Name>(json: &serde_json::Value) -> Any {
+    let m: M = TypeRegistry::global()
+        .from_json(json, false)
+        .unwrap_or_else(|e| panic!("{}: {e}", M::full_name()));
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// A delta response adding `(name, version, body)` and removing `removed`.
+pub fn delta(
+    type_url: &str,
+    nonce: &str,
+    added: Vec<(&str, &str, Any)>,
+    removed: &[&str],
+) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: type_url.into(),
+        nonce: nonce.into(),
+        resources: added
+            .into_iter()
+            .map(|(name, version, body)| Resource {
+                name: name.into(),
+                version: version.into(),
+                resource: Some(body),
+                ..Default::default()
+            })
+            .collect(),
+        removed_resources: removed.iter().map(|r| r.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The next item of a channel, or a panic after 15 s.
+pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("timed out")
+        .expect("closed")
+}
+
+/// A GET on `port`: status (0 when the connection failed) and body.
+pub async fn get(port: u16, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+    tokio::task::spawn_blocking(move || {
+        http_raw(port, req.as_bytes())
+            .map(|r| (r.status, r.body_str()))
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Polls until the proxy answers `want` on `path` (updates apply asynchronously); returns the
+/// last status seen.
+pub async fn eventually(port: u16, path: &str, want: u16) -> u16 {
+    let mut last = 0;
+    for _ in 0..100 {
+        last = get(port, path).await.0;
+        if last == want {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+/// An admin page as JSON.
+pub async fn admin_json(admin: u16, path: &str) -> serde_json::Value {
+    let body = get(admin, path).await.1;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
