@@ -43,19 +43,19 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        Support::Refused(ISSUE_XDS),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
-        Support::Refused(ISSUE_XDS),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
-        Support::Refused(ISSUE_XDS),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
-        Support::Refused(ISSUE_XDS),
+        Support::Supported,
     ),
     (
         "envoy.extensions.bootstrap.internal_listener.v3.InternalListener",

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod observe;
 pub mod router;
 pub mod server;
+pub mod tcp;
 pub mod upstream;
 pub mod worker;
 

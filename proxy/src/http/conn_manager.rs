@@ -57,6 +57,8 @@ const INTERNAL_ONLY: &[&str] = &[
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub local: SocketAddr,
+    /// The local address when `original_dst` restored it (the ORIGINAL_DST clusters' host).
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// Serves one accepted connection until it closes.
@@ -67,6 +69,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// hyper's, chosen by the codec setting (AUTO looks for the HTTP/2 preface, as Envoy does).
 pub async fn serve(
     stream: tokio::net::TcpStream,
+    initial: bytes::BytesMut,
     info: ConnInfo,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
@@ -77,7 +80,7 @@ pub async fn serve(
     hcm.listener_stats.downstream_cx_total.inc();
     // Connections still open when the listener's drain time is over are closed.
     tokio::select! {
-        _ = serve_codec(stream, info, &hcm, ctx, &drain) => {}
+        _ = serve_codec(stream, initial, info, &hcm, ctx, &drain) => {}
         _ = drain.finished() => {}
     }
     hcm.stats.downstream_cx_active.dec();
@@ -85,6 +88,7 @@ pub async fn serve(
 
 async fn serve_codec(
     mut stream: tokio::net::TcpStream,
+    mut initial: bytes::BytesMut,
     info: ConnInfo,
     hcm: &Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
@@ -93,7 +97,7 @@ async fn serve_codec(
     use tokio::io::AsyncReadExt;
     let _ = stream.set_nodelay(true);
     let info = Rc::new(info);
-    let mut initial = bytes::BytesMut::with_capacity(16 * 1024);
+    initial.reserve(16 * 1024);
     let h2 = match hcm.codec {
         Codec::Http2 => true,
         Codec::Http1 => false,

@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::filter_chain_match::ConnectionFacts;
-use super::Listener;
+use super::listener_filters::{Closed, Detected};
+use super::{Listener, Terminal};
 use crate::config::snapshot::Snapshot;
 use crate::http::conn_manager::{self, ConnInfo};
 use crate::worker::WorkerCtx;
@@ -23,52 +25,108 @@ pub fn accept(
 ) {
     let (snap, ctx) = (snap.clone(), ctx.clone());
     tokio::task::spawn_local(async move {
-        let mut l = listener;
-        let mut local = stream.local_addr().unwrap_or(l.address);
-        if l.use_original_dst {
-            if let Some(dst) = original_destination(&stream) {
-                local = dst;
-                // Hand the connection to the listener of the original destination, if any.
-                if let Some(target) = snap.listeners.for_original_destination(dst) {
-                    l = target.clone();
-                }
+        let mut stream = stream;
+        let local = stream.local_addr().unwrap_or(listener.address);
+        let mut buf = BytesMut::new();
+        let detected = Detected {
+            local,
+            restored: false,
+            server_name: None,
+            transport_protocol: "raw_buffer",
+            application_protocols: Vec::new(),
+        };
+        let Some((l, detected)) =
+            run_listener_filters(&mut stream, &mut buf, listener, detected, &snap).await
+        else {
+            return;
+        };
+        serve(stream, buf, remote, detected, l, ctx).await;
+    });
+}
+
+/// The listener filters of the accepting listener, then, for a `use_original_dst` listener whose
+/// connection was redirected, those of the listener of the original destination (Envoy's
+/// hand-off). None when the filters closed the connection.
+async fn run_listener_filters(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    mut l: Arc<Listener>,
+    detected: Detected,
+    snap: &Snapshot,
+) -> Option<(Arc<Listener>, Detected)> {
+    let mut detected = filters_of(&l, stream, buf, detected).await?;
+    if l.use_original_dst && detected.restored {
+        if let Some(target) = snap.listeners.for_original_destination(detected.local) {
+            if !Arc::ptr_eq(target, &l) {
+                l = target.clone();
+                detected = filters_of(&l, stream, buf, detected).await?;
             }
         }
-        serve(stream, remote, local, l, ctx).await;
-    });
+    }
+    Some((l, detected))
+}
+
+async fn filters_of(
+    l: &Listener,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    detected: Detected,
+) -> Option<Detected> {
+    if l.listener_filters.is_empty() {
+        return Some(detected);
+    }
+    match l.listener_filters.run(stream, buf, detected).await {
+        Ok(d) => Some(d),
+        Err(Closed::Timeout) => {
+            l.stats.downstream_pre_cx_timeout.inc();
+            None
+        }
+        Err(Closed::PeerClosed) => {
+            l.stats.downstream_listener_filter_remote_close.inc();
+            None
+        }
+        Err(Closed::TooLarge) => None,
+    }
 }
 
 async fn serve(
     stream: TcpStream,
+    initial: BytesMut,
     remote: SocketAddr,
-    local: SocketAddr,
+    d: Detected,
     l: Arc<Listener>,
     ctx: Rc<WorkerCtx>,
 ) {
     l.stats.downstream_cx_total.inc();
     let facts = ConnectionFacts {
-        destination: local,
+        destination: d.local,
         source: remote,
         direct_source: remote,
-        server_name: None,
-        transport_protocol: "raw_buffer",
-        application_protocols: &[],
+        server_name: d.server_name.as_deref(),
+        transport_protocol: d.transport_protocol,
+        application_protocols: &d.application_protocols,
     };
-    let Some(hcm) = l.chain_for(&facts).cloned() else {
+    let Some(terminal) = l.chain_for(&facts).cloned() else {
         // Envoy closes a connection no chain matches.
         l.stats.no_filter_chain_match.inc();
         l.stats.downstream_cx_destroy.inc();
         return;
     };
     l.stats.downstream_cx_active.inc();
-    conn_manager::serve(
-        stream,
-        ConnInfo { remote, local },
-        hcm,
-        ctx,
-        l.drain.clone(),
-    )
-    .await;
+    let original_dst = d.restored.then_some(d.local);
+    match terminal {
+        Terminal::Http(hcm) => {
+            let info = ConnInfo {
+                remote,
+                local: d.local,
+                original_dst,
+            };
+            conn_manager::serve(stream, initial, info, hcm, ctx, l.drain.clone()).await
+        }
+        Terminal::Tcp(cfg) => {
+            crate::tcp::proxy::serve(stream, initial, original_dst, cfg, ctx, l.drain.clone()).await
+        }
+    }
     l.stats.downstream_cx_active.dec();
     l.stats.downstream_cx_destroy.inc();
 }

@@ -12,7 +12,10 @@ use xds_client::TypeRegistry;
 pub mod connection;
 pub mod drain;
 pub mod filter_chain_match;
+pub mod http_inspector;
+pub mod listener_filters;
 pub mod manager;
+pub mod tls_inspector;
 
 use filter_chain_match::{ChainMatch, ConnectionFacts};
 
@@ -26,6 +29,8 @@ stat_struct!(ListenerStats {
     gauge downstream_cx_active,
     counter downstream_cx_destroy,
     counter no_filter_chain_match,
+    counter downstream_pre_cx_timeout,
+    counter downstream_listener_filter_remote_close,
 });
 
 #[derive(Debug)]
@@ -36,10 +41,11 @@ pub struct Listener {
     /// `use_original_dst` listener.
     pub bind_to_port: bool,
     pub use_original_dst: bool,
+    pub listener_filters: listener_filters::ListenerFilters,
     pub chains: Vec<FilterChain>,
     /// The chains' matchers, in order, for selection.
     matchers: Vec<ChainMatch>,
-    pub default_chain: Option<Arc<HcmConfig>>,
+    pub default_chain: Option<Terminal>,
     pub stats: ListenerStats,
     pub source: pb::Listener,
     /// Route configurations the chains fetch by RDS (with their `initial_fetch_timeout`): the
@@ -126,19 +132,26 @@ pub fn socket_addr(a: &Option<Address>, path: &str) -> Result<SocketAddr, Config
     }
 }
 
-/// One filter chain: what it matches and the connection manager it runs.
+/// What a filter chain ends in: its terminal network filter.
+#[derive(Debug, Clone)]
+pub enum Terminal {
+    Http(Arc<HcmConfig>),
+    Tcp(Arc<crate::tcp::proxy::TcpProxyConfig>),
+}
+
+/// One filter chain: what it matches and what serves the connection.
 #[derive(Debug)]
 pub struct FilterChain {
     pub matcher: ChainMatch,
-    pub hcm: Arc<HcmConfig>,
+    pub terminal: Terminal,
 }
 
 impl Listener {
     /// The chain for a connection (`filter_chain_match`, then `default_filter_chain`).
-    pub fn chain_for(&self, facts: &ConnectionFacts<'_>) -> Option<&Arc<HcmConfig>> {
+    pub fn chain_for(&self, facts: &ConnectionFacts<'_>) -> Option<&Terminal> {
         let matchers: &[ChainMatch] = &self.matchers;
         match filter_chain_match::select(matchers, facts) {
-            Some(i) => Some(&self.chains[i].hcm),
+            Some(i) => Some(&self.chains[i].terminal),
             None => self.default_chain.as_ref(),
         }
     }
@@ -152,7 +165,7 @@ fn compile_chain(
     lprefix: &str,
     known_clusters: &HashSet<String>,
     store: &Store,
-) -> Result<(ChainMatch, Arc<HcmConfig>), ConfigError> {
+) -> Result<(ChainMatch, Terminal), ConfigError> {
     let mut fc_rest = fc.clone();
     let filters = std::mem::take(&mut fc_rest.filters);
     let matcher = ChainMatch::compile(
@@ -163,33 +176,63 @@ fn compile_chain(
     // Chain metadata is data for filters and loggers.
     fc_rest.metadata = None;
     reject_unhandled(&fc_rest, fcp)?;
-    if filters.len() != 1 {
-        return Err(ConfigError::Unsupported {
-            path: format!("{fcp}.filters"),
-            fields: "network filters other than one http_connection_manager".into(),
-        });
-    }
-    let f = &filters[0];
-    let Some(pb::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+    // The last filter is the terminal one; Petrel has no other network filters yet, so each is
+    // refused by name with the issue that brings it.
+    let Some((last, others)) = filters.split_last() else {
         return Err(invalid(
-            format!("{fcp}.filters[0]"),
-            "typed_config is required",
+            format!("{fcp}.filters"),
+            "a filter chain needs filters",
         ));
     };
-    let url = TypeRegistry::effective_type_url(any);
-    if url != "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" {
-        return Err(ConfigError::UnsupportedExtension { path: format!("{fcp}.filters[0]"), type_url: url.clone(), why: petrel_filters::extensions::refusal(&url) });
+    let url_of = |f: &pb::Filter, i: usize| match &f.config_type {
+        Some(pb::filter::ConfigType::TypedConfig(any)) => {
+            Ok((TypeRegistry::effective_type_url(any), any.clone()))
+        }
+        _ => Err(invalid(
+            format!("{fcp}.filters[{i}]"),
+            "typed_config is required",
+        )),
+    };
+    if let Some(f) = others.first() {
+        let (url, _) = url_of(f, 0)?;
+        return Err(ConfigError::UnsupportedExtension {
+            path: format!("{fcp}.filters[0] ('{}')", f.name),
+            why: petrel_filters::extensions::refusal(&url),
+            type_url: url,
+        });
     }
-    let hcm_pb = TypeRegistry::global().unpack(any)?;
-    let hcm = conn_manager_config::compile(
-        local_address,
-        &hcm_pb,
-        lprefix,
-        known_clusters,
-        store,
-        &format!("{fcp}.filters[0].typed_config"),
-    )?;
-    Ok((matcher, Arc::new(hcm)))
+    let i = others.len();
+    let fp = format!("{fcp}.filters[{i}]");
+    let (url, any) = url_of(last, i)?;
+    let terminal = match url.as_str() {
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
+            let hcm_pb = TypeRegistry::global().unpack(&any)?;
+            Terminal::Http(Arc::new(conn_manager_config::compile(
+                local_address,
+                &hcm_pb,
+                lprefix,
+                known_clusters,
+                store,
+                &format!("{fp}.typed_config"),
+            )?))
+        }
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy" => {
+            let tcp_pb = TypeRegistry::global().unpack(&any)?;
+            Terminal::Tcp(Arc::new(crate::tcp::proxy::compile(
+                &tcp_pb,
+                store,
+                &format!("{fp}.typed_config"),
+            )?))
+        }
+        _ => {
+            return Err(ConfigError::UnsupportedExtension {
+                path: format!("{fp} ('{}')", last.name),
+                why: petrel_filters::extensions::refusal(&url),
+                type_url: url,
+            })
+        }
+    };
+    Ok((matcher, terminal))
 }
 
 pub fn compile(
@@ -209,6 +252,8 @@ pub fn compile(
     rest.traffic_direction = 0;
     let bind_to_port = rest.bind_to_port.take().is_none_or(|b| b.value);
     let use_original_dst = rest.use_original_dst.take().is_some_and(|b| b.value);
+    let listener_filters =
+        listener_filters::ListenerFilters::compile(&mut rest, use_original_dst, store, &path)?;
     reject_unhandled(&rest, &path)?;
     if chains_pb.is_empty() && default_pb.is_none() {
         return Err(invalid(
@@ -224,7 +269,7 @@ pub fn compile(
     };
     let mut chains = Vec::with_capacity(chains_pb.len());
     for (i, fc) in chains_pb.iter().enumerate() {
-        let (matcher, hcm) = compile_chain(
+        let (matcher, terminal) = compile_chain(
             local_address,
             fc,
             &format!("{path}.filter_chains[{i}]"),
@@ -238,7 +283,7 @@ pub fn compile(
                 format!("error adding listener '{name}': multiple filter chains with the same matching rules are defined"),
             ));
         }
-        chains.push(FilterChain { matcher, hcm });
+        chains.push(FilterChain { matcher, terminal });
     }
     let default_chain = match default_pb {
         Some(fc) => Some(
@@ -257,11 +302,14 @@ pub fn compile(
     let matchers = chains.iter().map(|c| c.matcher.clone()).collect();
     let rds = chains
         .iter()
-        .map(|c| &c.hcm)
+        .map(|c| &c.terminal)
         .chain(default_chain.iter())
-        .filter_map(|h| match &h.routes {
-            conn_manager_config::Routes::Rds(n, w) => Some((n.clone(), *w)),
-            conn_manager_config::Routes::Static(_) => None,
+        .filter_map(|t| match t {
+            Terminal::Http(h) => match &h.routes {
+                conn_manager_config::Routes::Rds(n, w) => Some((n.clone(), *w)),
+                conn_manager_config::Routes::Static(_) => None,
+            },
+            Terminal::Tcp(_) => None,
         })
         .collect();
     Ok(Listener {
@@ -269,6 +317,7 @@ pub fn compile(
         address,
         bind_to_port,
         use_original_dst,
+        listener_filters,
         chains,
         matchers,
         default_chain,

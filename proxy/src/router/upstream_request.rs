@@ -103,8 +103,11 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             reply_headers.as_ref(),
         );
     };
-    let lb = f.ctx.upstreams.lb_state(&cluster.name);
-    let Some(host) = cluster.choose(&lb) else {
+    let chosen = f
+        .ctx
+        .upstreams
+        .choose_host(cluster, f.info.original_dst, Some(req.headers()));
+    let Some(host) = chosen else {
         cluster.stats.upstream_cx_none_healthy.inc();
         // Envoy charges the cluster with the 503 it answers for it.
         cluster.charge_response(503);
@@ -114,7 +117,6 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             reply_headers.as_ref(),
         );
     };
-    let host = host.clone();
 
     // Shape the upstream request.
     let mut path = f.path.to_string();

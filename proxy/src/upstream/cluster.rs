@@ -90,6 +90,20 @@ pub enum DiscoveryType {
     LogicalDns,
     /// Hosts come from EDS (`ClusterLoadAssignment` over ADS).
     Eds,
+    /// The host is the connection's original destination (Istio's passthrough clusters).
+    OriginalDst,
+}
+
+/// `type: ORIGINAL_DST` with `lb_policy: CLUSTER_PROVIDED`: where the upstream host comes from.
+#[derive(Debug, Clone)]
+pub struct OriginalDst {
+    /// `original_dst_lb_config.use_http_header`: the header naming the host
+    /// (`x-envoy-original-dst-host` unless `http_header_name` says otherwise).
+    pub http_header: Option<http::HeaderName>,
+    /// `original_dst_lb_config.upstream_port_override`.
+    pub port_override: Option<u16>,
+    /// `cleanup_interval`: hosts unused this long are forgotten.
+    pub cleanup_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,6 +161,22 @@ pub struct Host {
     pub stats: HostStats,
 }
 
+impl Host {
+    /// A host made for one original destination (ORIGINAL_DST clusters).
+    pub fn original_dst(addr: SocketAddr) -> Host {
+        Host {
+            address: HostAddress::Ip(addr),
+            hostname: String::new(),
+            weight: 1,
+            priority: 0,
+            locality: String::new(),
+            active_requests: AtomicU64::new(0),
+            metadata: None,
+            stats: HostStats::default(),
+        }
+    }
+}
+
 /// Envoy's per-host stats (shown by `/clusters`).
 #[derive(Debug, Default)]
 pub struct HostStats {
@@ -197,6 +227,9 @@ pub struct Cluster {
     /// `eds_config.initial_fetch_timeout`: how long the cluster warms before it goes active
     /// without endpoints.
     pub eds_wait: crate::config::dynamic::Wait,
+    pub original_dst: Option<OriginalDst>,
+    /// `upstream_bind_config.source_address`: the local address upstream connections bind.
+    pub upstream_bind: Option<SocketAddr>,
 }
 
 /// How endpoint names are turned into addresses.
@@ -458,12 +491,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
                 Ok(pb::cluster::DiscoveryType::StrictDns) => DiscoveryType::StrictDns,
                 Ok(pb::cluster::DiscoveryType::LogicalDns) => DiscoveryType::LogicalDns,
                 Ok(pb::cluster::DiscoveryType::Eds) => DiscoveryType::Eds,
-                Ok(pb::cluster::DiscoveryType::OriginalDst) => {
-                    return Err(ConfigError::Unsupported {
-                        path,
-                        fields: "'type: ORIGINAL_DST' (comes with xDS support, issue #4)".into(),
-                    })
-                }
+                Ok(pb::cluster::DiscoveryType::OriginalDst) => DiscoveryType::OriginalDst,
                 Err(_) => return Err(invalid(format!("{path}.type"), "unknown enum value")),
             }
         }
@@ -486,7 +514,27 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
             "value must be greater than 0s",
         ));
     }
-    let lb = match pb::cluster::LbPolicy::try_from(std::mem::take(&mut rest.lb_policy)) {
+    let lb_pb = pb::cluster::LbPolicy::try_from(std::mem::take(&mut rest.lb_policy));
+    let original_dst = match (discovery, lb_pb) {
+        (DiscoveryType::OriginalDst, Ok(pb::cluster::LbPolicy::ClusterProvided)) => {
+            Some(original_dst_config(&mut rest, &path)?)
+        }
+        (DiscoveryType::OriginalDst, Ok(other)) => {
+            return Err(invalid(
+                format!("{path}.lb_policy"),
+                format!("cluster: LB policy {} is not valid for Cluster type ORIGINAL_DST. Only 'CLUSTER_PROVIDED' is allowed with cluster type 'ORIGINAL_DST'", other.as_str_name()),
+            ))
+        }
+        (_, Ok(pb::cluster::LbPolicy::ClusterProvided)) => {
+            return Err(invalid(
+                format!("{path}.lb_policy"),
+                "cluster: LB policy CLUSTER_PROVIDED is only valid with cluster type ORIGINAL_DST",
+            ))
+        }
+        _ => None,
+    };
+    let lb = match lb_pb {
+        Ok(pb::cluster::LbPolicy::ClusterProvided) => LbPolicy::RoundRobin,
         Ok(pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
         Ok(pb::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
         Ok(pb::cluster::LbPolicy::Random) => LbPolicy::Random,
@@ -577,7 +625,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         reject_unhandled(&o, &p)?;
     }
     let resolve = match discovery {
-        DiscoveryType::Static | DiscoveryType::Eds => Resolve::None,
+        DiscoveryType::Static | DiscoveryType::Eds | DiscoveryType::OriginalDst => Resolve::None,
         DiscoveryType::LogicalDns => Resolve::First(Family::from_proto(
             std::mem::take(&mut rest.dns_lookup_family),
             &path,
@@ -622,8 +670,29 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
             None
         }
     };
+    let upstream_bind = match rest.upstream_bind_config.take() {
+        Some(b) => {
+            let bp = format!("{path}.upstream_bind_config");
+            let mut brest = b.clone();
+            let source = brest.source_address.take().map(|sa| {
+                xds_client::pb::envoy::config::core::v3::Address {
+                    address: Some(address::Address::SocketAddress(sa)),
+                }
+            });
+            let addr = crate::listener::socket_addr(&source, &format!("{bp}.source_address"))?;
+            reject_unhandled(&brest, &bp)?;
+            Some(addr)
+        }
+        None => None,
+    };
+    if discovery == DiscoveryType::OriginalDst && rest.load_assignment.is_some() {
+        return Err(invalid(
+            format!("{path}.load_assignment"),
+            "ORIGINAL_DST clusters must have no load assignment configured",
+        ));
+    }
     let dns_refresh = match discovery {
-        DiscoveryType::Static | DiscoveryType::Eds => None,
+        DiscoveryType::Static | DiscoveryType::Eds | DiscoveryType::OriginalDst => None,
         _ => Some(duration::or(
             &rest.dns_refresh_rate.take(),
             Duration::from_millis(5000),
@@ -670,6 +739,57 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         dns_refresh,
         eds_service,
         eds_wait,
+        original_dst,
+        upstream_bind,
+    })
+}
+
+/// `original_dst_lb_config` and `cleanup_interval` of an ORIGINAL_DST cluster.
+fn original_dst_config(rest: &mut pb::Cluster, path: &str) -> Result<OriginalDst, ConfigError> {
+    let cleanup_interval = duration::or(
+        &rest.cleanup_interval.take(),
+        Duration::from_secs(5),
+        &format!("{path}.cleanup_interval"),
+    )?;
+    let mut http_header = None;
+    let mut port_override = None;
+    let lb_config = rest.lb_config.take();
+    if let Some(other) = &lb_config {
+        if !matches!(other, pb::cluster::LbConfig::OriginalDstLbConfig(_)) {
+            rest.lb_config = lb_config.clone();
+        }
+    }
+    if let Some(pb::cluster::LbConfig::OriginalDstLbConfig(c)) = lb_config {
+        let cp = format!("{path}.original_dst_lb_config");
+        let mut crest = c.clone();
+        let name = std::mem::take(&mut crest.http_header_name);
+        if std::mem::take(&mut crest.use_http_header) {
+            let name = if name.is_empty() {
+                "x-envoy-original-dst-host".to_string()
+            } else {
+                name.to_ascii_lowercase()
+            };
+            http_header = Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{cp}.http_header_name"),
+                    format!("invalid header name '{name}'"),
+                )
+            })?);
+        }
+        if let Some(p) = crest.upstream_port_override.take() {
+            port_override = Some(u16::try_from(p.value).map_err(|_| {
+                invalid(
+                    format!("{cp}.upstream_port_override"),
+                    "value must be less than or equal to 65535",
+                )
+            })?);
+        }
+        reject_unhandled(&crest, &cp)?;
+    }
+    Ok(OriginalDst {
+        http_header,
+        port_override,
+        cleanup_interval,
     })
 }
 
@@ -734,7 +854,7 @@ fn with_hosts(base: &Cluster, fresh: Vec<Arc<Host>>, previous: Option<&Cluster>)
 /// with its new host set (hosts whose address stayed keep their stats).
 pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
     let resolve = match old.discovery {
-        DiscoveryType::Static | DiscoveryType::Eds => return Ok(None),
+        DiscoveryType::Static | DiscoveryType::Eds | DiscoveryType::OriginalDst => return Ok(None),
         DiscoveryType::LogicalDns => {
             Resolve::First(Family::from_proto(old.source.dns_lookup_family, &old.name)?)
         }

@@ -71,15 +71,83 @@ struct HostPool {
     h2: RefCell<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
+/// An ORIGINAL_DST host: its cluster and address.
+type OriginalDstKey = (String, std::net::SocketAddr);
+
 /// One worker's pools and balancer state, for every cluster.
 #[derive(Default)]
 pub struct WorkerUpstreams {
     pools: RefCell<HashMap<(HostAddress, bool), Rc<HostPool>>>,
     lb: RefCell<HashMap<String, Rc<LbState>>>,
+    /// ORIGINAL_DST hosts by cluster and address, with their last use.
+    original_dst: RefCell<HashMap<OriginalDstKey, (Arc<Host>, Instant)>>,
+    original_dst_swept: std::cell::Cell<Option<Instant>>,
 }
 
 impl WorkerUpstreams {
+    /// The host a request or connection goes to: the balancer's choice, or for ORIGINAL_DST
+    /// clusters the original destination (from the configured header, else the connection's
+    /// restored local address). None is Envoy's "no healthy upstream".
+    pub fn choose_host(
+        &self,
+        cluster: &Cluster,
+        original_dst: Option<std::net::SocketAddr>,
+        headers: Option<&http::HeaderMap>,
+    ) -> Option<Arc<Host>> {
+        let Some(od) = &cluster.original_dst else {
+            let lb = self.lb_state(&cluster.name);
+            return cluster.choose(&lb).cloned();
+        };
+        let from_header = od
+            .http_header
+            .as_ref()
+            .and_then(|h| headers?.get(h))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<std::net::SocketAddr>().ok());
+        let mut addr = from_header.or(original_dst)?;
+        if let Some(p) = od.port_override {
+            addr.set_port(p);
+        }
+        Some(self.original_dst_host(cluster, od.cleanup_interval, addr))
+    }
+
+    /// One host per original destination, kept while used and forgotten `cleanup_interval`
+    /// after its last use (Envoy's host map for ORIGINAL_DST clusters).
+    fn original_dst_host(
+        &self,
+        cluster: &Cluster,
+        cleanup: std::time::Duration,
+        addr: std::net::SocketAddr,
+    ) -> Arc<Host> {
+        let now = Instant::now();
+        let mut hosts = self.original_dst.borrow_mut();
+        let key = (cluster.name.clone(), addr);
+        let host = match hosts.get_mut(&key) {
+            Some((h, used)) => {
+                *used = now;
+                h.clone()
+            }
+            None => {
+                let h = Arc::new(Host::original_dst(addr));
+                hosts.insert(key, (h.clone(), now));
+                h
+            }
+        };
+        if self
+            .original_dst_swept
+            .get()
+            .is_none_or(|at| at + cleanup <= now)
+        {
+            self.original_dst_swept.set(Some(now));
+            hosts.retain(|_, (h, used)| Arc::strong_count(h) > 1 || *used + cleanup > now);
+        }
+        host
+    }
+
     pub fn lb_state(&self, cluster: &str) -> Rc<LbState> {
+        if let Some(s) = self.lb.borrow().get(cluster) {
+            return s.clone();
+        }
         self.lb
             .borrow_mut()
             .entry(cluster.to_string())
@@ -189,13 +257,25 @@ fn classify(e: &hyper::Error) -> ResetReason {
 }
 
 /// A connection to an upstream host: TCP, or a Unix socket for `pipe` hosts.
-type HostStream = tokio_util::either::Either<tokio::net::TcpStream, tokio::net::UnixStream>;
+pub type HostStream = tokio_util::either::Either<tokio::net::TcpStream, tokio::net::UnixStream>;
 
-async fn connect(address: &HostAddress) -> std::io::Result<HostStream> {
+async fn connect(
+    address: &HostAddress,
+    bind: Option<std::net::SocketAddr>,
+) -> std::io::Result<HostStream> {
     use tokio_util::either::Either;
     match address {
         HostAddress::Ip(a) => {
-            let s = tokio::net::TcpStream::connect(a).await?;
+            let sock = if a.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // `upstream_bind_config` (Istio binds inbound passthrough to 127.0.0.6).
+            if let Some(b) = bind {
+                sock.bind(b)?;
+            }
+            let s = sock.connect(*a).await?;
             let _ = s.set_nodelay(true);
             Ok(Either::Left(s))
         }
@@ -206,6 +286,11 @@ async fn connect(address: &HostAddress) -> std::io::Result<HostStream> {
 }
 
 async fn tcp(cluster: &Cluster, host: &Host) -> Result<TokioIo<HostStream>, ResetReason> {
+    connect_host(cluster, host).await.map(TokioIo::new)
+}
+
+/// Opens a connection to `host` within the cluster's `connect_timeout`, counting it.
+pub async fn connect_host(cluster: &Cluster, host: &Host) -> Result<HostStream, ResetReason> {
     let stats = &cluster.stats;
     stats.upstream_cx_total.inc();
     host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
@@ -214,8 +299,9 @@ async fn tcp(cluster: &Cluster, host: &Host) -> Result<TokioIo<HostStream>, Rese
         host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
         Err(reason)
     };
-    match tokio::time::timeout(cluster.connect_timeout, connect(&host.address)).await {
-        Ok(Ok(s)) => Ok(TokioIo::new(s)),
+    let connecting = connect(&host.address, cluster.upstream_bind);
+    match tokio::time::timeout(cluster.connect_timeout, connecting).await {
+        Ok(Ok(s)) => Ok(s),
         Ok(Err(_)) => failed(ResetReason::ConnectionFailure),
         Err(_) => {
             stats.upstream_cx_connect_timeout.inc();

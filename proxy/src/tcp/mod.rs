@@ -1,0 +1,3 @@
+//! TCP proxying (`envoy.filters.network.tcp_proxy`).
+
+pub mod proxy;

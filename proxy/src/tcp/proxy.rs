@@ -1,0 +1,233 @@
+//! `envoy.filters.network.tcp_proxy`: connects each downstream connection to a host of a cluster
+//! (or a weighted choice of clusters) and copies bytes both ways, half-closes included, until
+//! both sides are done or the connection is idle for `idle_timeout`.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use xds_client::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    tcp_proxy::ClusterSpecifier, TcpProxy,
+};
+
+use crate::config::{duration, invalid, reject_unhandled, ConfigError};
+use crate::listener::drain::Drain;
+use crate::observe::stats::Store;
+use crate::stat_struct;
+use crate::worker::WorkerCtx;
+
+stat_struct!(TcpProxyStats {
+    counter downstream_cx_total,
+    counter downstream_cx_no_route,
+    counter downstream_cx_rx_bytes_total,
+    counter downstream_cx_tx_bytes_total,
+    counter idle_timeout,
+    counter max_downstream_connection_duration,
+});
+
+#[derive(Debug)]
+pub struct TcpProxyConfig {
+    /// `(cluster, cumulative weight)`; one entry for `cluster`.
+    clusters: Vec<(String, u64)>,
+    idle_timeout: Option<Duration>,
+    max_connect_attempts: u32,
+    max_duration: Option<Duration>,
+    pub stats: TcpProxyStats,
+}
+
+pub fn compile(pb: &TcpProxy, store: &Store, path: &str) -> Result<TcpProxyConfig, ConfigError> {
+    let mut rest = pb.clone();
+    let stat_prefix = std::mem::take(&mut rest.stat_prefix);
+    if stat_prefix.is_empty() {
+        return Err(invalid(
+            format!("{path}.stat_prefix"),
+            "value length must be at least 1 characters",
+        ));
+    }
+    let clusters = match rest.cluster_specifier.take() {
+        Some(ClusterSpecifier::Cluster(c)) => vec![(c, 1)],
+        Some(ClusterSpecifier::WeightedClusters(w)) => {
+            let wp = format!("{path}.weighted_clusters");
+            let mut total = 0u64;
+            let mut out = Vec::new();
+            for (i, c) in w.clusters.iter().enumerate() {
+                let mut crest = c.clone();
+                let name = std::mem::take(&mut crest.name);
+                total += std::mem::take(&mut crest.weight) as u64;
+                reject_unhandled(&crest, &format!("{wp}.clusters[{i}]"))?;
+                out.push((name, total));
+            }
+            if out.is_empty() || total == 0 {
+                return Err(invalid(
+                    format!("{wp}.clusters"),
+                    "value must contain at least 1 item(s) with a weight",
+                ));
+            }
+            out
+        }
+        _ => return Err(invalid(path, "cluster_specifier is required")),
+    };
+    // Envoy's default idle timeout is one hour; 0 disables it.
+    let idle = duration::or(
+        &rest.idle_timeout.take(),
+        Duration::from_secs(3600),
+        &format!("{path}.idle_timeout"),
+    )?;
+    let max_connect_attempts = rest.max_connect_attempts.take().map_or(1, |v| v.value);
+    if max_connect_attempts == 0 {
+        return Err(invalid(
+            format!("{path}.max_connect_attempts"),
+            "value must be greater than or equal to 1",
+        ));
+    }
+    let max_duration = match rest.max_downstream_connection_duration.take() {
+        Some(d) => {
+            let d = duration::to_std(&d, &format!("{path}.max_downstream_connection_duration"))?;
+            (!d.is_zero()).then_some(d)
+        }
+        None => None,
+    };
+    reject_unhandled(&rest, path)?;
+    Ok(TcpProxyConfig {
+        clusters,
+        idle_timeout: (!idle.is_zero()).then_some(idle),
+        max_connect_attempts,
+        max_duration,
+        stats: TcpProxyStats::new(store, &format!("tcp.{stat_prefix}.")),
+    })
+}
+
+impl TcpProxyConfig {
+    fn pick(&self) -> &str {
+        let total = self.clusters.last().map_or(1, |(_, t)| *t);
+        let draw = rand::random_range(0..total);
+        self.clusters
+            .iter()
+            .find(|(_, t)| draw < *t)
+            .map_or("", |(n, _)| n.as_str())
+    }
+}
+
+/// Proxies one connection; `initial` holds bytes the listener filters already read.
+pub async fn serve(
+    downstream: TcpStream,
+    initial: BytesMut,
+    original_dst: Option<SocketAddr>,
+    cfg: Arc<TcpProxyConfig>,
+    ctx: Rc<WorkerCtx>,
+    drain: Drain,
+) {
+    cfg.stats.downstream_cx_total.inc();
+    let snap = ctx.snapshot();
+    let Some(cluster) = snap.clusters.get(cfg.pick()).cloned() else {
+        // Envoy closes the connection (flag NR).
+        cfg.stats.downstream_cx_no_route.inc();
+        return;
+    };
+    let mut upstream = None;
+    for _ in 0..cfg.max_connect_attempts {
+        let Some(host) = ctx.upstreams.choose_host(&cluster, original_dst, None) else {
+            // No healthy upstream (flag UH).
+            cluster.stats.upstream_cx_none_healthy.inc();
+            return;
+        };
+        if let Ok(s) = crate::upstream::pool::connect_host(&cluster, &host).await {
+            upstream = Some((s, host));
+            break;
+        }
+    }
+    // Connection failures (flag UF) close the downstream connection.
+    let Some((upstream, host)) = upstream else {
+        return;
+    };
+    let stats = &cluster.stats;
+    stats.upstream_cx_active.inc();
+    host.stats
+        .cx_active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let activity = Rc::new(Cell::new(tokio::time::Instant::now()));
+    let (dr, dw) = downstream.into_split();
+    let (ur, uw) = tokio::io::split(upstream);
+    let up = pump(
+        dr,
+        uw,
+        initial,
+        &activity,
+        &cfg.stats.downstream_cx_rx_bytes_total,
+    );
+    let down = pump(
+        ur,
+        dw,
+        BytesMut::new(),
+        &activity,
+        &cfg.stats.downstream_cx_tx_bytes_total,
+    );
+    let both = async { tokio::join!(up, down) };
+    let idle = idle_watch(cfg.idle_timeout, &activity);
+    let lifetime = async {
+        match cfg.max_duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = both => {}
+        _ = idle => cfg.stats.idle_timeout.inc(),
+        _ = lifetime => cfg.stats.max_downstream_connection_duration.inc(),
+        // The drain time of a removed listener is over.
+        _ = drain.finished() => {}
+    }
+    stats.upstream_cx_active.dec();
+    stats.upstream_cx_destroy.inc();
+    host.stats
+        .cx_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Copies `from` to `to` (after `first`), then half-closes `to` when `from` ends.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    first: BytesMut,
+    activity: &Cell<tokio::time::Instant>,
+    bytes: &crate::observe::stats::Counter,
+) {
+    if !first.is_empty() {
+        bytes.add(first.len() as u64);
+        if to.write_all(&first).await.is_err() {
+            return;
+        }
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        activity.set(tokio::time::Instant::now());
+        bytes.add(n as u64);
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Resolves once nothing has moved for `timeout`.
+async fn idle_watch(timeout: Option<Duration>, activity: &Cell<tokio::time::Instant>) {
+    let Some(t) = timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        let at = activity.get() + t;
+        if tokio::time::Instant::now() >= at {
+            return;
+        }
+        tokio::time::sleep_until(at).await;
+    }
+}
