@@ -55,7 +55,6 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     let started = Instant::now();
     let server_stats = ServerStats::new(&store, "server.");
     server_stats.concurrency.set(opts.concurrency as i64);
-    server_stats.state.set(0);
     server_stats
         .days_until_first_cert_expiring
         .set(i32::MAX as i64);
@@ -102,16 +101,18 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     }
     server_stats.live.set(1);
     let manager = Arc::new(std::sync::Mutex::new(manager));
+    let initialized = Arc::new(AtomicBool::new(false));
     if dynamic.is_none() {
         // Nothing to wait for: workers accept at once.
         if let Ok(mut m) = manager.lock() {
             m.start_workers(&current.load().listeners);
         }
         store.gauge("listener_manager.workers_started").set(1);
-    } else {
-        // INITIALIZING until xDS has answered (`check_init`).
-        server_stats.state.set(3);
+        server_stats.state.set(0);
+        initialized.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    // Otherwise INITIALIZING until xDS has answered (`check_init`); like Envoy, `server.state`
+    // is not set (so `usedonly` omits it) until then.
     plog!(info, "main", "starting main dispatch loop");
 
     let opts_for_ads = opts.clone();
@@ -123,6 +124,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         started_wall: std::time::SystemTime::now(),
         healthcheck_failed: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
+        initialized: initialized.clone(),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,7 +151,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             });
         }
         spawn_dns_refreshers(&current);
-        let _ads = start_ads(&current, &store, &opts_for_ads, &manager);
+        let _ads = start_ads(&current, &store, &opts_for_ads, &manager, &initialized);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => plog!(warn, "main", "caught SIGTERM"),
@@ -169,6 +171,7 @@ fn start_ads(
     store: &Store,
     opts: &Options,
     manager: &Arc<std::sync::Mutex<ListenerManager>>,
+    initialized: &Arc<AtomicBool>,
 ) -> Option<xds_client::ads::AdsClient> {
     let snap = current.load();
     let d = snap.dynamic.clone()?;
@@ -180,6 +183,7 @@ fn start_ads(
         d.clone(),
         manager.clone(),
         handle.clone(),
+        initialized.clone(),
     );
     let client = xds_client::ads::spawn(
         xds_client::ads::AdsConfig::new(d.target, d.api, snap.node.clone()),

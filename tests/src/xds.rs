@@ -89,3 +89,62 @@ pub async fn admin_json(admin: u16, path: &str) -> serde_json::Value {
     let body = get(admin, path).await.1;
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
+
+/// Petrel or Envoy (`name`) on a bootstrap with CDS and LDS from ADS at `ads` (`host:port` or a Unix socket path).
+pub async fn start_with_lds(
+    name: &'static str,
+    ads: Ads<'_>,
+    api_type: &str,
+) -> (u16, crate::Proxy) {
+    let admin = crate::free_port();
+    let endpoint = match ads {
+        Ads::Tcp(addr) => {
+            let port = addr.rsplit(':').next().expect("port");
+            format!("{{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}")
+        }
+        Ads::Unix(path) => format!("{{pipe: {{path: {}}}}}", path.display()),
+    };
+    let bootstrap = format!(
+        r#"
+node: {{id: sidecar~10.0.0.1~app.default~default.svc.cluster.local, cluster: app.default}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  cds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {{cluster_name: xds-grpc, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {endpoint}}}}}]}}]}}
+"#
+    );
+    let dir = std::env::temp_dir().join(format!("{name}-lds-{}-{admin}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let path = dir.join("petrel.yaml");
+    std::fs::write(&path, bootstrap).expect("write");
+    let bin = match name {
+        "envoy" => crate::envoy_bin().expect("envoy binary"),
+        _ => crate::petrel_bin(),
+    };
+    let proxy = tokio::task::spawn_blocking(move || {
+        crate::start_until(name, &bin, &path, admin, admin as u32, crate::Ready::Admin)
+    })
+    .await
+    .expect("start");
+    (admin, proxy)
+}
+
+/// Where the management server is.
+pub enum Ads<'a> {
+    Tcp(&'a str),
+    Unix(&'a std::path::Path),
+}

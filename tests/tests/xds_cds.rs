@@ -176,7 +176,7 @@ async fn clusters_from_delta_cds() {
             first.type_url.as_str(),
             first.resource_names_subscribe.as_slice()
         ),
-        (CDS, &["*".to_string()][..])
+        (CDS, &[][..])
     );
     let resource = |name: &str, v: &str, json: serde_json::Value| Resource {
         name: name.into(),

@@ -18,56 +18,6 @@ use xds_client::pb::envoy::config::listener::v3::Listener;
 use xds_client::pb::envoy::config::route::v3::RouteConfiguration;
 use xds_client::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
-/// Petrel on a bootstrap with CDS and LDS from ADS at `ads` (`host:port` or a Unix socket path).
-async fn start_with_lds(ads: Ads<'_>, api_type: &str) -> (u16, Proxy) {
-    let admin = free_port();
-    let endpoint = match ads {
-        Ads::Tcp(addr) => {
-            let port = addr.rsplit(':').next().expect("port");
-            format!("{{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}")
-        }
-        Ads::Unix(path) => format!("{{pipe: {{path: {}}}}}", path.display()),
-    };
-    let bootstrap = format!(
-        r#"
-node: {{id: sidecar~10.0.0.1~app.default~default.svc.cluster.local, cluster: app.default}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  cds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment: {{cluster_name: xds-grpc, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {endpoint}}}}}]}}]}}
-"#
-    );
-    let dir = std::env::temp_dir().join(format!("petrel-lds-{}-{admin}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let path = dir.join("petrel.yaml");
-    std::fs::write(&path, bootstrap).expect("write");
-    let proxy = tokio::task::spawn_blocking(move || {
-        start_until("petrel", &petrel_bin(), &path, admin, 0, Ready::Admin)
-    })
-    .await
-    .expect("start");
-    (admin, proxy)
-}
-
-enum Ads<'a> {
-    Tcp(&'a str),
-    Unix(&'a std::path::Path),
-}
-
 fn cluster(name: &str, port: u16) -> serde_json::Value {
     json!({"name": name, "connect_timeout": "1s", "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}})
 }
@@ -141,7 +91,7 @@ fn server_header(port: u16) -> String {
 async fn listeners_and_routes_over_delta_ads() {
     let (addr, mut sessions) = serve_tcp().await;
     let echo = start_echo();
-    let (admin, _petrel) = start_with_lds(Ads::Tcp(&addr), "DELTA_GRPC").await;
+    let (admin, _petrel) = start_with_lds("petrel", Ads::Tcp(&addr), "DELTA_GRPC").await;
     let mut s = next(&mut sessions.delta).await;
     // Clusters first: LDS is requested only once they are in.
     let first = next(&mut s.requests).await;
@@ -158,7 +108,7 @@ async fn listeners_and_routes_over_delta_ads() {
         .expect("send");
     let rs = requests_of(&mut s.requests, &[CDS, LDS], |r| r.type_url.as_str()).await;
     assert!(rs[0].error_detail.is_none());
-    assert_eq!(rs[1].resource_names_subscribe, ["*"]);
+    assert!(rs[1].resource_names_subscribe.is_empty(), "wildcard");
 
     // The listener warms until its route configuration arrives.
     let port = free_port();
@@ -179,6 +129,9 @@ async fn listeners_and_routes_over_delta_ads() {
     assert!(rs[0].error_detail.is_none(), "{:?}", rs[0].error_detail);
     assert_eq!(rs[1].resource_names_subscribe, ["r1"]);
     assert_eq!(get(admin, "/ready").await.0, 503);
+    // pilot-agent's readiness probe reads these: not ready while the listener warms.
+    let probe = "/stats?usedonly&filter=^(server\\.state|listener_manager\\.workers_started)";
+    assert_eq!(get(admin, probe).await.1, "");
     let dump = admin_json(admin, "/config_dump?resource=dynamic_listeners").await;
     let l = &dump["configs"][0];
     assert_eq!(l["name"], "http", "{dump}");
@@ -201,6 +154,20 @@ async fn listeners_and_routes_over_delta_ads() {
     assert!(next(&mut s.requests).await.error_detail.is_none());
     assert_eq!(eventually(port, "/x", 200).await, 200);
     assert_eq!(get(admin, "/ready").await, (200, "LIVE\n".into()));
+    assert_eq!(
+        get(admin, probe).await.1,
+        "listener_manager.workers_started: 1\nserver.state: 0\n"
+    );
+    let updates = get(
+        admin,
+        "/stats?usedonly&filter=^(cluster_manager\\.cds|listener_manager\\.lds)\\.(update_success|update_rejected)$",
+    )
+    .await
+    .1;
+    assert_eq!(
+        updates,
+        "cluster_manager.cds.update_success: 1\nlistener_manager.lds.update_success: 1\n"
+    );
     let dump = admin_json(admin, "/config_dump").await;
     let configs = dump["configs"].as_array().expect("configs");
     let of = |t: &str| {
@@ -364,7 +331,7 @@ async fn listeners_over_sotw_unix_socket() {
     let sock = dir.join("XDS");
     let mut sessions = serve_unix(&sock).await;
     let echo = start_echo();
-    let (admin, _petrel) = start_with_lds(Ads::Unix(&sock), "GRPC").await;
+    let (admin, _petrel) = start_with_lds("petrel", Ads::Unix(&sock), "GRPC").await;
     let mut s = next(&mut sessions.sotw).await;
     let push = |type_url: &str, version: &str, resources| DiscoveryResponse {
         version_info: version.into(),

@@ -348,8 +348,9 @@ struct Delta;
 fn names_of(interest: &Option<Interest>) -> Vec<String> {
     match interest {
         Some(Interest::Names(n)) => n.iter().cloned().collect(),
-        // Delta wildcard: subscribe to "*" explicitly.
-        Some(Interest::Wildcard) => vec!["*".to_string()],
+        // Delta wildcard as Envoy asks for it: an empty first subscription (legacy wildcard).
+        // Wildcard types (CDS, LDS) never switch to names, so "*" is never needed.
+        Some(Interest::Wildcard) => Vec::new(),
         None => Vec::new(),
     }
 }

@@ -29,6 +29,8 @@ pub struct AdminState {
     pub started_wall: std::time::SystemTime,
     pub healthcheck_failed: AtomicBool,
     pub shutdown: tokio::sync::Notify,
+    /// LIVE once initialization (xDS) is over.
+    pub initialized: Arc<AtomicBool>,
 }
 
 const HELP: &[(&str, &str)] = &[
@@ -131,8 +133,8 @@ pub async fn handle(
         "/ready" if st.healthcheck_failed.load(Ordering::Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
         }
-        // Until xDS initialization is over (`server.state` 3), Envoy answers INITIALIZING.
-        "/ready" if st.store.gauge("server.state").value() == 3 => {
+        // Until xDS initialization is over, Envoy answers INITIALIZING.
+        "/ready" if !st.initialized.load(Ordering::Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING\n")
         }
         "/ready" => text(StatusCode::OK, "LIVE\n"),
@@ -248,7 +250,7 @@ fn server_info(st: &AdminState) -> Value {
     }
     json!({
         "version": crate::version_string(),
-        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else if st.store.gauge("server.state").value() == 3 { "INITIALIZING" } else { "LIVE" },
+        "state": if st.healthcheck_failed.load(Ordering::Relaxed) { "DRAINING" } else if !st.initialized.load(Ordering::Relaxed) { "INITIALIZING" } else { "LIVE" },
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
         "hot_restart_version": "disabled",

@@ -372,6 +372,8 @@ impl XdsState {
         }
         self.store.gauge("listener_manager.workers_started").set(1);
         self.store.gauge("server.state").set(0);
+        self.initialized
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         plog!(
             info,
             "main",

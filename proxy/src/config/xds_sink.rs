@@ -55,6 +55,8 @@ pub struct XdsState {
     pub(super) options: Options,
     pub(super) dynamic: Dynamic,
     pub(super) manager: Arc<Mutex<ListenerManager>>,
+    /// Set once initialization is over (admin `/ready`).
+    pub(super) initialized: Arc<std::sync::atomic::AtomicBool>,
     /// This state, for timers.
     pub(super) me: Weak<Mutex<XdsState>>,
     /// The client, to follow EDS/RDS names and to start LDS (set once it is running).
@@ -81,6 +83,7 @@ impl XdsState {
         dynamic: Dynamic,
         manager: Arc<Mutex<ListenerManager>>,
         client: Arc<std::sync::OnceLock<AdsClient>>,
+        initialized: Arc<std::sync::atomic::AtomicBool>,
     ) -> Arc<Mutex<XdsState>> {
         let stats = [
             (CLUSTER_TYPE, "cluster_manager.cds."),
@@ -98,6 +101,7 @@ impl XdsState {
                 options,
                 dynamic,
                 manager,
+                initialized,
                 me: me.clone(),
                 client,
                 stats,
