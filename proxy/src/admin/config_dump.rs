@@ -34,7 +34,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
     let static_clusters: Vec<Value> = clusters
         .iter()
         .filter(|c| !snap.dynamic_clusters.contains_key(&c.name))
-        .map(|c| json!({"cluster": typed(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"), "last_updated": last_updated}))
+        .map(|c| json!({"cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"), "last_updated": last_updated}))
         .collect();
     let dynamic_clusters: Vec<Value> = clusters
         .iter()
@@ -42,7 +42,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
         .map(|(c, info)| {
             json!({
                 "version_info": info.version,
-                "cluster": typed(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"),
+                "cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"),
                 "last_updated": info.last_updated,
             })
         })
@@ -50,7 +50,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
     let static_endpoints: Vec<Value> = clusters
         .iter()
         .map(|c| {
-            let mut cla = c.source.load_assignment.clone().unwrap_or_default();
+            let mut cla = c.source.decode().load_assignment.unwrap_or_default();
             if cla.cluster_name.is_empty() {
                 cla.cluster_name = c.name.clone();
             }
@@ -139,7 +139,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
         .map(|(c, info)| {
             json!({
                 "version_info": info.version,
-                "cluster": typed(reg.to_json(&c.source), "envoy.config.cluster.v3.Cluster"),
+                "cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"),
                 "last_updated": info.last_updated,
             })
         })

@@ -25,14 +25,14 @@ use crate::router::route_config::{self, CompileOptions};
 #[derive(Default)]
 pub struct LdsState {
     /// Accepted listeners by name, with their version.
-    accepted: HashMap<String, (PbListener, String)>,
+    accepted: HashMap<String, (Arc<PbListener>, String)>,
     compiled: HashMap<String, Arc<Listener>>,
     /// When each accepted listener last changed.
     updated: HashMap<String, String>,
     /// Listener names in the order they first arrived.
     order: Vec<String>,
     /// Accepted route configurations by name, with their version.
-    routes_accepted: HashMap<String, (RouteConfiguration, String)>,
+    routes_accepted: HashMap<String, (Arc<RouteConfiguration>, String)>,
     routes: HashMap<String, RdsRoute>,
     rds_names: BTreeSet<String>,
     /// Route names whose `initial_fetch_timeout` passed: listeners stop waiting for them.
@@ -188,7 +188,7 @@ impl XdsState {
                         .map_err(|e| format!("route config '{name}': {e}"))?;
                     RdsRoute {
                         table: Arc::new(table),
-                        source: Arc::new(pb.clone()),
+                        source: pb.clone(),
                         info: DynamicInfo {
                             version: version.clone(),
                             last_updated: now.clone(),

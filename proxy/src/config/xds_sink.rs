@@ -22,7 +22,7 @@ use crate::cli::Options;
 use crate::listener::manager::ListenerManager;
 use crate::observe::stats::Store;
 use crate::stat_struct;
-use crate::upstream::cluster::{self, Cluster};
+use crate::upstream::cluster::{self, Cluster, ClusterSource};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
@@ -62,8 +62,9 @@ pub struct XdsState {
     /// The client, to follow EDS/RDS names and to start LDS (set once it is running).
     pub(super) client: Arc<std::sync::OnceLock<AdsClient>>,
     stats: HashMap<&'static str, SubscriptionStats>,
-    /// Dynamic clusters as last accepted, by name (for delta updates).
-    accepted: HashMap<String, (PbCluster, String)>,
+    /// Dynamic clusters as last accepted (encoded, as a `Cluster` proto is large), by name (for
+    /// delta updates); shared with the compiled clusters' `source`.
+    accepted: HashMap<String, (ClusterSource, String)>,
     /// The accepted clusters compiled (EDS ones without hosts).
     base: HashMap<String, Arc<Cluster>>,
     /// Accepted `ClusterLoadAssignment`s by EDS name.
@@ -349,7 +350,10 @@ impl XdsState {
     }
 
     /// Compiles the full set of dynamic clusters and publishes it.
-    fn apply_clusters(&mut self, next: HashMap<String, (PbCluster, String)>) -> Result<(), String> {
+    fn apply_clusters(
+        &mut self,
+        next: HashMap<String, (ClusterSource, String)>,
+    ) -> Result<(), String> {
         let snap = self.current.load_full();
         let mut base = HashMap::new();
         for (name, (pb, _)) in &next {
@@ -364,7 +368,7 @@ impl XdsState {
             // Unchanged clusters keep their compiled form (pools, balancer state, stats).
             let c = match (self.accepted.get(name), self.base.get(name)) {
                 (Some((old, _)), Some(c)) if old == pb => c.clone(),
-                _ => Arc::new(cluster::compile(pb, &self.store).map_err(|e| e.to_string())?),
+                _ => Arc::new(cluster::compile_source(pb, &self.store).map_err(|e| e.to_string())?),
             };
             base.insert(name.clone(), c);
         }
@@ -382,12 +386,10 @@ impl XdsState {
     }
 
     fn cds(&mut self, update: Update) -> Result<(), String> {
-        let next = collect(
-            update,
-            &self.accepted,
-            |c: &PbCluster| c.name.clone(),
-            CLUSTER_TYPE,
-        )?;
+        let next = collect_as(update, &self.accepted, |any| {
+            let c: PbCluster = decode(CLUSTER_TYPE, any, "a cluster")?;
+            Ok((c.name.clone(), ClusterSource::encode(&c)))
+        })?;
         self.apply_clusters(next)
     }
 }
@@ -418,18 +420,30 @@ pub(super) fn decode<T: Message + Default>(
 
 /// The full set of named resources after an update: a state-of-the-world update replaces the
 /// set (absent ones are removed); a delta one adds and removes from what was accepted.
-pub(super) fn collect<T: Message + Default + Clone>(
+pub(super) fn collect<T: Message + Default>(
     update: Update,
-    accepted: &HashMap<String, (T, String)>,
+    accepted: &HashMap<String, (Arc<T>, String)>,
     name_of: impl Fn(&T) -> String,
     type_url: &str,
-) -> Result<HashMap<String, (T, String)>, String> {
+) -> Result<HashMap<String, (Arc<T>, String)>, String> {
+    collect_as(update, accepted, |any| {
+        let r: T = decode(type_url, any, "a resource")?;
+        Ok((name_of(&r), Arc::new(r)))
+    })
+}
+
+/// `collect` keeping each resource as `decode` makes it (name and stored form).
+pub(super) fn collect_as<V: Clone>(
+    update: Update,
+    accepted: &HashMap<String, (V, String)>,
+    decode: impl Fn(&Any) -> Result<(String, V), String>,
+) -> Result<HashMap<String, (V, String)>, String> {
     match update {
         Update::Sotw { version, resources } => {
             let mut next = HashMap::new();
             for any in resources {
-                let r: T = decode(type_url, &any, "a resource")?;
-                next.insert(name_of(&r), (r, version.clone()));
+                let (name, r) = decode(&any)?;
+                next.insert(name, (r, version.clone()));
             }
             Ok(next)
         }
@@ -439,8 +453,7 @@ pub(super) fn collect<T: Message + Default + Clone>(
                 next.remove(&r);
             }
             for r in added {
-                let body: T = decode(type_url, &r.body, "a resource")?;
-                let name = name_of(&body);
+                let (name, body) = decode(&r.body)?;
                 if name != r.name {
                     return Err(format!("resource '{}' holds '{name}'", r.name));
                 }

@@ -219,7 +219,9 @@ pub struct Cluster {
     pub stats: ClusterStats,
     pub codes: ResponseCodeStats,
     /// The cluster as configured, for `/config_dump`.
-    pub source: pb::Cluster,
+    /// The configuration it came from, encoded (a decoded `Cluster` proto takes kilobytes) and
+    /// shared with the xDS state.
+    pub source: ClusterSource,
     /// How often DNS clusters re-resolve (`dns_refresh_rate`, Envoy's default 5 s).
     pub dns_refresh: Option<Duration>,
     /// The EDS resource name (`service_name`, else the cluster name) of an EDS cluster.
@@ -471,6 +473,30 @@ fn hosts_from(
         }
     }
     Ok(hosts)
+}
+
+/// A `Cluster` proto kept encoded; decoded when `/config_dump` or a DNS refresh needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSource(Arc<[u8]>);
+
+impl ClusterSource {
+    pub fn encode(c: &pb::Cluster) -> Self {
+        use prost::Message;
+        ClusterSource(c.encode_to_vec().into())
+    }
+    pub fn decode(&self) -> pb::Cluster {
+        use prost::Message;
+        // The bytes were encoded from a valid message.
+        pb::Cluster::decode(self.0.as_ref()).unwrap_or_default()
+    }
+}
+
+/// Compiles an encoded cluster (from xDS), sharing its bytes as the cluster's `source`.
+pub fn compile_source(source: &ClusterSource, store: &Store) -> Result<Cluster, ConfigError> {
+    let c = source.decode();
+    let mut compiled = compile(&c, store)?;
+    compiled.source = source.clone();
+    Ok(compiled)
 }
 
 pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
@@ -735,7 +761,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         codes: ResponseCodeStats::new(store, &stat_prefix),
         stat_prefix,
         stats,
-        source: c.clone(),
+        source: ClusterSource::encode(c),
         dns_refresh,
         eds_service,
         eds_wait,
@@ -853,16 +879,17 @@ fn with_hosts(base: &Cluster, fresh: Vec<Arc<Host>>, previous: Option<&Cluster>)
 /// Re-resolves a DNS cluster: `Ok(None)` when its addresses did not change, else the cluster
 /// with its new host set (hosts whose address stayed keep their stats).
 pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
+    let source = old.source.decode();
     let resolve = match old.discovery {
         DiscoveryType::Static | DiscoveryType::Eds | DiscoveryType::OriginalDst => return Ok(None),
         DiscoveryType::LogicalDns => {
-            Resolve::First(Family::from_proto(old.source.dns_lookup_family, &old.name)?)
+            Resolve::First(Family::from_proto(source.dns_lookup_family, &old.name)?)
         }
         DiscoveryType::StrictDns => {
-            Resolve::All(Family::from_proto(old.source.dns_lookup_family, &old.name)?)
+            Resolve::All(Family::from_proto(source.dns_lookup_family, &old.name)?)
         }
     };
-    let cla = old.source.load_assignment.clone().unwrap_or_default();
+    let cla = source.load_assignment.clone().unwrap_or_default();
     let fresh = hosts_from(
         &cla,
         &format!("cluster '{}'.load_assignment", old.name),
