@@ -174,28 +174,57 @@ fn main() {
     for &i in &keep {
         place(i, &set, &by_name, &mut placed, &mut ordered);
     }
-    // Comments and options (validation rules, annotations) are most of the bytes and none of
-    // what decoding needs; `map_entry` and `packed` are kept because decoding does need them.
     let reduced = FileDescriptorSet {
-        file: ordered
-            .iter()
-            .map(|&i| {
-                let mut f = set.file[i].clone();
-                f.source_code_info = None;
-                f.options = None;
-                f.service.clear();
-                for m in &mut f.message_type {
-                    strip_message(m);
-                }
-                for e in &mut f.enum_type {
-                    strip_enum(e);
-                }
-                f
-            })
-            .collect(),
+        file: ordered.iter().map(|&i| strip_file(&set.file[i])).collect(),
     };
-    let out =
-        PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("envoy-descriptors.bin");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let out = out_dir.join("envoy-descriptors.bin");
     std::fs::write(&out, reduced.encode_to_vec()).expect("write reduced descriptors");
     println!("cargo:rustc-env=PETREL_ENVOY_DESCRIPTORS={}", out.display());
+
+    // Every type (Envoy's whole API and the Istio-only messages declared in `proto/istio`), for
+    // tools and tests that must decode any resource Istio emits, including those Petrel refuses.
+    let mut all = FileDescriptorSet {
+        file: set.file.iter().map(strip_file).collect(),
+    };
+    let known: BTreeSet<String> = all.file.iter().map(|f| f.name().to_string()).collect();
+    for f in istio_protos().file {
+        if !known.contains(f.name()) {
+            all.file.push(strip_file(&f));
+        }
+    }
+    let out = out_dir.join("all-descriptors.bin");
+    std::fs::write(&out, all.encode_to_vec()).expect("write all descriptors");
+    println!("cargo:rustc-env=PETREL_ALL_DESCRIPTORS={}", out.display());
+}
+
+/// Comments and options (validation rules, annotations) are most of the bytes and none of what
+/// decoding needs; `map_entry` and `packed` are kept because decoding does need them.
+fn strip_file(file: &prost_types::FileDescriptorProto) -> prost_types::FileDescriptorProto {
+    let mut f = file.clone();
+    f.source_code_info = None;
+    f.options = None;
+    f.service.clear();
+    for m in &mut f.message_type {
+        strip_message(m);
+    }
+    for e in &mut f.enum_type {
+        strip_enum(e);
+    }
+    f
+}
+
+/// The Istio-only extension messages Istio's configuration carries (`proto/istio`).
+fn istio_protos() -> FileDescriptorSet {
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
+        .join("proto/istio");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("proto/istio")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".proto"))
+        .collect();
+    files.sort();
+    protox::compile(&files, [&dir]).unwrap_or_else(|e| panic!("proto/istio: {e}"))
 }

@@ -53,6 +53,17 @@ fn ack(r: &DeltaDiscoveryRequest) -> String {
     }
 }
 
+/// Which resources a NACK refuses: its message up to the first reason (the reasons' wording is
+/// each proxy's own; Petrel's name the field).
+fn refused(r: &DeltaDiscoveryRequest) -> String {
+    let m = r
+        .error_detail
+        .as_ref()
+        .map(|e| e.message.as_str())
+        .unwrap_or("");
+    m.split(':').next().unwrap_or("").to_string()
+}
+
 /// Drives `name` through the script and records what it does.
 async fn transcript(name: &'static str, ports: (u16, u16), echo: u16) -> Vec<String> {
     let (addr, mut sessions) = serve_tcp().await;
@@ -161,6 +172,29 @@ async fn transcript(name: &'static str, ports: (u16, u16), echo: u16) -> Vec<Str
         "after refusals GET /teapot {}",
         get(a, "/teapot").await.0
     ));
+
+    // One update with good and bad resources: the good ones apply, the NACK names the others.
+    let mixed = vec![
+        ("good", "3", any::<Cluster>(&cluster("good", echo))),
+        ("bad", "3", any::<Cluster>(&bad_cluster)),
+    ];
+    send(delta(CDS, "c3", mixed, &[])).await;
+    let r = next(&mut s.requests).await;
+    t.push(format!("{} {}", ack(&r), refused(&r)));
+    let c = free_port();
+    let to = |cluster: &str| json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]});
+    let mixed = vec![
+        ("c", "6", any::<Listener>(&listener("c", c, to("good")))),
+        (
+            "d",
+            "6",
+            any::<Listener>(&listener("d", free_port(), to("nope"))),
+        ),
+    ];
+    send(delta(LDS, "l6", mixed, &[])).await;
+    let r = next(&mut s.requests).await;
+    t.push(format!("{} {}", ack(&r), refused(&r)));
+    t.push(format!("GET c {}", eventually(c, "/x", 200).await));
 
     // Accepted: a second listener with an inline route; then the first removed.
     let inline = json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "dyn"}}]}]});

@@ -12,6 +12,8 @@ use prost::{Message, Name};
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
 
 static DESCRIPTORS: &[u8] = include_bytes!(env!("PETREL_ENVOY_DESCRIPTORS"));
+/// Envoy's whole API and Istio's own extension messages (not linked into the proxy unless used).
+static ALL_DESCRIPTORS: &[u8] = include_bytes!(env!("PETREL_ALL_DESCRIPTORS"));
 
 /// `xds.type.v3.TypedStruct` and its historical `udpa.type.v1` twin: an extension config carried
 /// as a JSON-like `Struct` plus the real type URL.
@@ -65,9 +67,20 @@ impl TypeRegistry {
     }
 
     fn build() -> TypeRegistry {
+        Self::from_descriptors(DESCRIPTORS)
+    }
+
+    /// A registry of every type Istio's configuration carries — Envoy's whole API and Istio's
+    /// own extension messages — for tools and tests that must encode resources Petrel refuses.
+    /// Large (its descriptors take ~50 MB); the proxy never builds it.
+    pub fn with_all_types() -> TypeRegistry {
+        Self::from_descriptors(ALL_DESCRIPTORS)
+    }
+
+    fn from_descriptors(descriptors: &[u8]) -> TypeRegistry {
         // The embedded set is produced by the same build as envoy-types; failing to decode it
         // is a build defect, not an input error.
-        let mut pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded Envoy descriptor set");
+        let mut pool = DescriptorPool::decode(descriptors).expect("embedded Envoy descriptor set");
         for (package, file) in [
             ("udpa.type.v1", "udpa/type/v1/typed_struct.proto"),
             ("xds.type.v3", "xds/type/v3/typed_struct.proto"),

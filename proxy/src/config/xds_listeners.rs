@@ -51,8 +51,11 @@ pub struct InitState {
 }
 
 impl XdsState {
+    /// Applies the wanted set of listeners resource by resource, as Envoy does: a listener that
+    /// does not compile, clashes with another's address or cannot bind is refused (its previous
+    /// version, if any, stays) while the others apply; the NACK names every refused one.
     pub(super) fn lds_update(&mut self, update: Update) -> Result<(), String> {
-        let next = collect(
+        let wanted = collect(
             update,
             &self.lds.accepted,
             |l: &PbListener| l.name.clone(),
@@ -61,35 +64,33 @@ impl XdsState {
         let snap = self.current.load_full();
         let known: HashSet<String> = snap.clusters.keys().cloned().collect();
         let local_address = crate::local_info::local_address(self.options.local_address_ip_version);
-        let mut compiled = HashMap::new();
-        for (name, (pb, _)) in &next {
-            if snap.listeners.get(name).is_some() && !snap.dynamic_listeners.contains_key(name) {
-                return Err(format!(
-                    "Error adding/updating listener(s) {name}: a static listener of this name exists"
-                ));
-            }
-            // Unchanged listeners keep their compiled form: their connections do not drain.
-            let l = match (self.lds.accepted.get(name), self.lds.compiled.get(name)) {
-                (Some((old, _)), Some(l)) if old == pb => l.clone(),
-                _ => Arc::new(
-                    listener::compile(local_address, pb, &known, &self.store)
-                        .map_err(|e| format!("Error adding/updating listener(s) {name}: {e}"))?,
-                ),
-            };
-            compiled.insert(name.clone(), l);
-        }
+        let mut accepted = HashMap::new();
+        let mut compiled: HashMap<String, Arc<Listener>> = HashMap::new();
+        let mut errors = Vec::new();
         // Two bound listeners on one address would silently share it (SO_REUSEPORT).
-        let mut seen: HashMap<std::net::SocketAddr, &str> = HashMap::new();
-        let statics = snap
+        let mut addresses: HashMap<std::net::SocketAddr, String> = snap
             .listeners
             .iter()
-            .filter(|l| !snap.dynamic_listeners.contains_key(&l.name));
-        for l in statics.chain(compiled.values()).filter(|l| l.bind_to_port) {
-            if let Some(other) = seen.insert(l.address, &l.name) {
-                return Err(format!(
-                    "Error adding/updating listener(s) {}: '{}' has duplicate address '{}' as existing listener '{other}'",
-                    l.name, l.name, l.address
-                ));
+            .filter(|l| l.bind_to_port && !snap.dynamic_listeners.contains_key(&l.name))
+            .map(|l| (l.address, l.name.clone()))
+            .collect();
+        let mut names: Vec<&String> = wanted.keys().collect();
+        names.sort();
+        for name in names {
+            let (pb, version) = &wanted[name];
+            match self.listener_for(name, pb, &snap, &known, local_address, &mut addresses) {
+                Ok(l) => {
+                    compiled.insert(name.clone(), l);
+                    accepted.insert(name.clone(), (pb.clone(), version.clone()));
+                }
+                Err(e) => {
+                    errors.push(format!("{name}: {e}\n"));
+                    let old = (self.lds.accepted.get(name), self.lds.compiled.get(name));
+                    if let (Some(old), Some(l)) = old {
+                        compiled.insert(name.clone(), l.clone());
+                        accepted.insert(name.clone(), old.clone());
+                    }
+                }
             }
         }
         let now = now();
@@ -110,38 +111,74 @@ impl XdsState {
             .lds
             .order
             .iter()
-            .filter(|n| next.contains_key(*n))
+            .filter(|n| compiled.contains_key(*n))
             .cloned()
             .collect();
-        let mut fresh: Vec<&String> = next.keys().filter(|n| !order.contains(n)).collect();
+        let mut fresh: Vec<&String> = compiled.keys().filter(|n| !order.contains(n)).collect();
         fresh.sort();
         order.extend(fresh.into_iter().cloned());
         let old = (
-            std::mem::replace(&mut self.lds.accepted, next),
+            std::mem::replace(&mut self.lds.accepted, accepted),
             std::mem::replace(&mut self.lds.compiled, compiled),
             std::mem::replace(&mut self.lds.updated, updated),
             std::mem::replace(&mut self.lds.order, order),
         );
-        let changed: Vec<&str> = self
-            .lds
-            .compiled
-            .iter()
-            .filter(|(n, l)| !old.1.get(*n).is_some_and(|o| Arc::ptr_eq(o, l)))
-            .map(|(n, _)| n.as_str())
-            .collect();
-        let changed = changed.join(",");
         let assignments = self.assignments.clone();
         if let Err(e) = self.publish(&assignments) {
-            let e = format!("Error adding/updating listener(s) {changed}: {e}");
             (
                 self.lds.accepted,
                 self.lds.compiled,
                 self.lds.updated,
                 self.lds.order,
             ) = old;
-            return Err(e);
+            return Err(format!("Error adding/updating listener(s) {e}"));
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "Error adding/updating listener(s) {}",
+                errors.concat()
+            ))
+        }
+    }
+
+    /// One wanted listener: its compiled form (unchanged listeners keep theirs, so their
+    /// connections do not drain), its address checked against the others and bound.
+    fn listener_for(
+        &self,
+        name: &str,
+        pb: &Arc<PbListener>,
+        snap: &Snapshot,
+        known: &HashSet<String>,
+        local_address: std::net::IpAddr,
+        addresses: &mut HashMap<std::net::SocketAddr, String>,
+    ) -> Result<Arc<Listener>, String> {
+        if snap.listeners.get(name).is_some() && !snap.dynamic_listeners.contains_key(name) {
+            return Err("a static listener of this name exists".into());
+        }
+        let l = match (self.lds.accepted.get(name), self.lds.compiled.get(name)) {
+            (Some((old, _)), Some(l)) if old == pb => l.clone(),
+            _ => Arc::new(
+                listener::compile(local_address, pb, known, &self.store)
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        if l.bind_to_port {
+            if let Some(other) = addresses.get(&l.address) {
+                return Err(format!(
+                    "error adding listener: '{name}' has duplicate address '{}' as existing listener '{other}'",
+                    l.address
+                ));
+            }
+            self.manager
+                .lock()
+                .map_err(|_| "listener manager is unavailable".to_string())?
+                .bind(&l)
+                .map_err(|e| e.to_string())?;
+            addresses.insert(l.address, name.to_string());
+        }
+        Ok(l)
     }
 
     pub(super) fn rds_update(&mut self, update: Update) -> Result<(), String> {

@@ -350,31 +350,52 @@ impl XdsState {
     }
 
     /// Compiles the full set of dynamic clusters and publishes it.
+    /// Applies the wanted set of dynamic clusters resource by resource, as Envoy does: a cluster
+    /// that does not compile is refused (keeping its previous version, if any) while the others
+    /// apply, and the NACK names every refused one.
     fn apply_clusters(
         &mut self,
-        next: HashMap<String, (ClusterSource, String)>,
+        wanted: HashMap<String, (ClusterSource, String)>,
     ) -> Result<(), String> {
         let snap = self.current.load_full();
         let mut base = HashMap::new();
-        for (name, (pb, _)) in &next {
-            if snap.clusters.contains_key(name)
+        let mut accepted = HashMap::new();
+        let mut errors = Vec::new();
+        let mut names: Vec<&String> = wanted.keys().collect();
+        names.sort();
+        for name in names {
+            let (pb, version) = &wanted[name];
+            let compiled = if snap.clusters.contains_key(name)
                 && !snap.dynamic_clusters.contains_key(name)
                 && !self.base.contains_key(name)
             {
-                return Err(format!(
-                    "cluster '{name}': a static cluster of this name exists"
-                ));
-            }
-            // Unchanged clusters keep their compiled form (pools, balancer state, stats).
-            let c = match (self.accepted.get(name), self.base.get(name)) {
-                (Some((old, _)), Some(c)) if old == pb => c.clone(),
-                _ => Arc::new(cluster::compile_source(pb, &self.store).map_err(|e| e.to_string())?),
+                Err("a static cluster of this name exists".to_string())
+            } else {
+                // Unchanged clusters keep their compiled form (pools, balancer state, stats).
+                match (self.accepted.get(name), self.base.get(name)) {
+                    (Some((old, _)), Some(c)) if old == pb => Ok(c.clone()),
+                    _ => cluster::compile_source(pb, &self.store)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string()),
+                }
             };
-            base.insert(name.clone(), c);
+            match compiled {
+                Ok(c) => {
+                    base.insert(name.clone(), c);
+                    accepted.insert(name.clone(), (pb.clone(), version.clone()));
+                }
+                Err(e) => {
+                    errors.push(format!("{name}: {e}"));
+                    if let (Some(old), Some(c)) = (self.accepted.get(name), self.base.get(name)) {
+                        base.insert(name.clone(), c.clone());
+                        accepted.insert(name.clone(), old.clone());
+                    }
+                }
+            }
         }
         let (old_base, old_accepted) = (
             std::mem::replace(&mut self.base, base),
-            std::mem::replace(&mut self.accepted, next),
+            std::mem::replace(&mut self.accepted, accepted),
         );
         let assignments = self.assignments.clone();
         if let Err(e) = self.publish(&assignments) {
@@ -382,7 +403,14 @@ impl XdsState {
             self.accepted = old_accepted;
             return Err(e);
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "Error adding/updating cluster(s) {}",
+                errors.join(", ")
+            ))
+        }
     }
 
     fn cds(&mut self, update: Update) -> Result<(), String> {

@@ -1,6 +1,6 @@
 //! The listener manager: owns the listening sockets and tells each worker which ones to accept
 //! on. Sockets are bound on the main thread when a listener is first seen (so a bind failure
-//! refuses the bootstrap or the LDS update), one per worker with SO_REUSEPORT; workers accept
+//! refuses the bootstrap, or that listener of an LDS update), one per worker with SO_REUSEPORT; workers accept
 //! only once initialization is over and only for active (warmed) listeners. A listener updated at
 //! the same address keeps its sockets: only the configuration connections get changes.
 
@@ -70,30 +70,8 @@ impl ListenerManager {
             .chain(warming.iter().copied())
             .filter(|l| l.bind_to_port)
             .collect();
-        let mut fresh = Vec::new();
         for l in &needed {
-            let k = key(l);
-            if self.bound.contains_key(&k) || fresh.iter().any(|(f, _)| *f == k) {
-                continue;
-            }
-            let mut socks = Vec::with_capacity(self.workers.len());
-            for _ in 0..self.workers.len().max(1) {
-                socks.push(super::bind(l.address).map_err(|err| BindError {
-                    addr: l.address,
-                    err,
-                })?);
-            }
-            fresh.push((k, socks));
-        }
-        for (k, socks) in fresh {
-            self.next_generation += 1;
-            self.bound.insert(
-                k,
-                Bound {
-                    generation: self.next_generation,
-                    pending: Some(socks),
-                },
-            );
+            self.bind(l)?;
         }
         let keep: std::collections::HashSet<(String, SocketAddr)> =
             needed.iter().map(|l| key(l)).collect();
@@ -115,6 +93,31 @@ impl ListenerManager {
         if self.workers_started {
             self.hand_over(active);
         }
+        Ok(())
+    }
+
+    /// Binds a listener's sockets now (kept until `update` finds no listener needs them), so
+    /// that a listener that cannot bind is refused on its own.
+    pub fn bind(&mut self, l: &Listener) -> Result<(), BindError> {
+        let k = key(l);
+        if self.bound.contains_key(&k) {
+            return Ok(());
+        }
+        let mut socks = Vec::with_capacity(self.workers.len());
+        for _ in 0..self.workers.len().max(1) {
+            socks.push(super::bind(l.address).map_err(|err| BindError {
+                addr: l.address,
+                err,
+            })?);
+        }
+        self.next_generation += 1;
+        self.bound.insert(
+            k,
+            Bound {
+                generation: self.next_generation,
+                pending: Some(socks),
+            },
+        );
         Ok(())
     }
 
