@@ -79,7 +79,12 @@ fn collect_messages(
 }
 
 fn strip_enum(e: &mut prost_types::EnumDescriptorProto) {
-    e.options = None;
+    // `allow_alias` is kept: enums with aliased numbers do not load without it.
+    let alias = e.options.as_ref().and_then(|o| o.allow_alias);
+    e.options = alias.map(|a| prost_types::EnumOptions {
+        allow_alias: Some(a),
+        ..Default::default()
+    });
     for v in &mut e.value {
         v.options = None;
     }

@@ -149,6 +149,18 @@ impl TypeRegistry {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// The proto names of the fields set in `msg` (works where JSON rendering cannot, e.g. an
+    /// `Any` of a type outside the registry).
+    pub fn set_fields<M: Message + Name>(&self, msg: &M) -> Vec<String> {
+        let Some(desc) = self.pool.get_message_by_name(&M::full_name()) else {
+            return Vec::new();
+        };
+        match DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()) {
+            Ok(m) => m.fields().map(|(f, _)| f.name().to_string()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Renders wire bytes of the named message as proto3-JSON.
     pub fn wire_to_json(&self, full_name: &str, bytes: &[u8]) -> Option<serde_json::Value> {
         let desc = self.pool.get_message_by_name(full_name)?;

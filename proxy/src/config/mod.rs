@@ -57,19 +57,153 @@ pub fn reject_unhandled<M: Message + Name + Default + PartialEq>(
     if *rest == M::default() {
         return Ok(());
     }
-    let json = TypeRegistry::global().to_json(rest);
-    let fields = match json {
-        serde_json::Value::Object(m) if !m.is_empty() => m
-            .keys()
-            .map(|k| format!("'{k}'"))
+    let names = TypeRegistry::global().set_fields(rest);
+    let fields = if names.is_empty() {
+        "(unrecognised)".to_string()
+    } else {
+        names
+            .iter()
+            .map(|k| match deferred_field(&M::full_name(), k) {
+                Some(why) => format!("'{k}' ({why})"),
+                None => format!("'{k}'"),
+            })
             .collect::<Vec<_>>()
-            .join(", "),
-        _ => "(unrecognised)".to_string(),
+            .join(", ")
     };
     Err(ConfigError::Unsupported {
         path: path.to_string(),
         fields,
     })
+}
+
+const TRAFFIC: &str = "comes with traffic management, issue #5";
+const SECURITY: &str = "comes with mesh security, issue #6";
+const OBSERVE: &str = "comes with observability, issue #7";
+
+/// Fields Petrel refuses today that a later issue brings, by message and field name: the
+/// refusal says which issue (as the extension table does for `@type`s).
+const DEFERRED_FIELDS: &[(&str, &str, &str)] = &[
+    ("envoy.config.route.v3.RouteAction", "retry_policy", TRAFFIC),
+    (
+        "envoy.config.route.v3.RouteAction",
+        "max_grpc_timeout",
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.route.v3.RouteAction",
+        "grpc_timeout_offset",
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.route.v3.RouteAction",
+        "max_stream_duration",
+        TRAFFIC,
+    ),
+    ("envoy.config.route.v3.RouteAction", "hash_policy", TRAFFIC),
+    (
+        "envoy.config.route.v3.RouteAction",
+        "request_mirror_policies",
+        TRAFFIC,
+    ),
+    ("envoy.config.route.v3.RouteAction", "idle_timeout", TRAFFIC),
+    (
+        "envoy.config.route.v3.RouteAction",
+        "upgrade_configs",
+        TRAFFIC,
+    ),
+    ("envoy.config.route.v3.VirtualHost", "retry_policy", TRAFFIC),
+    ("envoy.config.route.v3.VirtualHost", "hedge_policy", TRAFFIC),
+    (
+        "envoy.config.route.v3.VirtualHost",
+        "typed_per_filter_config",
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.route.v3.Route",
+        "typed_per_filter_config",
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "circuit_breakers",
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "outlier_detection",
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "lb_subset_config",
+        TRAFFIC,
+    ),
+    ("envoy.config.cluster.v3.Cluster", "health_checks", TRAFFIC),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "upstream_connection_options",
+        TRAFFIC,
+    ),
+    ("envoy.config.route.v3.Route", "decorator", OBSERVE),
+    ("envoy.config.route.v3.Route", "tracing", OBSERVE),
+    (
+        "envoy.config.route.v3.VirtualHost",
+        "include_is_timeout_retry_header",
+        TRAFFIC,
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "access_log",
+        OBSERVE,
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "tracing",
+        OBSERVE,
+    ),
+    (
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "access_log",
+        OBSERVE,
+    ),
+    ("envoy.config.listener.v3.Listener", "access_log", OBSERVE),
+    (
+        "envoy.config.core.v3.TransportSocket",
+        "typed_config",
+        SECURITY,
+    ),
+];
+
+/// Which issue brings a field Petrel refuses today, if one does.
+fn deferred_field(message: &str, field: &str) -> Option<&'static str> {
+    DEFERRED_FIELDS
+        .iter()
+        .find(|(m, f, _)| *m == message && *f == field)
+        .map(|(_, _, why)| *why)
+}
+
+/// A `transport_socket` Petrel honours: none, or `raw_buffer` (plaintext, the default). TLS and
+/// the others are refused with the extension table's reason.
+pub fn plaintext_transport_socket(
+    ts: Option<xds_client::pb::envoy::config::core::v3::TransportSocket>,
+    path: &str,
+) -> Result<(), ConfigError> {
+    use xds_client::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    let Some(ts) = ts else { return Ok(()) };
+    let path = format!("{path}.transport_socket");
+    let url = match &ts.config_type {
+        Some(ConfigType::TypedConfig(any)) => TypeRegistry::effective_type_url(any),
+        None => String::new(),
+    };
+    match url.as_str() {
+        "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(()),
+        "" => Err(invalid(path, "typed_config is required")),
+        _ => Err(ConfigError::UnsupportedExtension {
+            path,
+            why: petrel_filters::extensions::refusal(&url),
+            type_url: url,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -175,6 +175,7 @@ fn compile_chain(
     fc_rest.name.clear();
     // Chain metadata is data for filters and loggers.
     fc_rest.metadata = None;
+    crate::config::plaintext_transport_socket(fc_rest.transport_socket.take(), fcp)?;
     reject_unhandled(&fc_rest, fcp)?;
     // The last filter is the terminal one; Petrel has no other network filters yet, so each is
     // refused by name with the issue that brings it.
@@ -244,6 +245,17 @@ pub fn compile(
     let path = format!("listener '{}'", l.name);
     let mut rest = l.clone();
     let name = std::mem::take(&mut rest.name);
+    if rest.listener_specifier.is_some() {
+        // Internal listeners (Istio's HBONE `main_internal`, `connect_originate`) need the
+        // internal-listener bootstrap extension, which the table defers.
+        let url =
+            "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener";
+        return Err(ConfigError::UnsupportedExtension {
+            path: format!("{path}.internal_listener"),
+            why: petrel_filters::extensions::refusal(url),
+            type_url: url.into(),
+        });
+    }
     let address = socket_addr(&rest.address.take(), &format!("{path}.address"))?;
     let chains_pb = std::mem::take(&mut rest.filter_chains);
     let default_pb = rest.default_filter_chain.take();

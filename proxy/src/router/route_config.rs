@@ -57,6 +57,10 @@ pub struct VirtualHost {
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
     pub require_tls: RequireTls,
+    /// `include_request_attempt_count`: `x-envoy-attempt-count` on upstream requests.
+    pub attempt_count_in_request: bool,
+    /// `include_attempt_count_in_response`: `x-envoy-attempt-count` on upstream responses.
+    pub attempt_count_in_response: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -349,6 +353,11 @@ pub fn compile(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let most_specific = std::mem::take(&mut rest.most_specific_header_mutations_wins);
+    // Envoy's default limit on a direct response body is 4 KiB.
+    let max_body = rest
+        .max_direct_response_body_size_bytes
+        .take()
+        .map_or(4096, |v| v.value as usize);
     let validate = rest.validate_clusters.take().map(|b| b.value);
     let ignore_port = std::mem::take(&mut rest.ignore_port_in_host_matching);
     reject_unhandled(&rest, "route_config")?;
@@ -411,6 +420,21 @@ pub fn compile(
             }
         }
     }
+    for (i, vh) in table.vhosts.iter().enumerate() {
+        for (j, r) in vh.routes.iter().enumerate() {
+            if let RouteAction::Direct { body: Some(b), .. } = &r.action {
+                if b.len() > max_body {
+                    return Err(invalid(
+                        format!("route_config.virtual_hosts[{i}].routes[{j}].direct_response.body"),
+                        format!(
+                            "response body size is {} bytes; maximum is {max_body}",
+                            b.len()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     Ok(table)
 }
 
@@ -430,6 +454,8 @@ fn compile_vhost(
         _ => return Err(invalid(format!("{path}.require_tls"), "unknown enum value")),
     };
     let (request_headers, response_headers) = take_header_mutations!(rest, path);
+    let attempt_count_in_request = std::mem::take(&mut rest.include_request_attempt_count);
+    let attempt_count_in_response = std::mem::take(&mut rest.include_attempt_count_in_response);
     reject_unhandled(&rest, path)?;
     let routes = routes_pb
         .iter()
@@ -442,6 +468,8 @@ fn compile_vhost(
         request_headers,
         response_headers,
         require_tls,
+        attempt_count_in_request,
+        attempt_count_in_response,
     })
 }
 
@@ -1059,7 +1087,7 @@ mod tests {
         let e = table(json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "a", "hash_policy": [{"header": {"header_name": "x"}}]}}]}]}))
         .unwrap_err();
-        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'hash_policy' not supported by Petrel");
+        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'hash_policy' (comes with traffic management, issue #5) not supported by Petrel");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Forward<'a> {
     pub start_time: SystemTime,
 }
 
+const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+
 /// Hop-by-hop headers never forwarded upstream.
 const HOP_BY_HOP: &[&str] = &[
     "expect",
@@ -238,6 +240,10 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             m.apply(&mut headers, &fctx);
         }
     }
+    // Without retries (issue #5) every request is attempt 1; the header overrides any value.
+    if f.vh.attempt_count_in_request {
+        headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
+    }
 
     let upstream_h2 = match cluster.protocol {
         crate::upstream::cluster::UpstreamProtocol::Http2 => true,
@@ -377,6 +383,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         HeaderName::from_static("x-envoy-upstream-service-time"),
         HeaderValue::from(elapsed),
     );
+    if f.vh.attempt_count_in_response {
+        parts.headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
+    }
     apply_server_header(f.hcm, &mut parts.headers);
     if let Some(w) = weighted {
         let fctx = FormatContext {
@@ -444,6 +453,9 @@ async fn tunnel(
         HeaderName::from_static("x-envoy-upstream-service-time"),
         HeaderValue::from(elapsed),
     );
+    if f.vh.attempt_count_in_response {
+        parts.headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
+    }
     apply_server_header(f.hcm, &mut parts.headers);
     Response::from_parts(
         parts,

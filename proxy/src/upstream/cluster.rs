@@ -735,6 +735,18 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
     }
     // DNS names resolve when the cluster is compiled and again every dns_refresh_rate (see
     // `refresh`); a dns_lookup_family on a STATIC or EDS cluster stays in `rest` and is refused.
+    crate::config::plaintext_transport_socket(rest.transport_socket.take(), &path)?;
+    if !rest.transport_socket_matches.is_empty() {
+        return Err(ConfigError::Unsupported {
+            path,
+            fields: "'transport_socket_matches' (comes with mesh security, issue #6)".into(),
+        });
+    }
+    // Cluster metadata is data for filters and loggers (Istio's telemetry reads it).
+    rest.metadata = None;
+    if let Some(c) = rest.common_lb_config.take() {
+        reject_unhandled(&c, &format!("{path}.common_lb_config"))?;
+    }
     reject_unhandled(&rest, &path)?;
     let top = all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
     let hosts: Vec<_> = all_hosts
