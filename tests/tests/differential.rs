@@ -32,6 +32,11 @@ static_resources:
             - name: exact
               domains: ["exact.test"]
               routes: [{match: {prefix: "/"}, direct_response: {status: 200, body: {inline_string: "vh exact"}}}]
+            - name: attempts
+              domains: ["attempts.test"]
+              include_request_attempt_count: true
+              include_attempt_count_in_response: true
+              routes: [{match: {prefix: "/"}, route: {cluster: echo}}]
             - name: suffix
               domains: ["*.suffix.test"]
               routes: [{match: {prefix: "/"}, direct_response: {status: 200, body: {inline_string: "vh suffix"}}}]
@@ -287,7 +292,12 @@ fn view(r: &RawResponse) -> String {
         .filter(|(k, _)| {
             matches!(
                 k.as_str(),
-                "content-type" | "content-length" | "location" | "server" | "x-upstream"
+                "content-type"
+                    | "content-length"
+                    | "location"
+                    | "server"
+                    | "x-upstream"
+                    | "x-envoy-attempt-count"
             ) || k.starts_with("x-resp")
         })
         .map(|(k, v)| format!("{k}: {v}"))
@@ -360,6 +370,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("domain exact", b"GET / HTTP/1.1\r\nhost: exact.test\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain exact case-insensitive", b"GET / HTTP/1.1\r\nhost: EXACT.test\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain suffix", b"GET / HTTP/1.1\r\nhost: a.suffix.test\r\nconnection: close\r\n\r\n".to_vec()),
+        ("attempt count headers", b"GET /a HTTP/1.1\r\nhost: attempts.test\r\nx-envoy-attempt-count: 7\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain longest suffix", b"GET / HTTP/1.1\r\nhost: a.long.suffix.test\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain prefix", b"GET / HTTP/1.1\r\nhost: prefix.anything\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain suffix over prefix", b"GET / HTTP/1.1\r\nhost: prefix.suffix.test\r\nconnection: close\r\n\r\n".to_vec()),
