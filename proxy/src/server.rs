@@ -125,6 +125,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         healthcheck_failed: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
         initialized: initialized.clone(),
+        manager: manager.clone(),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -186,7 +187,7 @@ fn start_ads(
         initialized.clone(),
     );
     let client = xds_client::ads::spawn(
-        xds_client::ads::AdsConfig::new(d.target, d.api, snap.node.clone()),
+        xds_client::ads::AdsConfig::new(d.target, d.api, announced_node(&snap.node)),
         SharedSink(state.clone()),
     );
     // The sink follows EDS/RDS names and starts LDS through the client it runs under.
@@ -201,6 +202,44 @@ fn start_ads(
         s.begin();
     }
     Some(client)
+}
+
+/// The node as sent to the management server: the bootstrap's, with Petrel's name and build
+/// version in the fields Envoy fills with its own.
+fn announced_node(
+    node: &xds_client::pb::envoy::config::core::v3::Node,
+) -> xds_client::pb::envoy::config::core::v3::Node {
+    use xds_client::pb::envoy::config::core::v3::{node::UserAgentVersionType, BuildVersion};
+    use xds_client::pb::envoy::r#type::v3::SemanticVersion;
+    use xds_client::pb::google::protobuf::{value::Kind, Struct, Value};
+    let mut n = node.clone();
+    n.user_agent_name = "petrel".into();
+    let part = |i: usize| {
+        env!("CARGO_PKG_VERSION")
+            .split('.')
+            .nth(i)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    };
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    n.user_agent_version_type = Some(UserAgentVersionType::UserAgentBuildVersion(BuildVersion {
+        version: Some(SemanticVersion {
+            major_number: part(0),
+            minor_number: part(1),
+            patch: part(2),
+        }),
+        metadata: Some(Struct {
+            fields: [
+                ("build.type".to_string(), text("RELEASE")),
+                ("ssl.version".to_string(), text("rustls")),
+            ]
+            .into_iter()
+            .collect(),
+        }),
+    }));
+    n
 }
 
 /// One task per DNS cluster re-resolves it every `dns_refresh_rate` and publishes a new

@@ -128,10 +128,24 @@ pub fn start_until(
     base_id: u32,
     want: Ready,
 ) -> Proxy {
+    start_with(name, bin, config, admin, base_id, want, &[])
+}
+
+/// `start_until` with more command-line flags.
+pub fn start_with(
+    name: &'static str,
+    bin: &PathBuf,
+    config: &PathBuf,
+    admin: u16,
+    base_id: u32,
+    want: Ready,
+    flags: &[&str],
+) -> Proxy {
     let mut cmd = Command::new(bin);
     cmd.arg("-c")
         .arg(config)
-        .args(["--concurrency", "1", "-l", "error", "--disable-hot-restart"]);
+        .args(["--concurrency", "1", "-l", "error", "--disable-hot-restart"])
+        .args(flags);
     if name == "envoy" {
         cmd.args(["--base-id", &base_id.to_string()]);
     }

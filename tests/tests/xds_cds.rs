@@ -92,6 +92,10 @@ async fn clusters_from_cds() {
         first.node.as_ref().map(|n| n.id.as_str()),
         Some("test-node")
     );
+    // Petrel announces itself (and its version) where Envoy puts its own name.
+    let node = first.node.as_ref().expect("node");
+    assert_eq!(node.user_agent_name, "petrel");
+    assert!(node.user_agent_version_type.is_some());
     // Initialization waits for the first CDS answer: not ready, listeners not accepting.
     assert_eq!(ready(admin).await, (503, "INITIALIZING\n".into()));
 

@@ -71,6 +71,9 @@ async fn transcript(name: &'static str, ports: (u16, u16), echo: u16) -> Vec<Str
     let mut s = next(&mut sessions.delta).await;
     let mut t = Vec::new();
     let first = next(&mut s.requests).await;
+    if std::env::var("PETREL_SHOW_NODE").is_ok() {
+        eprintln!("{name} node: {:?}", first.node);
+    }
     t.push(format!(
         "first {} {:?}",
         first.type_url, first.resource_names_subscribe

@@ -31,12 +31,14 @@ pub struct AdminState {
     pub shutdown: tokio::sync::Notify,
     /// LIVE once initialization (xDS) is over.
     pub initialized: Arc<AtomicBool>,
+    pub manager: Arc<std::sync::Mutex<crate::listener::manager::ListenerManager>>,
 }
 
 const HELP: &[(&str, &str)] = &[
     ("/", "Admin home page"),
     ("/clusters", "upstream cluster status"),
     ("/config_dump", "dump current Envoy configs"),
+    ("/drain_listeners", "drain listeners"),
     (
         "/healthcheck/fail",
         "cause the server to fail health checks",
@@ -120,7 +122,7 @@ pub async fn handle(
     let get = |k: &str| params.iter().find(|(p, _)| p == k).map(|(_, v)| v.clone());
     let mutating = matches!(
         path.as_str(),
-        "/quitquitquit" | "/healthcheck/fail" | "/healthcheck/ok" | "/logging"
+        "/quitquitquit" | "/healthcheck/fail" | "/healthcheck/ok" | "/logging" | "/drain_listeners"
     );
     if mutating && req.method() != http::Method::POST {
         return Ok(text(
@@ -184,6 +186,10 @@ pub async fn handle(
         }
         "/quitquitquit" => {
             st.shutdown.notify_one();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/drain_listeners" => {
+            drain_listeners(&st, has("inboundonly"), has("graceful"), has("skip_exit"));
             text(StatusCode::OK, "OK\n")
         }
         _ => {
@@ -465,6 +471,41 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
         }
     }
     text(StatusCode::OK, s)
+}
+
+/// `/drain_listeners`: the connections of every listener (or the inbound ones) are asked to
+/// close (`--drain-strategy`); the listeners stop accepting at once, or with `graceful` once
+/// `--drain-time-s` has passed (during which they still accept, as Envoy does, to lose nothing);
+/// `skip_exit` keeps them accepting.
+fn drain_listeners(st: &Arc<AdminState>, inbound_only: bool, graceful: bool, skip_exit: bool) {
+    let snap = st.current.load_full();
+    let chosen: Vec<Arc<crate::listener::Listener>> = snap
+        .listeners
+        .iter()
+        .filter(|l| !inbound_only || l.inbound)
+        .cloned()
+        .collect();
+    let time = std::time::Duration::from_secs(st.options.drain_time_s as u64);
+    for l in &chosen {
+        l.drain.start(time, st.options.drain_strategy);
+    }
+    if skip_exit {
+        return;
+    }
+    let stop = move |st: &AdminState| {
+        if let Ok(mut m) = st.manager.lock() {
+            m.stop_accepting(inbound_only);
+        }
+    };
+    if graceful {
+        let st = st.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(time).await;
+            stop(&st);
+        });
+    } else {
+        stop(st);
+    }
 }
 
 fn listeners(st: &AdminState, json: bool) -> Response<Full<Bytes>> {

@@ -22,7 +22,7 @@ use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreActio
 use super::local_reply::LocalReply;
 use super::local_reply_config::ReplyContext;
 use crate::http::stream_timeouts::IdleTimedBody;
-use crate::listener::drain::Drain;
+use crate::listener::drain::ConnDrain;
 use crate::router::route_config::{RouteAction, RouteInput};
 use crate::upstream::pool::PooledBody;
 use crate::worker::{LocalExec, WorkerCtx};
@@ -73,7 +73,7 @@ pub async fn serve(
     info: ConnInfo,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
-    drain: Drain,
+    drain: ConnDrain,
 ) {
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
@@ -92,7 +92,7 @@ async fn serve_codec(
     info: ConnInfo,
     hcm: &Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
-    drain: &Drain,
+    drain: &ConnDrain,
 ) {
     use tokio::io::AsyncReadExt;
     let _ = stream.set_nodelay(true);
@@ -132,7 +132,7 @@ async fn serve_h2(
     info: Rc<ConnInfo>,
     hcm: &Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
-    drain: &Drain,
+    drain: &ConnDrain,
 ) {
     let h = hcm.clone();
     let idle = Rc::new(ConnIdle {
@@ -140,13 +140,21 @@ async fn serve_h2(
         last: Cell::new(tokio::time::Instant::now()),
     });
     let idle_svc = idle.clone();
+    // A draining listener's HTTP/2 connection gets GOAWAY once a stream ends while the drain
+    // says to close (Envoy's `drainClose()` check on stream completion).
+    let goaway = Rc::new(tokio::sync::Notify::new());
+    let (goaway_svc, drain_svc) = (goaway.clone(), drain.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (hcm, ctx, info, idle) = (h.clone(), ctx.clone(), info.clone(), idle_svc.clone());
+        let (goaway, drain) = (goaway_svc.clone(), drain_svc.clone());
         async move {
             idle.active.set(idle.active.get() + 1);
             let resp = handle(req.map(RequestBody::H2), &hcm, &ctx, &info).await;
             idle.active.set(idle.active.get() - 1);
             idle.last.set(tokio::time::Instant::now());
+            if drain.should_close() {
+                goaway.notify_one();
+            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -165,8 +173,7 @@ async fn serve_h2(
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
-            _ = drain.started(), if !shutting_down => {
-                // A draining listener's HTTP/2 connections get GOAWAY and finish their streams.
+            _ = goaway.notified(), if !shutting_down => {
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }

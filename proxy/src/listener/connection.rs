@@ -121,7 +121,7 @@ async fn serve(
                 local: d.local,
                 original_dst,
             };
-            conn_manager::serve(stream, initial, info, hcm, ctx, l.drain.clone()).await
+            conn_manager::serve(stream, initial, info, hcm, ctx, l.drain.for_connection()).await
         }
         Terminal::Tcp(cfg) => {
             crate::tcp::proxy::serve(stream, initial, original_dst, cfg, ctx, l.drain.clone()).await

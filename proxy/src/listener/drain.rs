@@ -1,7 +1,8 @@
-//! Draining a listener's connections after the listener is updated or removed: new connections
-//! go to the new listener at once; the old one's connections are asked to close (HTTP/1.1 gets
-//! `connection: close`, idle ones close, HTTP/2 gets GOAWAY) and whatever remains after
-//! `--drain-time-s` is closed.
+//! Draining a listener's connections after the listener is updated or removed (or by
+//! `/drain_listeners`): new connections go to the new listener at once; the old one's
+//! connections close as Envoy 1.40 closes them — an HTTP/1.1 response gets `connection: close`
+//! and an HTTP/2 connection GOAWAY once the drain says so at the end of a stream (idle
+//! connections are left alone) — and whatever remains after `--drain-time-s` is closed.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -45,22 +46,11 @@ impl Drain {
         self.0.started.get().is_some()
     }
 
-    /// Whether a connection should close now (Envoy's `drainClose()`): always once draining
-    /// with the immediate strategy; with the gradual one, with a probability that grows
-    /// linearly over the drain time.
-    pub fn should_close(&self) -> bool {
-        let Some((at, time, strategy)) = self.0.started.get() else {
-            return false;
-        };
-        match strategy {
-            DrainStrategy::Immediate => true,
-            DrainStrategy::Gradual => {
-                let elapsed = at.elapsed();
-                if elapsed >= *time || time.is_zero() {
-                    return true;
-                }
-                rand::random::<f64>() < elapsed.as_secs_f64() / time.as_secs_f64()
-            }
+    /// This drain as one connection sees it.
+    pub fn for_connection(&self) -> ConnDrain {
+        ConnDrain {
+            drain: self.clone(),
+            pick: rand::random::<f64>(),
         }
     }
 
@@ -79,6 +69,35 @@ impl Drain {
     }
 }
 
+/// One connection's part in a drain: with the immediate strategy it closes as soon as the drain
+/// starts; with the gradual one at its own moment, spread evenly over the drain time (so the
+/// share of closed connections grows linearly, as Envoy's gradual drain does).
+#[derive(Debug, Clone)]
+pub struct ConnDrain {
+    drain: Drain,
+    pick: f64,
+}
+
+impl ConnDrain {
+    fn deadline(&self) -> Option<Instant> {
+        let (at, time, strategy) = self.drain.0.started.get()?;
+        Some(match strategy {
+            DrainStrategy::Immediate => *at,
+            DrainStrategy::Gradual => *at + time.mul_f64(self.pick),
+        })
+    }
+
+    /// Whether the connection should close after its current response (`drainClose()`).
+    pub fn should_close(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Resolves when the drain time is over.
+    pub async fn finished(&self) {
+        self.drain.finished().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,9 +105,9 @@ mod tests {
     #[tokio::test]
     async fn immediate_closes_at_once_and_finishes_after_drain_time() {
         let d = Drain::default();
-        assert!(!d.is_draining() && !d.should_close());
+        assert!(!d.is_draining() && !d.for_connection().should_close());
         d.start(Duration::from_millis(20), DrainStrategy::Immediate);
-        assert!(d.should_close());
+        assert!(d.for_connection().should_close());
         d.started().await;
         tokio::time::timeout(Duration::from_secs(2), d.finished())
             .await
@@ -96,10 +115,20 @@ mod tests {
     }
 
     #[test]
-    fn gradual_starts_mostly_open() {
+    fn gradual_spreads_connections_over_the_drain_time() {
         let d = Drain::default();
+        let conns: Vec<ConnDrain> = (0..1000).map(|_| d.for_connection()).collect();
+        assert!(!conns[0].should_close());
         d.start(Duration::from_secs(3600), DrainStrategy::Gradual);
-        let closes = (0..1000).filter(|_| d.should_close()).count();
+        let closes = conns.iter().filter(|c| c.should_close()).count();
         assert!(closes < 10, "{closes}");
+        let half = conns
+            .iter()
+            .filter(|c| {
+                c.deadline()
+                    .is_some_and(|x| x < Instant::now() + Duration::from_secs(1800))
+            })
+            .count();
+        assert!((400..600).contains(&half), "{half}");
     }
 }

@@ -36,6 +36,16 @@ struct Bound {
     generation: u64,
     /// One socket per worker until they are handed over.
     pending: Option<Vec<std::net::TcpListener>>,
+    /// `traffic_direction: INBOUND` (for `/drain_listeners?inboundonly`).
+    inbound: bool,
+}
+
+/// Which listeners `/drain_listeners` stopped: they, and any added later, do not accept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stopped {
+    None,
+    Inbound,
+    All,
 }
 
 #[derive(Debug)]
@@ -44,6 +54,7 @@ pub struct ListenerManager {
     bound: HashMap<(String, SocketAddr), Bound>,
     next_generation: u64,
     workers_started: bool,
+    stopped: Stopped,
 }
 
 fn key(l: &Listener) -> (String, SocketAddr) {
@@ -57,6 +68,7 @@ impl ListenerManager {
             bound: HashMap::new(),
             next_generation: 0,
             workers_started: false,
+            stopped: Stopped::None,
         }
     }
 
@@ -100,7 +112,12 @@ impl ListenerManager {
     /// that a listener that cannot bind is refused on its own.
     pub fn bind(&mut self, l: &Listener) -> Result<(), BindError> {
         let k = key(l);
-        if self.bound.contains_key(&k) {
+        let stopped = match self.stopped {
+            Stopped::None => false,
+            Stopped::Inbound => l.inbound,
+            Stopped::All => true,
+        };
+        if stopped || self.bound.contains_key(&k) {
             return Ok(());
         }
         let mut socks = Vec::with_capacity(self.workers.len());
@@ -116,6 +133,7 @@ impl ListenerManager {
             Bound {
                 generation: self.next_generation,
                 pending: Some(socks),
+                inbound: l.inbound,
             },
         );
         Ok(())
@@ -131,8 +149,39 @@ impl ListenerManager {
         self.workers_started
     }
 
+    /// Stops accepting on every listener (or the inbound ones), now and for listeners added
+    /// later; their sockets close, their connections carry on.
+    pub fn stop_accepting(&mut self, inbound_only: bool) {
+        self.stopped = match (self.stopped, inbound_only) {
+            (Stopped::All, _) | (_, false) => Stopped::All,
+            _ => Stopped::Inbound,
+        };
+        let stopped = self.stopped;
+        let gone: Vec<_> = self
+            .bound
+            .iter()
+            .filter(|(_, b)| stopped == Stopped::All || b.inbound)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some(b) = self.bound.remove(&k) {
+                if b.pending.is_none() {
+                    self.send_all(|| WorkerCmd::Stop {
+                        generation: b.generation,
+                    });
+                }
+            }
+        }
+    }
+
     fn hand_over(&mut self, active: &ListenerSet) {
-        for l in active.iter().filter(|l| l.bind_to_port) {
+        let stopped = self.stopped;
+        let accepts = |l: &Listener| match stopped {
+            Stopped::None => true,
+            Stopped::Inbound => !l.inbound,
+            Stopped::All => false,
+        };
+        for l in active.iter().filter(|l| l.bind_to_port && accepts(l)) {
             let Some(b) = self.bound.get_mut(&key(l)) else {
                 continue;
             };

@@ -41,6 +41,8 @@ pub struct Listener {
     /// `use_original_dst` listener.
     pub bind_to_port: bool,
     pub use_original_dst: bool,
+    /// `traffic_direction: INBOUND` (`/drain_listeners?inboundonly` drains these).
+    pub inbound: bool,
     pub listener_filters: listener_filters::ListenerFilters,
     pub chains: Vec<FilterChain>,
     /// The chains' matchers, in order, for selection.
@@ -260,8 +262,9 @@ pub fn compile(
     let chains_pb = std::mem::take(&mut rest.filter_chains);
     let default_pb = rest.default_filter_chain.take();
     let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
-    // Traffic direction only labels stats and traces; Petrel's accept path is the same.
-    rest.traffic_direction = 0;
+    // Traffic direction decides what `/drain_listeners?inboundonly` drains (and, later, how
+    // tracing and Istio telemetry label the traffic).
+    let inbound = std::mem::take(&mut rest.traffic_direction) == 1;
     let bind_to_port = rest.bind_to_port.take().is_none_or(|b| b.value);
     let use_original_dst = rest.use_original_dst.take().is_some_and(|b| b.value);
     let listener_filters =
@@ -329,6 +332,7 @@ pub fn compile(
         address,
         bind_to_port,
         use_original_dst,
+        inbound,
         listener_filters,
         chains,
         matchers,

@@ -24,7 +24,7 @@ use super::{H1Upgrade, Upgraded};
 use crate::http::body::RequestBody;
 use crate::http::conn_manager::{self, ConnInfo, ResponseBody};
 use crate::http::conn_manager_config::HcmConfig;
-use crate::listener::drain::Drain;
+use crate::listener::drain::ConnDrain;
 use crate::worker::WorkerCtx;
 
 /// Serves an HTTP/1.1 connection whose first bytes (already read) are in `initial`.
@@ -34,7 +34,7 @@ pub async fn serve(
     info: Rc<ConnInfo>,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
-    drain: &Drain,
+    drain: &ConnDrain,
 ) {
     let (rd, mut wr) = stream.into_split();
     let side = Rc::new(RefCell::new(ReadSide {
@@ -48,7 +48,7 @@ pub async fn serve(
         max_headers: hcm.max_headers_count as usize,
     };
     loop {
-        let head = match read_head(&side, limits, &hcm, drain).await {
+        let head = match read_head(&side, limits, &hcm).await {
             Ok(Some(h)) => h,
             Ok(None) => return,
             Err(e) => {
@@ -154,7 +154,6 @@ async fn read_head(
     side: &Rc<RefCell<ReadSide>>,
     limits: Limits,
     hcm: &HcmConfig,
-    drain: &Drain,
 ) -> Result<Option<head::Head>, HeadError> {
     loop {
         let parsed = head::parse(&side.borrow().buf, limits)?;
@@ -180,13 +179,6 @@ async fn read_head(
             hcm.request_headers_timeout
         };
         let fill = std::future::poll_fn(|cx| side.borrow_mut().poll_fill(cx));
-        // An idle connection of a draining listener closes at once.
-        let fill = async {
-            tokio::select! {
-                r = fill => r,
-                _ = drain.started(), if empty => Err(std::io::ErrorKind::ConnectionAborted.into()),
-            }
-        };
         let read = match limit {
             Some(t) => match tokio::time::timeout(t, fill).await {
                 Ok(r) => r,
