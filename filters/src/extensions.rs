@@ -13,7 +13,6 @@ const ISSUE_XDS: &str = "comes with xDS support (issue #4)";
 const ISSUE_TRAFFIC: &str = "comes with traffic management (issue #5)";
 const ISSUE_SECURITY: &str = "comes with mesh security (issue #6)";
 const ISSUE_OBSERVE: &str = "comes with observability (issue #7)";
-const NOT_PLANNED: &str = "not planned";
 
 /// `(type name without the type.googleapis.com/ prefix, support)`.
 pub const TABLE: &[(&str, Support)] = &[
@@ -176,19 +175,19 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.compressor.v3.Compressor",
-        Support::Refused(NOT_PLANNED),
+        Support::Refused(ISSUE_OBSERVE),
     ),
     (
         "envoy.extensions.compression.gzip.compressor.v3.Gzip",
-        Support::Refused(NOT_PLANNED),
+        Support::Refused(ISSUE_OBSERVE),
     ),
     (
         "envoy.extensions.compression.brotli.compressor.v3.Brotli",
-        Support::Refused(NOT_PLANNED),
+        Support::Refused(ISSUE_OBSERVE),
     ),
     (
         "envoy.extensions.compression.zstd.compressor.v3.Zstd",
-        Support::Refused(NOT_PLANNED),
+        Support::Refused(ISSUE_OBSERVE),
     ),
     (
         "envoy.extensions.filters.http.wasm.v3.Wasm",
