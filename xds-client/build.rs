@@ -32,6 +32,7 @@ const ROOTS: &[&str] = &[
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
     "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
     "envoy.admin.v3.BootstrapConfigDump",
     "envoy.admin.v3.ClustersConfigDump",
     "envoy.admin.v3.ListenersConfigDump",

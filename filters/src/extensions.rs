@@ -74,7 +74,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-        Support::Refused(ISSUE_XDS),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",

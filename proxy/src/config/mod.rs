@@ -6,6 +6,7 @@
 pub mod bootstrap;
 pub mod duration;
 pub mod dynamic;
+pub mod overload;
 pub mod snapshot;
 pub mod xds_listeners;
 pub mod xds_sink;

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub warming_clusters: Vec<(Arc<Cluster>, DynamicInfo)>,
     /// Assignments from EDS.
     pub endpoint_configs: Arc<Assignments>,
+    /// `overload_manager`'s global downstream connection limit.
+    pub max_downstream_connections: Option<u64>,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -115,6 +117,10 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let clusters_pb = std::mem::take(&mut srest.clusters);
     let listeners_pb = std::mem::take(&mut srest.listeners);
     reject_unhandled(&srest, "static_resources")?;
+    let max_downstream_connections = match rest.overload_manager.take() {
+        Some(o) => super::overload::compile(&o)?,
+        None => None,
+    };
     let dynamic = match rest.dynamic_resources.take() {
         Some(d) => super::dynamic::compile(&d, &clusters_pb)?,
         None => None,
@@ -183,5 +189,6 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         dynamic_clusters: Default::default(),
         warming_clusters: Vec::new(),
         endpoint_configs: Default::default(),
+        max_downstream_connections,
     })
 }

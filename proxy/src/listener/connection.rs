@@ -23,8 +23,23 @@ pub fn accept(
     snap: &Arc<Snapshot>,
     ctx: &Rc<WorkerCtx>,
 ) {
+    use std::sync::atomic::Ordering;
+    let counted = !listener.ignore_global_conn_limit;
+    if counted {
+        let active = super::GLOBAL_DOWNSTREAM_CONNECTIONS.load(Ordering::Relaxed);
+        if snap
+            .max_downstream_connections
+            .is_some_and(|max| active >= max)
+        {
+            // Envoy closes a connection over the global limit at once.
+            listener.stats.downstream_global_cx_overflow.inc();
+            return;
+        }
+        super::GLOBAL_DOWNSTREAM_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    }
     let (snap, ctx) = (snap.clone(), ctx.clone());
     tokio::task::spawn_local(async move {
+        let _count = counted.then_some(GlobalConnection);
         let mut stream = stream;
         let local = stream.local_addr().unwrap_or(listener.address);
         let mut buf = BytesMut::new();
@@ -42,6 +57,15 @@ pub fn accept(
         };
         serve(stream, buf, remote, detected, l, ctx).await;
     });
+}
+
+/// Counts a connection toward the global limit until it ends.
+struct GlobalConnection;
+
+impl Drop for GlobalConnection {
+    fn drop(&mut self) {
+        super::GLOBAL_DOWNSTREAM_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The listener filters of the accepting listener, then, for a `use_original_dst` listener whose

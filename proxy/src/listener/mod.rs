@@ -31,7 +31,13 @@ stat_struct!(ListenerStats {
     counter no_filter_chain_match,
     counter downstream_pre_cx_timeout,
     counter downstream_listener_filter_remote_close,
+    counter downstream_global_cx_overflow,
 });
+
+/// Downstream connections open on listeners that count toward the overload manager's global
+/// limit (process-wide, as the limit is).
+pub static GLOBAL_DOWNSTREAM_CONNECTIONS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 #[derive(Debug)]
 pub struct Listener {
@@ -43,6 +49,8 @@ pub struct Listener {
     pub use_original_dst: bool,
     /// `traffic_direction: INBOUND` (`/drain_listeners?inboundonly` drains these).
     pub inbound: bool,
+    /// `ignore_global_conn_limit`: not counted toward the overload manager's connection limit.
+    pub ignore_global_conn_limit: bool,
     pub listener_filters: listener_filters::ListenerFilters,
     pub chains: Vec<FilterChain>,
     /// The chains' matchers, in order, for selection.
@@ -265,6 +273,9 @@ pub fn compile(
     // Traffic direction decides what `/drain_listeners?inboundonly` drains (and, later, how
     // tracing and Istio telemetry label the traffic).
     let inbound = std::mem::take(&mut rest.traffic_direction) == 1;
+    let ignore_global_conn_limit = std::mem::take(&mut rest.ignore_global_conn_limit);
+    // Overload actions are refused, so there is nothing for a listener to bypass.
+    rest.bypass_overload_manager = false;
     let bind_to_port = rest.bind_to_port.take().is_none_or(|b| b.value);
     let use_original_dst = rest.use_original_dst.take().is_some_and(|b| b.value);
     let listener_filters =
@@ -333,6 +344,7 @@ pub fn compile(
         bind_to_port,
         use_original_dst,
         inbound,
+        ignore_global_conn_limit,
         listener_filters,
         chains,
         matchers,
