@@ -53,6 +53,18 @@ fn ack(r: &DeltaDiscoveryRequest) -> String {
     }
 }
 
+/// The next two requests — an ACK and the subscription it leads to, in whatever order each
+/// proxy sends them — described.
+async fn ack_and_subscription(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<DeltaDiscoveryRequest>,
+) -> Vec<String> {
+    let mut got = vec![next(rx).await, next(rx).await];
+    got.sort_by_key(|r| r.type_url.clone());
+    got.iter()
+        .map(|r| format!("{} subscribe {:?}", ack(r), r.resource_names_subscribe))
+        .collect()
+}
+
 /// Which resources a NACK refuses: its message up to the first reason (the reasons' wording is
 /// each proxy's own; Petrel's name the field).
 fn refused(r: &DeltaDiscoveryRequest) -> String {
@@ -92,15 +104,7 @@ async fn transcript(name: &'static str, ports: (u16, u16), echo: u16) -> Vec<Str
     ))
     .await;
     // The CDS ACK and the LDS subscription (in whatever order each proxy sends them).
-    let mut got = vec![next(&mut s.requests).await, next(&mut s.requests).await];
-    got.sort_by_key(|r| r.type_url.clone());
-    for r in &got {
-        t.push(format!(
-            "{} subscribe {:?}",
-            ack(r),
-            r.resource_names_subscribe
-        ));
-    }
+    t.extend(ack_and_subscription(&mut s.requests).await);
 
     let (a, b) = ports;
     send(delta(
@@ -110,15 +114,7 @@ async fn transcript(name: &'static str, ports: (u16, u16), echo: u16) -> Vec<Str
         &[],
     ))
     .await;
-    let mut got = vec![next(&mut s.requests).await, next(&mut s.requests).await];
-    got.sort_by_key(|r| r.type_url.clone());
-    for r in &got {
-        t.push(format!(
-            "{} subscribe {:?}",
-            ack(r),
-            r.resource_names_subscribe
-        ));
-    }
+    t.extend(ack_and_subscription(&mut s.requests).await);
     t.push(format!("warming probe {:?}", get(admin, PROBE).await));
     t.push(format!("warming ready {}", get(admin, "/ready").await.0));
 
@@ -300,15 +296,7 @@ async fn timeouts_transcript(name: &'static str, echo: u16) -> Vec<String> {
     l["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["config_source"]
         ["initial_fetch_timeout"] = json!("1s");
     send(delta(LDS, "l1", vec![("a", "1", any::<Listener>(&l))], &[])).await;
-    let mut got = vec![next(&mut s.requests).await, next(&mut s.requests).await];
-    got.sort_by_key(|r| r.type_url.clone());
-    for r in &got {
-        t.push(format!(
-            "{} subscribe {:?}",
-            ack(r),
-            r.resource_names_subscribe
-        ));
-    }
+    t.extend(ack_and_subscription(&mut s.requests).await);
     // RDS never answers: after its timeout the listener serves with no routes.
     t.push(format!("GET a {}", eventually(a, "/x", 404).await));
     t.push(format!("ready {}", get(admin, "/ready").await.0));
@@ -325,15 +313,7 @@ async fn timeouts_transcript(name: &'static str, echo: u16) -> Vec<String> {
         &[],
     ))
     .await;
-    let mut got = vec![next(&mut s.requests).await, next(&mut s.requests).await];
-    got.sort_by_key(|r| r.type_url.clone());
-    for r in &got {
-        t.push(format!(
-            "{} subscribe {:?}",
-            ack(r),
-            r.resource_names_subscribe
-        ));
-    }
+    t.extend(ack_and_subscription(&mut s.requests).await);
     // EDS never answers: after its timeout the cluster is active, with no hosts.
     let b = free_port();
     let to_e = json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "e"}}]}]});

@@ -36,15 +36,20 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
         .filter(|c| !snap.dynamic_clusters.contains_key(&c.name))
         .map(|c| json!({"cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"), "last_updated": last_updated}))
         .collect();
+    let dynamic_cluster = |c: &crate::upstream::cluster::Cluster,
+                           info: &crate::config::snapshot::DynamicInfo| {
+        json!({
+            "version_info": info.version,
+            "cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"),
+            "last_updated": info.last_updated,
+        })
+    };
     let dynamic_clusters: Vec<Value> = clusters
         .iter()
-        .filter_map(|c| snap.dynamic_clusters.get(&c.name).map(|info| (c, info)))
-        .map(|(c, info)| {
-            json!({
-                "version_info": info.version,
-                "cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"),
-                "last_updated": info.last_updated,
-            })
+        .filter_map(|c| {
+            snap.dynamic_clusters
+                .get(&c.name)
+                .map(|info| dynamic_cluster(c, info))
         })
         .collect();
     let static_endpoints: Vec<Value> = clusters
@@ -136,13 +141,7 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
     let warming_clusters: Vec<Value> = snap
         .warming_clusters
         .iter()
-        .map(|(c, info)| {
-            json!({
-                "version_info": info.version,
-                "cluster": typed(reg.to_json(&c.source.decode()), "envoy.config.cluster.v3.Cluster"),
-                "last_updated": info.last_updated,
-            })
-        })
+        .map(|(c, info)| dynamic_cluster(c, info))
         .collect();
     let mut eds: Vec<_> = snap.endpoint_configs.iter().collect();
     eds.sort_by(|a, b| a.0.cmp(b.0));

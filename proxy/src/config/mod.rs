@@ -78,100 +78,66 @@ pub fn reject_unhandled<M: Message + Name + Default + PartialEq>(
 }
 
 const TRAFFIC: &str = "comes with traffic management, issue #5";
-const SECURITY: &str = "comes with mesh security, issue #6";
 const OBSERVE: &str = "comes with observability, issue #7";
 
-/// Fields Petrel refuses today that a later issue brings, by message and field name: the
-/// refusal says which issue (as the extension table does for `@type`s).
-const DEFERRED_FIELDS: &[(&str, &str, &str)] = &[
-    ("envoy.config.route.v3.RouteAction", "retry_policy", TRAFFIC),
+/// Fields Petrel refuses today that a later issue brings, by message: the refusal says which
+/// issue (as the extension table does for `@type`s).
+const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     (
         "envoy.config.route.v3.RouteAction",
-        "max_grpc_timeout",
+        &[
+            "retry_policy",
+            "max_grpc_timeout",
+            "grpc_timeout_offset",
+            "max_stream_duration",
+            "hash_policy",
+            "request_mirror_policies",
+            "idle_timeout",
+            "upgrade_configs",
+        ],
         TRAFFIC,
     ),
-    (
-        "envoy.config.route.v3.RouteAction",
-        "grpc_timeout_offset",
-        TRAFFIC,
-    ),
-    (
-        "envoy.config.route.v3.RouteAction",
-        "max_stream_duration",
-        TRAFFIC,
-    ),
-    ("envoy.config.route.v3.RouteAction", "hash_policy", TRAFFIC),
-    (
-        "envoy.config.route.v3.RouteAction",
-        "request_mirror_policies",
-        TRAFFIC,
-    ),
-    ("envoy.config.route.v3.RouteAction", "idle_timeout", TRAFFIC),
-    (
-        "envoy.config.route.v3.RouteAction",
-        "upgrade_configs",
-        TRAFFIC,
-    ),
-    ("envoy.config.route.v3.VirtualHost", "retry_policy", TRAFFIC),
-    ("envoy.config.route.v3.VirtualHost", "hedge_policy", TRAFFIC),
     (
         "envoy.config.route.v3.VirtualHost",
-        "typed_per_filter_config",
+        &[
+            "retry_policy",
+            "hedge_policy",
+            "typed_per_filter_config",
+            "include_is_timeout_retry_header",
+        ],
         TRAFFIC,
     ),
     (
         "envoy.config.route.v3.Route",
-        "typed_per_filter_config",
+        &["typed_per_filter_config"],
         TRAFFIC,
     ),
+    ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),
     (
         "envoy.config.cluster.v3.Cluster",
-        "circuit_breakers",
-        TRAFFIC,
-    ),
-    (
-        "envoy.config.cluster.v3.Cluster",
-        "outlier_detection",
-        TRAFFIC,
-    ),
-    (
-        "envoy.config.cluster.v3.Cluster",
-        "lb_subset_config",
-        TRAFFIC,
-    ),
-    ("envoy.config.cluster.v3.Cluster", "health_checks", TRAFFIC),
-    (
-        "envoy.config.cluster.v3.Cluster",
-        "upstream_connection_options",
-        TRAFFIC,
-    ),
-    ("envoy.config.route.v3.Route", "decorator", OBSERVE),
-    ("envoy.config.route.v3.Route", "tracing", OBSERVE),
-    (
-        "envoy.config.route.v3.VirtualHost",
-        "include_is_timeout_retry_header",
+        &[
+            "circuit_breakers",
+            "outlier_detection",
+            "lb_subset_config",
+            "health_checks",
+            "upstream_connection_options",
+        ],
         TRAFFIC,
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "access_log",
-        OBSERVE,
-    ),
-    (
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "tracing",
+        &["access_log", "tracing"],
         OBSERVE,
     ),
     (
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "access_log",
+        &["access_log"],
         OBSERVE,
     ),
-    ("envoy.config.listener.v3.Listener", "access_log", OBSERVE),
     (
-        "envoy.config.core.v3.TransportSocket",
-        "typed_config",
-        SECURITY,
+        "envoy.config.listener.v3.Listener",
+        &["access_log"],
+        OBSERVE,
     ),
 ];
 
@@ -179,7 +145,7 @@ const DEFERRED_FIELDS: &[(&str, &str, &str)] = &[
 fn deferred_field(message: &str, field: &str) -> Option<&'static str> {
     DEFERRED_FIELDS
         .iter()
-        .find(|(m, f, _)| *m == message && *f == field)
+        .find(|(m, fields, _)| *m == message && fields.contains(&field))
         .map(|(_, _, why)| *why)
 }
 

@@ -87,21 +87,7 @@ impl ListenerManager {
         }
         let keep: std::collections::HashSet<(String, SocketAddr)> =
             needed.iter().map(|l| key(l)).collect();
-        let gone: Vec<_> = self
-            .bound
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some(b) = self.bound.remove(&k) {
-                if b.pending.is_none() {
-                    self.send_all(|| WorkerCmd::Stop {
-                        generation: b.generation,
-                    });
-                }
-            }
-        }
+        self.close_where(|k, _| !keep.contains(k));
         if self.workers_started {
             self.hand_over(active);
         }
@@ -157,10 +143,15 @@ impl ListenerManager {
             _ => Stopped::Inbound,
         };
         let stopped = self.stopped;
+        self.close_where(|_, b| stopped == Stopped::All || b.inbound);
+    }
+
+    /// Closes the sockets `which` picks (workers stop accepting on those they had).
+    fn close_where(&mut self, which: impl Fn(&(String, SocketAddr), &Bound) -> bool) {
         let gone: Vec<_> = self
             .bound
             .iter()
-            .filter(|(_, b)| stopped == Stopped::All || b.inbound)
+            .filter(|(k, b)| which(k, b))
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
