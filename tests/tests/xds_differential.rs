@@ -58,7 +58,7 @@ fn ack(r: &DeltaDiscoveryRequest) -> String {
 async fn ack_and_subscription(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<DeltaDiscoveryRequest>,
 ) -> Vec<String> {
-    let mut got = vec![next(rx).await, next(rx).await];
+    let mut got = [next(rx).await, next(rx).await];
     got.sort_by_key(|r| r.type_url.clone());
     got.iter()
         .map(|r| format!("{} subscribe {:?}", ack(r), r.resource_names_subscribe))
