@@ -48,6 +48,20 @@ pub struct Forward<'a> {
 
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
+/// What the router adds to every upstream response: `x-envoy-upstream-service-time`, the
+/// attempt count when asked for, and the `server` header policy.
+fn router_response_headers(f: &Forward<'_>, headers: &mut http::HeaderMap) {
+    let elapsed = f.start.elapsed().as_millis() as u64;
+    headers.insert(
+        HeaderName::from_static("x-envoy-upstream-service-time"),
+        HeaderValue::from(elapsed),
+    );
+    if f.vh.attempt_count_in_response {
+        headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
+    }
+    apply_server_header(f.hcm, headers);
+}
+
 /// Hop-by-hop headers never forwarded upstream.
 const HOP_BY_HOP: &[&str] = &[
     "expect",
@@ -378,15 +392,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
     }
-    let elapsed = f.start.elapsed().as_millis() as u64;
-    parts.headers.insert(
-        HeaderName::from_static("x-envoy-upstream-service-time"),
-        HeaderValue::from(elapsed),
-    );
-    if f.vh.attempt_count_in_response {
-        parts.headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
-    }
-    apply_server_header(f.hcm, &mut parts.headers);
+    router_response_headers(&f, &mut parts.headers);
     if let Some(w) = weighted {
         let fctx = FormatContext {
             downstream_remote: f.remote,
@@ -448,15 +454,7 @@ async fn tunnel(
         });
     }
     let (mut parts, body) = resp.into_parts();
-    let elapsed = f.start.elapsed().as_millis() as u64;
-    parts.headers.insert(
-        HeaderName::from_static("x-envoy-upstream-service-time"),
-        HeaderValue::from(elapsed),
-    );
-    if f.vh.attempt_count_in_response {
-        parts.headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
-    }
-    apply_server_header(f.hcm, &mut parts.headers);
+    router_response_headers(f, &mut parts.headers);
     Response::from_parts(
         parts,
         Either::Right(IdleTimedBody::new(PooledBody::unpooled(body), None)),
