@@ -75,7 +75,8 @@ impl Level {
 
 pub struct Logger {
     levels: Vec<AtomicU8>,
-    pattern: String,
+    /// The line pattern; the bootstrap's `application_log_config` may replace it after start.
+    pattern: arc_swap::ArcSwap<String>,
     sink: Mutex<Box<dyn Write + Send>>,
 }
 
@@ -109,10 +110,17 @@ pub fn init(
     };
     let _ = LOGGER.set(Logger {
         levels,
-        pattern: pattern.unwrap_or(DEFAULT_FORMAT).to_string(),
+        pattern: arc_swap::ArcSwap::from_pointee(pattern.unwrap_or(DEFAULT_FORMAT).to_string()),
         sink: Mutex::new(sink),
     });
     Ok(())
+}
+
+/// Replaces the line pattern (`application_log_config.log_format.text_format`).
+pub fn set_pattern(pattern: &str) {
+    if let Some(l) = LOGGER.get() {
+        l.pattern.store(std::sync::Arc::new(pattern.to_string()));
+    }
 }
 
 fn component_index(c: &str) -> usize {
@@ -223,10 +231,8 @@ fn thread_id() -> u64 {
 pub use petrel_filters::time::civil_from_unix;
 
 pub fn write(component: &str, level: Level, file: &str, line: u32, msg: &str) {
-    let pattern = LOGGER
-        .get()
-        .map(|l| l.pattern.as_str())
-        .unwrap_or(DEFAULT_FORMAT);
+    let pattern = LOGGER.get().map(|l| l.pattern.load_full());
+    let pattern = pattern.as_deref().map_or(DEFAULT_FORMAT, |p| p.as_str());
     let mut text = render(pattern, component, level, file, line, msg);
     text.push('\n');
     match LOGGER.get() {

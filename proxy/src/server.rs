@@ -51,6 +51,9 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     if opts.mode == Mode::Validate {
         return Ok(());
     }
+    if let Some(f) = &snapshot.log_format {
+        crate::logging::set_pattern(f);
+    }
     crate::memory::release_config_memory();
     let started = Instant::now();
     let server_stats = ServerStats::new(&store, "server.");

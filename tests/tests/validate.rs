@@ -40,6 +40,24 @@ fn config(route: &str) -> String {
 fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
     vec![
         ("valid", config("route: {cluster: c}"), vec![], ""),
+        (
+            "application log format",
+            format!("application_log_config: {{log_format: {{text_format: \"%Y-%m-%dT%T.%fZ\\t%l\\tenvoy %n %g:%#\\t%v\\tthread=%t\"}}}}\n{}", config("route: {cluster: c}")),
+            vec![],
+            "",
+        ),
+        (
+            "application log format and --log-format",
+            format!("application_log_config: {{log_format: {{text_format: \"%v\"}}}}\n{}", config("route: {cluster: c}")),
+            vec!["--log-format", "%v"],
+            "--log-format",
+        ),
+        (
+            "global connection limit of zero",
+            format!("overload_manager: {{resource_monitors: [{{name: envoy.resource_monitors.global_downstream_max_connections, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig, max_active_downstream_connections: 0}}}}]}}\n{}", config("route: {cluster: c}")),
+            vec![],
+            "max_active_downstream_connections",
+        ),
         ("unknown field", config("route: {cluster: c, bogus: 1}"), vec![], "bogus"),
         ("unknown field allowed", config("route: {cluster: c, bogus: 1}"), vec!["--allow-unknown-static-fields"], ""),
         ("bad regex", config("route: {cluster: c, regex_rewrite: {pattern: {regex: \"(\"}, substitution: x}}"), vec![], "regex"),
@@ -126,4 +144,49 @@ fn validate_agrees_with_envoy() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The bootstrap's `application_log_config` text format shapes Petrel's own log lines.
+#[test]
+fn application_log_format_is_used() {
+    use std::io::Read;
+    let admin = petrel_tests::free_port();
+    let dir = std::env::temp_dir().join(format!("petrel-logfmt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let path = dir.join("b.yaml");
+    let bootstrap = format!(
+        "application_log_config: {{log_format: {{text_format: \"LOGFMT|%l|%n|%v\"}}}}\nadmin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}\n"
+    );
+    std::fs::write(&path, bootstrap).expect("write");
+    let mut child = Command::new(petrel_bin())
+        .arg("-c")
+        .arg(&path)
+        .args(["-l", "info", "--concurrency", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Serving: the start-up lines are written by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while petrel_tests::http_raw(
+        admin,
+        b"GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .map(|r| r.status)
+    .unwrap_or(0)
+        != 200
+    {
+        assert!(std::time::Instant::now() < deadline, "petrel did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        err.lines()
+            .any(|l| l == "LOGFMT|info|main|starting main dispatch loop"),
+        "{err}"
+    );
 }

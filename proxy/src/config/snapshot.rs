@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub endpoint_configs: Arc<Assignments>,
     /// `overload_manager`'s global downstream connection limit.
     pub max_downstream_connections: Option<u64>,
+    /// `application_log_config.log_format.text_format`.
+    pub log_format: Option<String>,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -117,6 +119,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let clusters_pb = std::mem::take(&mut srest.clusters);
     let listeners_pb = std::mem::take(&mut srest.listeners);
     reject_unhandled(&srest, "static_resources")?;
+    let log_format = application_log_format(rest.application_log_config.take(), opts)?;
     let max_downstream_connections = match rest.overload_manager.take() {
         Some(o) => super::overload::compile(&o)?,
         None => None,
@@ -190,5 +193,38 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         warming_clusters: Vec::new(),
         endpoint_configs: Default::default(),
         max_downstream_connections,
+        log_format,
     })
+}
+
+/// `application_log_config.log_format`: the text pattern Petrel's own log lines take. As in
+/// Envoy it cannot be combined with `--log-format`.
+fn application_log_format(
+    c: Option<xds_client::pb::envoy::config::bootstrap::v3::bootstrap::ApplicationLogConfig>,
+    opts: &Options,
+) -> Result<Option<String>, ConfigError> {
+    use xds_client::pb::envoy::config::bootstrap::v3::bootstrap::application_log_config::log_format::LogFormat;
+    let Some(mut c) = c else { return Ok(None) };
+    let path = "application_log_config";
+    let format = c.log_format.take();
+    reject_unhandled(&c, path)?;
+    let Some(mut f) = format else { return Ok(None) };
+    let text = match f.log_format.take() {
+        Some(LogFormat::TextFormat(t)) => t,
+        Some(LogFormat::JsonFormat(_)) => {
+            return Err(ConfigError::Unsupported {
+                path: format!("{path}.log_format"),
+                fields: "'json_format' (comes with observability, issue #7)".into(),
+            })
+        }
+        None => return Ok(None),
+    };
+    reject_unhandled(&f, &format!("{path}.log_format"))?;
+    if opts.log_format.is_some() {
+        return Err(invalid(
+            format!("{path}.log_format"),
+            "Only one of ApplicationLogConfig.log_format or CLI option --log-format can be specified.",
+        ));
+    }
+    Ok(Some(text))
 }
