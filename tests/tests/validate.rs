@@ -53,6 +53,21 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
             "--log-format",
         ),
         (
+            "cluster manager as Istio sets it",
+            format!("cluster_manager: {{outlier_detection: {{event_log_path: /dev/null}}, enable_deferred_cluster_creation: true}}\n{}", config("route: {cluster: c}")),
+            vec![],
+            "",
+        ),
+        (
+            "tcp keepalive on a cluster",
+            config("route: {cluster: c}").replace(
+                "    connect_timeout: 1s\n    load_assignment",
+                "    connect_timeout: 1s\n    upstream_connection_options: {tcp_keepalive: {keepalive_time: 300}}\n    load_assignment",
+            ),
+            vec![],
+            "",
+        ),
+        (
             "global connection limit of zero",
             format!("overload_manager: {{resource_monitors: [{{name: envoy.resource_monitors.global_downstream_max_connections, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig, max_active_downstream_connections: 0}}}}]}}\n{}", config("route: {cluster: c}")),
             vec![],

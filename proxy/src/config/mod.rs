@@ -4,6 +4,7 @@
 //! honour fails with [`ConfigError`] naming that path, never silently.
 
 pub mod bootstrap;
+pub mod cluster_manager;
 pub mod duration;
 pub mod dynamic;
 pub mod overload;
@@ -120,7 +121,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
             "outlier_detection",
             "lb_subset_config",
             "health_checks",
-            "upstream_connection_options",
         ],
         TRAFFIC,
     ),

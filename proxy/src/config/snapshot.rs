@@ -42,6 +42,7 @@ pub struct Snapshot {
     pub max_downstream_connections: Option<u64>,
     /// `application_log_config.log_format.text_format`.
     pub log_format: Option<String>,
+    pub cluster_manager: super::cluster_manager::ClusterManagerConfig,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -120,6 +121,10 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let listeners_pb = std::mem::take(&mut srest.listeners);
     reject_unhandled(&srest, "static_resources")?;
     let log_format = application_log_format(rest.application_log_config.take(), opts)?;
+    let cluster_manager = match rest.cluster_manager.take() {
+        Some(c) => super::cluster_manager::compile(&c)?,
+        None => Default::default(),
+    };
     let max_downstream_connections = match rest.overload_manager.take() {
         Some(o) => super::overload::compile(&o)?,
         None => None,
@@ -194,6 +199,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         endpoint_configs: Default::default(),
         max_downstream_connections,
         log_format,
+        cluster_manager,
     })
 }
 

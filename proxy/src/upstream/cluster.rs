@@ -232,6 +232,8 @@ pub struct Cluster {
     pub original_dst: Option<OriginalDst>,
     /// `upstream_bind_config.source_address`: the local address upstream connections bind.
     pub upstream_bind: Option<SocketAddr>,
+    /// `upstream_connection_options.tcp_keepalive` for TCP upstream connections.
+    pub tcp_keepalive: Option<socket2::TcpKeepalive>,
 }
 
 /// How endpoint names are turned into addresses.
@@ -711,6 +713,29 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         }
         None => None,
     };
+    let tcp_keepalive = match rest.upstream_connection_options.take() {
+        Some(o) => {
+            let op = format!("{path}.upstream_connection_options");
+            let mut orest = o.clone();
+            let k = orest.tcp_keepalive.take();
+            reject_unhandled(&orest, &op)?;
+            k.map(|k| {
+                // Unset values keep the system's defaults, as in Envoy.
+                let mut ka = socket2::TcpKeepalive::new();
+                if let Some(t) = k.keepalive_time {
+                    ka = ka.with_time(Duration::from_secs(t.value as u64));
+                }
+                if let Some(i) = k.keepalive_interval {
+                    ka = ka.with_interval(Duration::from_secs(i.value as u64));
+                }
+                if let Some(p) = k.keepalive_probes {
+                    ka = ka.with_retries(p.value);
+                }
+                ka
+            })
+        }
+        None => None,
+    };
     if discovery == DiscoveryType::OriginalDst && rest.load_assignment.is_some() {
         return Err(invalid(
             format!("{path}.load_assignment"),
@@ -779,6 +804,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         eds_wait,
         original_dst,
         upstream_bind,
+        tcp_keepalive,
     })
 }
 

@@ -262,6 +262,7 @@ pub type HostStream = tokio_util::either::Either<tokio::net::TcpStream, tokio::n
 async fn connect(
     address: &HostAddress,
     bind: Option<std::net::SocketAddr>,
+    keepalive: Option<&socket2::TcpKeepalive>,
 ) -> std::io::Result<HostStream> {
     use tokio_util::either::Either;
     match address {
@@ -274,6 +275,9 @@ async fn connect(
             // `upstream_bind_config` (Istio binds inbound passthrough to 127.0.0.6).
             if let Some(b) = bind {
                 sock.bind(b)?;
+            }
+            if let Some(k) = keepalive {
+                socket2::SockRef::from(&sock).set_tcp_keepalive(k)?;
             }
             let s = sock.connect(*a).await?;
             let _ = s.set_nodelay(true);
@@ -299,7 +303,11 @@ pub async fn connect_host(cluster: &Cluster, host: &Host) -> Result<HostStream, 
         host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
         Err(reason)
     };
-    let connecting = connect(&host.address, cluster.upstream_bind);
+    let connecting = connect(
+        &host.address,
+        cluster.upstream_bind,
+        cluster.tcp_keepalive.as_ref(),
+    );
     match tokio::time::timeout(cluster.connect_timeout, connecting).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(_)) => failed(ResetReason::ConnectionFailure),
@@ -411,5 +419,43 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    /// `upstream_connection_options.tcp_keepalive` reaches the socket.
+    #[tokio::test]
+    async fn keepalive_is_set_on_upstream_sockets() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = HostAddress::Ip(l.local_addr().expect("addr"));
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(300))
+            .with_interval(std::time::Duration::from_secs(7));
+        let s = connect(&addr, None, Some(&ka)).await.expect("connect");
+        let tokio_util::either::Either::Left(s) = s else {
+            panic!("an IP host gives a TCP stream")
+        };
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            std::time::Duration::from_secs(7)
+        );
+        let plain = connect(&addr, None, None).await.expect("connect");
+        let tokio_util::either::Either::Left(plain) = plain else {
+            panic!("an IP host gives a TCP stream")
+        };
+        assert!(!socket2::SockRef::from(&plain)
+            .keepalive()
+            .expect("SO_KEEPALIVE"));
     }
 }
