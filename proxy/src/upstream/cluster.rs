@@ -716,7 +716,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
     let tcp_keepalive = match rest.upstream_connection_options.take() {
         Some(o) => {
             let op = format!("{path}.upstream_connection_options");
-            let mut orest = o.clone();
+            let mut orest = o;
             let k = orest.tcp_keepalive.take();
             reject_unhandled(&orest, &op)?;
             k.map(|k| {
