@@ -370,6 +370,8 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("domain exact", b"GET / HTTP/1.1\r\nhost: exact.test\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain exact case-insensitive", b"GET / HTTP/1.1\r\nhost: EXACT.test\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain suffix", b"GET / HTTP/1.1\r\nhost: a.suffix.test\r\nconnection: close\r\n\r\n".to_vec()),
+        ("path with fragment", get("/up#frag", "")),
+        ("direct path with fragment", get("/direct#x", "")),
         ("attempt count headers", b"GET /a HTTP/1.1\r\nhost: attempts.test\r\nx-envoy-attempt-count: 7\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain longest suffix", b"GET / HTTP/1.1\r\nhost: a.long.suffix.test\r\nconnection: close\r\n\r\n".to_vec()),
         ("domain prefix", b"GET / HTTP/1.1\r\nhost: prefix.anything\r\nconnection: close\r\n\r\n".to_vec()),

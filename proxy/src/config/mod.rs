@@ -8,6 +8,7 @@ pub mod cluster_manager;
 pub mod duration;
 pub mod dynamic;
 pub mod overload;
+pub mod runtime;
 pub mod snapshot;
 pub mod xds_listeners;
 pub mod xds_sink;

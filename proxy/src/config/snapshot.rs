@@ -43,6 +43,8 @@ pub struct Snapshot {
     /// `application_log_config.log_format.text_format`.
     pub log_format: Option<String>,
     pub cluster_manager: super::cluster_manager::ClusterManagerConfig,
+    /// `layered_runtime`.
+    pub runtime: super::runtime::Runtime,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -121,10 +123,15 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let listeners_pb = std::mem::take(&mut srest.listeners);
     reject_unhandled(&srest, "static_resources")?;
     let log_format = application_log_format(rest.application_log_config.take(), opts)?;
+    let runtime = match rest.layered_runtime.take() {
+        Some(lr) => super::runtime::compile(&lr)?,
+        None => Default::default(),
+    };
     let cluster_manager = match rest.cluster_manager.take() {
         Some(c) => super::cluster_manager::compile(&c)?,
         None => Default::default(),
     };
+    // The overload manager's monitor, else the runtime key (its legacy form).
     let max_downstream_connections = match rest.overload_manager.take() {
         Some(o) => super::overload::compile(&o)?,
         None => None,
@@ -197,9 +204,11 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         dynamic_clusters: Default::default(),
         warming_clusters: Vec::new(),
         endpoint_configs: Default::default(),
-        max_downstream_connections,
+        max_downstream_connections: max_downstream_connections
+            .or(runtime.max_downstream_connections),
         log_format,
         cluster_manager,
+        runtime,
     })
 }
 

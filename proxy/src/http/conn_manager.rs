@@ -492,9 +492,19 @@ async fn process(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    if !hcm.path_policy.is_noop() {
+    let fragment = req
+        .extensions()
+        .get::<super::h1::FragmentInPath>()
+        .is_some()
+        && ctx.snapshot().runtime.reject_path_with_fragment;
+    if fragment || !hcm.path_policy.is_noop() {
         use super::path_normalization::PathOutcome;
-        match hcm.path_policy.apply(&path) {
+        let outcome = if fragment {
+            PathOutcome::Reject
+        } else {
+            hcm.path_policy.apply(&path)
+        };
+        match outcome {
             PathOutcome::Continue(p) => path = p,
             PathOutcome::Reject => {
                 return local_response(

@@ -69,6 +69,9 @@ pub async fn serve(
         let mut req = Request::new(RequestBody::H1(body));
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
+        if head.fragment {
+            req.extensions_mut().insert(super::FragmentInPath);
+        }
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
         let (upgrade_tx, upgrade_rx) = tokio::sync::oneshot::channel();

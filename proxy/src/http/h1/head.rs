@@ -16,6 +16,8 @@ pub enum Framing {
 pub struct Head {
     pub method: Method,
     pub uri: Uri,
+    /// The request target had a `#fragment` (which `Uri` drops).
+    pub fragment: bool,
     pub version: Version,
     pub headers: HeaderMap,
     pub framing: Framing,
@@ -148,11 +150,9 @@ fn parse_strict(buf: &[u8], limits: Limits) -> Result<Option<Head>, HeadError> {
         Some(0) => Version::HTTP_10,
         _ => return Err(HeadError::Malformed),
     };
-    let uri: Uri = req
-        .path
-        .unwrap_or("")
-        .parse()
-        .map_err(|_| HeadError::Malformed)?;
+    let target = req.path.unwrap_or("");
+    let fragment = target.contains('#');
+    let uri: Uri = target.parse().map_err(|_| HeadError::Malformed)?;
     if uri.path().is_empty() && method != Method::CONNECT {
         return Err(HeadError::Malformed);
     }
@@ -181,6 +181,7 @@ fn parse_strict(buf: &[u8], limits: Limits) -> Result<Option<Head>, HeadError> {
     Ok(Some(Head {
         method,
         uri,
+        fragment,
         version,
         headers,
         framing,

@@ -28,3 +28,8 @@ impl H1Upgrade {
         self.0.lock().ok().and_then(|mut r| r.take())
     }
 }
+
+/// Marks a request whose target had a `#fragment`: Envoy refuses it (400) unless the runtime
+/// key `envoy.reloadable_features.http_reject_path_with_fragment` is false (then it is dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct FragmentInPath;
