@@ -111,6 +111,9 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         Some(a) => {
             let mut arest = a.clone();
             let addr = listener::socket_addr(&arest.address.take(), "admin.address")?;
+            // Where `/cpuprofiler` would write: Petrel has no profiler endpoints (they answer
+            // 404), so nothing is ever written there.
+            arest.profile_path.clear();
             // Admin access logs are refused with the rest of access logging (issue #7).
             reject_unhandled(&arest, "admin")?;
             Some(addr)
