@@ -131,6 +131,43 @@ pub fn start_until(
     start_with(name, bin, config, admin, base_id, want, &[])
 }
 
+/// Starts `name` on `template` with each `(placeholder, value)` replaced (the bootstrap is
+/// written to a temporary file), with more command-line flags, once `/ready` says LIVE. The
+/// admin port is the value of the `ADMIN` placeholder.
+pub fn start_templated(
+    name: &'static str,
+    bin: &std::path::Path,
+    template: &str,
+    values: &[(&str, u16)],
+    flags: &[&str],
+) -> Proxy {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("petrel-tpl-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let path = dir.join(format!("{name}.yaml"));
+    let mut cfg = template.to_string();
+    for (k, v) in values {
+        cfg = cfg.replace(k, &v.to_string());
+    }
+    std::fs::write(&path, cfg).expect("write bootstrap");
+    let admin = values
+        .iter()
+        .find(|(k, _)| *k == "ADMIN")
+        .map(|(_, v)| *v)
+        .expect("an ADMIN placeholder");
+    let base_id = 900 + run + std::process::id() % 1000 * 40;
+    start_with(
+        name,
+        &bin.to_path_buf(),
+        &path,
+        admin,
+        base_id,
+        Ready::Live,
+        flags,
+    )
+}
+
 /// `start_until` with more command-line flags.
 pub fn start_with(
     name: &'static str,

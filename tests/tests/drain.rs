@@ -84,29 +84,18 @@ fn fate(mut c: TcpStream) -> String {
 }
 
 /// Runs the scenario on one proxy and describes what it saw.
-fn scenario(
-    name: &'static str,
-    bin: &std::path::Path,
-    query: &str,
-    strategy: &str,
-    run: u32,
-) -> Vec<String> {
+fn scenario(name: &'static str, bin: &std::path::Path, query: &str, strategy: &str) -> Vec<String> {
     let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("petrel-drain-{}-{run}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let path = dir.join(format!("{name}.yaml"));
-    let cfg = BOOTSTRAP
-        .replace("ADMIN", &admin.to_string())
-        .replace("PORT_IN", &inbound.to_string())
-        .replace("PORT_OUT", &outbound.to_string());
-    std::fs::write(&path, cfg).expect("write");
-    let _proxy = start_with(
+    let values = [
+        ("ADMIN", admin),
+        ("PORT_IN", inbound),
+        ("PORT_OUT", outbound),
+    ];
+    let _proxy = start_templated(
         name,
-        &bin.to_path_buf(),
-        &path,
-        admin,
-        300 + run * 7,
-        Ready::Live,
+        bin,
+        BOOTSTRAP,
+        &values,
         &["--drain-strategy", strategy],
     );
     let idle = kept_alive(inbound);
@@ -152,9 +141,9 @@ fn drain_listeners_like_envoy() {
         ("", "gradual"),
         ("?graceful&skip_exit", "immediate"),
     ];
-    for (i, (query, strategy)) in cases.iter().enumerate() {
-        let e = scenario("envoy", &envoy, query, strategy, 2 * i as u32);
-        let p = scenario("petrel", &petrel_bin(), query, strategy, 2 * i as u32 + 1);
+    for (query, strategy) in cases.iter() {
+        let e = scenario("envoy", &envoy, query, strategy);
+        let p = scenario("petrel", &petrel_bin(), query, strategy);
         assert_eq!(
             e, p,
             "/drain_listeners{query} with --drain-strategy {strategy}"

