@@ -80,6 +80,7 @@ pub fn reject_unhandled<M: Message + Name + Default + PartialEq>(
 }
 
 const TRAFFIC: &str = "comes with traffic management, issue #5";
+const SECURITY: &str = "comes with mesh security, issue #6";
 const OBSERVE: &str = "comes with observability, issue #7";
 
 /// Fields Petrel refuses today that a later issue brings, by message: the refusal says which
@@ -129,6 +130,11 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         &["access_log", "tracing"],
         OBSERVE,
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        &["forward_client_cert_details", "set_current_client_cert_details"],
+        SECURITY,
     ),
     (
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
