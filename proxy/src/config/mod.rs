@@ -133,7 +133,10 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        &["forward_client_cert_details", "set_current_client_cert_details"],
+        &[
+            "forward_client_cert_details",
+            "set_current_client_cert_details",
+        ],
         SECURITY,
     ),
     (
