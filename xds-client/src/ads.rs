@@ -292,10 +292,7 @@ impl Protocol for StateOfTheWorld {
     }
 
     fn subscribe(node: Option<Node>, type_url: &str, state: &TypeState) -> DiscoveryRequest {
-        let resource_names = match &state.interest {
-            Some(Interest::Names(n)) => n.iter().cloned().collect(),
-            _ => Vec::new(),
-        };
+        let resource_names = names_of(&state.interest);
         DiscoveryRequest {
             version_info: state.version.clone(),
             node,
@@ -348,7 +345,7 @@ struct Delta;
 fn names_of(interest: &Option<Interest>) -> Vec<String> {
     match interest {
         Some(Interest::Names(n)) => n.iter().cloned().collect(),
-        // Delta wildcard as Envoy asks for it: an empty first subscription (legacy wildcard).
+        // Wildcard as Envoy asks for it, in both protocols: no names (delta's legacy wildcard).
         // Wildcard types (CDS, LDS) never switch to names, so "*" is never needed.
         Some(Interest::Wildcard) => Vec::new(),
         None => Vec::new(),
