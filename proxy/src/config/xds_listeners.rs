@@ -45,7 +45,6 @@ pub struct InitState {
     pub lds_answered: bool,
     pub cds_timed_out: bool,
     pub lds_timed_out: bool,
-    pub clusters_warming: usize,
     clusters_done: bool,
     done: bool,
 }
@@ -377,7 +376,7 @@ impl XdsState {
         let (cds, lds) = (self.dynamic.cds, self.dynamic.lds);
         if !self.init.clusters_done {
             let answered = cds.is_none() || self.init.cds_answered || self.init.cds_timed_out;
-            if !answered || self.init.clusters_warming > 0 {
+            if !answered || !self.current.load().warming_clusters.is_empty() {
                 return;
             }
             self.init.clusters_done = true;

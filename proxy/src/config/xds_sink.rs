@@ -263,7 +263,6 @@ impl XdsState {
         self.store
             .gauge("cluster_manager.warming_clusters")
             .set(set.warming.len() as i64);
-        self.init.clusters_warming = set.warming.len();
         let mut next = snap.with_clusters(set.clusters, set.order);
         next.dynamic_clusters = set.dynamic;
         next.warming_clusters = set.warming;
