@@ -82,7 +82,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
-        Support::Refused(ISSUE_TRAFFIC),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",

@@ -3,6 +3,7 @@
 
 pub mod ads_server;
 pub mod netns;
+pub mod scripted;
 pub mod xds;
 
 use std::io::{Read, Write};

@@ -89,9 +89,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     (
         "envoy.config.route.v3.RouteAction",
         &[
-            "retry_policy",
-            "max_grpc_timeout",
-            "grpc_timeout_offset",
             "max_stream_duration",
             "hash_policy",
             "request_mirror_policies",
@@ -103,7 +100,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     (
         "envoy.config.route.v3.VirtualHost",
         &[
-            "retry_policy",
             "hedge_policy",
             "typed_per_filter_config",
             "include_is_timeout_retry_header",
@@ -117,13 +113,18 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     ),
     ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),
     (
-        "envoy.config.cluster.v3.Cluster",
+        "envoy.config.route.v3.RetryPolicy",
         &[
-            "circuit_breakers",
-            "outlier_detection",
-            "lb_subset_config",
-            "health_checks",
+            "per_try_idle_timeout",
+            "retry_priority",
+            "retry_options_predicates",
+            "rate_limited_retry_back_off",
         ],
+        TRAFFIC,
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        &["outlier_detection", "lb_subset_config", "health_checks"],
         TRAFFIC,
     ),
     (

@@ -33,16 +33,21 @@ use petrel_filters::http_filter::{
 
 pub type ResponseBody = Either<Full<Bytes>, IdleTimedBody<PooledBody>>;
 
-/// Headers Envoy removes from requests it considers external.
-const INTERNAL_ONLY: &[&str] = &[
+/// Headers Envoy removes from edge requests (external, with `use_remote_address`).
+const EDGE_ONLY: &[&str] = &[
     "x-envoy-decorator-operation",
     "x-envoy-downstream-service-cluster",
     "x-envoy-downstream-service-node",
+];
+
+/// Headers Envoy removes from every request that is not internal (`cleanInternalHeaders`).
+const INTERNAL_ONLY: &[&str] = &[
     "x-envoy-expected-rq-timeout-ms",
     "x-envoy-force-trace",
     "x-envoy-hedge-on-per-try-timeout",
     "x-envoy-ip-tags",
     "x-envoy-max-retries",
+    "x-envoy-original-url",
     "x-envoy-retriable-header-names",
     "x-envoy-retriable-status-codes",
     "x-envoy-retry-grpc-on",
@@ -602,11 +607,17 @@ async fn process(
         );
     }
     if external {
-        for h in INTERNAL_ONLY {
+        for h in EDGE_ONLY {
             headers.remove(*h);
         }
         if let Ok(v) = HeaderValue::from_str(&info.remote.ip().to_string()) {
             headers.insert(HeaderName::from_static("x-envoy-external-address"), v);
+        }
+    }
+    // Whatever is not internal may not steer Envoy (retries, timeouts, tracing).
+    if !internal {
+        for h in INTERNAL_ONLY {
+            headers.remove(*h);
         }
     }
     let rid = HeaderName::from_static("x-request-id");
@@ -621,6 +632,11 @@ async fn process(
 
     let snapshot = ctx.snapshot();
     let routes = hcm.route_table(&snapshot);
+    if !internal {
+        for h in &routes.internal_only_headers {
+            req.headers_mut().remove(h);
+        }
+    }
     let scheme = if hcm.use_remote_address {
         "http"
     } else {

@@ -82,25 +82,58 @@ impl LocalReply {
         )
     }
 
+    /// A retry policy's `per_try_timeout` ran out on the last attempt.
+    pub fn per_try_timeout() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream request timeout",
+            "UT",
+            "upstream_per_try_timeout",
+        )
+    }
+
+    /// A request the router could not turn into an upstream request.
+    pub fn invalid_request() -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "", "DPE", "invalid_request")
+    }
+
     /// Envoy's answer to a request its codec cannot decode.
     pub fn downstream_protocol_error() -> Self {
         Self::new(StatusCode::BAD_REQUEST, "Bad Request", "DPE", "codec_error")
     }
 
     pub fn upstream_reset(reason: crate::upstream::pool::ResetReason) -> Self {
+        Self::upstream_reset_after(reason, false)
+    }
+
+    /// The reset reply; after retries Envoy says the reason is the latest one.
+    pub fn upstream_reset_after(reason: crate::upstream::pool::ResetReason, retried: bool) -> Self {
         if reason == crate::upstream::pool::ResetReason::DownstreamBody {
             return Self::downstream_protocol_error();
         }
         let body = format!(
-            "upstream connect error or disconnect/reset before headers. reset reason: {}",
+            "upstream connect error or disconnect/reset before headers. {}reset reason: {}",
+            if retried {
+                "retried and the latest "
+            } else {
+                ""
+            },
             reason.as_str()
         );
-        Self::new(
+        let mut r = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             body,
             reason.flag(),
             "upstream_reset_before_response_started",
-        )
+        );
+        // A circuit breaker's refusal tells the client so.
+        if reason == crate::upstream::pool::ResetReason::Overflow {
+            r.headers.insert(
+                http::header::HeaderName::from_static("x-envoy-overloaded"),
+                HeaderValue::from_static("true"),
+            );
+        }
+        r
     }
 
     /// The body and headers as they go on the wire: a non-empty body gets `text/plain` unless the

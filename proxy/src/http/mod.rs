@@ -7,4 +7,5 @@ pub mod h1;
 pub mod local_reply;
 pub mod local_reply_config;
 pub mod path_normalization;
+pub mod replay;
 pub mod stream_timeouts;

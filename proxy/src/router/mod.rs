@@ -1,4 +1,6 @@
 //! The router: compiled route tables and the terminal filter that forwards to upstream clusters.
+pub mod retry_policy;
 pub mod route_config;
+pub mod timeouts;
 pub mod upstream_request;
 pub mod uri_template;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::retry_policy::RetryPolicy;
 use http::{HeaderMap, StatusCode};
 use petrel_filters::matcher::{FullRegex, HeaderMatch, StringMatcher};
 use xds_client::pb::envoy::config::route::v3 as pb;
@@ -61,6 +62,10 @@ pub struct VirtualHost {
     pub attempt_count_in_request: bool,
     /// `include_attempt_count_in_response`: `x-envoy-attempt-count` on upstream responses.
     pub attempt_count_in_response: bool,
+    /// The virtual host's `retry_policy`, for routes without their own.
+    pub retry_policy: Option<Arc<RetryPolicy>>,
+    /// `per_request_buffer_limit_bytes`: how much request body is kept for retries.
+    pub buffer_limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,6 +80,8 @@ pub struct Route {
     pub name: String,
     matcher: RouteMatcher,
     pub action: RouteAction,
+    /// `per_request_buffer_limit_bytes`, over the virtual host's.
+    pub buffer_limit: Option<u32>,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
 }
@@ -160,6 +167,13 @@ pub struct ForwardAction {
     pub host_rewrite: Option<HostRewrite>,
     /// `None` means no timeout (`0s`).
     pub timeout: Option<Duration>,
+    /// `retry_policy`: replaces the virtual host's entirely, as in Envoy.
+    pub retry_policy: Option<Arc<RetryPolicy>>,
+    /// `max_grpc_timeout`: when set, a gRPC request's `grpc-timeout` is its timeout, capped by
+    /// this (zero: no cap).
+    pub max_grpc_timeout: Option<Duration>,
+    /// `grpc_timeout_offset`, taken off the `grpc-timeout` value.
+    pub grpc_timeout_offset: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -456,6 +470,14 @@ fn compile_vhost(
     let (request_headers, response_headers) = take_header_mutations!(rest, path);
     let attempt_count_in_request = std::mem::take(&mut rest.include_request_attempt_count);
     let attempt_count_in_response = std::mem::take(&mut rest.include_attempt_count_in_response);
+    let retry_policy = match rest.retry_policy.take() {
+        Some(p) => Some(Arc::new(RetryPolicy::compile(
+            &p,
+            &format!("{path}.retry_policy"),
+        )?)),
+        None => None,
+    };
+    let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
     reject_unhandled(&rest, path)?;
     let routes = routes_pb
         .iter()
@@ -470,6 +492,8 @@ fn compile_vhost(
         require_tls,
         attempt_count_in_request,
         attempt_count_in_response,
+        retry_policy,
+        buffer_limit,
     })
 }
 
@@ -494,6 +518,7 @@ fn compile_route(
     // until the observability issue lands, so there is nothing for it to change yet.
     rest.decorator = None;
     let (request_headers, response_headers) = take_header_mutations!(rest, path);
+    let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
     reject_unhandled(&rest, path)?;
     let matcher = compile_match(&m, &format!("{path}.match"))?;
     let action = match action_pb {
@@ -526,6 +551,7 @@ fn compile_route(
         name,
         matcher,
         action,
+        buffer_limit,
         request_headers,
         response_headers,
     })
@@ -839,6 +865,24 @@ fn compile_forward(
         Some(d) => duration::optional_timeout(&Some(d), &format!("{path}.timeout"))?,
         None => Some(Duration::from_secs(15)),
     };
+    let retry_policy = match rest.retry_policy.take() {
+        Some(p) => Some(Arc::new(RetryPolicy::compile(
+            &p,
+            &format!("{path}.retry_policy"),
+        )?)),
+        None => None,
+    };
+    let max_grpc_timeout = match rest.max_grpc_timeout.take() {
+        Some(d) => Some(duration::to_std(&d, &format!("{path}.max_grpc_timeout"))?),
+        None => None,
+    };
+    let grpc_timeout_offset = match rest.grpc_timeout_offset.take() {
+        Some(d) => Some(duration::to_std(
+            &d,
+            &format!("{path}.grpc_timeout_offset"),
+        )?),
+        None => None,
+    };
     reject_unhandled(&rest, path)?;
     Ok(ForwardAction {
         cluster,
@@ -847,6 +891,9 @@ fn compile_forward(
         regex_rewrite,
         host_rewrite,
         timeout,
+        retry_policy,
+        max_grpc_timeout,
+        grpc_timeout_offset,
     })
 }
 

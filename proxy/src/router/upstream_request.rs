@@ -20,9 +20,16 @@ use crate::http::conn_manager::{
 };
 use crate::http::conn_manager_config::HcmConfig;
 use crate::http::local_reply::LocalReply;
+use crate::http::replay::Recording;
 use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity};
+use crate::upstream::circuit_breakers::Held;
 use crate::upstream::cluster::UpstreamProtocol;
-use crate::upstream::pool::PooledBody;
+use crate::upstream::cluster::{Cluster, Host};
+use crate::upstream::pool::{PooledBody, ResetReason, UpstreamBody};
+use std::time::Duration;
+
+use super::retry_policy::{RetryPolicy, RetryState, RetryStatus};
+use super::timeouts::Timeouts;
 use crate::worker::WorkerCtx;
 use petrel_filters::header_formatter::FormatContext;
 
@@ -50,14 +57,14 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 
 /// What the router adds to every upstream response: `x-envoy-upstream-service-time`, the
 /// attempt count when asked for, and the `server` header policy.
-fn router_response_headers(f: &Forward<'_>, headers: &mut http::HeaderMap) {
+fn router_response_headers(f: &Forward<'_>, attempts: u32, headers: &mut http::HeaderMap) {
     let elapsed = f.start.elapsed().as_millis() as u64;
     headers.insert(
         HeaderName::from_static("x-envoy-upstream-service-time"),
         HeaderValue::from(elapsed),
     );
     if f.vh.attempt_count_in_response {
-        headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
+        headers.insert(ATTEMPT_COUNT, HeaderValue::from(attempts));
     }
     apply_server_header(f.hcm, headers);
 }
@@ -81,6 +88,20 @@ fn reply(
     local_response(f.hcm, &r, f.form, request_headers)
 }
 
+/// A local reply the router sends once attempts have started: with `x-envoy-attempt-count`
+/// when the virtual host asks for it, as Envoy's router adds it to its own replies.
+fn router_reply(
+    f: &Forward<'_>,
+    mut r: LocalReply,
+    request_headers: Option<&http::HeaderMap>,
+    attempts: u32,
+) -> Response<ResponseBody> {
+    if f.vh.attempt_count_in_response && attempts > 0 {
+        r.headers.insert(ATTEMPT_COUNT, HeaderValue::from(attempts));
+    }
+    reply(f, r, request_headers)
+}
+
 /// The upstream host that answered, for response header formatters.
 #[derive(Clone)]
 pub struct ChosenHost(pub Arc<crate::upstream::cluster::Host>);
@@ -88,8 +109,119 @@ pub struct ChosenHost(pub Arc<crate::upstream::cluster::Host>);
 enum Outcome<T> {
     Response(T),
     RouteTimeout,
+    PerTryTimeout,
     StreamIdle,
     RequestTimeout,
+}
+
+/// The policy of a route and virtual host without one.
+static NO_RETRY_POLICY: std::sync::LazyLock<RetryPolicy> =
+    std::sync::LazyLock::new(RetryPolicy::default);
+
+/// Envoy's default retry buffer: the listener's `per_connection_buffer_limit_bytes` default.
+const RETRY_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// How one attempt ended, once the router has looked at it.
+enum Attempt {
+    /// Upstream response headers (retriable or not).
+    Answered(Box<Response<PooledBody>>),
+    /// Reset before response headers.
+    Reset(ResetReason),
+    PerTryTimeout,
+}
+
+/// A request's upstream attempts: the host chosen for each, the retry state and its hold on
+/// the cluster's `max_retries`.
+struct Attempts<'a> {
+    cluster: &'a Cluster,
+    policy: &'a RetryPolicy,
+    retry: Option<RetryState>,
+    /// Held from a retry's scheduling until the next decision, as Envoy holds it.
+    retry_slot: Option<Held>,
+    tried: Vec<Arc<Host>>,
+    count: u32,
+}
+
+impl Attempts<'_> {
+    /// Envoy's retry decision for an attempt's end. `Ok(backoff)` means try again; `Err` gives
+    /// the attempt back as the request's outcome.
+    fn decide(&mut self, attempt: Attempt, body_replayable: bool) -> Result<Duration, Attempt> {
+        let stats = &self.cluster.stats;
+        let Some(retry) = self.retry.as_mut() else {
+            return Err(attempt);
+        };
+        let would = match &attempt {
+            Attempt::Answered(r) => {
+                retry.would_retry_response(self.policy, r.status().as_u16(), r.headers())
+            }
+            Attempt::Reset(reason) => retry.would_retry_reset(
+                *reason,
+                !matches!(
+                    reason,
+                    ResetReason::ConnectionFailure
+                        | ResetReason::ConnectionTimeout
+                        | ResetReason::Overflow
+                ),
+            ),
+            Attempt::PerTryTimeout => retry.retries_per_try_timeout(),
+        };
+        // A retry in progress whose attempt is not retriable succeeded.
+        if self.retry_slot.take().is_some() && !would {
+            stats.upstream_rq_retry_success.inc();
+        }
+        if !would {
+            return Err(attempt);
+        }
+        if !body_replayable {
+            return Err(attempt);
+        }
+        let resources = &self.cluster.resources;
+        match retry.should_retry(|| resources.retries.can_create()) {
+            RetryStatus::Yes(backoff) => {
+                stats.upstream_rq_retry.inc();
+                stats.upstream_rq_retry_backoff_exponential.inc();
+                self.retry_slot = Some(Held::take(resources, |r| &r.retries));
+                if let Some(h) = self.tried.last() {
+                    h.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Attempt::Answered(r) = &attempt {
+                    self.cluster.retry_codes.charge(r.status().as_u16());
+                }
+                Ok(backoff)
+            }
+            RetryStatus::LimitExceeded => {
+                stats.upstream_rq_retry_limit_exceeded.inc();
+                Err(attempt)
+            }
+            RetryStatus::Overflow => {
+                stats.upstream_rq_retry_overflow.inc();
+                Err(attempt)
+            }
+            RetryStatus::No => Err(attempt),
+        }
+    }
+
+    /// The host for the next attempt: with `previous_hosts`, one not tried yet if the balancer
+    /// offers one within `host_selection_retry_max_attempts` picks.
+    fn choose(&mut self, f: &Forward<'_>, headers: &http::HeaderMap) -> Option<Arc<Host>> {
+        let pick = || {
+            f.ctx
+                .upstreams
+                .choose_host(self.cluster, f.info.original_dst, Some(headers))
+        };
+        let mut host = pick()?;
+        if self.policy.previous_hosts && !self.tried.is_empty() {
+            for _ in 1..self.policy.host_selection_max_attempts {
+                if !self.tried.iter().any(|t| Arc::ptr_eq(t, &host)) {
+                    break;
+                }
+                host = pick()?;
+            }
+        }
+        self.tried.push(host.clone());
+        self.count += 1;
+        Some(host)
+    }
 }
 
 pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<ResponseBody> {
@@ -119,19 +251,21 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             reply_headers.as_ref(),
         );
     };
-    let chosen = f
-        .ctx
-        .upstreams
-        .choose_host(cluster, f.info.original_dst, Some(req.headers()));
-    let Some(host) = chosen else {
-        cluster.stats.upstream_cx_none_healthy.inc();
-        // Envoy charges the cluster with the 503 it answers for it.
-        cluster.charge_response(503);
-        return reply(
-            &f,
-            LocalReply::no_healthy_upstream(),
-            reply_headers.as_ref(),
-        );
+    // The timeout and retry headers are consumed before anything else reads the request.
+    let policy = fwd.retry_policy.as_deref().or(f.vh.retry_policy.as_deref());
+    let timeouts = Timeouts::resolve(fwd, policy, req.headers_mut(), f.form.grpc);
+    let policy = policy.unwrap_or(&NO_RETRY_POLICY);
+    let retry = RetryState::create(policy, req.headers_mut());
+    let mut attempts = Attempts {
+        cluster,
+        policy,
+        retry,
+        retry_slot: None,
+        tried: Vec::new(),
+        count: 0,
+    };
+    let Some(mut host) = attempts.choose(&f, req.headers()) else {
+        return no_healthy_upstream(&f, cluster, reply_headers.as_ref());
     };
 
     // Shape the upstream request.
@@ -192,34 +326,30 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     let method = req.method().clone();
-    let new_host = match (
+    let literal_host = match (
         &fwd.host_rewrite,
         weighted.and_then(|w| w.host_rewrite_literal.clone()),
     ) {
         (_, Some(h)) => Some(h),
         (Some(HostRewrite::Literal(h)), _) => Some(h.clone()),
-        (Some(HostRewrite::Auto), _)
-            if cluster.discovery != crate::upstream::cluster::DiscoveryType::Static =>
-        {
-            HeaderValue::from_str(&host.hostname).ok()
-        }
         (Some(HostRewrite::Header(name)), _) => headers.get(name).cloned(),
         _ => None,
     };
-    if let (Some(_), Some(orig)) = (&new_host, &original_host) {
+    // `auto_host_rewrite` takes each attempt's host name (not for static clusters).
+    let auto_host = matches!(fwd.host_rewrite, Some(HostRewrite::Auto))
+        && literal_host.is_none()
+        && cluster.discovery != crate::upstream::cluster::DiscoveryType::Static;
+    let host_authority = |host: &Host| -> Option<HeaderValue> {
+        if auto_host {
+            HeaderValue::from_str(&host.hostname).ok()
+        } else {
+            literal_host.clone()
+        }
+    };
+    if let (Some(_), Some(orig)) = (host_authority(&host), &original_host) {
         headers.insert(
             HeaderName::from_static("x-envoy-original-host"),
             orig.clone(),
-        );
-    }
-    let authority = new_host.or(original_host);
-    if let Some(a) = &authority {
-        headers.insert(http::header::HOST, a.clone());
-    }
-    if let Some(t) = fwd.timeout {
-        headers.insert(
-            HeaderName::from_static("x-envoy-expected-rq-timeout-ms"),
-            HeaderValue::from(t.as_millis() as u64),
         );
     }
     let routes = f.routes;
@@ -254,24 +384,11 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             m.apply(&mut headers, &fctx);
         }
     }
-    // Without retries (issue #5) every request is attempt 1; the header overrides any value.
-    if f.vh.attempt_count_in_request {
-        headers.insert(ATTEMPT_COUNT, HeaderValue::from(1u32));
-    }
 
     let upstream_h2 = match cluster.protocol {
         crate::upstream::cluster::UpstreamProtocol::Http2 => true,
         UpstreamProtocol::Downstream => f.h2,
         UpstreamProtocol::Http1 => false,
-    };
-    let uri = if upstream_h2 {
-        let auth = authority
-            .as_ref()
-            .and_then(|a| a.to_str().ok())
-            .unwrap_or("localhost");
-        format!("http://{auth}{path}")
-    } else {
-        path
     };
     let empty_body_needs_length = req.body().is_end_stream()
         && !matches!(
@@ -282,16 +399,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 | http::Method::TRACE
                 | http::Method::CONNECT
         );
-    let mut builder = Request::builder().method(method).uri(uri);
-    builder = builder.version(if upstream_h2 {
-        http::Version::HTTP_2
-    } else {
-        http::Version::HTTP_11
-    });
     if upstream_h2 {
         headers.remove(http::header::HOST);
     }
-    let activity = StreamActivity::new(req.body().is_end_stream());
     // Envoy's codec states an empty body as `content-length: 0` except for GET, HEAD, DELETE, TRACE
     // and CONNECT (checked against Envoy in the differential suite).
     if empty_body_needs_length
@@ -300,91 +410,217 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     {
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     }
-    let Ok(mut up_req) = builder.body(Either::Left(DownstreamBody::new(
-        req.into_body(),
-        activity.clone(),
-    ))) else {
-        return reply(
-            &f,
-            LocalReply::new(http::StatusCode::BAD_REQUEST, "", "DPE", "invalid_request"),
-            reply_headers.as_ref(),
-        );
+    let activity = StreamActivity::new(req.body().is_end_stream());
+    let downstream = DownstreamBody::new(req.into_body(), activity.clone());
+    // A request that may be retried keeps a copy of its body to replay.
+    let limit = f
+        .route
+        .buffer_limit
+        .or(f.vh.buffer_limit)
+        .map(|l| l as usize)
+        .unwrap_or(RETRY_BUFFER_LIMIT);
+    let (mut direct, recording) = if attempts.retry.is_some() && downstream_upgrade.is_none() {
+        (None, Some(Recording::new(downstream, limit)))
+    } else {
+        (Some(downstream), None)
     };
-    *up_req.headers_mut() = headers;
+    let build = |mut h: http::HeaderMap,
+                 host: &Host,
+                 count: u32,
+                 body: UpstreamBody|
+     -> Option<Request<UpstreamBody>> {
+        let authority = host_authority(host).or_else(|| original_host.clone());
+        if let Some(a) = &authority {
+            if !upstream_h2 {
+                h.insert(http::header::HOST, a.clone());
+            }
+        }
+        timeouts.set_headers(&mut h, f.start.elapsed());
+        // The header overrides any value the client sent.
+        if f.vh.attempt_count_in_request {
+            h.insert(ATTEMPT_COUNT, HeaderValue::from(count));
+        }
+        let uri = if upstream_h2 {
+            let auth = authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or("localhost");
+            format!("http://{auth}{path}")
+        } else {
+            path.clone()
+        };
+        let mut r = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .version(if upstream_h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            })
+            .body(body)
+            .ok()?;
+        *r.headers_mut() = h;
+        Some(r)
+    };
 
-    let stats = &cluster.stats;
-    stats.upstream_rq_active.inc();
-    host.active_requests.fetch_add(1, Ordering::Relaxed);
     if let Some(down) = downstream_upgrade {
+        let body = Either::Left(direct.take().expect("an upgrade streams its body directly"));
+        let Some(up_req) = build(std::mem::take(&mut headers), &host, 1, body) else {
+            return reply(&f, LocalReply::invalid_request(), reply_headers.as_ref());
+        };
+        let stats = &cluster.stats;
+        stats.upstream_rq_active.inc();
+        host.active_requests.fetch_add(1, Ordering::Relaxed);
         return tunnel(&f, cluster, &host, up_req, down).await;
     }
-    let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
-    let outcome = {
-        let hcm = f.hcm;
-        let route_timeout = async {
-            match fwd.timeout {
-                Some(t) => tokio::time::sleep(t.saturating_sub(f.start.elapsed())).await,
-                None => std::future::pending().await,
-            }
-        };
-        let idle = async {
-            match hcm.stream_idle_timeout {
-                Some(t) => activity.idle_expired(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let request_timeout = async {
-            match hcm.request_timeout {
-                Some(t) => {
-                    activity
-                        .request_incomplete_at(tokio::time::Instant::from_std(f.start) + t)
-                        .await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = send => Outcome::Response(r),
-            _ = route_timeout => Outcome::RouteTimeout,
-            _ = idle => Outcome::StreamIdle,
-            _ = request_timeout => Outcome::RequestTimeout,
+
+    let stats = &cluster.stats;
+    let deadline = timeouts
+        .global
+        .map(|t| tokio::time::Instant::from_std(f.start) + t);
+    let until_deadline = || async move {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
         }
     };
-    host.active_requests.fetch_sub(1, Ordering::Relaxed);
-    stats.upstream_rq_active.dec();
-    let resp = match outcome {
-        Outcome::RouteTimeout => {
-            stats.upstream_rq_timeout.inc();
-            cluster.charge_response(504);
-            host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
-            host.record_response(504);
-            return reply(&f, LocalReply::upstream_timeout(), reply_headers.as_ref());
-        }
-        Outcome::StreamIdle => {
-            f.hcm.stats.downstream_rq_idle_timeout.inc();
-            return reply(
-                &f,
-                LocalReply::stream_idle_timeout(activity.request_complete()),
-                reply_headers.as_ref(),
-            );
-        }
-        Outcome::RequestTimeout => {
-            f.hcm.stats.downstream_rq_timeout.inc();
-            return reply(&f, LocalReply::request_timeout(), reply_headers.as_ref());
-        }
-        Outcome::Response(Err(reason)) => {
+    let resp = loop {
+        let body = match (&recording, direct.take()) {
+            (Some(rec), _) => Either::Right(rec.attempt()),
+            (None, Some(d)) => Either::Left(d),
+            (None, None) => unreachable!("only a recorded body allows a second attempt"),
+        };
+        let h = if recording.is_some() {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
+        let Some(up_req) = build(h, &host, attempts.count, body) else {
+            return reply(&f, LocalReply::invalid_request(), reply_headers.as_ref());
+        };
+        stats.upstream_rq_active.inc();
+        host.active_requests.fetch_add(1, Ordering::Relaxed);
+        let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
+        let outcome = {
+            let hcm = f.hcm;
+            let per_try = async {
+                match timeouts.per_try {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let idle = async {
+                match hcm.stream_idle_timeout {
+                    Some(t) => activity.idle_expired(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let request_timeout = async {
+                match hcm.request_timeout {
+                    Some(t) => {
+                        activity
+                            .request_incomplete_at(tokio::time::Instant::from_std(f.start) + t)
+                            .await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = send => Outcome::Response(r),
+                _ = until_deadline() => Outcome::RouteTimeout,
+                _ = per_try => Outcome::PerTryTimeout,
+                _ = idle => Outcome::StreamIdle,
+                _ = request_timeout => Outcome::RequestTimeout,
+            }
+        };
+        host.active_requests.fetch_sub(1, Ordering::Relaxed);
+        stats.upstream_rq_active.dec();
+        let attempt = match outcome {
+            Outcome::RouteTimeout => {
+                stats.upstream_rq_timeout.inc();
+                cluster.charge_response(504);
+                host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+                host.record_response(504);
+                return router_reply(
+                    &f,
+                    LocalReply::upstream_timeout(),
+                    reply_headers.as_ref(),
+                    attempts.count,
+                );
+            }
+            Outcome::StreamIdle => {
+                f.hcm.stats.downstream_rq_idle_timeout.inc();
+                return reply(
+                    &f,
+                    LocalReply::stream_idle_timeout(activity.request_complete()),
+                    reply_headers.as_ref(),
+                );
+            }
+            Outcome::RequestTimeout => {
+                f.hcm.stats.downstream_rq_timeout.inc();
+                return reply(&f, LocalReply::request_timeout(), reply_headers.as_ref());
+            }
+            Outcome::PerTryTimeout => {
+                stats.upstream_rq_per_try_timeout.inc();
+                host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+                Attempt::PerTryTimeout
+            }
             // A downstream body error is the client's fault, not the upstream's.
-            if reason != crate::upstream::pool::ResetReason::DownstreamBody {
+            Outcome::Response(Err(ResetReason::DownstreamBody)) => {
+                return reply(
+                    &f,
+                    LocalReply::upstream_reset(ResetReason::DownstreamBody),
+                    reply_headers.as_ref(),
+                );
+            }
+            Outcome::Response(Err(reason)) => Attempt::Reset(reason),
+            Outcome::Response(Ok(r)) => Attempt::Answered(Box::new(r)),
+        };
+        let replayable = recording.as_ref().is_some_and(|r| !r.overflowed());
+        if recording.as_ref().is_some_and(|r| r.overflowed()) && attempts.retry.take().is_some() {
+            stats.retry_or_shadow_abandoned.inc();
+        }
+        let backoff = match attempts.decide(attempt, replayable) {
+            Ok(b) => b,
+            Err(Attempt::Answered(r)) => break *r,
+            Err(Attempt::Reset(reason)) => {
                 cluster.charge_response(503);
                 host.record_response(503);
+                return router_reply(
+                    &f,
+                    LocalReply::upstream_reset_after(reason, attempts.count > 1),
+                    reply_headers.as_ref(),
+                    attempts.count,
+                );
             }
-            return reply(
-                &f,
-                LocalReply::upstream_reset(reason),
-                reply_headers.as_ref(),
-            );
+            Err(Attempt::PerTryTimeout) => {
+                cluster.charge_response(504);
+                host.record_response(504);
+                return router_reply(
+                    &f,
+                    LocalReply::per_try_timeout(),
+                    reply_headers.as_ref(),
+                    attempts.count,
+                );
+            }
+        };
+        // The backoff runs under the route timeout; no attempt is in flight, so a timeout here
+        // charges nothing upstream.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = until_deadline() => {
+                return router_reply(
+                    &f,
+                    LocalReply::upstream_timeout(),
+                    reply_headers.as_ref(),
+                    attempts.count,
+                );
+            }
         }
-        Outcome::Response(Ok(r)) => r,
+        let Some(next) = attempts.choose(&f, &headers) else {
+            return no_healthy_upstream(&f, cluster, reply_headers.as_ref());
+        };
+        host = next;
     };
     cluster.charge_response(resp.status().as_u16());
     host.record_response(resp.status().as_u16());
@@ -392,7 +628,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
     }
-    router_response_headers(&f, &mut parts.headers);
+    router_response_headers(&f, attempts.count, &mut parts.headers);
     if let Some(w) = weighted {
         let fctx = FormatContext {
             downstream_remote: f.remote,
@@ -413,6 +649,18 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         parts,
         Either::Right(IdleTimedBody::new(body, f.hcm.stream_idle_timeout)),
     )
+}
+
+/// Envoy's 503 `UH`, charged to the cluster.
+fn no_healthy_upstream(
+    f: &Forward<'_>,
+    cluster: &Cluster,
+    reply_headers: Option<&http::HeaderMap>,
+) -> Response<ResponseBody> {
+    cluster.stats.upstream_cx_none_healthy.inc();
+    // Envoy charges the cluster with the 503 it answers for it.
+    cluster.charge_response(503);
+    reply(f, LocalReply::no_healthy_upstream(), reply_headers)
 }
 
 /// Forwards an upgrade request; on `101` splices the two upgraded connections together.
@@ -454,7 +702,7 @@ async fn tunnel(
         });
     }
     let (mut parts, body) = resp.into_parts();
-    router_response_headers(f, &mut parts.headers);
+    router_response_headers(f, 1, &mut parts.headers);
     Response::from_parts(
         parts,
         Either::Right(IdleTimedBody::new(PooledBody::unpooled(body), None)),

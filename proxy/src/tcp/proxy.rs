@@ -136,13 +136,14 @@ pub async fn serve(
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };
-        if let Ok(s) = crate::upstream::pool::connect_host(&cluster, &host).await {
-            upstream = Some((s, host));
+        if let Ok((s, held)) = crate::upstream::pool::connect_host(&cluster, &host).await {
+            upstream = Some((s, host, held));
             break;
         }
     }
     // Connection failures (flag UF) close the downstream connection.
-    let Some((upstream, host)) = upstream else {
+    // `_connection` holds the cluster's `max_connections` slot while the relay runs.
+    let Some((upstream, host, _connection)) = upstream else {
         return;
     };
     let stats = &cluster.stats;

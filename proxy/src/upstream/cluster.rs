@@ -35,6 +35,16 @@ stat_struct!(ClusterStats {
     counter upstream_rq_timeout,
     counter upstream_rq_pending_total,
     counter upstream_cx_none_healthy,
+    counter upstream_cx_overflow,
+    counter upstream_rq_pending_overflow,
+    gauge upstream_rq_pending_active,
+    counter upstream_rq_per_try_timeout,
+    counter upstream_rq_retry,
+    counter upstream_rq_retry_success,
+    counter upstream_rq_retry_overflow,
+    counter upstream_rq_retry_limit_exceeded,
+    counter upstream_rq_retry_backoff_exponential,
+    counter retry_or_shadow_abandoned,
     gauge membership_total,
     gauge membership_healthy,
     gauge membership_degraded,
@@ -49,6 +59,8 @@ pub struct ResponseCodeStats {
     prefix: String,
     classes: [OnceLock<Arc<Counter>>; 5],
     codes: OnceLock<Box<[OnceLock<Arc<Counter>>]>>,
+    /// `upstream_rq_completed` under this prefix, created on first use (the `retry.` set).
+    completed: Option<OnceLock<Arc<Counter>>>,
 }
 
 impl ResponseCodeStats {
@@ -58,10 +70,24 @@ impl ResponseCodeStats {
             prefix: prefix.to_string(),
             classes: Default::default(),
             codes: OnceLock::new(),
+            completed: None,
         }
     }
 
-    fn charge(&self, status: u16) {
+    /// Also counts `upstream_rq_completed` under the prefix.
+    fn with_completed(mut self) -> Self {
+        self.completed = Some(OnceLock::new());
+        self
+    }
+
+    pub fn charge(&self, status: u16) {
+        if let Some(c) = &self.completed {
+            c.get_or_init(|| {
+                self.store
+                    .counter(&format!("{}upstream_rq_completed", self.prefix))
+            })
+            .inc();
+        }
         let class = (status / 100).clamp(1, 5) as usize;
         self.classes[class - 1]
             .get_or_init(|| {
@@ -218,6 +244,10 @@ pub struct Cluster {
     pub all_hosts: Vec<Arc<Host>>,
     pub stats: ClusterStats,
     pub codes: ResponseCodeStats,
+    /// `retry.upstream_rq_*`: responses a retry replaced.
+    pub retry_codes: ResponseCodeStats,
+    /// `circuit_breakers`, default priority: counts shared by every worker.
+    pub resources: Arc<super::circuit_breakers::Resources>,
     /// The cluster as configured, for `/config_dump`.
     /// The configuration it came from, encoded (a decoded `Cluster` proto takes kilobytes) and
     /// shared with the xDS state.
@@ -512,6 +542,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         ));
     }
     let alt = std::mem::take(&mut rest.alt_stat_name);
+    let circuit_breakers = rest.circuit_breakers.take();
     let discovery = match rest.cluster_discovery_type.take() {
         Some(pb::cluster::ClusterDiscoveryType::Type(t)) => {
             match pb::cluster::DiscoveryType::try_from(t) {
@@ -781,6 +812,12 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         .collect();
     let stat_prefix = format!("cluster.{}.", if alt.is_empty() { &name } else { &alt });
     let stats = ClusterStats::new(store, &stat_prefix);
+    let resources = super::circuit_breakers::compile(
+        circuit_breakers.as_ref(),
+        store,
+        &stat_prefix,
+        &format!("{path}.circuit_breakers"),
+    )?;
     stats.membership_total.set(all_hosts.len() as i64);
     stats.membership_healthy.set(all_hosts.len() as i64);
     stats.membership_degraded.set(0);
@@ -796,6 +833,9 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         hosts,
         all_hosts,
         codes: ResponseCodeStats::new(store, &stat_prefix),
+        retry_codes: ResponseCodeStats::new(store, &format!("{stat_prefix}retry."))
+            .with_completed(),
+        resources,
         stat_prefix,
         stats,
         source: ClusterSource::encode(c),

@@ -1,3 +1,4 @@
 //! Clusters, load balancing and per-worker connection pools.
+pub mod circuit_breakers;
 pub mod cluster;
 pub mod pool;

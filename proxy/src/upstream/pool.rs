@@ -13,17 +13,20 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use super::circuit_breakers::Held;
 use super::cluster::{Cluster, ClusterStats, Host, HostAddress, LbState};
 use crate::worker::LocalExec;
 
-/// A request body sent upstream: the downstream body as it streams, or a buffered one.
-pub type UpstreamBody = Either<crate::http::stream_timeouts::DownstreamBody, Full<Bytes>>;
+/// A request body sent upstream: the downstream body as it streams, or (when the request may be
+/// retried) an attempt's view of the recorded body.
+pub type UpstreamBody =
+    Either<crate::http::stream_timeouts::DownstreamBody, crate::http::replay::ReplayBody>;
 
 /// Why an upstream request failed before response headers, in Envoy's reset-reason words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,10 @@ pub enum ResetReason {
     ConnectionTimeout,
     ConnectionTermination,
     ProtocolError,
+    /// The upstream refused the HTTP/2 stream (`REFUSED_STREAM`).
+    RefusedStream,
+    /// A circuit breaker refused the request (`max_requests`, `max_pending_requests`).
+    Overflow,
     /// Not an upstream failure: the downstream request body could not be decoded while it was
     /// being forwarded (bad chunking and the like).
     DownstreamBody,
@@ -45,6 +52,8 @@ impl ResetReason {
             ResetReason::ConnectionTimeout => "connection timeout",
             ResetReason::ConnectionTermination => "connection termination",
             ResetReason::ProtocolError => "protocol error",
+            ResetReason::RefusedStream => "remote refused stream reset",
+            ResetReason::Overflow => "overflow",
             ResetReason::DownstreamBody => "downstream protocol error",
         }
     }
@@ -54,6 +63,8 @@ impl ResetReason {
             ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout => "UF",
             ResetReason::ConnectionTermination => "UC",
             ResetReason::ProtocolError => "UPE",
+            ResetReason::RefusedStream => "UR",
+            ResetReason::Overflow => "UO",
             ResetReason::DownstreamBody => "DPE",
         }
     }
@@ -65,10 +76,94 @@ struct IdleH1 {
     used: u32,
 }
 
+/// What a request waiting in a pool's queue is given: a connection, or leave to open one
+/// because a connection of this pool closed.
+enum Slot {
+    Ready(IdleH1),
+    Connect,
+}
+
 #[derive(Default)]
 struct HostPool {
     idle: RefCell<Vec<IdleH1>>,
     h2: RefCell<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Requests waiting for a connection (Envoy's pending requests), oldest first.
+    waiters: RefCell<std::collections::VecDeque<tokio::sync::oneshot::Sender<Slot>>>,
+    /// This pool's connections, open or opening.
+    conns: std::cell::Cell<usize>,
+}
+
+impl HostPool {
+    /// A connection finished a request: the oldest waiting request gets it, else it idles.
+    fn release(&self, mut c: IdleH1) {
+        loop {
+            let Some(w) = self.waiters.borrow_mut().pop_front() else {
+                break;
+            };
+            match w.send(Slot::Ready(c)) {
+                Ok(()) => return,
+                Err(Slot::Ready(back)) => c = back,
+                Err(Slot::Connect) => return,
+            }
+        }
+        self.idle.borrow_mut().push(c);
+    }
+
+    /// A connection closed: the oldest waiting request may open a new one.
+    fn closed(&self) {
+        self.conns.set(self.conns.get().saturating_sub(1));
+        loop {
+            let Some(w) = self.waiters.borrow_mut().pop_front() else {
+                return;
+            };
+            if w.send(Slot::Connect).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// A ready idle connection, if any (stale ones are dropped).
+    fn take_idle(&self, idle_timeout: Option<std::time::Duration>) -> Option<IdleH1> {
+        let mut idle = self.idle.borrow_mut();
+        while let Some(c) = idle.pop() {
+            let stale = idle_timeout.is_some_and(|t| c.since.elapsed() >= t);
+            if !stale && c.sender.is_ready() {
+                return Some(c);
+            }
+        }
+        None
+    }
+}
+
+/// A request counted as pending (`upstream_rq_pending_active`, `max_pending_requests`) while
+/// it waits for a connection.
+struct Pending<'a> {
+    stats: &'a ClusterStats,
+    _held: Held,
+}
+
+impl<'a> Pending<'a> {
+    fn start(cluster: &'a Cluster) -> Pending<'a> {
+        cluster.stats.upstream_rq_pending_total.inc();
+        cluster.stats.upstream_rq_pending_active.inc();
+        Pending {
+            stats: &cluster.stats,
+            _held: Held::take(&cluster.resources, |r| &r.pending_requests),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.stats.upstream_rq_pending_active.dec();
+    }
+}
+
+/// Envoy's checks before a request may join a pool: `max_requests`, then (when it would have
+/// to wait for a connection) `max_pending_requests`. Both overflow as `upstream_rq_pending_overflow`.
+fn overflowed(cluster: &Cluster) -> ResetReason {
+    cluster.stats.upstream_rq_pending_overflow.inc();
+    ResetReason::Overflow
 }
 
 /// An ORIGINAL_DST host: its cluster and address.
@@ -170,20 +265,21 @@ impl WorkerUpstreams {
         host: &Arc<Host>,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ResetReason> {
-        let io = tcp(cluster, host).await?;
+        let (io, held) = tcp(cluster, host).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|_| ResetReason::ConnectionFailure)?;
         cluster.stats.upstream_cx_http1_total.inc();
-        track(&cluster.stats, host, conn.with_upgrades());
+        track(&cluster.stats, host, conn.with_upgrades(), held, None);
         // Envoy counts an upstream request once it has a connection to go on.
         cluster.stats.upstream_rq_total.inc();
         host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
         sender.send_request(req).await.map_err(|e| classify(&e))
     }
 
-    /// Sends a request to `host`, over a pooled connection or a new one.
+    /// Sends a request to `host`, over a pooled connection or a new one, within the cluster's
+    /// circuit breakers.
     pub async fn send(
         &self,
         cluster: &Cluster,
@@ -191,48 +287,44 @@ impl WorkerUpstreams {
         h2: bool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, ResetReason> {
+        if !cluster.resources.requests.can_create() {
+            return Err(overflowed(cluster));
+        }
         let pool = self.pool(&host.address, h2);
         if h2 {
             let existing = pool.h2.borrow().clone().filter(|s| s.is_ready());
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
+                    if !cluster.resources.pending_requests.can_create() {
+                        return Err(overflowed(cluster));
+                    }
                     // The request waits for a new connection: Envoy counts it as pending.
-                    cluster.stats.upstream_rq_pending_total.inc();
+                    let _pending = Pending::start(cluster);
                     let s = connect_h2(cluster, host).await?;
                     *pool.h2.borrow_mut() = Some(s.clone());
                     s
                 }
             };
-            cluster.stats.upstream_rq_total.inc();
-            host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+            let request = attach(cluster, host);
             let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
             return Ok(resp.map(|b| PooledBody {
                 inner: b,
                 give_back: None,
+                _request: Some(request),
             }));
         }
-        let reusable = {
-            let mut idle = pool.idle.borrow_mut();
-            let mut found = None;
-            while let Some(c) = idle.pop() {
-                let stale = cluster.idle_timeout.is_some_and(|t| c.since.elapsed() >= t);
-                if !stale && c.sender.is_ready() {
-                    found = Some(c);
-                    break;
-                }
-            }
-            found
-        };
-        let (mut sender, used) = match reusable {
+        let (mut sender, used) = match pool.take_idle(cluster.idle_timeout) {
             Some(c) => (c.sender, c.used),
             None => {
-                cluster.stats.upstream_rq_pending_total.inc();
-                (connect_h1(cluster, host).await?, 0)
+                if !cluster.resources.pending_requests.can_create() {
+                    return Err(overflowed(cluster));
+                }
+                let _pending = Pending::start(cluster);
+                self.wait_for_h1(cluster, host, &pool).await?
             }
         };
-        cluster.stats.upstream_rq_total.inc();
-        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+        let request = attach(cluster, host);
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
@@ -240,8 +332,40 @@ impl WorkerUpstreams {
         Ok(resp.map(|b| PooledBody {
             inner: b,
             give_back,
+            _request: Some(request),
         }))
     }
+
+    /// A pending HTTP/1.1 request gets a connection: a new one when `max_connections` allows (or
+    /// this pool has none at all, as Envoy always lets a pool open its first), else the next one
+    /// this pool frees.
+    async fn wait_for_h1(
+        &self,
+        cluster: &Cluster,
+        host: &Arc<Host>,
+        pool: &Rc<HostPool>,
+    ) -> Result<(http1::SendRequest<UpstreamBody>, u32), ResetReason> {
+        loop {
+            if cluster.resources.connections.can_create() || pool.conns.get() == 0 {
+                return Ok((connect_h1(cluster, host, pool).await?, 0));
+            }
+            cluster.stats.upstream_cx_overflow.inc();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            pool.waiters.borrow_mut().push_back(tx);
+            match rx.await {
+                Ok(Slot::Ready(c)) if c.sender.is_ready() => return Ok((c.sender, c.used)),
+                // A connection closed (or the one handed over died): try to open one.
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// A request attached to a connection: counted against `max_requests` until its response ends.
+fn attach(cluster: &Cluster, host: &Host) -> Held {
+    cluster.stats.upstream_rq_total.inc();
+    host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+    Held::take(&cluster.resources, |r| &r.requests)
 }
 
 fn classify(e: &hyper::Error) -> ResetReason {
@@ -251,9 +375,23 @@ fn classify(e: &hyper::Error) -> ResetReason {
         ResetReason::DownstreamBody
     } else if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
         ResetReason::ProtocolError
+    } else if refused_stream(e) {
+        ResetReason::RefusedStream
     } else {
         ResetReason::ConnectionTermination
     }
+}
+
+/// An HTTP/2 `REFUSED_STREAM` reset from the upstream.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A connection to an upstream host: TCP, or a Unix socket for `pipe` hosts.
@@ -289,13 +427,20 @@ async fn connect(
     }
 }
 
-async fn tcp(cluster: &Cluster, host: &Host) -> Result<TokioIo<HostStream>, ResetReason> {
-    connect_host(cluster, host).await.map(TokioIo::new)
+async fn tcp(cluster: &Cluster, host: &Host) -> Result<(TokioIo<HostStream>, Held), ResetReason> {
+    connect_host(cluster, host)
+        .await
+        .map(|(s, held)| (TokioIo::new(s), held))
 }
 
-/// Opens a connection to `host` within the cluster's `connect_timeout`, counting it.
-pub async fn connect_host(cluster: &Cluster, host: &Host) -> Result<HostStream, ResetReason> {
+/// Opens a connection to `host` within the cluster's `connect_timeout`, counting it; the
+/// returned hold keeps it counted against `max_connections` until dropped.
+pub async fn connect_host(
+    cluster: &Cluster,
+    host: &Host,
+) -> Result<(HostStream, Held), ResetReason> {
     let stats = &cluster.stats;
+    let held = Held::take(&cluster.resources, |r| &r.connections);
     stats.upstream_cx_total.inc();
     host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
     let failed = |reason| {
@@ -309,7 +454,7 @@ pub async fn connect_host(cluster: &Cluster, host: &Host) -> Result<HostStream, 
         cluster.tcp_keepalive.as_ref(),
     );
     match tokio::time::timeout(cluster.connect_timeout, connecting).await {
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(s)) => Ok((s, held)),
         Ok(Err(_)) => failed(ResetReason::ConnectionFailure),
         Err(_) => {
             stats.upstream_cx_connect_timeout.inc();
@@ -319,8 +464,14 @@ pub async fn connect_host(cluster: &Cluster, host: &Host) -> Result<HostStream, 
 }
 
 /// Keeps `upstream_cx_active`/`upstream_cx_destroy` (cluster) and `cx_active` (host) right for
-/// a connection task.
-fn track<F: std::future::Future + 'static>(stats: &ClusterStats, host: &Arc<Host>, conn: F) {
+/// a connection task, holds its `max_connections` slot, and tells its pool when it closes.
+fn track<F: std::future::Future + 'static>(
+    stats: &ClusterStats,
+    host: &Arc<Host>,
+    conn: F,
+    held: Held,
+    pool: Option<Rc<HostPool>>,
+) {
     let stats = stats.clone();
     let host = host.clone();
     stats.upstream_cx_active.inc();
@@ -330,34 +481,53 @@ fn track<F: std::future::Future + 'static>(stats: &ClusterStats, host: &Arc<Host
         stats.upstream_cx_active.dec();
         stats.upstream_cx_destroy.inc();
         host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
+        drop(held);
+        if let Some(p) = pool {
+            p.closed();
+        }
     });
 }
 
 async fn connect_h1(
     cluster: &Cluster,
     host: &Arc<Host>,
+    pool: &Rc<HostPool>,
 ) -> Result<http1::SendRequest<UpstreamBody>, ResetReason> {
-    let io = tcp(cluster, host).await?;
-    let (sender, conn) = http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|_| ResetReason::ConnectionFailure)?;
-    cluster.stats.upstream_cx_http1_total.inc();
-    track(&cluster.stats, host, conn);
-    Ok(sender)
+    // Counted from the start of the attempt, so concurrent requests see it opening.
+    pool.conns.set(pool.conns.get() + 1);
+    let opened = async {
+        let (io, held) = tcp(cluster, host).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|_| ResetReason::ConnectionFailure)?;
+        Ok::<_, ResetReason>((sender, conn, held))
+    }
+    .await;
+    match opened {
+        Ok((sender, conn, held)) => {
+            cluster.stats.upstream_cx_http1_total.inc();
+            track(&cluster.stats, host, conn, held, Some(pool.clone()));
+            Ok(sender)
+        }
+        Err(e) => {
+            pool.closed();
+            Err(e)
+        }
+    }
 }
 
 async fn connect_h2(
     cluster: &Cluster,
     host: &Arc<Host>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
-    let io = tcp(cluster, host).await?;
+    let (io, held) = tcp(cluster, host).await?;
     let (sender, conn) = http2::Builder::new(LocalExec)
         .handshake(io)
         .await
         .map_err(|_| ResetReason::ConnectionFailure)?;
     cluster.stats.upstream_cx_http2_total.inc();
-    track(&cluster.stats, host, conn);
+    track(&cluster.stats, host, conn, held, None);
     Ok(sender)
 }
 
@@ -372,6 +542,8 @@ struct GiveBack {
 pub struct PooledBody {
     inner: Incoming,
     give_back: Option<GiveBack>,
+    /// The request's `max_requests` slot, held until the response ends.
+    _request: Option<Held>,
 }
 
 impl PooledBody {
@@ -380,12 +552,14 @@ impl PooledBody {
         PooledBody {
             inner,
             give_back: None,
+            _request: None,
         }
     }
 
     fn finish(&mut self) {
+        self._request = None;
         if let Some(g) = self.give_back.take() {
-            g.pool.idle.borrow_mut().push(IdleH1 {
+            g.pool.release(IdleH1 {
                 sender: g.sender,
                 since: Instant::now(),
                 used: g.used,

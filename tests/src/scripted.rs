@@ -1,0 +1,148 @@
+//! A scripted HTTP upstream for retry, timeout and circuit-breaker tests: each request names a
+//! script (`x-script: 503,reset,200`) and an id (`x-id`); the n-th request with that id plays
+//! the n-th step (the last one repeats). It counts the attempts per id and answers with JSON of
+//! what that attempt received.
+//!
+//! Steps: a status code (`503`), `reset` (close the connection without answering), `hang`
+//! (answer after 5 s), `grpc14` (a gRPC trailers-only `UNAVAILABLE`), `hdr` (200 with
+//! `x-retry-me: yes`), `delay<ms>` (200 after that many milliseconds).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Attempts seen per id.
+pub type Seen = Arc<Mutex<HashMap<String, u32>>>;
+
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("scripted reset")
+    }
+}
+
+impl std::error::Error for Reset {}
+
+/// Starts the upstream; `name` is put in every answer (`x-upstream-name`).
+pub fn start_scripted(name: &'static str) -> (u16, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind scripted");
+    let port = l.local_addr().expect("addr").port();
+    let seen: Seen = Arc::default();
+    let state = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async move {
+            l.set_nonblocking(true).expect("nonblocking");
+            let l = tokio::net::TcpListener::from_std(l).expect("listener");
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let state = state.clone();
+                            async move { answer(name, &state, req).await }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    (port, seen)
+}
+
+async fn answer(
+    name: &'static str,
+    state: &Seen,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, Reset> {
+    use http_body_util::BodyExt;
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    // `x-script-<name>` scripts one upstream of several.
+    let own = h(&format!("x-script-{name}"));
+    let (id, script) = (h("x-id"), if own.is_empty() { h("x-script") } else { own });
+    let seen_headers: Vec<String> = [
+        "x-envoy-attempt-count",
+        "x-envoy-expected-rq-timeout-ms",
+        "grpc-timeout",
+        "x-envoy-retry-on",
+        "x-envoy-max-retries",
+        "x-envoy-upstream-rq-timeout-ms",
+    ]
+    .iter()
+    .filter(|n| req.headers().contains_key(**n))
+    .map(|n| format!("{n}={}", h(n)))
+    .collect();
+    let n = {
+        let mut s = state.lock().expect("state");
+        let c = s.entry(id.clone()).or_default();
+        *c += 1;
+        *c
+    };
+    let steps: Vec<&str> = script.split(',').map(str::trim).collect();
+    let step = steps
+        .get(n as usize - 1)
+        .or(steps.last())
+        .copied()
+        .unwrap_or("200")
+        .to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let json = serde_json::json!({
+        "upstream": name,
+        "attempt": n,
+        "headers": seen_headers,
+        "body": String::from_utf8_lossy(&body),
+    })
+    .to_string();
+    let mut status = 200u16;
+    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(json)));
+    match step.as_str() {
+        "reset" => return Err(Reset),
+        "hang" => tokio::time::sleep(Duration::from_secs(5)).await,
+        "grpc14" => {
+            resp.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            resp.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("14"));
+        }
+        "hdr" => {
+            resp.headers_mut()
+                .insert("x-retry-me", http::HeaderValue::from_static("yes"));
+        }
+        s if s.starts_with("delay") => {
+            let ms = s[5..].parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        s => status = s.parse().unwrap_or(200),
+    }
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    resp.headers_mut()
+        .insert("x-upstream-name", http::HeaderValue::from_static(name));
+    Ok(resp)
+}

