@@ -78,7 +78,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
-        Support::Refused(ISSUE_TRAFFIC),
+        Support::Supported,
     ),
     (
         "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",

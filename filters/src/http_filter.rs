@@ -22,6 +22,8 @@ pub struct LocalReply {
     pub details: &'static str,
     /// Extra response headers (e.g. `x-envoy-overloaded`).
     pub headers: HeaderMap,
+    /// The gRPC status a gRPC request is answered with (else derived from `status`).
+    pub grpc_status: Option<u32>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -29,6 +31,48 @@ pub enum FilterStatus {
     Continue,
     /// Stop iteration and answer with this local reply.
     LocalReply(Box<LocalReply>),
+    /// Hold the request this long, then call the filter's `resume` (a fault delay).
+    Pause(std::time::Duration),
+}
+
+/// A route's compiled `typed_per_filter_config` entry, downcast by the filter that owns it.
+pub type RouteFilterConfig = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+/// `typed_per_filter_config` of one route, virtual host or route configuration, by filter name.
+#[derive(Clone, Default)]
+pub struct PerFilterConfigs(Vec<(String, RouteFilterConfig)>);
+
+impl PerFilterConfigs {
+    pub fn new(configs: Vec<(String, RouteFilterConfig)>) -> Self {
+        PerFilterConfigs(configs)
+    }
+    pub fn get(&self, filter: &str) -> Option<&RouteFilterConfig> {
+        self.0.iter().find(|(n, _)| n == filter).map(|(_, c)| c)
+    }
+}
+
+impl std::fmt::Debug for PerFilterConfigs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+/// What a decoder filter knows of the route the request took.
+#[derive(Clone, Copy)]
+pub struct RouteInfo<'a> {
+    /// The route's cluster when it names one.
+    pub cluster: Option<&'a str>,
+    /// Per-filter configs, most specific first (route, then virtual host).
+    pub configs: [&'a PerFilterConfigs; 2],
+}
+
+impl<'a> RouteInfo<'a> {
+    /// The most specific per-filter config for `filter`.
+    pub fn config(&self, filter: &str) -> Option<&'a RouteFilterConfig> {
+        self.configs.iter().find_map(|c| c.get(filter))
+    }
 }
 
 /// Facts about the stream every filter may read.
@@ -46,6 +90,8 @@ pub struct RequestHead<'a> {
     pub path: &'a str,
     pub headers: &'a mut HeaderMap,
     pub info: &'a StreamInfo,
+    /// The route, when one matched.
+    pub route: Option<RouteInfo<'a>>,
 }
 
 /// Response-side view an encoder filter gets.
@@ -58,6 +104,10 @@ pub struct ResponseHead<'a> {
 /// One stream's instance of a filter (created per request by its factory, on one worker).
 pub trait HttpFilter {
     fn decode_headers(&mut self, _req: &mut RequestHead<'_>, _end_stream: bool) -> FilterStatus {
+        FilterStatus::Continue
+    }
+    /// After a `Pause`: how the request goes on.
+    fn resume(&mut self, _req: &mut RequestHead<'_>) -> FilterStatus {
         FilterStatus::Continue
     }
     fn encode_headers(&mut self, _resp: &mut ResponseHead<'_>) -> FilterStatus {

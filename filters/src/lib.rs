@@ -9,6 +9,7 @@ pub mod header_formatter;
 pub mod http;
 pub mod http_filter;
 pub mod matcher;
+pub mod stats;
 pub mod substitution;
 pub mod time;
 

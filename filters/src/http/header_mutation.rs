@@ -186,6 +186,7 @@ mod tests {
             path: "/",
             headers: &mut h,
             info: &info,
+            route: None,
         };
         assert_eq!(
             filter.decode_headers(&mut head, true),

@@ -99,16 +99,7 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "envoy.config.route.v3.VirtualHost",
-        &[
-            "hedge_policy",
-            "typed_per_filter_config",
-            "include_is_timeout_retry_header",
-        ],
-        TRAFFIC,
-    ),
-    (
-        "envoy.config.route.v3.Route",
-        &["typed_per_filter_config"],
+        &["hedge_policy", "include_is_timeout_retry_header"],
         TRAFFIC,
     ),
     ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),

@@ -667,14 +667,25 @@ async fn process(
     let mut chain: Vec<Box<dyn HttpFilter>> = hcm.filters.iter().map(|f| f.create()).collect();
     let end_stream = http_body::Body::is_end_stream(req.body());
     let mut filter_reply = None;
+    let route_info = selected.map(|(vh, route)| petrel_filters::http_filter::RouteInfo {
+        cluster: route.cluster_name(),
+        configs: [&route.per_filter, &vh.per_filter],
+    });
     for filter in chain.iter_mut() {
         let mut head = RequestHead {
             method: &method,
             path: &path,
             headers: req.headers_mut(),
             info: &stream_info,
+            route: route_info,
         };
-        if let FilterStatus::LocalReply(r) = filter.decode_headers(&mut head, end_stream) {
+        let mut status = filter.decode_headers(&mut head, end_stream);
+        // A fault delay holds the request, then the filter says how it goes on.
+        while let FilterStatus::Pause(d) = status {
+            tokio::time::sleep(d).await;
+            status = filter.resume(&mut head);
+        }
+        if let FilterStatus::LocalReply(r) = status {
             filter_reply = Some(LocalReply::from(*r));
             break;
         }

@@ -234,7 +234,13 @@ pub fn compile(
             saw_router = true;
             continue;
         }
-        match petrel_filters::http::factory(&f.name, &any, &format!("{fp}.typed_config")) {
+        match petrel_filters::http::factory(
+            &f.name,
+            &any,
+            &format!("{fp}.typed_config"),
+            store,
+            &format!("http.{stat_prefix}."),
+        ) {
             Some(factory) => {
                 filters.push(factory?);
                 continue;

@@ -17,6 +17,8 @@ pub struct LocalReply {
     /// `%RESPONSE_CODE_DETAILS%`.
     pub details: &'static str,
     pub headers: HeaderMap,
+    /// The gRPC status for gRPC requests, when not derived from `status`.
+    pub grpc_status: Option<u32>,
 }
 
 impl LocalReply {
@@ -32,6 +34,7 @@ impl LocalReply {
             flag,
             details,
             headers: HeaderMap::new(),
+            grpc_status: None,
         }
     }
 
@@ -176,10 +179,10 @@ impl LocalReply {
     pub fn render_grpc(&self) -> (StatusCode, HeaderMap, Bytes) {
         let mut h = self.headers.clone();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert(
-            "grpc-status",
-            HeaderValue::from(http_to_grpc_status(self.status.as_u16())),
-        );
+        let grpc = self
+            .grpc_status
+            .unwrap_or_else(|| http_to_grpc_status(self.status.as_u16()));
+        h.insert("grpc-status", HeaderValue::from(grpc));
         let msg = if self.body.is_empty() {
             self.status.canonical_reason().unwrap_or("").to_string()
         } else {
@@ -202,6 +205,7 @@ impl From<petrel_filters::http_filter::LocalReply> for LocalReply {
             flag: r.response_flag,
             details: r.details,
             headers: r.headers,
+            grpc_status: r.grpc_status,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::retry_policy::RetryPolicy;
 use http::{HeaderMap, StatusCode};
+use petrel_filters::http_filter::PerFilterConfigs;
 use petrel_filters::matcher::{FullRegex, HeaderMatch, StringMatcher};
 use xds_client::pb::envoy::config::route::v3 as pb;
 use xds_client::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
@@ -66,6 +67,8 @@ pub struct VirtualHost {
     pub retry_policy: Option<Arc<RetryPolicy>>,
     /// `per_request_buffer_limit_bytes`: how much request body is kept for retries.
     pub buffer_limit: Option<u32>,
+    /// `typed_per_filter_config`, for routes without their own entry.
+    pub per_filter: PerFilterConfigs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,6 +85,8 @@ pub struct Route {
     pub action: RouteAction,
     /// `per_request_buffer_limit_bytes`, over the virtual host's.
     pub buffer_limit: Option<u32>,
+    /// `typed_per_filter_config`: filter settings for this route, by filter name.
+    pub per_filter: PerFilterConfigs,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
 }
@@ -478,6 +483,7 @@ fn compile_vhost(
         None => None,
     };
     let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
+    let per_filter = per_filter_configs(&std::mem::take(&mut rest.typed_per_filter_config), path)?;
     reject_unhandled(&rest, path)?;
     let routes = routes_pb
         .iter()
@@ -494,6 +500,7 @@ fn compile_vhost(
         attempt_count_in_response,
         retry_policy,
         buffer_limit,
+        per_filter,
     })
 }
 
@@ -519,6 +526,7 @@ fn compile_route(
     rest.decorator = None;
     let (request_headers, response_headers) = take_header_mutations!(rest, path);
     let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
+    let per_filter = per_filter_configs(&std::mem::take(&mut rest.typed_per_filter_config), path)?;
     reject_unhandled(&rest, path)?;
     let matcher = compile_match(&m, &format!("{path}.match"))?;
     let action = match action_pb {
@@ -552,9 +560,34 @@ fn compile_route(
         matcher,
         action,
         buffer_limit,
+        per_filter,
         request_headers,
         response_headers,
     })
+}
+
+/// `typed_per_filter_config`: each entry compiled by the filter that takes its type, or
+/// refused with the extension table's reason.
+fn per_filter_configs(
+    configs: &HashMap<String, xds_client::pb::google::protobuf::Any>,
+    path: &str,
+) -> Result<PerFilterConfigs, ConfigError> {
+    let mut out = Vec::new();
+    for (name, any) in configs {
+        let p = format!("{path}.typed_per_filter_config['{name}']");
+        match petrel_filters::http::per_route(any, &p) {
+            Some(c) => out.push((name.clone(), c?)),
+            None => {
+                let url = xds_client::TypeRegistry::effective_type_url(any);
+                return Err(ConfigError::UnsupportedExtension {
+                    path: p,
+                    why: petrel_filters::extensions::refusal(&url),
+                    type_url: url,
+                });
+            }
+        }
+    }
+    Ok(PerFilterConfigs::new(out))
 }
 
 fn fraction_per_million(n: u32, denom: i32, path: &str) -> Result<u64, ConfigError> {
@@ -976,6 +1009,19 @@ fn compile_redirect(r: &pb::RedirectAction, path: &str) -> Result<RedirectAction
 }
 
 /// Applies a prefix or regex rewrite to a `:path` (query kept), as Envoy's router does.
+impl Route {
+    /// The cluster a forwarding route names (none for weighted or header-chosen clusters).
+    pub fn cluster_name(&self) -> Option<&str> {
+        match &self.action {
+            RouteAction::Forward(f) => match &f.cluster {
+                ClusterChoice::Named(n) => Some(n),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 pub fn rewrite_path(
     path: &str,
     matched_prefix: Option<&str>,

@@ -1,0 +1,131 @@
+//! Envoy-named stats: counters, gauges and text readouts kept as atomics.
+//!
+//! A stat is created (or found) by name when configuration is compiled, and the compiled config
+//! holds the `Arc` to its atomic: the request path increments without any name lookup. The store's
+//! map is only touched at compile time and by the admin handlers.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Default)]
+pub struct Counter {
+    value: AtomicU64,
+    used: AtomicBool,
+}
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+    pub fn value(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+    pub fn used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Envoy gauges import modes matter for hot restart only; Petrel keeps the value.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    value: AtomicI64,
+    used: AtomicBool,
+}
+
+impl Gauge {
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.add(-1)
+    }
+    #[inline]
+    pub fn add(&self, n: i64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        self.mark();
+    }
+    pub fn set(&self, v: i64) {
+        self.value.store(v, Ordering::Relaxed);
+        self.mark();
+    }
+    fn mark(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+    pub fn value(&self) -> i64 {
+        self.value.load(Ordering::Relaxed)
+    }
+    pub fn used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct Maps {
+    counters: BTreeMap<String, Arc<Counter>>,
+    gauges: BTreeMap<String, Arc<Gauge>>,
+    text: BTreeMap<String, String>,
+}
+
+/// The process's stat store.
+#[derive(Default, Clone)]
+pub struct Store {
+    maps: Arc<Mutex<Maps>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    pub fn counter(&self, name: &str) -> Arc<Counter> {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        m.counters.entry(name.to_string()).or_default().clone()
+    }
+    pub fn gauge(&self, name: &str) -> Arc<Gauge> {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        m.gauges.entry(name.to_string()).or_default().clone()
+    }
+    pub fn set_text(&self, name: &str, value: &str) {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        m.text.insert(name.to_string(), value.to_string());
+    }
+
+    /// A consistent copy for the admin handlers.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        StatsSnapshot {
+            counters: m
+                .counters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value(), v.used()))
+                .collect(),
+            gauges: m
+                .gauges
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value(), v.used()))
+                .collect(),
+            text: m.text.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+pub struct StatsSnapshot {
+    pub counters: Vec<(String, u64, bool)>,
+    pub gauges: Vec<(String, i64, bool)>,
+    pub text: Vec<(String, String)>,
+}
