@@ -12,8 +12,8 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Attempts seen per id.
-pub type Seen = Arc<Mutex<HashMap<String, u32>>>;
+/// What each attempt carried, per id: `host`, the `x-envoy-*` headers listed below and the body.
+pub type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 #[derive(Debug)]
 struct Reset;
@@ -92,11 +92,22 @@ async fn answer(
     .filter(|n| req.headers().contains_key(**n))
     .map(|n| format!("{n}={}", h(n)))
     .collect();
+    let host = h("host");
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let n = {
         let mut s = state.lock().expect("state");
         let c = s.entry(id.clone()).or_default();
-        *c += 1;
-        *c
+        c.push(format!(
+            "host={host} {} body={:?}",
+            seen_headers.join(" "),
+            String::from_utf8_lossy(&body)
+        ));
+        c.len() as u32
     };
     let steps: Vec<&str> = script.split(',').map(str::trim).collect();
     let step = steps
@@ -105,12 +116,6 @@ async fn answer(
         .copied()
         .unwrap_or("200")
         .to_string();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
     let json = serde_json::json!({
         "upstream": name,
         "attempt": n,

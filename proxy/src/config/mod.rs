@@ -91,7 +91,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
         &[
             "max_stream_duration",
             "hash_policy",
-            "request_mirror_policies",
             "idle_timeout",
             "upgrade_configs",
         ],

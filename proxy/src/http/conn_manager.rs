@@ -385,7 +385,7 @@ fn is_internal(hcm: &HcmConfig, addr: &SocketAddr) -> bool {
 pub async fn handle(
     req: Request<RequestBody>,
     hcm: &HcmConfig,
-    ctx: &WorkerCtx,
+    ctx: &Rc<WorkerCtx>,
     info: &ConnInfo,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
@@ -413,7 +413,7 @@ pub async fn handle(
 async fn process(
     mut req: Request<RequestBody>,
     hcm: &HcmConfig,
-    ctx: &WorkerCtx,
+    ctx: &Rc<WorkerCtx>,
     info: &ConnInfo,
     start: Instant,
     start_time: SystemTime,
@@ -743,7 +743,7 @@ async fn process(
 /// What answering a routed request needs from the connection manager.
 struct Routed<'a> {
     hcm: &'a HcmConfig,
-    ctx: &'a WorkerCtx,
+    ctx: &'a Rc<WorkerCtx>,
     info: &'a ConnInfo,
     remote: SocketAddr,
     form: ReplyForm,

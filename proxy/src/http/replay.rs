@@ -28,6 +28,9 @@ pub struct Recording<B = DownstreamBody> {
     limit: usize,
     overflowed: Cell<bool>,
     done: Cell<bool>,
+    /// Woken when the body is complete or its reader gave up (mirrors wait on it).
+    settled: tokio::sync::Notify,
+    abandoned: Cell<bool>,
 }
 
 impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Recording<B> {
@@ -40,7 +43,35 @@ impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Recording<B> {
             limit,
             overflowed: Cell::new(false),
             done: Cell::new(done),
+            settled: tokio::sync::Notify::new(),
+            abandoned: Cell::new(false),
         })
+    }
+
+    /// The request is over, whether or not its body was read to the end.
+    pub fn abandon(&self) {
+        self.abandoned.set(true);
+        self.settled.notify_waiters();
+    }
+
+    /// Waits until the whole body is recorded (true) or it never will be (false). Only the
+    /// request's own attempts read the live body; a mirror replays it once complete.
+    pub async fn settled(&self) -> bool {
+        loop {
+            let notified = self.settled.notified();
+            if self.done.get() {
+                return !self.overflowed.get();
+            }
+            if self.abandoned.get() || self.overflowed.get() {
+                return false;
+            }
+            notified.await;
+        }
+    }
+
+    fn mark_done(&self) {
+        self.done.set(true);
+        self.settled.notify_waiters();
     }
 
     /// Whether the body outgrew the limit (so it can no longer be replayed).
@@ -92,11 +123,9 @@ impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for ReplayBody<B> {
         }
         let r = Pin::new(&mut *rec.source.borrow_mut()).poll_frame(cx);
         match &r {
-            Poll::Ready(None) => rec.done.set(true),
+            Poll::Ready(None) => rec.mark_done(),
             Poll::Ready(Some(Ok(frame))) => {
-                if rec.source.borrow().is_end_stream() {
-                    rec.done.set(true);
-                }
+                let end = rec.source.borrow().is_end_stream();
                 if !rec.overflowed.get() {
                     let copy = if let Some(d) = frame.data_ref() {
                         rec.size.set(rec.size.get() + d.len());
@@ -111,6 +140,9 @@ impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for ReplayBody<B> {
                         rec.frames.borrow_mut().push(c);
                         this.next += 1;
                     }
+                }
+                if end {
+                    rec.mark_done();
                 }
             }
             _ => {}

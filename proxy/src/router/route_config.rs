@@ -179,6 +179,99 @@ pub struct ForwardAction {
     pub max_grpc_timeout: Option<Duration>,
     /// `grpc_timeout_offset`, taken off the `grpc-timeout` value.
     pub grpc_timeout_offset: Option<Duration>,
+    /// `request_mirror_policies`: requests copied to other clusters, answers dropped.
+    pub mirrors: Vec<MirrorPolicy>,
+}
+
+/// One `request_mirror_policies` entry.
+#[derive(Debug)]
+pub struct MirrorPolicy {
+    pub cluster: MirrorCluster,
+    /// `runtime_fraction.default_value`, per million.
+    pub per_million: u64,
+    /// Envoy appends `-shadow` to the host unless `disable_shadow_host_suffix_append`.
+    pub host_suffix: bool,
+    /// `host_rewrite_literal`: the mirror's host, instead of the request's.
+    pub host_rewrite: Option<http::HeaderValue>,
+}
+
+#[derive(Debug)]
+pub enum MirrorCluster {
+    Named(Arc<str>),
+    Header(http::HeaderName),
+}
+
+/// Compiles `request_mirror_policies`; with `known`, each named cluster must exist (Envoy's
+/// `route: unknown shadow cluster`).
+fn compile_mirrors(
+    list: &[pb::route_action::RequestMirrorPolicy],
+    path: &str,
+    known: Option<&HashSet<String>>,
+) -> Result<Vec<MirrorPolicy>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let mp = format!("{path}.request_mirror_policies[{i}]");
+        let mut rest = m.clone();
+        let cluster = match (
+            std::mem::take(&mut rest.cluster),
+            std::mem::take(&mut rest.cluster_header),
+        ) {
+            (c, h) if !c.is_empty() && h.is_empty() => {
+                if known.is_some_and(|k| !k.contains(&c)) {
+                    return Err(invalid(
+                        format!("{mp}.cluster"),
+                        format!("route: unknown shadow cluster '{c}'"),
+                    ));
+                }
+                MirrorCluster::Named(c.into())
+            }
+            (c, h) if c.is_empty() && !h.is_empty() => MirrorCluster::Header(
+                http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| invalid(format!("{mp}.cluster_header"), "invalid header name"))?,
+            ),
+            _ => {
+                return Err(invalid(
+                    &mp,
+                    "Exactly one of cluster or cluster_header in request mirror policy need to be specified",
+                ))
+            }
+        };
+        let per_million = match rest.runtime_fraction.take() {
+            None => 1_000_000,
+            Some(rf) => {
+                if !rf.runtime_key.is_empty() {
+                    return Err(ConfigError::Unsupported {
+                        path: format!("{mp}.runtime_fraction"),
+                        fields: "'runtime_key'".into(),
+                    });
+                }
+                let d = rf.default_value.unwrap_or_default();
+                fraction_per_million(
+                    d.numerator,
+                    d.denominator,
+                    &format!("{mp}.runtime_fraction"),
+                )?
+            }
+        };
+        // Whether a mirror's trace is sampled matters only with tracing (issue #7), which
+        // Petrel refuses at the connection manager, so there is no trace to sample.
+        rest.trace_sampled = None;
+        let host_suffix = !std::mem::take(&mut rest.disable_shadow_host_suffix_append);
+        let host_rewrite = match std::mem::take(&mut rest.host_rewrite_literal) {
+            h if h.is_empty() => None,
+            h => Some(http::HeaderValue::from_str(&h).map_err(|_| {
+                invalid(format!("{mp}.host_rewrite_literal"), "invalid header value")
+            })?),
+        };
+        reject_unhandled(&rest, &mp)?;
+        out.push(MirrorPolicy {
+            cluster,
+            per_million,
+            host_suffix,
+            host_rewrite,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -916,6 +1009,11 @@ fn compile_forward(
         )?),
         None => None,
     };
+    let mirrors = compile_mirrors(
+        &std::mem::take(&mut rest.request_mirror_policies),
+        path,
+        known,
+    )?;
     reject_unhandled(&rest, path)?;
     Ok(ForwardAction {
         cluster,
@@ -927,6 +1025,7 @@ fn compile_forward(
         retry_policy,
         max_grpc_timeout,
         grpc_timeout_offset,
+        mirrors,
     })
 }
 

@@ -159,6 +159,7 @@ mod tests {
             retry_policy: None,
             max_grpc_timeout: max_grpc.map(Duration::from_millis),
             grpc_timeout_offset: offset.map(Duration::from_millis),
+            mirrors: Vec::new(),
         }
     }
 

@@ -29,13 +29,14 @@ use crate::upstream::pool::{PooledBody, ResetReason, UpstreamBody};
 use std::time::Duration;
 
 use super::retry_policy::{RetryPolicy, RetryState, RetryStatus};
+use super::route_config::{MirrorCluster, MirrorPolicy};
 use super::timeouts::Timeouts;
 use crate::worker::WorkerCtx;
 use petrel_filters::header_formatter::FormatContext;
 
 pub struct Forward<'a> {
     pub hcm: &'a HcmConfig,
-    pub ctx: &'a WorkerCtx,
+    pub ctx: &'a std::rc::Rc<WorkerCtx>,
     pub info: &'a ConnInfo,
     /// The downstream address after XFF processing (Envoy's `downstreamRemoteAddress`).
     pub remote: std::net::SocketAddr,
@@ -419,11 +420,21 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         .or(f.vh.buffer_limit)
         .map(|l| l as usize)
         .unwrap_or(RETRY_BUFFER_LIMIT);
-    let (mut direct, recording) = if attempts.retry.is_some() && downstream_upgrade.is_none() {
-        (None, Some(Recording::new(downstream, limit)))
+    // Mirrors chosen now (each by its fraction); they replay the body once it is complete.
+    let mirrors: Vec<&MirrorPolicy> = if downstream_upgrade.is_none() {
+        fwd.mirrors
+            .iter()
+            .filter(|m| rand::random_range(0..1_000_000u64) < m.per_million)
+            .collect()
     } else {
-        (Some(downstream), None)
+        Vec::new()
     };
+    let (mut direct, recording) =
+        if (attempts.retry.is_some() || !mirrors.is_empty()) && downstream_upgrade.is_none() {
+            (None, Some(Recording::new(downstream, limit)))
+        } else {
+            (Some(downstream), None)
+        };
     let build = |mut h: http::HeaderMap,
                  host: &Host,
                  count: u32,
@@ -462,6 +473,39 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         *r.headers_mut() = h;
         Some(r)
     };
+
+    if let Some(rec) = &recording {
+        for m in &mirrors {
+            let name = match &m.cluster {
+                MirrorCluster::Named(n) => n.to_string(),
+                MirrorCluster::Header(h) => match headers.get(h).and_then(|v| v.to_str().ok()) {
+                    Some(n) => n.to_string(),
+                    None => continue,
+                },
+            };
+            let mut h = headers.clone();
+            timeouts.set_headers(&mut h, f.start.elapsed());
+            let authority = m
+                .host_rewrite
+                .clone()
+                .or_else(|| host_authority(&host))
+                .or_else(|| original_host.clone())
+                .map(|a| if m.host_suffix { shadow_host(&a) } else { a });
+            tokio::task::spawn_local(shadow(Shadow {
+                ctx: f.ctx.clone(),
+                snapshot: f.snapshot.clone(),
+                cluster: name,
+                headers: h,
+                method: method.clone(),
+                path: path.clone(),
+                authority,
+                body: rec.clone(),
+                deadline: timeouts.global,
+            }));
+        }
+    }
+    // Mirrors waiting for the body give up once this request is over.
+    let _settle = recording.clone().map(SettleOnDrop);
 
     if let Some(down) = downstream_upgrade {
         let body = Either::Left(direct.take().expect("an upgrade streams its body directly"));
@@ -649,6 +693,105 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         parts,
         Either::Right(IdleTimedBody::new(body, f.hcm.stream_idle_timeout)),
     )
+}
+
+/// Marks the recorded body abandoned when the request ends (mirrors stop waiting for it).
+struct SettleOnDrop(std::rc::Rc<Recording>);
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
+/// Envoy's shadow host: `-shadow` appended to the host name, before any port.
+fn shadow_host(a: &HeaderValue) -> HeaderValue {
+    let s = String::from_utf8_lossy(a.as_bytes());
+    let shadowed = match s.split_once(':') {
+        Some((h, p)) if !p.contains(':') => format!("{h}-shadow:{p}"),
+        _ => format!("{s}-shadow"),
+    };
+    HeaderValue::from_str(&shadowed).unwrap_or_else(|_| a.clone())
+}
+
+/// A mirrored request: fire and forget.
+struct Shadow {
+    ctx: std::rc::Rc<crate::worker::WorkerCtx>,
+    snapshot: Arc<Snapshot>,
+    cluster: String,
+    headers: http::HeaderMap,
+    method: http::Method,
+    path: String,
+    authority: Option<HeaderValue>,
+    body: std::rc::Rc<Recording>,
+    deadline: Option<Duration>,
+}
+
+/// Sends a mirror once the request body is complete; the answer is read and dropped. It never
+/// touches the request it copies (Envoy's shadow writer).
+async fn shadow(s: Shadow) {
+    let run = async {
+        if !s.body.settled().await {
+            return;
+        }
+        // A mirror to a cluster that is gone (RDS without validation) is skipped, as in Envoy.
+        let Some(cluster) = s.snapshot.clusters.get(&s.cluster) else {
+            return;
+        };
+        let Some(host) = s.ctx.upstreams.choose_host(cluster, None, Some(&s.headers)) else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            return;
+        };
+        let h2 = cluster.protocol == UpstreamProtocol::Http2;
+        let mut headers = s.headers;
+        let uri = if h2 {
+            headers.remove(http::header::HOST);
+            let auth = s
+                .authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or("localhost");
+            format!("http://{auth}{}", s.path)
+        } else {
+            if let Some(a) = s.authority {
+                headers.insert(http::header::HOST, a);
+            }
+            s.path
+        };
+        let Ok(mut req) = Request::builder()
+            .method(s.method)
+            .uri(uri)
+            .version(if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            })
+            .body(Either::Right(s.body.attempt()))
+        else {
+            return;
+        };
+        *req.headers_mut() = headers;
+        cluster.stats.upstream_rq_active.inc();
+        let sent = s.ctx.upstreams.send(cluster, &host, h2, req).await;
+        cluster.stats.upstream_rq_active.dec();
+        match sent {
+            Ok(resp) => {
+                cluster.charge_response(resp.status().as_u16());
+                host.record_response(resp.status().as_u16());
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            }
+            Err(_) => {
+                cluster.charge_response(503);
+                host.record_response(503);
+            }
+        }
+    };
+    match s.deadline {
+        Some(d) => {
+            let _ = tokio::time::timeout(d, run).await;
+        }
+        None => run.await,
+    }
 }
 
 /// Envoy's 503 `UH`, charged to the cluster.
