@@ -114,10 +114,11 @@ impl Store {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.value(), v.used()))
                 .collect(),
+            // Envoy's gauges are unsigned 64-bit: that is how they are shown.
             gauges: m
                 .gauges
                 .iter()
-                .map(|(k, v)| (k.clone(), v.value(), v.used()))
+                .map(|(k, v)| (k.clone(), v.value() as u64, v.used()))
                 .collect(),
             text: m.text.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
@@ -126,6 +127,6 @@ impl Store {
 
 pub struct StatsSnapshot {
     pub counters: Vec<(String, u64, bool)>,
-    pub gauges: Vec<(String, i64, bool)>,
+    pub gauges: Vec<(String, u64, bool)>,
     pub text: Vec<(String, String)>,
 }

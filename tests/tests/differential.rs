@@ -560,20 +560,14 @@ const COMPARED_STATS: &[&str] = &[
     "cluster.echo.membership_healthy",
 ];
 
-/// `/clusters` lines, less the circuit-breaker threshold lines (circuit breakers come with
-/// issue #5, and Petrel does not print thresholds it does not enforce).
+/// `/clusters` lines, sorted.
 fn clusters_lines(admin: u16) -> Vec<String> {
     let r = http_raw(
         admin,
         b"GET /clusters HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
     )
     .expect("admin /clusters");
-    let mut lines: Vec<String> = r
-        .body_str()
-        .lines()
-        .filter(|l| !l.contains("_priority::"))
-        .map(str::to_string)
-        .collect();
+    let mut lines: Vec<String> = r.body_str().lines().map(str::to_string).collect();
     lines.sort();
     lines
 }

@@ -211,6 +211,10 @@ const STATS: &[&str] = &[
     "cluster.cb.circuit_breakers.default.remaining_pending",
     "cluster.cb.circuit_breakers.default.remaining_retries",
     "cluster.cb.circuit_breakers.default.remaining_rq",
+    "cluster.cb.circuit_breakers.default.remaining_cx_pools",
+    "cluster.cb.circuit_breakers.default.rq_retry_open",
+    "cluster.cb.circuit_breakers.default.cx_pool_open",
+    "cluster.cb.circuit_breakers.high.rq_retry_open",
     "cluster.up.circuit_breakers.default.rq_open",
     "cluster.up.circuit_breakers.high.rq_open",
 ];

@@ -381,6 +381,16 @@ fn locality_parts(h: &crate::upstream::cluster::Host) -> (String, String, String
     )
 }
 
+/// The thresholds `/clusters` shows for a priority, in Envoy's order.
+fn threshold_values(r: &crate::upstream::circuit_breakers::Resources) -> [(&'static str, u64); 4] {
+    [
+        ("max_connections", r.connections.max()),
+        ("max_pending_requests", r.pending_requests.max()),
+        ("max_requests", r.requests.max()),
+        ("max_retries", r.retries.max()),
+    ]
+}
+
 fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
     let snap = st.current.load();
     let mut all: Vec<_> = snap.clusters.values().collect();
@@ -438,6 +448,20 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
                     .collect();
                 let mut o = serde_json::Map::new();
                 o.insert("name".into(), json!(c.name));
+                let thresholds: Vec<Value> = [(&c.resources, None), (&c.resources_high, Some("HIGH"))]
+                    .into_iter()
+                    .map(|(r, priority)| {
+                        let mut t = serde_json::Map::new();
+                        if let Some(p) = priority {
+                            t.insert("priority".into(), json!(p));
+                        }
+                        for (k, v) in threshold_values(r) {
+                            t.insert(k.into(), json!(v));
+                        }
+                        Value::Object(t)
+                    })
+                    .collect();
+                o.insert("circuit_breakers".into(), json!({"thresholds": thresholds}));
                 if !hosts.is_empty() {
                     o.insert("host_statuses".into(), Value::Array(hosts));
                 }
@@ -450,6 +474,11 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
     let mut s = String::new();
     for c in all {
         s.push_str(&format!("{0}::observability_name::{0}\n", c.name));
+        for (priority, r) in [("default", &c.resources), ("high", &c.resources_high)] {
+            for (k, v) in threshold_values(r) {
+                s.push_str(&format!("{}::{priority}_priority::{k}::{v}\n", c.name));
+            }
+        }
         s.push_str(&format!("{}::added_via_api::false\n", c.name));
         for h in &c.all_hosts {
             let p = format!("{}::{}", c.name, h.address);

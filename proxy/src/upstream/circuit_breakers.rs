@@ -35,12 +35,19 @@ impl Resource {
             open: store.gauge(&format!("{prefix}{open}")),
             remaining: track.then(|| store.gauge(&format!("{prefix}{remaining}"))),
         };
-        r.publish(0);
+        // Envoy sets only the remaining gauges at creation; `*_open` move with the counts.
+        if let Some(g) = &r.remaining {
+            g.set(max as i64);
+        }
         r
     }
 
     pub fn can_create(&self) -> bool {
         self.current.load(Ordering::Relaxed) < self.max
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
     }
 
     pub fn count(&self) -> u64 {
@@ -63,6 +70,7 @@ impl Resource {
     fn publish(&self, now: u64) {
         self.open.set((now >= self.max) as i64);
         if let Some(r) = &self.remaining {
+            // Stored as the bits of Envoy's unsigned gauge (no limit is u64::MAX).
             r.set(self.max.saturating_sub(now) as i64);
         }
     }
@@ -162,14 +170,21 @@ impl Resources {
     }
 }
 
-/// Compiles `circuit_breakers` into the resources of the default priority (which routes use) and
-/// creates the high priority's gauges as Envoy does.
+/// Both priorities' resources. Routes in Petrel always use the default priority; the high one is
+/// shown in `/clusters` and its gauges, as Envoy shows both.
+#[derive(Debug, Clone)]
+pub struct CircuitBreakers {
+    pub default: Arc<Resources>,
+    pub high: Arc<Resources>,
+}
+
+/// Compiles `circuit_breakers` into both priorities' resources.
 pub fn compile(
     cb: Option<&pb::CircuitBreakers>,
     store: &Store,
     stat_prefix: &str,
     path: &str,
-) -> Result<Arc<Resources>, ConfigError> {
+) -> Result<CircuitBreakers, ConfigError> {
     let mut default = Limits::default();
     let mut high = Limits::default();
     if let Some(cb) = cb {
@@ -202,14 +217,18 @@ pub fn compile(
             reject_unhandled(&trest, &tp)?;
         }
     }
-    // Routes in Petrel always use the default priority; the high priority's resources exist for
-    // their gauges, as Envoy shows both.
-    let _high = Resources::new(store, &format!("{stat_prefix}circuit_breakers.high."), high);
-    Ok(Arc::new(Resources::new(
-        store,
-        &format!("{stat_prefix}circuit_breakers.default."),
-        default,
-    )))
+    Ok(CircuitBreakers {
+        default: Arc::new(Resources::new(
+            store,
+            &format!("{stat_prefix}circuit_breakers.default."),
+            default,
+        )),
+        high: Arc::new(Resources::new(
+            store,
+            &format!("{stat_prefix}circuit_breakers.high."),
+            high,
+        )),
+    })
 }
 
 #[cfg(test)]
@@ -229,7 +248,9 @@ mod tests {
             }],
             ..Default::default()
         };
-        let r = compile(Some(&cb), &store, "cluster.c.", "c").unwrap();
+        let r = compile(Some(&cb), &store, "cluster.c.", "c")
+            .unwrap()
+            .default;
         assert!(r.connections.can_create());
         assert_eq!(
             store

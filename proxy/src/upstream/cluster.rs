@@ -36,6 +36,7 @@ stat_struct!(ClusterStats {
     counter upstream_rq_pending_total,
     counter upstream_cx_none_healthy,
     counter upstream_cx_overflow,
+    counter upstream_cx_pool_overflow,
     counter upstream_rq_pending_overflow,
     gauge upstream_rq_pending_active,
     counter upstream_rq_per_try_timeout,
@@ -248,6 +249,8 @@ pub struct Cluster {
     pub retry_codes: ResponseCodeStats,
     /// `circuit_breakers`, default priority: counts shared by every worker.
     pub resources: Arc<super::circuit_breakers::Resources>,
+    /// The high priority's, shown in `/clusters`.
+    pub resources_high: Arc<super::circuit_breakers::Resources>,
     /// The cluster as configured, for `/config_dump`.
     /// The configuration it came from, encoded (a decoded `Cluster` proto takes kilobytes) and
     /// shared with the xDS state.
@@ -812,7 +815,7 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         .collect();
     let stat_prefix = format!("cluster.{}.", if alt.is_empty() { &name } else { &alt });
     let stats = ClusterStats::new(store, &stat_prefix);
-    let resources = super::circuit_breakers::compile(
+    let breakers = super::circuit_breakers::compile(
         circuit_breakers.as_ref(),
         store,
         &stat_prefix,
@@ -835,7 +838,8 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         codes: ResponseCodeStats::new(store, &stat_prefix),
         retry_codes: ResponseCodeStats::new(store, &format!("{stat_prefix}retry."))
             .with_completed(),
-        resources,
+        resources: breakers.default,
+        resources_high: breakers.high,
         stat_prefix,
         stats,
         source: ClusterSource::encode(c),

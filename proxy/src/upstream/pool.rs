@@ -91,6 +91,8 @@ struct HostPool {
     waiters: RefCell<std::collections::VecDeque<tokio::sync::oneshot::Sender<Slot>>>,
     /// This pool's connections, open or opening.
     conns: std::cell::Cell<usize>,
+    /// The cluster's `max_connection_pools` slot this pool holds.
+    _slot: Option<Held>,
 }
 
 impl HostPool {
@@ -166,13 +168,18 @@ fn overflowed(cluster: &Cluster) -> ResetReason {
     ResetReason::Overflow
 }
 
+/// One cluster's pools, by host address and protocol (true: HTTP/2).
+type ClusterPools = HashMap<(HostAddress, bool), Rc<HostPool>>;
+
 /// An ORIGINAL_DST host: its cluster and address.
 type OriginalDstKey = (String, std::net::SocketAddr);
 
 /// One worker's pools and balancer state, for every cluster.
 #[derive(Default)]
 pub struct WorkerUpstreams {
-    pools: RefCell<HashMap<(HostAddress, bool), Rc<HostPool>>>,
+    /// Pools by cluster, then host address and protocol (clusters never share connections: their
+    /// settings differ).
+    pools: RefCell<HashMap<String, ClusterPools>>,
     lb: RefCell<HashMap<String, Rc<LbState>>>,
     /// ORIGINAL_DST hosts by cluster and address, with their last use.
     original_dst: RefCell<HashMap<OriginalDstKey, (Arc<Host>, Instant)>>,
@@ -250,12 +257,31 @@ impl WorkerUpstreams {
             .clone()
     }
 
-    fn pool(&self, addr: &HostAddress, h2: bool) -> Rc<HostPool> {
+    /// The host's pool for this protocol; a new one takes a `max_connection_pools` slot.
+    fn pool(&self, cluster: &Cluster, addr: &HostAddress, h2: bool) -> Option<Rc<HostPool>> {
+        let key = (addr.clone(), h2);
+        if let Some(p) = self
+            .pools
+            .borrow()
+            .get(&cluster.name)
+            .and_then(|m| m.get(&key))
+        {
+            return Some(p.clone());
+        }
+        if !cluster.resources.connection_pools.can_create() {
+            cluster.stats.upstream_cx_pool_overflow.inc();
+            return None;
+        }
+        let pool = Rc::new(HostPool {
+            _slot: Some(Held::take(&cluster.resources, |r| &r.connection_pools)),
+            ..Default::default()
+        });
         self.pools
             .borrow_mut()
-            .entry((addr.clone(), h2))
+            .entry(cluster.name.clone())
             .or_default()
-            .clone()
+            .insert(key, pool.clone());
+        Some(pool)
     }
 
     /// Sends an upgrade request on a connection of its own (it becomes a tunnel, never pooled).
@@ -290,7 +316,9 @@ impl WorkerUpstreams {
         if !cluster.resources.requests.can_create() {
             return Err(overflowed(cluster));
         }
-        let pool = self.pool(&host.address, h2);
+        let Some(pool) = self.pool(cluster, &host.address, h2) else {
+            return Err(ResetReason::Overflow);
+        };
         if h2 {
             let existing = pool.h2.borrow().clone().filter(|s| s.is_ready());
             let mut sender = match existing {
