@@ -518,3 +518,42 @@ pub fn websocket_roundtrip(
         echoed,
     ))
 }
+
+/// The `/stats` lines for `names` (`name: value`, or `name: (missing)`), in that order.
+pub fn stat_lines(admin: u16, names: &[&str]) -> Vec<String> {
+    let all = http_raw(
+        admin,
+        b"GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .map(|r| r.body_str())
+    .unwrap_or_default();
+    names
+        .iter()
+        .map(|want| {
+            all.lines()
+                .find(|l| l.split(':').next() == Some(*want))
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{want}: (missing)"))
+        })
+        .collect()
+}
+
+/// Compares two proxies' transcripts line by line; fails listing every differing line.
+pub fn assert_same_transcript(envoy: &[String], petrel: &[String]) {
+    eprintln!("envoy transcript:\n{}", envoy.join("\n"));
+    let mut diffs: Vec<String> = envoy
+        .iter()
+        .zip(petrel)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("envoy:  {a}\npetrel: {b}"))
+        .collect();
+    if envoy.len() != petrel.len() {
+        diffs.push(format!("{} lines against {}", envoy.len(), petrel.len()));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}

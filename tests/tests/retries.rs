@@ -256,24 +256,6 @@ fn request(port: u16, id: &str, path: &str, extra: &str, body: &str) -> RawRespo
     http_raw(port, req.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-fn stat_lines(admin: u16) -> Vec<String> {
-    let all = http_raw(
-        admin,
-        b"GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
-    )
-    .map(|r| r.body_str())
-    .unwrap_or_default();
-    STATS
-        .iter()
-        .map(|want| {
-            all.lines()
-                .find(|l| l.split(':').next() == Some(*want))
-                .unwrap_or(&format!("{want}: (missing)"))
-                .to_string()
-        })
-        .collect()
-}
-
 /// Three requests to a cluster allowing one connection and one pending request, while the
 /// first holds the connection: one waits, one is refused.
 fn circuit_breaker(port: u16, name: &str) -> Vec<String> {
@@ -350,7 +332,7 @@ fn scenario(
     t.extend(circuit_breaker(main, name));
     // Requests finished; let the last connections close before reading gauges.
     std::thread::sleep(Duration::from_millis(300));
-    t.extend(stat_lines(admin));
+    t.extend(stat_lines(admin, STATS));
     t
 }
 
@@ -363,18 +345,5 @@ fn retries_timeouts_and_circuit_breakers_like_envoy() {
     let (other, _) = start_scripted("other");
     let e = scenario("envoy", &envoy, (up, &seen), other);
     let p = scenario("petrel", &petrel_bin(), (up, &seen), other);
-    eprintln!("envoy transcript:\n{}", e.join("\n"));
-    let diffs: Vec<String> = e
-        .iter()
-        .zip(&p)
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("envoy:  {a}\npetrel: {b}"))
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}\n\nenvoy transcript:\n{}",
-        diffs.len(),
-        diffs.join("\n"),
-        e.join("\n")
-    );
+    assert_same_transcript(&e, &p);
 }

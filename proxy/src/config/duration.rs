@@ -19,6 +19,11 @@ pub fn or(d: &Option<PbDuration>, default: Duration, path: &str) -> Result<Durat
     }
 }
 
+/// An optional duration, kept as set (zero included).
+pub fn optional(d: &Option<PbDuration>, path: &str) -> Result<Option<Duration>, ConfigError> {
+    d.as_ref().map(|d| to_std(d, path)).transpose()
+}
+
 /// An optional duration where unset or zero means "disabled" (Envoy's timeout convention).
 pub fn optional_timeout(
     d: &Option<PbDuration>,

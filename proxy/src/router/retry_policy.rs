@@ -123,6 +123,15 @@ fn header_matchers(
 }
 
 impl RetryPolicy {
+    /// A route's or virtual host's `retry_policy`, if it has one (at `<path>.retry_policy`).
+    pub fn compile_optional(
+        p: Option<pb::RetryPolicy>,
+        path: &str,
+    ) -> Result<Option<std::sync::Arc<RetryPolicy>>, ConfigError> {
+        p.map(|p| Self::compile(&p, &format!("{path}.retry_policy")).map(std::sync::Arc::new))
+            .transpose()
+    }
+
     pub fn compile(p: &pb::RetryPolicy, path: &str) -> Result<RetryPolicy, ConfigError> {
         let mut rest = p.clone();
         let retry_on = parse_retry_on(&std::mem::take(&mut rest.retry_on));

@@ -568,13 +568,7 @@ fn compile_vhost(
     let (request_headers, response_headers) = take_header_mutations!(rest, path);
     let attempt_count_in_request = std::mem::take(&mut rest.include_request_attempt_count);
     let attempt_count_in_response = std::mem::take(&mut rest.include_attempt_count_in_response);
-    let retry_policy = match rest.retry_policy.take() {
-        Some(p) => Some(Arc::new(RetryPolicy::compile(
-            &p,
-            &format!("{path}.retry_policy"),
-        )?)),
-        None => None,
-    };
+    let retry_policy = RetryPolicy::compile_optional(rest.retry_policy.take(), path)?;
     let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
     let per_filter = per_filter_configs(&std::mem::take(&mut rest.typed_per_filter_config), path)?;
     reject_unhandled(&rest, path)?;
@@ -991,24 +985,15 @@ fn compile_forward(
         Some(d) => duration::optional_timeout(&Some(d), &format!("{path}.timeout"))?,
         None => Some(Duration::from_secs(15)),
     };
-    let retry_policy = match rest.retry_policy.take() {
-        Some(p) => Some(Arc::new(RetryPolicy::compile(
-            &p,
-            &format!("{path}.retry_policy"),
-        )?)),
-        None => None,
-    };
-    let max_grpc_timeout = match rest.max_grpc_timeout.take() {
-        Some(d) => Some(duration::to_std(&d, &format!("{path}.max_grpc_timeout"))?),
-        None => None,
-    };
-    let grpc_timeout_offset = match rest.grpc_timeout_offset.take() {
-        Some(d) => Some(duration::to_std(
-            &d,
-            &format!("{path}.grpc_timeout_offset"),
-        )?),
-        None => None,
-    };
+    let retry_policy = RetryPolicy::compile_optional(rest.retry_policy.take(), path)?;
+    let max_grpc_timeout = duration::optional(
+        &rest.max_grpc_timeout.take(),
+        &format!("{path}.max_grpc_timeout"),
+    )?;
+    let grpc_timeout_offset = duration::optional(
+        &rest.grpc_timeout_offset.take(),
+        &format!("{path}.grpc_timeout_offset"),
+    )?;
     let mirrors = compile_mirrors(
         &std::mem::take(&mut rest.request_mirror_policies),
         path,
