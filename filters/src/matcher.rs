@@ -136,6 +136,17 @@ enum HeaderTest {
     Present(bool),
 }
 
+/// A header's values joined with `,` (Envoy's rule for matching a repeated header), or None.
+pub fn joined_header(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    let mut vals = headers.get_all(name).iter();
+    let mut s = String::from_utf8_lossy(vals.next()?.as_bytes()).into_owned();
+    for v in vals {
+        s.push(',');
+        s.push_str(&String::from_utf8_lossy(v.as_bytes()));
+    }
+    Some(s)
+}
+
 /// `envoy.config.route.v3.HeaderMatcher`.
 #[derive(Debug, Clone)]
 pub struct HeaderMatch {

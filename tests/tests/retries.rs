@@ -86,6 +86,8 @@ static_resources:
                       typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
                     host_selection_retry_max_attempts: "50"
                     retriable_status_codes: [503]
+              - match: {prefix: "/nohosts"}
+                route: {cluster: empty, retry_policy: {retry_on: 5xx}}
               - match: {prefix: "/cb"}
                 route: {cluster: cb}
               - match: {prefix: "/timeout"}
@@ -132,6 +134,9 @@ static_resources:
       - lb_endpoints:
         - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}
         - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: OTHER}}}}
+  - name: empty
+    connect_timeout: 1s
+    load_assignment: {cluster_name: empty}
   - name: cb
     connect_timeout: 1s
     circuit_breakers:
@@ -170,6 +175,7 @@ const CASES: &[Case] = &[
     ("header grpc retry", "/plain", "x-script: grpc14,200\r\nx-envoy-retry-grpc-on: unavailable\r\n", ""),
     ("header timeout", "/timeout", "x-script: hang\r\nx-envoy-upstream-rq-timeout-ms: 300\r\n", ""),
     ("header per-try timeout", "/timeout", "x-script: hang,200\r\nx-envoy-upstream-rq-per-try-timeout-ms: 300\r\nx-envoy-retry-on: 5xx\r\n", ""),
+    ("no healthy upstream", "/nohosts", "", ""),
     ("external requests cannot ask", "ext:/plain", "x-script: 503,200\r\nx-envoy-retry-on: 5xx\r\nx-envoy-upstream-rq-timeout-ms: 1\r\n", ""),
     ("grpc deadline", "/grpc-deadline", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),
     ("grpc deadline capped", "/grpc-capped", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),

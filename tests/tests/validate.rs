@@ -101,6 +101,36 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
             vec![],
             "",
         ),
+        // Traffic management (#5): where Envoy refuses, Petrel refuses naming the field; where
+        // Envoy accepts odd values, Petrel accepts them too.
+        ("unknown retry_on word", config("route: {cluster: c, retry_policy: {retry_on: \"5xx,bogus\"}}"), vec![], ""),
+        ("absurd retry count", config("route: {cluster: c, retry_policy: {retry_on: 5xx, num_retries: 4294967295}}"), vec![], ""),
+        ("negative per-try timeout", config("route: {cluster: c, retry_policy: {retry_on: 5xx, per_try_timeout: -1s}}"), vec![], "per_try_timeout"),
+        ("zero backoff", config("route: {cluster: c, retry_policy: {retry_on: 5xx, retry_back_off: {base_interval: 0s}}}"), vec![], "base_interval"),
+        ("backoff cap below base", config("route: {cluster: c, retry_policy: {retry_on: 5xx, retry_back_off: {base_interval: 1s, max_interval: 0.5s}}}"), vec![], "max_interval"),
+        ("mirror to a missing cluster", config("route: {cluster: c, request_mirror_policies: [{cluster: nowhere}]}"), vec![], "unknown shadow cluster 'nowhere'"),
+        ("mirror fraction over 100%", config("route: {cluster: c, request_mirror_policies: [{cluster: c, runtime_fraction: {default_value: {numerator: 500}}}]}"), vec![], ""),
+        (
+            "fault abort status out of range",
+            config("route: {cluster: c}\n                typed_per_filter_config: {envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 600, percentage: {numerator: 100}}}}"),
+            vec![],
+            "http_status",
+        ),
+        (
+            "fault negative delay",
+            config("route: {cluster: c}\n                typed_per_filter_config: {envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, delay: {fixed_delay: -1s, percentage: {numerator: 100}}}}"),
+            vec![],
+            "fixed_delay",
+        ),
+        (
+            "circuit breakers as Istio sets them",
+            config("route: {cluster: c}").replace(
+                "    connect_timeout: 1s\n    load_assignment",
+                "    connect_timeout: 1s\n    circuit_breakers: {thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295, track_remaining: true}]}\n    load_assignment",
+            ),
+            vec![],
+            "",
+        ),
         ("malformed YAML", "static_resources: [".to_string(), vec![], "YAML"),
         ("unknown typed_config", config("route: {cluster: c}").replace("envoy.extensions.filters.http.router.v3.Router", "envoy.extensions.filters.http.nope.v3.Nope"), vec![], "Nope"),
     ]

@@ -16,7 +16,7 @@ use xds_client::pb::google::protobuf::Any;
 use crate::http_filter::{
     FilterStatus, HttpFilter, HttpFilterFactory, LocalReply, RequestHead, RouteFilterConfig,
 };
-use crate::matcher::HeaderMatch;
+use crate::matcher::{joined_header, HeaderMatch};
 use crate::stats::{Counter, Gauge, Store};
 use crate::{invalid, FilterConfigError};
 
@@ -222,18 +222,9 @@ impl FaultSettings {
                 return false;
             }
         }
-        self.headers.iter().all(|m| {
-            let mut vals = req.headers.get_all(m.name.as_str()).iter();
-            let joined = vals.next().map(|first| {
-                let mut s = String::from_utf8_lossy(first.as_bytes()).into_owned();
-                for v in vals {
-                    s.push(',');
-                    s.push_str(&String::from_utf8_lossy(v.as_bytes()));
-                }
-                s
-            });
-            m.matches(joined.as_deref())
-        })
+        self.headers
+            .iter()
+            .all(|m| m.matches(joined_header(req.headers, &m.name).as_deref()))
     }
 
     /// The delay for this request, if one is injected.
@@ -300,7 +291,7 @@ impl Stats {
 /// The filter as configured in the connection manager.
 #[derive(Debug)]
 pub struct Factory {
-    name: String,
+    name: Arc<str>,
     settings: Arc<FaultSettings>,
     stats: Arc<Stats>,
 }
@@ -326,7 +317,7 @@ impl Factory {
         // Envoy creates these with the filter.
         store.counter(&format!("{}response_rl_injected", stats.prefix));
         Ok(Factory {
-            name: name.to_string(),
+            name: name.into(),
             settings,
             stats: Arc::new(stats),
         })
@@ -356,7 +347,8 @@ impl HttpFilterFactory for Factory {
 
 /// One stream's fault filter.
 struct Filter {
-    name: String,
+    /// The filter's configured name: the key of its per-route config.
+    name: Arc<str>,
     settings: Arc<FaultSettings>,
     stats: Arc<Stats>,
     /// Counted in `active_faults` until the stream ends.

@@ -245,13 +245,7 @@ fn joined(headers: &HeaderMap, name: &str, status: Option<u16>) -> Option<String
     if name == ":status" {
         return status.map(|s| s.to_string());
     }
-    let mut vals = headers.get_all(name).iter();
-    let mut s = String::from_utf8_lossy(vals.next()?.as_bytes()).into_owned();
-    for v in vals {
-        s.push(',');
-        s.push_str(&String::from_utf8_lossy(v.as_bytes()));
-    }
-    Some(s)
+    petrel_filters::matcher::joined_header(headers, name)
 }
 
 /// What an attempt's failure allows, in Envoy's `RetryStatus` terms.

@@ -424,16 +424,7 @@ fn header_value(name: &str, input: &RouteInput<'_>) -> Option<String> {
         ":method" => Some(input.method.as_str().to_string()),
         ":authority" => Some(input.host.to_string()),
         ":scheme" => Some(input.scheme.to_string()),
-        _ => {
-            let mut vals = input.headers.get_all(name).iter();
-            let first = vals.next()?;
-            let mut s = String::from_utf8_lossy(first.as_bytes()).into_owned();
-            for v in vals {
-                s.push(',');
-                s.push_str(&String::from_utf8_lossy(v.as_bytes()));
-            }
-            Some(s)
-        }
+        _ => petrel_filters::matcher::joined_header(input.headers, name),
     }
 }
 

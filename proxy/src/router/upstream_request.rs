@@ -205,6 +205,9 @@ impl Attempts<'_> {
     /// The host for the next attempt: with `previous_hosts`, one not tried yet if the balancer
     /// offers one within `host_selection_retry_max_attempts` picks.
     fn choose(&mut self, f: &Forward<'_>, headers: &http::HeaderMap) -> Option<Arc<Host>> {
+        // An attempt counts even when no host is found (Envoy's `no healthy upstream` reply
+        // carries it).
+        self.count += 1;
         let pick = || {
             f.ctx
                 .upstreams
@@ -220,7 +223,6 @@ impl Attempts<'_> {
             }
         }
         self.tried.push(host.clone());
-        self.count += 1;
         Some(host)
     }
 }
@@ -266,7 +268,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         count: 0,
     };
     let Some(mut host) = attempts.choose(&f, req.headers()) else {
-        return no_healthy_upstream(&f, cluster, reply_headers.as_ref());
+        return no_healthy_upstream(&f, cluster, reply_headers.as_ref(), attempts.count);
     };
 
     // Shape the upstream request.
@@ -414,12 +416,17 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     let activity = StreamActivity::new(req.body().is_end_stream());
     let downstream = DownstreamBody::new(req.into_body(), activity.clone());
     // A request that may be retried keeps a copy of its body to replay.
-    let limit = f
-        .route
-        .buffer_limit
-        .or(f.vh.buffer_limit)
-        .map(|l| l as usize)
-        .unwrap_or(RETRY_BUFFER_LIMIT);
+    // Envoy 1.40 streams a mirror's body without bounding it; only retries are bounded (and a
+    // request with both stops mirroring too once past the limit).
+    let limit = if attempts.retry.is_some() {
+        f.route
+            .buffer_limit
+            .or(f.vh.buffer_limit)
+            .map(|l| l as usize)
+            .unwrap_or(RETRY_BUFFER_LIMIT)
+    } else {
+        usize::MAX
+    };
     // Mirrors chosen now (each by its fraction); they replay the body once it is complete.
     let mirrors: Vec<&MirrorPolicy> = if downstream_upgrade.is_none() {
         fwd.mirrors
@@ -620,6 +627,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             Outcome::Response(Err(reason)) => Attempt::Reset(reason),
             Outcome::Response(Ok(r)) => Attempt::Answered(Box::new(r)),
         };
+        // A body past the buffer limit cannot be retried (only retries are bounded by it).
         let replayable = recording.as_ref().is_some_and(|r| !r.overflowed());
         if recording.as_ref().is_some_and(|r| r.overflowed()) && attempts.retry.take().is_some() {
             stats.retry_or_shadow_abandoned.inc();
@@ -662,7 +670,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             }
         }
         let Some(next) = attempts.choose(&f, &headers) else {
-            return no_healthy_upstream(&f, cluster, reply_headers.as_ref());
+            return no_healthy_upstream(&f, cluster, reply_headers.as_ref(), attempts.count);
         };
         host = next;
     };
@@ -799,11 +807,17 @@ fn no_healthy_upstream(
     f: &Forward<'_>,
     cluster: &Cluster,
     reply_headers: Option<&http::HeaderMap>,
+    attempts: u32,
 ) -> Response<ResponseBody> {
     cluster.stats.upstream_cx_none_healthy.inc();
     // Envoy charges the cluster with the 503 it answers for it.
     cluster.charge_response(503);
-    reply(f, LocalReply::no_healthy_upstream(), reply_headers)
+    router_reply(
+        f,
+        LocalReply::no_healthy_upstream(),
+        reply_headers,
+        attempts,
+    )
 }
 
 /// Forwards an upgrade request; on `101` splices the two upgraded connections together.
