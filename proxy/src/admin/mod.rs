@@ -14,6 +14,7 @@ use xds_client::TypeRegistry;
 
 use crate::cli::Options;
 use crate::upstream::cluster::HostAddress;
+use crate::upstream::host_set::health_flag;
 
 mod config_dump;
 mod prometheus;
@@ -400,7 +401,7 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
             .iter()
             .map(|c| {
                 let hosts: Vec<Value> = c
-                    .all_hosts
+                    .host_set.hosts
                     .iter()
                     .map(|h| {
                         // proto3 JSON, as Envoy prints it: zero values and empty strings omitted.
@@ -434,7 +435,19 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
                         };
                         o.insert("address".into(), address);
                         o.insert("stats".into(), Value::Array(counters));
-                        o.insert("health_status".into(), json!({"eds_health_status": "HEALTHY"}));
+                        let flags = h.health.load(Ordering::Relaxed);
+                        let mut health = serde_json::Map::new();
+                        if flags & health_flag::FAILED_OUTLIER_CHECK != 0 {
+                            health.insert("failed_outlier_check".into(), json!(true));
+                        }
+                        health.insert("eds_health_status".into(), json!(eds_status_name(h)));
+                        o.insert("health_status".into(), Value::Object(health));
+                        for (key, local) in [("success_rate", false), ("local_origin_success_rate", true)] {
+                            let r = h.outlier.success_rate(local);
+                            if c.outlier.is_some() && r >= 0.0 {
+                                o.insert(key.into(), json!({"value": r}));
+                            }
+                        }
                         o.insert("weight".into(), json!(h.weight));
                         if !h.hostname.is_empty() {
                             o.insert("hostname".into(), json!(h.hostname));
@@ -461,6 +474,17 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
                         Value::Object(t)
                     })
                     .collect();
+                if let Some(d) = &c.outlier {
+                    let r = d.cluster_rates();
+                    for (key, v) in [
+                        ("success_rate_ejection_threshold", r.success_rate_ejection_threshold),
+                        ("local_origin_success_rate_ejection_threshold", r.local_origin_success_rate_ejection_threshold),
+                    ] {
+                        if v >= 0.0 {
+                            o.insert(key.into(), json!({"value": v}));
+                        }
+                    }
+                }
                 o.insert("circuit_breakers".into(), json!({"thresholds": thresholds}));
                 if !hosts.is_empty() {
                     o.insert("host_statuses".into(), Value::Array(hosts));
@@ -474,20 +498,40 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
     let mut s = String::new();
     for c in all {
         s.push_str(&format!("{0}::observability_name::{0}\n", c.name));
+        if let Some(d) = &c.outlier {
+            let r = d.cluster_rates();
+            for (k, v) in [
+                ("success_rate_average", r.success_rate_average),
+                (
+                    "success_rate_ejection_threshold",
+                    r.success_rate_ejection_threshold,
+                ),
+                (
+                    "local_origin_success_rate_average",
+                    r.local_origin_success_rate_average,
+                ),
+                (
+                    "local_origin_success_rate_ejection_threshold",
+                    r.local_origin_success_rate_ejection_threshold,
+                ),
+            ] {
+                s.push_str(&format!("{}::outlier::{k}::{}\n", c.name, format_g(v)));
+            }
+        }
         for (priority, r) in [("default", &c.resources), ("high", &c.resources_high)] {
             for (k, v) in threshold_values(r) {
                 s.push_str(&format!("{}::{priority}_priority::{k}::{v}\n", c.name));
             }
         }
         s.push_str(&format!("{}::added_via_api::false\n", c.name));
-        for h in &c.all_hosts {
+        for h in &c.host_set.hosts {
             let p = format!("{}::{}", c.name, h.address);
             for (name, value, _) in host_stats(h) {
                 s.push_str(&format!("{p}::{name}::{value}\n"));
             }
             let (region, zone, sub_zone) = locality_parts(h);
             s.push_str(&format!("{p}::hostname::{}\n", h.hostname));
-            s.push_str(&format!("{p}::health_flags::healthy\n"));
+            s.push_str(&format!("{p}::health_flags::{}\n", health_flags(h)));
             s.push_str(&format!("{p}::weight::{}\n", h.weight));
             s.push_str(&format!(
                 "{p}::region::{region}\n{p}::zone::{zone}\n{p}::sub_zone::{sub_zone}\n"
@@ -495,11 +539,54 @@ fn clusters(st: &AdminState, json: bool) -> Response<Full<Bytes>> {
             s.push_str(&format!("{p}::canary::false\n"));
             s.push_str(&format!("{p}::priority::{}\n", h.priority));
             s.push_str(&format!(
-                "{p}::success_rate::-1\n{p}::local_origin_success_rate::-1\n"
+                "{p}::success_rate::{}\n{p}::local_origin_success_rate::{}\n",
+                h.outlier.success_rate(false),
+                h.outlier.success_rate(true)
             ));
         }
     }
     text(StatusCode::OK, s)
+}
+
+/// Envoy's `healthFlagsToString`: `healthy`, else each set flag.
+fn health_flags(h: &crate::upstream::cluster::Host) -> String {
+    let flags = h.health.load(Ordering::Relaxed);
+    if flags == 0 {
+        return "healthy".into();
+    }
+    let mut s = String::new();
+    if flags & health_flag::FAILED_OUTLIER_CHECK != 0 {
+        s.push_str("/failed_outlier_check");
+    }
+    if flags & health_flag::FAILED_EDS_HEALTH != 0 {
+        s.push_str("/failed_eds_health");
+    }
+    s
+}
+
+/// The EDS `HealthStatus` name `/clusters?format=json` shows (unset shows as HEALTHY).
+fn eds_status_name(h: &crate::upstream::cluster::Host) -> &'static str {
+    match h.eds_status.load(Ordering::Relaxed) {
+        2 => "UNHEALTHY",
+        3 => "DRAINING",
+        4 => "TIMEOUT",
+        _ => "HEALTHY",
+    }
+}
+
+/// fmt's `{:g}`: six significant digits, trailing zeros dropped (the values here are
+/// percentages or -1, so no exponent form is needed).
+fn format_g(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = 5 - v.abs().log10().floor() as i32;
+    let s = format!("{:.*}", digits.max(0) as usize, v);
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 /// `/drain_listeners`: the connections of every listener (or the inbound ones) are asked to

@@ -114,7 +114,7 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "envoy.config.cluster.v3.Cluster",
-        &["outlier_detection", "lb_subset_config", "health_checks"],
+        &["lb_subset_config", "health_checks"],
         TRAFFIC,
     ),
     (

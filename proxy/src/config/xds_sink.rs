@@ -373,9 +373,13 @@ impl XdsState {
                 // Unchanged clusters keep their compiled form (pools, balancer state, stats).
                 match (self.accepted.get(name), self.base.get(name)) {
                     (Some((old, _)), Some(c)) if old == pb => Ok(c.clone()),
-                    _ => cluster::compile_source(pb, &self.store)
-                        .map(Arc::new)
-                        .map_err(|e| e.to_string()),
+                    _ => cluster::compile_source(
+                        pb,
+                        &self.store,
+                        snap.cluster_manager.outlier_event_log.as_ref(),
+                    )
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string()),
                 }
             };
             match compiled {

@@ -173,6 +173,24 @@ pub fn http_to_grpc_status(status: u16) -> u32 {
     }
 }
 
+/// Envoy's `Grpc::Utility::grpcToHttpStatus`.
+pub fn grpc_to_http_status(status: u64) -> u16 {
+    match status {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
+    }
+}
+
 impl LocalReply {
     /// A local reply to a gRPC request: HTTP 200 with the status in `grpc-status` and the body in
     /// `grpc-message`, as Envoy's `sendLocalReply` does for gRPC.

@@ -25,6 +25,7 @@ use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity
 use crate::upstream::circuit_breakers::Held;
 use crate::upstream::cluster::UpstreamProtocol;
 use crate::upstream::cluster::{Cluster, Host};
+use crate::upstream::outlier_detection::Report;
 use crate::upstream::pool::{PooledBody, ResetReason, UpstreamBody};
 use std::time::Duration;
 
@@ -588,6 +589,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         stats.upstream_rq_active.dec();
         let attempt = match outcome {
             Outcome::RouteTimeout => {
+                cluster.report_outlier(&host, Report::Timeout);
                 stats.upstream_rq_timeout.inc();
                 cluster.charge_response(504);
                 host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
@@ -612,6 +614,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 return reply(&f, LocalReply::request_timeout(), reply_headers.as_ref());
             }
             Outcome::PerTryTimeout => {
+                cluster.report_outlier(&host, Report::Timeout);
                 stats.upstream_rq_per_try_timeout.inc();
                 host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
                 Attempt::PerTryTimeout
@@ -624,8 +627,17 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                     reply_headers.as_ref(),
                 );
             }
-            Outcome::Response(Err(reason)) => Attempt::Reset(reason),
-            Outcome::Response(Ok(r)) => Attempt::Answered(Box::new(r)),
+            Outcome::Response(Err(reason)) => {
+                report_reset(cluster, &host, reason);
+                Attempt::Reset(reason)
+            }
+            Outcome::Response(Ok(r)) => {
+                cluster.report_outlier(
+                    &host,
+                    outlier_response(f.form.grpc, r.headers(), r.status()),
+                );
+                Attempt::Answered(Box::new(r))
+            }
         };
         // A body past the buffer limit cannot be retried (only retries are bounded by it).
         let replayable = recording.as_ref().is_some_and(|r| !r.overflowed());
@@ -751,6 +763,7 @@ async fn shadow(s: Shadow) {
             return;
         };
         let h2 = cluster.protocol == UpstreamProtocol::Http2;
+        let grpc = crate::http::local_reply::is_grpc(&s.headers);
         let mut headers = s.headers;
         let uri = if h2 {
             headers.remove(http::header::HOST);
@@ -784,11 +797,14 @@ async fn shadow(s: Shadow) {
         cluster.stats.upstream_rq_active.dec();
         match sent {
             Ok(resp) => {
+                cluster
+                    .report_outlier(&host, outlier_response(grpc, resp.headers(), resp.status()));
                 cluster.charge_response(resp.status().as_u16());
                 host.record_response(resp.status().as_u16());
                 let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             }
-            Err(_) => {
+            Err(reason) => {
+                report_reset(cluster, &host, reason);
                 cluster.charge_response(503);
                 host.record_response(503);
             }
@@ -864,4 +880,31 @@ async fn tunnel(
         parts,
         Either::Right(IdleTimedBody::new(PooledBody::unpooled(body), None)),
     )
+}
+
+/// What the outlier detector hears of an answer: the status, or for gRPC requests a
+/// `grpc-status` in the response headers mapped to HTTP (as Envoy, trailers are not consulted).
+fn outlier_response(grpc: bool, headers: &http::HeaderMap, status: http::StatusCode) -> Report {
+    let grpc_status = grpc
+        .then(|| {
+            headers
+                .get("grpc-status")?
+                .to_str()
+                .ok()?
+                .parse::<u64>()
+                .ok()
+        })
+        .flatten();
+    Report::Response(match grpc_status {
+        Some(g) => crate::http::local_reply::grpc_to_http_status(g),
+        None => status.as_u16(),
+    })
+}
+
+/// A reset attempt counts as a local-origin connect failure, except an overflow, which never
+/// reached a host (Envoy's pool fails it without one), and a downstream body error.
+fn report_reset(cluster: &Cluster, host: &Arc<Host>, reason: ResetReason) {
+    if !matches!(reason, ResetReason::Overflow | ResetReason::DownstreamBody) {
+        cluster.report_outlier(host, Report::ConnectFailed);
+    }
 }

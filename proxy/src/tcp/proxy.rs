@@ -19,6 +19,8 @@ use crate::config::{duration, invalid, reject_unhandled, ConfigError};
 use crate::listener::drain::Drain;
 use crate::observe::stats::Store;
 use crate::stat_struct;
+use crate::upstream::outlier_detection::Report;
+use crate::upstream::pool::ResetReason;
 use crate::worker::WorkerCtx;
 
 stat_struct!(TcpProxyStats {
@@ -136,9 +138,14 @@ pub async fn serve(
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };
-        if let Ok((s, held)) = crate::upstream::pool::connect_host(&cluster, &host).await {
-            upstream = Some((s, host, held));
-            break;
+        match crate::upstream::pool::connect_host(&cluster, &host).await {
+            Ok((s, held)) => {
+                cluster.report_outlier(&host, Report::ConnectSuccessFinal);
+                upstream = Some((s, host, held));
+                break;
+            }
+            Err(ResetReason::ConnectionTimeout) => cluster.report_outlier(&host, Report::Timeout),
+            Err(_) => cluster.report_outlier(&host, Report::ConnectFailed),
         }
     }
     // Connection failures (flag UF) close the downstream connection.

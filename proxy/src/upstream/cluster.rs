@@ -2,7 +2,7 @@
 //! priorities and weights), load-balancing policy, upstream protocol and stats.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use xds_client::pb::envoy::extensions::upstreams::http::v3::{
 };
 use xds_client::TypeRegistry;
 
+use super::host_set::{health_flag, HostSet, Policy};
+use super::outlier_detection::{Detector, HostMonitor, Report};
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
 use crate::observe::stats::{Counter, Store};
 use crate::stat_struct;
@@ -46,6 +48,7 @@ stat_struct!(ClusterStats {
     counter upstream_rq_retry_limit_exceeded,
     counter upstream_rq_retry_backoff_exponential,
     counter retry_or_shadow_abandoned,
+    counter lb_healthy_panic,
     gauge membership_total,
     gauge membership_healthy,
     gauge membership_degraded,
@@ -186,6 +189,11 @@ pub struct Host {
     /// `metadata.filter_metadata` as JSON, for `%UPSTREAM_METADATA(…)%`.
     pub metadata: Option<serde_json::Value>,
     pub stats: HostStats,
+    /// `host_set::health_flag` bits; 0 is healthy.
+    pub health: AtomicU8,
+    /// The `HealthStatus` EDS gave (0 when unset), shown by `/clusters?format=json`.
+    pub eds_status: AtomicU8,
+    pub outlier: HostMonitor,
 }
 
 impl Host {
@@ -200,6 +208,9 @@ impl Host {
             active_requests: AtomicU64::new(0),
             metadata: None,
             stats: HostStats::default(),
+            health: AtomicU8::new(0),
+            eds_status: AtomicU8::new(0),
+            outlier: HostMonitor::default(),
         }
     }
 }
@@ -239,10 +250,12 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     pub idle_timeout: Option<Duration>,
     pub max_requests_per_connection: Option<u32>,
-    /// Hosts of the highest-priority level with any host, the ones the balancer picks from.
-    pub hosts: Vec<Arc<Host>>,
-    /// Every host, for `/clusters`.
-    pub all_hosts: Vec<Arc<Host>>,
+    /// Every host, by priority, and the balancer's plan over them.
+    pub host_set: Arc<HostSet>,
+    /// How priority levels share load and when they panic (`common_lb_config`, the
+    /// assignment's `overprovisioning_factor`).
+    pub lb_policy: Policy,
+    pub outlier: Option<Arc<Detector>>,
     pub stats: ClusterStats,
     pub codes: ResponseCodeStats,
     /// `retry.upstream_rq_*`: responses a retry replaced.
@@ -418,14 +431,28 @@ fn socket_address(
     }
 }
 
+/// The hosts of an assignment and its `policy.overprovisioning_factor`.
 fn hosts_from(
     cla: &ClusterLoadAssignment,
     path: &str,
     resolve: Resolve,
-) -> Result<Vec<Arc<Host>>, ConfigError> {
+) -> Result<(Vec<Arc<Host>>, u32), ConfigError> {
     let mut rest = cla.clone();
     rest.cluster_name.clear();
     let endpoints = std::mem::take(&mut rest.endpoints);
+    let mut overprovisioning = super::host_set::DEFAULT_OVERPROVISIONING;
+    if let Some(mut policy) = rest.policy.take() {
+        if let Some(f) = policy.overprovisioning_factor.take() {
+            if f.value == 0 {
+                return Err(invalid(
+                    format!("{path}.policy.overprovisioning_factor"),
+                    "value must be greater than 0",
+                ));
+            }
+            overprovisioning = f.value;
+        }
+        reject_unhandled(&policy, &format!("{path}.policy"))?;
+    }
     reject_unhandled(&rest, path)?;
     let mut hosts = Vec::new();
     for (li, le) in endpoints.iter().enumerate() {
@@ -465,13 +492,18 @@ fn hosts_from(
                 )
             });
             let ident = erest.host_identifier.take();
-            if erest.health_status > 1 {
-                return Err(ConfigError::Unsupported {
-                    path: ep_path,
-                    fields: "'health_status' other than HEALTHY/UNKNOWN".into(),
-                });
-            }
-            erest.health_status = 0;
+            // UNHEALTHY, DRAINING and TIMEOUT leave the balancer's healthy set, as in Envoy.
+            let eds_status = std::mem::take(&mut erest.health_status);
+            let health = match eds_status {
+                0 | 1 => 0,
+                2..=4 => health_flag::FAILED_EDS_HEALTH,
+                _ => {
+                    return Err(ConfigError::Unsupported {
+                        path: ep_path,
+                        fields: "'health_status: DEGRADED' (degraded hosts)".into(),
+                    })
+                }
+            };
             reject_unhandled(&erest, &ep_path)?;
             let Some(HostIdentifier::Endpoint(e)) = ident else {
                 return Err(ConfigError::Unsupported {
@@ -503,11 +535,14 @@ fn hosts_from(
                     active_requests: AtomicU64::new(0),
                     metadata: metadata.clone(),
                     stats: HostStats::default(),
+                    health: AtomicU8::new(health),
+                    eds_status: AtomicU8::new(eds_status as u8),
+                    outlier: HostMonitor::default(),
                 }));
             }
         }
     }
-    Ok(hosts)
+    Ok((hosts, overprovisioning))
 }
 
 /// A `Cluster` proto kept encoded; decoded when `/config_dump` or a DNS refresh needs it.
@@ -527,14 +562,23 @@ impl ClusterSource {
 }
 
 /// Compiles an encoded cluster (from xDS), sharing its bytes as the cluster's `source`.
-pub fn compile_source(source: &ClusterSource, store: &Store) -> Result<Cluster, ConfigError> {
+pub fn compile_source(
+    source: &ClusterSource,
+    store: &Store,
+    event_log: Option<&Arc<std::fs::File>>,
+) -> Result<Cluster, ConfigError> {
     let c = source.decode();
-    let mut compiled = compile(&c, store)?;
+    let mut compiled = compile(&c, store, event_log)?;
     compiled.source = source.clone();
     Ok(compiled)
 }
 
-pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
+/// Compiles a cluster; `event_log` is the bootstrap's outlier-detection event log.
+pub fn compile(
+    c: &pb::Cluster,
+    store: &Store,
+    event_log: Option<&Arc<std::fs::File>>,
+) -> Result<Cluster, ConfigError> {
     let path = format!("cluster '{}'", c.name);
     let mut rest = c.clone();
     let name = std::mem::take(&mut rest.name);
@@ -785,7 +829,8 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         )?),
     };
     let cla = rest.load_assignment.take().unwrap_or_default();
-    let all_hosts = hosts_from(&cla, &format!("{path}.load_assignment"), resolve)?;
+    let (all_hosts, overprovisioning) =
+        hosts_from(&cla, &format!("{path}.load_assignment"), resolve)?;
     if discovery == DiscoveryType::LogicalDns && all_hosts.len() > 1 {
         return Err(invalid(
             format!("{path}.load_assignment"),
@@ -803,16 +848,41 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
     }
     // Cluster metadata is data for filters and loggers (Istio's telemetry reads it).
     rest.metadata = None;
-    if let Some(c) = rest.common_lb_config.take() {
-        reject_unhandled(&c, &format!("{path}.common_lb_config"))?;
+    let mut lb_policy = Policy {
+        overprovisioning,
+        ..Policy::default()
+    };
+    if let Some(mut c) = rest.common_lb_config.take() {
+        let cp = format!("{path}.common_lb_config");
+        if let Some(t) = c.healthy_panic_threshold.take() {
+            if !(0.0..=100.0).contains(&t.value) {
+                return Err(invalid(
+                    format!("{cp}.healthy_panic_threshold.value"),
+                    "value must be inside range [0, 100]",
+                ));
+            }
+            lb_policy.panic_threshold = t.value;
+        }
+        if let Some(w) = c.update_merge_window.take() {
+            lb_policy.update_merge_window =
+                duration::to_std(&w, &format!("{cp}.update_merge_window"))?;
+        }
+        reject_unhandled(&c, &cp)?;
     }
+    let outlier_config = match rest.outlier_detection.take() {
+        Some(_) if discovery == DiscoveryType::OriginalDst => {
+            return Err(ConfigError::Unsupported {
+                path,
+                fields: "'outlier_detection' on an ORIGINAL_DST cluster".into(),
+            })
+        }
+        Some(o) => Some(super::outlier_detection::compile(
+            &o,
+            &format!("{path}.outlier_detection"),
+        )?),
+        None => None,
+    };
     reject_unhandled(&rest, &path)?;
-    let top = all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
-    let hosts: Vec<_> = all_hosts
-        .iter()
-        .filter(|h| h.priority == top)
-        .cloned()
-        .collect();
     let stat_prefix = format!("cluster.{}.", if alt.is_empty() { &name } else { &alt });
     let stats = ClusterStats::new(store, &stat_prefix);
     let breakers = super::circuit_breakers::compile(
@@ -822,9 +892,23 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         &format!("{path}.circuit_breakers"),
     )?;
     stats.membership_total.set(all_hosts.len() as i64);
-    stats.membership_healthy.set(all_hosts.len() as i64);
     stats.membership_degraded.set(0);
     stats.membership_excluded.set(0);
+    let host_set = Arc::new(HostSet::new(
+        all_hosts,
+        lb_policy,
+        stats.membership_healthy.clone(),
+    ));
+    let outlier = outlier_config.map(|config| {
+        Detector::start(
+            config,
+            store,
+            &stat_prefix,
+            &name,
+            event_log.cloned(),
+            host_set.clone(),
+        )
+    });
     Ok(Cluster {
         name,
         discovery,
@@ -833,8 +917,9 @@ pub fn compile(c: &pb::Cluster, store: &Store) -> Result<Cluster, ConfigError> {
         protocol,
         idle_timeout,
         max_requests_per_connection,
-        hosts,
-        all_hosts,
+        host_set,
+        lb_policy,
+        outlier,
         codes: ResponseCodeStats::new(store, &stat_prefix),
         retry_codes: ResponseCodeStats::new(store, &format!("{stat_prefix}retry."))
             .with_completed(),
@@ -914,16 +999,16 @@ pub fn with_assignment(
     cla: &ClusterLoadAssignment,
     previous: Option<&Cluster>,
 ) -> Result<Cluster, ConfigError> {
-    let mut cla = cla.clone();
-    // The policy's overprovisioning factor only matters for priority spill-over, which Petrel
-    // does not do while every host is healthy (there are no health checks yet).
-    cla.policy = None;
-    let fresh = hosts_from(
-        &cla,
+    let (fresh, overprovisioning) = hosts_from(
+        cla,
         &format!("cluster '{}' assignment", base.name),
         Resolve::None,
     )?;
-    Ok(with_hosts(base, fresh, previous))
+    let policy = Policy {
+        overprovisioning,
+        ..base.lb_policy
+    };
+    Ok(with_hosts(base, fresh, previous, policy))
 }
 
 fn host_key(h: &Arc<Host>) -> (&HostAddress, u32) {
@@ -931,30 +1016,51 @@ fn host_key(h: &Arc<Host>) -> (&HostAddress, u32) {
 }
 
 /// `base` with a new host set: hosts of `previous` with the same address and priority are kept
-/// (with their stats and in-flight counts), the balancer uses the top priority, membership
-/// gauges follow.
-fn with_hosts(base: &Cluster, fresh: Vec<Arc<Host>>, previous: Option<&Cluster>) -> Cluster {
+/// (with their stats, in-flight counts and outlier state; their EDS health follows the new
+/// assignment), the balancer's plan and the membership gauges follow, and the outlier detector
+/// watches the new set.
+fn with_hosts(
+    base: &Cluster,
+    fresh: Vec<Arc<Host>>,
+    previous: Option<&Cluster>,
+    policy: Policy,
+) -> Cluster {
+    // A host's outlier state belongs to one detector: a cluster whose detector changed (a new
+    // CDS version) starts with fresh hosts, as Envoy's new cluster does.
+    let previous = previous.filter(|p| match (&p.outlier, &base.outlier) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    });
     let reuse = |h: Arc<Host>| {
-        previous
-            .and_then(|p| {
-                p.all_hosts
-                    .iter()
-                    .find(|o| host_key(o) == host_key(&h))
-                    .cloned()
-            })
-            .unwrap_or(h)
+        let Some(old) = previous.and_then(|p| {
+            p.host_set
+                .hosts
+                .iter()
+                .find(|o| host_key(o) == host_key(&h))
+                .cloned()
+        }) else {
+            return h;
+        };
+        let eds = h.health.load(Ordering::Relaxed) & health_flag::FAILED_EDS_HEALTH;
+        let kept = old.health.load(Ordering::Relaxed) & !health_flag::FAILED_EDS_HEALTH;
+        old.health.store(kept | eds, Ordering::Relaxed);
+        old.eds_status
+            .store(h.eds_status.load(Ordering::Relaxed), Ordering::Relaxed);
+        old
     };
     let mut new = base.clone();
-    new.all_hosts = fresh.into_iter().map(reuse).collect();
-    let top = new.all_hosts.iter().map(|h| h.priority).min().unwrap_or(0);
-    new.hosts = new
-        .all_hosts
-        .iter()
-        .filter(|h| h.priority == top)
-        .cloned()
-        .collect();
-    new.stats.membership_total.set(new.all_hosts.len() as i64);
-    new.stats.membership_healthy.set(new.all_hosts.len() as i64);
+    let hosts: Vec<Arc<Host>> = fresh.into_iter().map(reuse).collect();
+    new.stats.membership_total.set(hosts.len() as i64);
+    new.lb_policy = policy;
+    new.host_set = Arc::new(HostSet::new(
+        hosts,
+        policy,
+        new.stats.membership_healthy.clone(),
+    ));
+    if let Some(d) = &new.outlier {
+        d.watch(new.host_set.clone());
+    }
     new
 }
 
@@ -972,20 +1078,25 @@ pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
         }
     };
     let cla = source.load_assignment.clone().unwrap_or_default();
-    let fresh = hosts_from(
+    let (fresh, overprovisioning) = hosts_from(
         &cla,
         &format!("cluster '{}'.load_assignment", old.name),
         resolve,
     )?;
     if old
-        .all_hosts
+        .host_set
+        .hosts
         .iter()
         .map(host_key)
         .eq(fresh.iter().map(host_key))
     {
         return Ok(None);
     }
-    Ok(Some(with_hosts(old, fresh, Some(old))))
+    let policy = Policy {
+        overprovisioning,
+        ..old.lb_policy
+    };
+    Ok(Some(with_hosts(old, fresh, Some(old), policy)))
 }
 
 impl Cluster {
@@ -995,54 +1106,59 @@ impl Cluster {
         self.codes.charge(status);
     }
 
-    /// Chooses a host, or None when the cluster has none (Envoy's `no healthy upstream`).
-    pub fn choose(&self, state: &LbState) -> Option<&Arc<Host>> {
-        let n = self.hosts.len();
-        if n == 0 {
-            return None;
+    /// Chooses a host by the balancer's plan, or None when no host is eligible (Envoy's `no
+    /// healthy upstream`).
+    pub fn choose(&self, state: &LbState) -> Option<Arc<Host>> {
+        let plan = self.host_set.plan();
+        let level = plan.level(|| rand::random_range(0..100))?;
+        if level.panic {
+            self.stats.lb_healthy_panic.inc();
         }
-        if n == 1 {
-            return self.hosts.first();
+        let hosts = &level.hosts;
+        let n = hosts.len();
+        if n <= 1 {
+            return hosts.first().cloned();
         }
-        let weighted = self.hosts.iter().any(|h| h.weight != 1);
+        let by_weight = |mut point: u64| {
+            for h in hosts {
+                if point < h.weight as u64 {
+                    return Some(h.clone());
+                }
+                point -= h.weight as u64;
+            }
+            hosts.last().cloned()
+        };
         match self.lb {
-            LbPolicy::RoundRobin if !weighted => {
+            LbPolicy::RoundRobin if !level.weighted => {
                 let i = state.rr.get();
                 state.rr.set(i.wrapping_add(1));
-                self.hosts.get((i % n as u64) as usize)
+                hosts.get((i % n as u64) as usize).cloned()
             }
             LbPolicy::RoundRobin => {
                 // Weighted round robin by a rotating position over the summed weights.
-                let total: u64 = self.hosts.iter().map(|h| h.weight as u64).sum();
                 let i = state.rr.get();
                 state.rr.set(i.wrapping_add(1));
-                self.by_weight(i % total)
+                by_weight(i % level.total_weight)
             }
-            LbPolicy::Random => {
-                let total: u64 = self.hosts.iter().map(|h| h.weight as u64).sum();
-                self.by_weight(rand::random::<u64>() % total)
-            }
+            LbPolicy::Random => by_weight(rand::random::<u64>() % level.total_weight),
             LbPolicy::LeastRequest => {
                 // Envoy's default: power of two choices among the hosts.
-                let a = &self.hosts[rand::random_range(0..n)];
-                let b = &self.hosts[rand::random_range(0..n)];
+                let a = &hosts[rand::random_range(0..n)];
+                let b = &hosts[rand::random_range(0..n)];
                 let (ra, rb) = (
                     a.active_requests.load(Ordering::Relaxed),
                     b.active_requests.load(Ordering::Relaxed),
                 );
-                Some(if rb < ra { b } else { a })
+                Some(if rb < ra { b } else { a }.clone())
             }
         }
     }
 
-    fn by_weight(&self, mut point: u64) -> Option<&Arc<Host>> {
-        for h in &self.hosts {
-            if point < h.weight as u64 {
-                return Some(h);
-            }
-            point -= h.weight as u64;
+    /// Reports one attempt's result to the outlier detector, if the cluster has one.
+    pub fn report_outlier(&self, host: &Arc<Host>, report: Report) {
+        if let Some(d) = &self.outlier {
+            d.report(host, report);
         }
-        self.hosts.last()
     }
 }
 
@@ -1053,7 +1169,7 @@ mod tests {
 
     fn cluster(v: serde_json::Value) -> Result<Cluster, ConfigError> {
         let c: pb::Cluster = TypeRegistry::global().from_json(&v, false)?;
-        compile(&c, &Store::default())
+        compile(&c, &Store::default(), None)
     }
 
     fn ep(port: u16, weight: u32) -> serde_json::Value {
@@ -1092,7 +1208,7 @@ mod tests {
                 .port(),
             1
         );
-        assert_eq!(c.all_hosts.len(), 2);
+        assert_eq!(c.host_set.hosts.len(), 2);
     }
 
     #[test]
@@ -1101,8 +1217,11 @@ mod tests {
         assert!(e.to_string().contains("EDS"), "{e}");
         let e = cluster(json!({"name": "c", "lb_policy": "MAGLEV"})).unwrap_err();
         assert!(e.to_string().contains("MAGLEV"), "{e}");
-        let e = cluster(json!({"name": "c", "outlier_detection": {}})).unwrap_err();
+        let e = cluster(json!({"name": "c", "outlier_detection": {"monitors": [{"name": "m"}]}}))
+            .unwrap_err();
         assert!(e.to_string().contains("outlier_detection"), "{e}");
+        let e = cluster(json!({"name": "c", "health_checks": [{"timeout": "1s"}]})).unwrap_err();
+        assert!(e.to_string().contains("health_checks"), "{e}");
         let e = cluster(json!({"name": "c", "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "example.invalid", "port_value": 1}}}}]}]}})).unwrap_err();
         assert!(e.to_string().contains("malformed IP address"), "{e}");
     }
@@ -1114,18 +1233,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.dns_refresh, Some(Duration::from_secs(1)));
         assert!(c
-            .all_hosts
+            .host_set
+            .hosts
             .iter()
             .all(|h| h.hostname == "localhost"
                 && h.address.ip().is_some_and(|a| a.ip().is_loopback())));
-        assert!(!c.all_hosts.is_empty());
+        assert!(!c.host_set.hosts.is_empty());
         // Same answer: nothing to publish.
         assert!(refresh(&c).unwrap().is_none());
         // A name that does not resolve leaves the cluster empty instead of failing boot.
         let bad = cluster(json!({"name": "d", "type": "LOGICAL_DNS", "load_assignment": {"endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": "no-such-host.invalid", "port_value": 80}}}}]}]}}))
         .unwrap();
-        assert!(bad.all_hosts.is_empty());
+        assert!(bad.host_set.hosts.is_empty());
         assert_eq!(bad.dns_refresh, Some(Duration::from_secs(5)));
     }
 

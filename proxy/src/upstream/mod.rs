@@ -1,4 +1,6 @@
 //! Clusters, load balancing and per-worker connection pools.
 pub mod circuit_breakers;
 pub mod cluster;
+pub mod host_set;
+pub mod outlier_detection;
 pub mod pool;

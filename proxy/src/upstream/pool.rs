@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use super::circuit_breakers::Held;
 use super::cluster::{Cluster, ClusterStats, Host, HostAddress, LbState};
+use super::outlier_detection::Report;
 use crate::worker::LocalExec;
 
 /// A request body sent upstream: the downstream body as it streams, or (when the request may be
@@ -198,7 +199,7 @@ impl WorkerUpstreams {
     ) -> Option<Arc<Host>> {
         let Some(od) = &cluster.original_dst else {
             let lb = self.lb_state(&cluster.name);
-            return cluster.choose(&lb).cloned();
+            return cluster.choose(&lb);
         };
         let from_header = od
             .http_header
@@ -299,8 +300,7 @@ impl WorkerUpstreams {
         cluster.stats.upstream_cx_http1_total.inc();
         track(&cluster.stats, host, conn.with_upgrades(), held, None);
         // Envoy counts an upstream request once it has a connection to go on.
-        cluster.stats.upstream_rq_total.inc();
-        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+        let _request = attach(cluster, host);
         sender.send_request(req).await.map_err(|e| classify(&e))
     }
 
@@ -390,7 +390,10 @@ impl WorkerUpstreams {
 }
 
 /// A request attached to a connection: counted against `max_requests` until its response ends.
-fn attach(cluster: &Cluster, host: &Host) -> Held {
+/// The request has a connection to go on (Envoy's pool-ready: counted, and reported to the
+/// outlier detector as a connect success).
+fn attach(cluster: &Cluster, host: &Arc<Host>) -> Held {
+    cluster.report_outlier(host, Report::ConnectSuccess);
     cluster.stats.upstream_rq_total.inc();
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     Held::take(&cluster.resources, |r| &r.requests)

@@ -1,0 +1,357 @@
+//! A cluster's hosts by priority and the balancer's plan over them: which priority levels take
+//! what share of requests and which of their hosts are eligible, as Envoy's
+//! `LoadBalancerBase` computes it (priority load from health and the overprovisioning factor,
+//! per-priority panic below `healthy_panic_threshold`, load by host count in total panic).
+//!
+//! The plan is recomputed when health changes (outlier ejection, EDS health) and swapped in
+//! whole; the request path only loads it. Health-only changes that come within
+//! `common_lb_config.update_merge_window` (default 1 s) of the last delivered one are delivered
+//! together at the window's end, as Envoy's cluster manager merges them before workers see them.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::cluster::Host;
+use crate::observe::stats::Gauge;
+
+/// Envoy's default `overprovisioning_factor` (a percentage: 140 means 1.4).
+pub const DEFAULT_OVERPROVISIONING: u32 = 140;
+/// Envoy's default `common_lb_config.healthy_panic_threshold`.
+pub const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
+
+/// Bits of `Host::health` (Envoy's health flags that Petrel sets).
+pub mod health_flag {
+    /// Ejected by outlier detection.
+    pub const FAILED_OUTLIER_CHECK: u8 = 1;
+    /// EDS said UNHEALTHY, DRAINING or TIMEOUT.
+    pub const FAILED_EDS_HEALTH: u8 = 2;
+}
+
+/// How priority levels share load and when they panic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    pub overprovisioning: u32,
+    pub panic_threshold: f64,
+    /// `common_lb_config.update_merge_window`; zero delivers every change at once.
+    pub update_merge_window: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            overprovisioning: DEFAULT_OVERPROVISIONING,
+            panic_threshold: DEFAULT_PANIC_THRESHOLD,
+            update_merge_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One priority level the balancer can pick.
+#[derive(Debug)]
+pub struct Level {
+    /// Cumulative load up to and including this level, out of 100.
+    pub upto: u32,
+    /// The eligible hosts: the healthy ones, or all of the level's hosts in panic.
+    pub hosts: Vec<Arc<Host>>,
+    pub panic: bool,
+    /// Whether any host has a weight other than 1, and the weights' sum.
+    pub weighted: bool,
+    pub total_weight: u64,
+}
+
+/// The levels with load; empty when the cluster has no host at all.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub levels: Vec<Level>,
+}
+
+impl Plan {
+    /// The level for a request, by a number in 0..100 (unused with one level).
+    pub fn level(&self, point: impl FnOnce() -> u32) -> Option<&Level> {
+        match self.levels.as_slice() {
+            [] => None,
+            [only] => Some(only),
+            levels => {
+                let p = point();
+                levels.iter().find(|l| p < l.upto).or(levels.last())
+            }
+        }
+    }
+}
+
+/// Every host of a cluster (all priorities, in configuration order) and the plan over them.
+#[derive(Debug)]
+pub struct HostSet {
+    pub hosts: Vec<Arc<Host>>,
+    policy: Policy,
+    plan: ArcSwap<Plan>,
+    membership_healthy: Arc<Gauge>,
+    merge: Mutex<Merge>,
+}
+
+/// When the plan was last delivered, and whether a merged delivery is scheduled.
+#[derive(Debug, Default)]
+struct Merge {
+    last_delivered: Option<Instant>,
+    scheduled: bool,
+}
+
+pub fn healthy(h: &Host) -> bool {
+    h.health.load(Ordering::Relaxed) == 0
+}
+
+impl HostSet {
+    pub fn new(hosts: Vec<Arc<Host>>, policy: Policy, membership_healthy: Arc<Gauge>) -> Self {
+        let set = HostSet {
+            plan: ArcSwap::from_pointee(plan(&hosts, policy)),
+            hosts,
+            policy,
+            membership_healthy,
+            merge: Mutex::default(),
+        };
+        set.membership_healthy.set(set.healthy_count() as i64);
+        set
+    }
+
+    pub fn plan(&self) -> arc_swap::Guard<Arc<Plan>> {
+        self.plan.load()
+    }
+
+    /// A host's health changed: the membership gauge follows at once, the balancer's plan at
+    /// once or at the end of the merge window.
+    pub fn health_changed(self: &Arc<Self>) {
+        self.membership_healthy.set(self.healthy_count() as i64);
+        let window = self.policy.update_merge_window;
+        let now = Instant::now();
+        let mut m = self.merge.lock().unwrap_or_else(|p| p.into_inner());
+        let in_window = m.last_delivered.is_some_and(|t| now - t <= window);
+        if window.is_zero() || !in_window {
+            m.last_delivered = Some(now);
+            // A scheduled delivery is overtaken by this one (Envoy cancels its timer).
+            m.scheduled = false;
+            drop(m);
+            self.deliver();
+        } else if !m.scheduled {
+            m.scheduled = true;
+            super::outlier_detection::timer::once(Arc::downgrade(self), now + window);
+        }
+    }
+
+    /// The scheduled end of a merge window.
+    pub fn deliver_merged(&self) {
+        let mut m = self.merge.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.scheduled {
+            return;
+        }
+        m.scheduled = false;
+        m.last_delivered = Some(Instant::now());
+        drop(m);
+        self.deliver();
+    }
+
+    fn deliver(&self) {
+        self.plan.store(Arc::new(plan(&self.hosts, self.policy)));
+    }
+
+    fn healthy_count(&self) -> usize {
+        self.hosts.iter().filter(|h| healthy(h)).count()
+    }
+}
+
+/// Envoy's priority load, panic and total-panic computation over `hosts`.
+fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
+    let levels = hosts.iter().map(|h| h.priority + 1).max().unwrap_or(0) as usize;
+    if levels == 0 {
+        return Plan::default();
+    }
+    let mut total = vec![0u64; levels];
+    let mut up = vec![0u64; levels];
+    for h in hosts {
+        total[h.priority as usize] += 1;
+        if healthy(h) {
+            up[h.priority as usize] += 1;
+        }
+    }
+    let health: Vec<u64> = (0..levels)
+        .map(|p| match total[p] {
+            0 => 0,
+            t => (policy.overprovisioning as u64 * up[p] / t).min(100),
+        })
+        .collect();
+    let normalized = health.iter().sum::<u64>().min(100);
+    let panic: Vec<bool> = (0..levels)
+        .map(|p| {
+            let pct = match total[p] {
+                0 => 0.0,
+                t => 100.0 * up[p] as f64 / t as f64,
+            };
+            policy.panic_threshold > 0.0 && pct < policy.panic_threshold.min(100.0)
+        })
+        .collect();
+    let mut load = vec![0u64; levels];
+    if panic.iter().all(|p| *p) {
+        // Total panic: load follows host counts (all to the first level when there are none).
+        let sum: u64 = total.iter().sum();
+        let mut left = 100;
+        for p in 0..levels {
+            load[p] = 100 * total[p] / sum.max(1);
+            left -= load[p];
+        }
+        let first = total.iter().position(|t| *t > 0).unwrap_or(0);
+        load[first] += left;
+    } else {
+        // With nothing healthy and no panic (threshold 0) everything goes to the first level,
+        // whose healthy hosts are none, so requests find no upstream.
+        let mut left = 100u64;
+        for p in 0..levels {
+            load[p] = left.min((health[p] * 100).checked_div(normalized).unwrap_or(0));
+            left -= load[p];
+        }
+        let first = health.iter().position(|h| *h > 0).unwrap_or(0);
+        load[first] += left;
+    }
+    let mut upto = 0;
+    let mut out = Vec::new();
+    for p in 0..levels {
+        if load[p] == 0 {
+            continue;
+        }
+        upto += load[p] as u32;
+        let eligible: Vec<Arc<Host>> = hosts
+            .iter()
+            .filter(|h| h.priority as usize == p && (panic[p] || healthy(h)))
+            .cloned()
+            .collect();
+        out.push(Level {
+            upto,
+            weighted: eligible.iter().any(|h| h.weight != 1),
+            total_weight: eligible.iter().map(|h| h.weight as u64).sum(),
+            hosts: eligible,
+            panic: panic[p],
+        });
+    }
+    Plan { levels: out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::stats::Store;
+
+    fn host(port: u16, priority: u32, up: bool) -> Arc<Host> {
+        let mut h = Host::original_dst(([127, 0, 0, 1], port).into());
+        h.priority = priority;
+        if !up {
+            h.health = health_flag::FAILED_OUTLIER_CHECK.into();
+        }
+        Arc::new(h)
+    }
+
+    fn loads(hosts: Vec<Arc<Host>>, threshold: f64) -> Vec<(u32, usize, bool)> {
+        let set = HostSet::new(
+            hosts,
+            Policy {
+                overprovisioning: 140,
+                panic_threshold: threshold,
+                update_merge_window: Duration::ZERO,
+            },
+            Store::default().gauge("g"),
+        );
+        let plan = set.plan();
+        let mut prev = 0;
+        plan.levels
+            .iter()
+            .map(|l| {
+                let share = l.upto - prev;
+                prev = l.upto;
+                (share, l.hosts.len(), l.panic)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn all_healthy_top_priority_takes_everything() {
+        let l = loads(vec![host(1, 0, true), host(2, 1, true)], 50.0);
+        assert_eq!(l, vec![(100, 1, false)]);
+    }
+
+    #[test]
+    fn unhealthy_hosts_spill_to_the_next_priority() {
+        // 1 of 2 healthy: health 70, the rest to priority 1.
+        let l = loads(
+            vec![host(1, 0, true), host(2, 0, false), host(3, 1, true)],
+            50.0,
+        );
+        assert_eq!(l, vec![(70, 1, false), (30, 1, false)]);
+    }
+
+    #[test]
+    fn panic_uses_every_host_of_the_level() {
+        // 1 of 3 healthy at priority 0 (33% < 50%): panic there, health 46.
+        let l = loads(
+            vec![
+                host(1, 0, true),
+                host(2, 0, false),
+                host(3, 0, false),
+                host(4, 1, true),
+            ],
+            50.0,
+        );
+        assert_eq!(l, vec![(46, 3, true), (54, 1, false)]);
+    }
+
+    #[test]
+    fn total_panic_spreads_by_host_count() {
+        let l = loads(
+            vec![host(1, 0, false), host(2, 1, false), host(3, 1, false)],
+            50.0,
+        );
+        assert_eq!(l, vec![(34, 1, true), (66, 2, true)]);
+    }
+
+    #[test]
+    fn threshold_zero_never_panics() {
+        let l = loads(vec![host(1, 0, false), host(2, 0, false)], 0.0);
+        assert_eq!(l, vec![(100, 0, false)]);
+    }
+
+    #[test]
+    fn changes_within_the_merge_window_wait_for_its_end() {
+        let hosts = vec![host(1, 0, true), host(2, 0, true)];
+        let set = Arc::new(HostSet::new(
+            hosts,
+            Policy {
+                update_merge_window: Duration::from_millis(300),
+                ..Policy::default()
+            },
+            Store::default().gauge("g"),
+        ));
+        let eject = |i: usize| {
+            set.hosts[i]
+                .health
+                .store(health_flag::FAILED_OUTLIER_CHECK, Ordering::Relaxed);
+            set.health_changed();
+        };
+        eject(0);
+        assert_eq!(
+            set.plan().levels[0].hosts.len(),
+            1,
+            "first change is at once"
+        );
+        eject(1);
+        assert_eq!(set.plan().levels[0].hosts.len(), 1, "second waits");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !set.plan().levels[0].panic && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(set.plan().levels[0].panic, "delivered at the window's end");
+    }
+
+    #[test]
+    fn no_hosts_no_levels() {
+        assert!(loads(vec![], 50.0).is_empty());
+    }
+}
