@@ -42,6 +42,7 @@ static_resources:
               - {match: {prefix: "/sr"}, route: {cluster: sr}}
               - {match: {prefix: "/fp"}, route: {cluster: fp}}
               - {match: {prefix: "/back"}, route: {cluster: back}}
+              - {match: {prefix: "/hs"}, route: {cluster: hs}}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
@@ -125,11 +126,24 @@ static_resources:
     load_assignment:
       cluster_name: back
       endpoints: [{lb_endpoints: [EP_A, EP_B]}]
+  - name: hs
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: hs
+      endpoints: [{lb_endpoints: [HS_A_UNHEALTHY, HS_B_DRAINING, HS_DEAD_TIMEOUT, HS_C_HEALTHY]}]
 "#;
 
 fn endpoint(port: u16) -> String {
     format!(
         "{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}"
+    )
+}
+
+/// An endpoint with an EDS health status.
+fn endpoint_with(port: u16, status: &str) -> String {
+    format!(
+        "{{health_status: {status}, {}}}",
+        &endpoint(port)[1..endpoint(port).len() - 1]
     )
 }
 
@@ -190,6 +204,10 @@ fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<Str
     let log = format!("/tmp/petrel-outlier-{log_id}.log");
     let _ = std::fs::remove_file(&log);
     let template = BOOTSTRAP
+        .replace("HS_A_UNHEALTHY", &endpoint_with(ups[0], "UNHEALTHY"))
+        .replace("HS_B_DRAINING", &endpoint_with(ups[1], "DRAINING"))
+        .replace("HS_DEAD_TIMEOUT", &endpoint_with(dead, "TIMEOUT"))
+        .replace("HS_C_HEALTHY", &endpoint_with(ups[2], "HEALTHY"))
         .replace("EP_DEAD", &endpoint(dead))
         .replace("EP_A", &endpoint(ups[0]))
         .replace("EP_B", &endpoint(ups[1]))
@@ -275,6 +293,43 @@ fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<Str
         "cluster.back.outlier_detection.ejections_active",
     ));
     t.push(stat(admin, "cluster.back.membership_healthy"));
+    // EDS health: UNHEALTHY and TIMEOUT hosts are unhealthy, DRAINING ones excluded.
+    // One healthy host of three counted is below the panic threshold: the level panics and
+    // round robin goes over all four hosts, the drained one included.
+    let mut hs: Vec<String> = (0..4)
+        .map(|i| {
+            let r = get(main, "/hs", &format!("{name}-hs-{i}"), "");
+            format!("/hs: {} from {:?}", r.status, r.header("x-upstream-name"))
+        })
+        .collect();
+    hs.sort();
+    t.extend(hs);
+    t.extend(stat_lines(
+        admin,
+        &[
+            "cluster.hs.membership_total",
+            "cluster.hs.membership_healthy",
+            "cluster.hs.membership_excluded",
+            "cluster.hs.membership_degraded",
+            "cluster.hs.membership_change",
+            "cluster.hs.lb_healthy_panic",
+            "cluster.c5.membership_change",
+        ],
+    ));
+    let json = http_raw(
+        admin,
+        b"GET /clusters?format=json HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .expect("clusters json")
+    .body_str();
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    for c in v["cluster_statuses"].as_array().into_iter().flatten() {
+        if c["name"] == "hs" {
+            for h in c["host_statuses"].as_array().into_iter().flatten() {
+                t.push(format!("hs json health {}", h["health_status"]));
+            }
+        }
+    }
     for c in [
         "c5", "overflow", "panic", "nopanic", "gw", "dead", "sr", "fp", "back",
     ] {

@@ -561,15 +561,18 @@ fn health_flags(h: &crate::upstream::cluster::Host) -> String {
     if flags & health_flag::FAILED_EDS_HEALTH != 0 {
         s.push_str("/failed_eds_health");
     }
+    if flags & health_flag::EDS_STATUS_DRAINING != 0 {
+        s.push_str("/eds_status_draining");
+    }
     s
 }
 
 /// The EDS `HealthStatus` name `/clusters?format=json` shows (unset shows as HEALTHY).
 fn eds_status_name(h: &crate::upstream::cluster::Host) -> &'static str {
     match h.eds_status.load(Ordering::Relaxed) {
-        2 => "UNHEALTHY",
+        // TIMEOUT shows as UNHEALTHY, as in Envoy.
+        2 | 4 => "UNHEALTHY",
         3 => "DRAINING",
-        4 => "TIMEOUT",
         _ => "HEALTHY",
     }
 }

@@ -17,7 +17,7 @@ use xds_client::pb::envoy::extensions::upstreams::http::v3::{
 };
 use xds_client::TypeRegistry;
 
-use super::host_set::{health_flag, HostSet, Policy};
+use super::host_set::{health_flag, HostSet, Membership, Policy};
 use super::outlier_detection::{Detector, HostMonitor, Report};
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
 use crate::observe::stats::{Counter, Store};
@@ -49,6 +49,7 @@ stat_struct!(ClusterStats {
     counter upstream_rq_retry_backoff_exponential,
     counter retry_or_shadow_abandoned,
     counter lb_healthy_panic,
+    counter membership_change,
     gauge membership_total,
     gauge membership_healthy,
     gauge membership_degraded,
@@ -492,11 +493,13 @@ fn hosts_from(
                 )
             });
             let ident = erest.host_identifier.take();
-            // UNHEALTHY, DRAINING and TIMEOUT leave the balancer's healthy set, as in Envoy.
+            // UNHEALTHY and TIMEOUT leave the balancer's healthy set, DRAINING leaves the
+            // balancer altogether, as in Envoy.
             let eds_status = std::mem::take(&mut erest.health_status);
             let health = match eds_status {
                 0 | 1 => 0,
-                2..=4 => health_flag::FAILED_EDS_HEALTH,
+                2 | 4 => health_flag::FAILED_EDS_HEALTH,
+                3 => health_flag::EDS_STATUS_DRAINING,
                 _ => {
                     return Err(ConfigError::Unsupported {
                         path: ep_path,
@@ -893,12 +896,10 @@ pub fn compile(
     )?;
     stats.membership_total.set(all_hosts.len() as i64);
     stats.membership_degraded.set(0);
-    stats.membership_excluded.set(0);
-    let host_set = Arc::new(HostSet::new(
-        all_hosts,
-        lb_policy,
-        stats.membership_healthy.clone(),
-    ));
+    if !all_hosts.is_empty() {
+        stats.membership_change.inc();
+    }
+    let host_set = Arc::new(HostSet::new(all_hosts, lb_policy, membership(&stats)));
     let outlier = outlier_config.map(|config| {
         Detector::start(
             config,
@@ -1011,6 +1012,13 @@ pub fn with_assignment(
     Ok(with_hosts(base, fresh, previous, policy))
 }
 
+fn membership(stats: &ClusterStats) -> Membership {
+    Membership {
+        healthy: stats.membership_healthy.clone(),
+        excluded: stats.membership_excluded.clone(),
+    }
+}
+
 fn host_key(h: &Arc<Host>) -> (&HostAddress, u32) {
     (&h.address, h.priority)
 }
@@ -1042,8 +1050,8 @@ fn with_hosts(
         }) else {
             return h;
         };
-        let eds = h.health.load(Ordering::Relaxed) & health_flag::FAILED_EDS_HEALTH;
-        let kept = old.health.load(Ordering::Relaxed) & !health_flag::FAILED_EDS_HEALTH;
+        let eds = h.health.load(Ordering::Relaxed) & health_flag::FROM_EDS;
+        let kept = old.health.load(Ordering::Relaxed) & !health_flag::FROM_EDS;
         old.health.store(kept | eds, Ordering::Relaxed);
         old.eds_status
             .store(h.eds_status.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -1051,13 +1059,15 @@ fn with_hosts(
     };
     let mut new = base.clone();
     let hosts: Vec<Arc<Host>> = fresh.into_iter().map(reuse).collect();
+    let before = previous.map_or(&base.host_set.hosts, |p| &p.host_set.hosts);
+    let same =
+        before.len() == hosts.len() && before.iter().zip(&hosts).all(|(a, b)| Arc::ptr_eq(a, b));
+    if !same {
+        new.stats.membership_change.inc();
+    }
     new.stats.membership_total.set(hosts.len() as i64);
     new.lb_policy = policy;
-    new.host_set = Arc::new(HostSet::new(
-        hosts,
-        policy,
-        new.stats.membership_healthy.clone(),
-    ));
+    new.host_set = Arc::new(HostSet::new(hosts, policy, membership(&new.stats)));
     if let Some(d) = &new.outlier {
         d.watch(new.host_set.clone());
     }

@@ -26,8 +26,12 @@ pub const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
 pub mod health_flag {
     /// Ejected by outlier detection.
     pub const FAILED_OUTLIER_CHECK: u8 = 1;
-    /// EDS said UNHEALTHY, DRAINING or TIMEOUT.
+    /// EDS said UNHEALTHY or TIMEOUT.
     pub const FAILED_EDS_HEALTH: u8 = 2;
+    /// EDS said DRAINING: excluded from balancing altogether (not counted as a host).
+    pub const EDS_STATUS_DRAINING: u8 = 4;
+    /// The bits EDS sets (the rest belong to outlier detection).
+    pub const FROM_EDS: u8 = FAILED_EDS_HEALTH | EDS_STATUS_DRAINING;
 }
 
 /// How priority levels share load and when they panic.
@@ -88,8 +92,15 @@ pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
     policy: Policy,
     plan: ArcSwap<Plan>,
-    membership_healthy: Arc<Gauge>,
+    membership: Membership,
     merge: Mutex<Merge>,
+}
+
+/// The cluster's `membership_healthy` and `membership_excluded` gauges.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub healthy: Arc<Gauge>,
+    pub excluded: Arc<Gauge>,
 }
 
 /// When the plan was last delivered, and whether a merged delivery is scheduled.
@@ -103,16 +114,20 @@ pub fn healthy(h: &Host) -> bool {
     h.health.load(Ordering::Relaxed) == 0
 }
 
+fn excluded(h: &Host) -> bool {
+    h.health.load(Ordering::Relaxed) & health_flag::EDS_STATUS_DRAINING != 0
+}
+
 impl HostSet {
-    pub fn new(hosts: Vec<Arc<Host>>, policy: Policy, membership_healthy: Arc<Gauge>) -> Self {
+    pub fn new(hosts: Vec<Arc<Host>>, policy: Policy, membership: Membership) -> Self {
         let set = HostSet {
             plan: ArcSwap::from_pointee(plan(&hosts, policy)),
             hosts,
             policy,
-            membership_healthy,
+            membership,
             merge: Mutex::default(),
         };
-        set.membership_healthy.set(set.healthy_count() as i64);
+        set.count_membership();
         set
     }
 
@@ -123,7 +138,7 @@ impl HostSet {
     /// A host's health changed: the membership gauge follows at once, the balancer's plan at
     /// once or at the end of the merge window.
     pub fn health_changed(self: &Arc<Self>) {
-        self.membership_healthy.set(self.healthy_count() as i64);
+        self.count_membership();
         let window = self.policy.update_merge_window;
         let now = Instant::now();
         let mut m = self.merge.lock().unwrap_or_else(|p| p.into_inner());
@@ -156,8 +171,10 @@ impl HostSet {
         self.plan.store(Arc::new(plan(&self.hosts, self.policy)));
     }
 
-    fn healthy_count(&self) -> usize {
-        self.hosts.iter().filter(|h| healthy(h)).count()
+    fn count_membership(&self) {
+        let count = |f: fn(&Host) -> bool| self.hosts.iter().filter(|h| f(h)).count() as i64;
+        self.membership.healthy.set(count(healthy));
+        self.membership.excluded.set(count(excluded));
     }
 }
 
@@ -169,7 +186,7 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
     }
     let mut total = vec![0u64; levels];
     let mut up = vec![0u64; levels];
-    for h in hosts {
+    for h in hosts.iter().filter(|h| !excluded(h)) {
         total[h.priority as usize] += 1;
         if healthy(h) {
             up[h.priority as usize] += 1;
@@ -222,6 +239,7 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
         upto += load[p] as u32;
         let eligible: Vec<Arc<Host>> = hosts
             .iter()
+            // In panic Envoy uses every host of the level, excluded ones included.
             .filter(|h| h.priority as usize == p && (panic[p] || healthy(h)))
             .cloned()
             .collect();
@@ -237,9 +255,17 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use crate::observe::stats::Store;
+
+    pub fn test_membership() -> Membership {
+        let s = Store::default();
+        Membership {
+            healthy: s.gauge("h"),
+            excluded: s.gauge("e"),
+        }
+    }
 
     fn host(port: u16, priority: u32, up: bool) -> Arc<Host> {
         let mut h = Host::original_dst(([127, 0, 0, 1], port).into());
@@ -258,7 +284,7 @@ mod tests {
                 panic_threshold: threshold,
                 update_merge_window: Duration::ZERO,
             },
-            Store::default().gauge("g"),
+            test_membership(),
         );
         let plan = set.plan();
         let mut prev = 0;
@@ -327,7 +353,7 @@ mod tests {
                 update_merge_window: Duration::from_millis(300),
                 ..Policy::default()
             },
-            Store::default().gauge("g"),
+            test_membership(),
         ));
         let eject = |i: usize| {
             set.hosts[i]

@@ -896,7 +896,7 @@ mod tests {
                 .map(|i| Arc::new(Host::original_dst(([127, 0, 0, 1], 1000 + i as u16).into())))
                 .collect(),
             Policy::default(),
-            store.gauge("g"),
+            crate::upstream::host_set::tests::test_membership(),
         ));
         let d = Detector::start(
             config(v).unwrap(),
@@ -1062,7 +1062,7 @@ mod tests {
         let rest = Arc::new(HostSet::new(
             vec![set.hosts[1].clone()],
             Policy::default(),
-            store.gauge("g"),
+            crate::upstream::host_set::tests::test_membership(),
         ));
         d.watch(rest);
         assert_eq!(gauge.value(), 0);
