@@ -206,10 +206,11 @@ impl RetryPolicy {
                 });
             }
         }
+        // Re-picks after the first pick; unset counts as one (Envoy's default).
         let host_selection_max_attempts =
             match std::mem::take(&mut rest.host_selection_retry_max_attempts) {
                 0 => 1,
-                n => n.min(u32::MAX as i64) as u32,
+                n => n.clamp(1, u32::MAX as i64) as u32,
             };
         // Envoy keeps any 32-bit value; only ones that fit a status code can ever match.
         let retriable_status_codes = std::mem::take(&mut rest.retriable_status_codes)

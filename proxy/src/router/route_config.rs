@@ -181,6 +181,8 @@ pub struct ForwardAction {
     pub grpc_timeout_offset: Option<Duration>,
     /// `request_mirror_policies`: requests copied to other clusters, answers dropped.
     pub mirrors: Vec<MirrorPolicy>,
+    /// `hash_policy`: what RING_HASH and MAGLEV clusters balance on.
+    pub hash_policy: Option<super::hash_policy::HashPolicy>,
 }
 
 /// One `request_mirror_policies` entry.
@@ -780,7 +782,7 @@ fn compile_match(m: &pb::RouteMatch, path: &str) -> Result<RouteMatcher, ConfigE
     })
 }
 
-fn compile_regex_rewrite(
+pub(super) fn compile_regex_rewrite(
     r: &xds_client::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute,
     path: &str,
 ) -> Result<(regex::Regex, String), ConfigError> {
@@ -990,6 +992,8 @@ fn compile_forward(
         path,
         known,
     )?;
+    let hash_policy =
+        super::hash_policy::HashPolicy::compile(&std::mem::take(&mut rest.hash_policy), path)?;
     reject_unhandled(&rest, path)?;
     Ok(ForwardAction {
         cluster,
@@ -1002,6 +1006,7 @@ fn compile_forward(
         max_grpc_timeout,
         grpc_timeout_offset,
         mirrors,
+        hash_policy,
     })
 }
 
@@ -1252,10 +1257,12 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_named() {
-        let e = table(json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": "a", "hash_policy": [{"header": {"header_name": "x"}}]}}]}]}))
+        let e = table(
+            json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "a", "idle_timeout": "1s"}}]}]}),
+        )
         .unwrap_err();
-        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'hash_policy' (comes with traffic management, issue #5) not supported by Petrel");
+        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'idle_timeout' (comes with traffic management, issue #5) not supported by Petrel");
     }
 
     #[test]

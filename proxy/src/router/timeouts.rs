@@ -160,6 +160,7 @@ mod tests {
             max_grpc_timeout: max_grpc.map(Duration::from_millis),
             grpc_timeout_offset: offset.map(Duration::from_millis),
             mirrors: Vec::new(),
+            hash_policy: None,
         }
     }
 

@@ -11,6 +11,7 @@ use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::Either;
 
+use super::hash_policy::{Addresses, RequestHash};
 use super::route_config::{
     rewrite_path, ClusterChoice, ForwardAction, HostRewrite, Route, RouteTable, VirtualHost,
 };
@@ -24,7 +25,7 @@ use crate::http::replay::Recording;
 use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity};
 use crate::upstream::circuit_breakers::Held;
 use crate::upstream::cluster::UpstreamProtocol;
-use crate::upstream::cluster::{Cluster, Host};
+use crate::upstream::cluster::{Cluster, Host, LbPolicy};
 use crate::upstream::outlier_detection::Report;
 use crate::upstream::pool::{PooledBody, ResetReason, UpstreamBody};
 use std::time::Duration;
@@ -142,6 +143,8 @@ struct Attempts<'a> {
     retry_slot: Option<Held>,
     tried: Vec<Arc<Host>>,
     count: u32,
+    /// The request's hash, for RING_HASH and MAGLEV clusters.
+    hash: Option<u64>,
 }
 
 impl Attempts<'_> {
@@ -204,23 +207,28 @@ impl Attempts<'_> {
     }
 
     /// The host for the next attempt: with `previous_hosts`, one not tried yet if the balancer
-    /// offers one within `host_selection_retry_max_attempts` picks.
+    /// offers one within `host_selection_retry_max_attempts` re-picks (Envoy's balancers pick
+    /// once, then re-pick up to that many times).
     fn choose(&mut self, f: &Forward<'_>, headers: &http::HeaderMap) -> Option<Arc<Host>> {
         // An attempt counts even when no host is found (Envoy's `no healthy upstream` reply
         // carries it).
         self.count += 1;
-        let pick = || {
-            f.ctx
-                .upstreams
-                .choose_host(self.cluster, f.info.original_dst, Some(headers))
+        let pick = |attempt| {
+            f.ctx.upstreams.choose_host(
+                self.cluster,
+                f.info.original_dst,
+                Some(headers),
+                self.hash,
+                attempt,
+            )
         };
-        let mut host = pick()?;
+        let mut host = pick(0)?;
         if self.policy.previous_hosts && !self.tried.is_empty() {
-            for _ in 1..self.policy.host_selection_max_attempts {
+            for attempt in 1..=self.policy.host_selection_max_attempts {
                 if !self.tried.iter().any(|t| Arc::ptr_eq(t, &host)) {
                     break;
                 }
-                host = pick()?;
+                host = pick(attempt)?;
             }
         }
         self.tried.push(host.clone());
@@ -260,6 +268,20 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     let timeouts = Timeouts::resolve(fwd, policy, req.headers_mut(), f.form.grpc);
     let policy = policy.unwrap_or(&NO_RETRY_POLICY);
     let retry = RetryState::create(policy, req.headers_mut());
+    // The hash is computed only for a balancer that uses it (a cookie is only generated then,
+    // as in Envoy).
+    let request_hash = match (&fwd.hash_policy, cluster.lb) {
+        (Some(p), LbPolicy::ConsistentHash) => p.hash(
+            req.headers(),
+            f.path,
+            &Addresses {
+                remote: f.remote,
+                peer: f.info.remote,
+                local: f.info.local,
+            },
+        ),
+        _ => RequestHash::default(),
+    };
     let mut attempts = Attempts {
         cluster,
         policy,
@@ -267,6 +289,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         retry_slot: None,
         tried: Vec::new(),
         count: 0,
+        hash: request_hash.hash,
     };
     let Some(mut host) = attempts.choose(&f, req.headers()) else {
         return no_healthy_upstream(&f, cluster, reply_headers.as_ref(), attempts.count);
@@ -693,6 +716,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         parts.headers.remove(*h);
     }
     router_response_headers(&f, attempts.count, &mut parts.headers);
+    if let Some(c) = request_hash.set_cookie {
+        parts.headers.append(http::header::SET_COOKIE, c);
+    }
     if let Some(w) = weighted {
         let fctx = FormatContext {
             downstream_remote: f.remote,
@@ -758,7 +784,11 @@ async fn shadow(s: Shadow) {
         let Some(cluster) = s.snapshot.clusters.get(&s.cluster) else {
             return;
         };
-        let Some(host) = s.ctx.upstreams.choose_host(cluster, None, Some(&s.headers)) else {
+        let Some(host) = s
+            .ctx
+            .upstreams
+            .choose_host(cluster, None, Some(&s.headers), None, 0)
+        else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };

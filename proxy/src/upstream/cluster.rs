@@ -17,6 +17,7 @@ use xds_client::pb::envoy::extensions::upstreams::http::v3::{
 };
 use xds_client::TypeRegistry;
 
+use super::consistent_hash::{HashLb, DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING};
 use super::host_set::{health_flag, HostSet, Membership, Policy};
 use super::outlier_detection::{Detector, HostMonitor, Report};
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
@@ -142,6 +143,8 @@ pub enum LbPolicy {
     RoundRobin,
     LeastRequest,
     Random,
+    /// RING_HASH and MAGLEV: the request hash picks from the level's table.
+    ConsistentHash,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -647,6 +650,9 @@ pub fn compile(
         Ok(pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
         Ok(pb::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
         Ok(pb::cluster::LbPolicy::Random) => LbPolicy::Random,
+        Ok(pb::cluster::LbPolicy::RingHash | pb::cluster::LbPolicy::Maglev) => {
+            LbPolicy::ConsistentHash
+        }
         Ok(other) => {
             return Err(ConfigError::Unsupported {
                 path,
@@ -853,6 +859,7 @@ pub fn compile(
     rest.metadata = None;
     let mut lb_policy = Policy {
         overprovisioning,
+        hash: hash_lb(&mut rest, lb_pb, &path)?,
         ..Policy::default()
     };
     if let Some(mut c) = rest.common_lb_config.take() {
@@ -936,6 +943,98 @@ pub fn compile(
         upstream_bind,
         tcp_keepalive,
     })
+}
+
+/// The table settings of a RING_HASH or MAGLEV cluster (`ring_hash_lb_config`,
+/// `maglev_lb_config`), validated as Envoy validates them.
+fn hash_lb(
+    rest: &mut pb::Cluster,
+    lb: Result<pb::cluster::LbPolicy, prost::UnknownEnumValue>,
+    path: &str,
+) -> Result<Option<HashLb>, ConfigError> {
+    use pb::cluster::LbConfig;
+    let config = rest.lb_config.take();
+    let out = match (lb, config) {
+        (Ok(pb::cluster::LbPolicy::RingHash), c @ (None | Some(LbConfig::RingHashLbConfig(_)))) => {
+            let cp = format!("{path}.ring_hash_lb_config");
+            let mut r = match c {
+                Some(LbConfig::RingHashLbConfig(r)) => r,
+                _ => Default::default(),
+            };
+            let size = |v: Option<u64>, field: &str, default: u64| {
+                let v = v.unwrap_or(default);
+                if v > DEFAULT_MAX_RING {
+                    return Err(invalid(
+                        format!("{cp}.{field}"),
+                        "value must be less than or equal to 8388608",
+                    ));
+                }
+                Ok(v)
+            };
+            let min = size(
+                r.minimum_ring_size.take().map(|v| v.value),
+                "minimum_ring_size",
+                DEFAULT_MIN_RING,
+            )?;
+            let max = size(
+                r.maximum_ring_size.take().map(|v| v.value),
+                "maximum_ring_size",
+                DEFAULT_MAX_RING,
+            )?;
+            if min > max {
+                return Err(invalid(
+                    cp,
+                    format!("ring hash: minimum_ring_size ({min}) > maximum_ring_size ({max})"),
+                ));
+            }
+            if r.hash_function != 0 {
+                return Err(ConfigError::Unsupported {
+                    path: cp,
+                    fields: "'hash_function: MURMUR_HASH_2'".into(),
+                });
+            }
+            reject_unhandled(&r, &cp)?;
+            Some(HashLb::Ring { min, max })
+        }
+        (Ok(pb::cluster::LbPolicy::Maglev), c @ (None | Some(LbConfig::MaglevLbConfig(_)))) => {
+            let cp = format!("{path}.maglev_lb_config");
+            let mut m = match c {
+                Some(LbConfig::MaglevLbConfig(m)) => m,
+                _ => Default::default(),
+            };
+            let table_size = m
+                .table_size
+                .take()
+                .map_or(DEFAULT_MAGLEV_TABLE, |v| v.value);
+            if table_size > 5_000_011 {
+                return Err(invalid(
+                    format!("{cp}.table_size"),
+                    "value must be less than or equal to 5000011",
+                ));
+            }
+            if !is_prime(table_size) {
+                return Err(invalid(
+                    format!("{cp}.table_size"),
+                    "The table size of maglev must be prime number",
+                ));
+            }
+            reject_unhandled(&m, &cp)?;
+            Some(HashLb::Maglev { table_size })
+        }
+        (_, c) => {
+            // Any other table settings stay and are refused with the rest.
+            rest.lb_config = c;
+            None
+        }
+    };
+    Ok(out)
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// `original_dst_lb_config` and `cleanup_interval` of an ORIGINAL_DST cluster.
@@ -1118,8 +1217,20 @@ impl Cluster {
 
     /// Chooses a host by the balancer's plan, or None when no host is eligible (Envoy's `no
     /// healthy upstream`).
-    pub fn choose(&self, state: &LbState) -> Option<Arc<Host>> {
+    /// `hash` is the request's (route `hash_policy`), used by RING_HASH and MAGLEV clusters
+    /// (a random one when the request has none); `attempt` counts re-picks for a retry's host
+    /// selection.
+    pub fn choose(&self, state: &LbState, hash: Option<u64>, attempt: u32) -> Option<Arc<Host>> {
         let plan = self.host_set.plan();
+        if self.lb == LbPolicy::ConsistentHash {
+            let h = hash.unwrap_or_else(rand::random);
+            let level = plan.level(|| (h % 100) as u32)?;
+            if level.panic {
+                self.stats.lb_healthy_panic.inc();
+            }
+            let i = level.table.as_ref()?.pick(h, attempt);
+            return level.hosts.get(i).cloned();
+        }
         let level = plan.level(|| rand::random_range(0..100))?;
         if level.panic {
             self.stats.lb_healthy_panic.inc();
@@ -1151,7 +1262,7 @@ impl Cluster {
                 by_weight(i % level.total_weight)
             }
             LbPolicy::Random => by_weight(rand::random::<u64>() % level.total_weight),
-            LbPolicy::LeastRequest => {
+            LbPolicy::LeastRequest | LbPolicy::ConsistentHash => {
                 // Envoy's default: power of two choices among the hosts.
                 let a = &hosts[rand::random_range(0..n)];
                 let b = &hosts[rand::random_range(0..n)];
@@ -1191,12 +1302,12 @@ mod tests {
         let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 1)]}]}})).unwrap();
         let s = LbState::default();
         let ports: Vec<_> = (0..4)
-            .map(|_| c.choose(&s).unwrap().address.ip().unwrap().port())
+            .map(|_| c.choose(&s, None, 0).unwrap().address.ip().unwrap().port())
             .collect();
         assert_eq!(ports, [1, 2, 1, 2]);
         let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 3)]}]}})).unwrap();
         let ports: Vec<_> = (0..4)
-            .map(|_| c.choose(&s).unwrap().address.ip().unwrap().port())
+            .map(|_| c.choose(&s, None, 0).unwrap().address.ip().unwrap().port())
             .collect();
         let twos = ports.iter().filter(|p| **p == 2).count();
         assert_eq!(twos, 3);
@@ -1210,7 +1321,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.choose(&LbState::default())
+            c.choose(&LbState::default(), None, 0)
                 .unwrap()
                 .address
                 .ip()
@@ -1225,8 +1336,26 @@ mod tests {
     fn refusals_name_fields() {
         let e = cluster(json!({"name": "c", "type": "EDS"})).unwrap_err();
         assert!(e.to_string().contains("EDS"), "{e}");
-        let e = cluster(json!({"name": "c", "lb_policy": "MAGLEV"})).unwrap_err();
-        assert!(e.to_string().contains("MAGLEV"), "{e}");
+        let e = cluster(
+            json!({"name": "c", "lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 65536}}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("prime"), "{e}");
+        let e = cluster(json!({"name": "c", "lb_policy": "RING_HASH", "ring_hash_lb_config": {"minimum_ring_size": 10, "maximum_ring_size": 5}})).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("minimum_ring_size (10) > maximum_ring_size (5)"),
+            "{e}"
+        );
+        let e = cluster(json!({"name": "c", "lb_policy": "ROUND_ROBIN", "maglev_lb_config": {}}))
+            .unwrap_err();
+        assert!(e.to_string().contains("maglev_lb_config"), "{e}");
+        let e =
+            cluster(json!({"name": "c", "lb_policy": "LOAD_BALANCING_POLICY_CONFIG"})).unwrap_err();
+        assert!(
+            e.to_string().contains("LOAD_BALANCING_POLICY_CONFIG"),
+            "{e}"
+        );
         let e = cluster(json!({"name": "c", "outlier_detection": {"monitors": [{"name": "m"}]}}))
             .unwrap_err();
         assert!(e.to_string().contains("outlier_detection"), "{e}");
@@ -1282,6 +1411,6 @@ mod tests {
     #[test]
     fn no_hosts_no_choice() {
         let c = cluster(json!({"name": "c"})).unwrap();
-        assert!(c.choose(&LbState::default()).is_none());
+        assert!(c.choose(&LbState::default(), None, 0).is_none());
     }
 }

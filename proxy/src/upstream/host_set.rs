@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use super::cluster::Host;
+use super::consistent_hash::{HashLb, HashTable};
 use crate::observe::stats::Gauge;
 
 /// Envoy's default `overprovisioning_factor` (a percentage: 140 means 1.4).
@@ -41,6 +42,8 @@ pub struct Policy {
     pub panic_threshold: f64,
     /// `common_lb_config.update_merge_window`; zero delivers every change at once.
     pub update_merge_window: Duration,
+    /// RING_HASH or MAGLEV: each level carries its table.
+    pub hash: Option<HashLb>,
 }
 
 impl Default for Policy {
@@ -49,6 +52,7 @@ impl Default for Policy {
             overprovisioning: DEFAULT_OVERPROVISIONING,
             panic_threshold: DEFAULT_PANIC_THRESHOLD,
             update_merge_window: Duration::from_secs(1),
+            hash: None,
         }
     }
 }
@@ -64,6 +68,8 @@ pub struct Level {
     /// Whether any host has a weight other than 1, and the weights' sum.
     pub weighted: bool,
     pub total_weight: u64,
+    /// The consistent-hash table over `hosts` (RING_HASH and MAGLEV clusters).
+    pub table: Option<HashTable>,
 }
 
 /// The levels with load; empty when the cluster has no host at all.
@@ -245,6 +251,7 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
             .collect();
         out.push(Level {
             upto,
+            table: policy.hash.and_then(|lb| HashTable::build(lb, &eligible)),
             weighted: eligible.iter().any(|h| h.weight != 1),
             total_weight: eligible.iter().map(|h| h.weight as u64).sum(),
             hosts: eligible,
@@ -283,6 +290,7 @@ pub mod tests {
                 overprovisioning: 140,
                 panic_threshold: threshold,
                 update_merge_window: Duration::ZERO,
+                hash: None,
             },
             test_membership(),
         );

@@ -1,6 +1,7 @@
 //! Clusters, load balancing and per-worker connection pools.
 pub mod circuit_breakers;
 pub mod cluster;
+pub mod consistent_hash;
 pub mod host_set;
 pub mod outlier_detection;
 pub mod pool;

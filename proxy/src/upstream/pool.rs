@@ -196,10 +196,12 @@ impl WorkerUpstreams {
         cluster: &Cluster,
         original_dst: Option<std::net::SocketAddr>,
         headers: Option<&http::HeaderMap>,
+        hash: Option<u64>,
+        attempt: u32,
     ) -> Option<Arc<Host>> {
         let Some(od) = &cluster.original_dst else {
             let lb = self.lb_state(&cluster.name);
-            return cluster.choose(&lb);
+            return cluster.choose(&lb, hash, attempt);
         };
         let from_header = od
             .http_header
