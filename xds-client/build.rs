@@ -35,6 +35,8 @@ const ROOTS: &[&str] = &[
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
     "envoy.extensions.filters.http.fault.v3.HTTPFault",
+    "envoy.extensions.filters.http.cors.v3.Cors",
+    "envoy.extensions.filters.http.cors.v3.CorsPolicy",
     "envoy.admin.v3.BootstrapConfigDump",
     "envoy.admin.v3.ClustersConfigDump",
     "envoy.admin.v3.ListenersConfigDump",

@@ -90,7 +90,11 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.cors.v3.Cors",
-        Support::Refused(ISSUE_TRAFFIC),
+        Support::Supported,
+    ),
+    (
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        Support::Supported,
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",

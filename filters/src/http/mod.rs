@@ -1,5 +1,6 @@
 //! HTTP filters, one module per Envoy extension, and the factory registry keyed by type URL.
 
+pub mod cors;
 pub mod fault;
 pub mod header_mutation;
 
@@ -23,6 +24,10 @@ pub fn factory(
 ) -> Option<Result<Arc<dyn HttpFilterFactory>, FilterConfigError>> {
     let url = xds_client::TypeRegistry::effective_type_url(config);
     match url.as_str() {
+        cors::TYPE_URL => Some(
+            cors::Factory::compile(name, config, path, store, stat_prefix)
+                .map(|f| Arc::new(f) as Arc<dyn HttpFilterFactory>),
+        ),
         fault::TYPE_URL => Some(
             fault::Factory::compile(name, config, path, store, stat_prefix)
                 .map(|f| Arc::new(f) as Arc<dyn HttpFilterFactory>),
@@ -40,6 +45,7 @@ pub fn factory(
 pub fn per_route(config: &Any, path: &str) -> Option<Result<RouteFilterConfig, FilterConfigError>> {
     match xds_client::TypeRegistry::effective_type_url(config).as_str() {
         fault::TYPE_URL => Some(fault::per_route(config, path)),
+        cors::POLICY_TYPE_URL => Some(cors::per_route(config, path)),
         _ => None,
     }
 }
