@@ -92,6 +92,11 @@ static_resources:
                 route: {cluster: cb}
               - match: {prefix: "/timeout"}
                 route: {cluster: up, timeout: 5s}
+              # Istio renders a VirtualService timeout as both: max_stream_duration wins.
+              - match: {prefix: "/msd-istio"}
+                route: {cluster: up, timeout: 0s, max_stream_duration: {max_stream_duration: 0s, grpc_timeout_header_max: 0s}}
+              - match: {prefix: "/msd"}
+                route: {cluster: up, timeout: 0.3s, max_stream_duration: {max_stream_duration: 0.3s, grpc_timeout_header_max: 0.3s}}
               - match: {prefix: "/"}
                 route: {cluster: up}
           http_filters:
@@ -181,6 +186,11 @@ const CASES: &[Case] = &[
     ("grpc deadline capped", "/grpc-capped", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),
     ("grpc deadline offset", "/grpc-offset", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 2S\r\n", ""),
     ("grpc deadline, not grpc", "/grpc-capped", "x-script: 200\r\ngrpc-timeout: 2S\r\n", ""),
+    ("max stream duration", "/msd", "x-script: hang\r\n", ""),
+    ("max stream duration, in time", "/msd", "x-script: 200\r\n", ""),
+    ("max stream duration caps grpc", "/msd", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 3S\r\n", ""),
+    ("istio route, grpc deadline", "/msd-istio", "x-script: hang\r\ncontent-type: application/grpc\r\ngrpc-timeout: 300m\r\n", ""),
+    ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
 ];
 
 const STATS: &[&str] = &[
@@ -197,6 +207,7 @@ const STATS: &[&str] = &[
     "cluster.up.upstream_rq_retry_backoff_exponential",
     "cluster.up.upstream_rq_per_try_timeout",
     "cluster.up.upstream_rq_timeout",
+    "http.ingress.downstream_rq_max_duration_reached",
     "cluster.up.retry_or_shadow_abandoned",
     "cluster.up.retry.upstream_rq_503",
     "cluster.up.retry.upstream_rq_5xx",

@@ -37,6 +37,7 @@ stat_struct!(HcmStats {
     counter downstream_rq_too_large,
     counter downstream_rq_idle_timeout,
     counter downstream_rq_timeout,
+    counter downstream_rq_max_duration_reached,
     counter downstream_cx_idle_timeout,
     counter no_route,
     counter no_cluster,

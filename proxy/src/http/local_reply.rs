@@ -76,6 +76,20 @@ impl LocalReply {
         )
     }
 
+    /// The route's `max_stream_duration` passed before the response started.
+    pub fn max_duration_timeout() -> Self {
+        LocalReply {
+            // gRPC callers see DEADLINE_EXCEEDED, as Envoy sends it.
+            grpc_status: Some(4),
+            ..Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "downstream duration timeout",
+                "DT",
+                "max_duration_timeout",
+            )
+        }
+    }
+
     pub fn upstream_timeout() -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,

@@ -183,6 +183,8 @@ pub struct ForwardAction {
     pub mirrors: Vec<MirrorPolicy>,
     /// `hash_policy`: what RING_HASH and MAGLEV clusters balance on.
     pub hash_policy: Option<super::hash_policy::HashPolicy>,
+    /// `max_stream_duration`: when set, Envoy's "new timeouts" (see `timeouts`).
+    pub stream_duration: Option<super::timeouts::StreamDuration>,
 }
 
 /// One `request_mirror_policies` entry.
@@ -994,6 +996,21 @@ fn compile_forward(
     )?;
     let hash_policy =
         super::hash_policy::HashPolicy::compile(&std::mem::take(&mut rest.hash_policy), path)?;
+    let stream_duration = match rest.max_stream_duration.take() {
+        Some(m) => {
+            let mp = format!("{path}.max_stream_duration");
+            let d = |v: &Option<_>, field: &str| duration::optional(v, &format!("{mp}.{field}"));
+            Some(super::timeouts::StreamDuration {
+                max: d(&m.max_stream_duration, "max_stream_duration")?,
+                grpc_timeout_header_max: d(&m.grpc_timeout_header_max, "grpc_timeout_header_max")?,
+                grpc_timeout_header_offset: d(
+                    &m.grpc_timeout_header_offset,
+                    "grpc_timeout_header_offset",
+                )?,
+            })
+        }
+        None => None,
+    };
     reject_unhandled(&rest, path)?;
     Ok(ForwardAction {
         cluster,
@@ -1007,6 +1024,7 @@ fn compile_forward(
         grpc_timeout_offset,
         mirrors,
         hash_policy,
+        stream_duration,
     })
 }
 

@@ -3,6 +3,11 @@
 //! policy's `per_try_timeout`; both overridable by `x-envoy-upstream-rq-timeout-ms` and
 //! `x-envoy-upstream-rq-per-try-timeout-ms`. Also the `x-envoy-expected-rq-timeout-ms` and
 //! `grpc-timeout` values each attempt tells the upstream.
+//!
+//! A route with `max_stream_duration` uses Envoy's "new timeouts": the route `timeout` and
+//! `max_grpc_timeout` are ignored, and the stream's duration is limited instead (by
+//! `max_stream_duration`, or a `grpc-timeout` header capped by `grpc_timeout_header_max`), as
+//! the connection manager's `refreshDurationTimeout` computes it.
 
 use std::time::Duration;
 
@@ -18,6 +23,48 @@ pub struct Timeouts {
     pub per_try: Option<Duration>,
     /// gRPC with `max_grpc_timeout`: the upstream is told the deadline in `grpc-timeout`.
     pub rewrite_grpc_timeout: bool,
+    /// The stream's maximum duration from its start (route `max_stream_duration`); reaching
+    /// it answers 504 `downstream duration timeout`.
+    pub stream: Option<Duration>,
+}
+
+/// A route's `max_stream_duration`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamDuration {
+    /// Zero disables the limit.
+    pub max: Option<Duration>,
+    pub grpc_timeout_header_max: Option<Duration>,
+    pub grpc_timeout_header_offset: Option<Duration>,
+}
+
+impl StreamDuration {
+    /// The stream's limit for this request; rewrites a gRPC request's `grpc-timeout` to it.
+    fn resolve(&self, headers: &mut HeaderMap, grpc: bool) -> Option<Duration> {
+        // Envoy reads `grpc-timeout` whatever the request's content type.
+        let header = headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| Duration::from_millis(d.as_millis() as u64));
+        let limit = match (header, self.grpc_timeout_header_max) {
+            (Some(mut t), Some(max)) => {
+                if !max.is_zero() && t > max {
+                    t = max;
+                }
+                if let (false, Some(off)) = (t.is_zero(), self.grpc_timeout_header_offset) {
+                    t = t.saturating_sub(off);
+                }
+                t
+            }
+            _ => self.max.filter(|m| !m.is_zero())?,
+        };
+        if grpc {
+            if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(limit.as_millis() as u64)) {
+                headers.insert("grpc-timeout", v);
+            }
+        }
+        Some(limit)
+    }
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -71,8 +118,12 @@ impl Timeouts {
             global: fwd.timeout,
             per_try: policy.and_then(|p| p.per_try_timeout),
             rewrite_grpc_timeout: false,
+            stream: None,
         };
-        if let (true, Some(max)) = (grpc, fwd.max_grpc_timeout) {
+        if let Some(sd) = &fwd.stream_duration {
+            t.global = None;
+            t.stream = sd.resolve(headers, grpc);
+        } else if let (true, Some(max)) = (grpc, fwd.max_grpc_timeout) {
             let mut g = headers
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok())
@@ -161,6 +212,7 @@ mod tests {
             grpc_timeout_offset: offset.map(Duration::from_millis),
             mirrors: Vec::new(),
             hash_policy: None,
+            stream_duration: None,
         }
     }
 
@@ -201,6 +253,42 @@ mod tests {
         // No timeout at all: nothing to tell the upstream.
         let t = Timeouts::resolve(&fwd(None, None, None), None, &mut HeaderMap::new(), false);
         assert_eq!(t.expected_ms(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn max_stream_duration_replaces_the_route_timeout() {
+        let mut f = fwd(Some(500), Some(0), None);
+        f.stream_duration = Some(StreamDuration {
+            max: Some(Duration::from_millis(500)),
+            grpc_timeout_header_max: Some(Duration::from_millis(500)),
+            grpc_timeout_header_offset: None,
+        });
+        let t = Timeouts::resolve(&f, None, &mut HeaderMap::new(), false);
+        assert_eq!(
+            (t.global, t.stream),
+            (None, Some(Duration::from_millis(500)))
+        );
+        assert_eq!(t.expected_ms(Duration::ZERO), None);
+        // A gRPC deadline is capped, and the upstream told.
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", "3S".parse().unwrap());
+        let t = Timeouts::resolve(&f, None, &mut h, true);
+        assert_eq!(t.stream, Some(Duration::from_millis(500)));
+        assert_eq!(h["grpc-timeout"], "500m");
+        // Istio's default: zero everywhere, so no limit but the gRPC deadline.
+        f.stream_duration = Some(StreamDuration {
+            max: Some(Duration::ZERO),
+            grpc_timeout_header_max: Some(Duration::ZERO),
+            grpc_timeout_header_offset: None,
+        });
+        assert_eq!(
+            Timeouts::resolve(&f, None, &mut HeaderMap::new(), false).stream,
+            None
+        );
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", "3S".parse().unwrap());
+        let t = Timeouts::resolve(&f, None, &mut h, true);
+        assert_eq!(t.stream, Some(Duration::from_secs(3)));
     }
 
     #[test]

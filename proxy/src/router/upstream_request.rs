@@ -115,6 +115,8 @@ enum Outcome<T> {
     PerTryTimeout,
     StreamIdle,
     RequestTimeout,
+    /// The route's `max_stream_duration` passed.
+    StreamDuration,
 }
 
 /// The policy of a route and virtual host without one.
@@ -559,6 +561,16 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             None => std::future::pending().await,
         }
     };
+    // The route's max_stream_duration runs from the stream's start.
+    let stream_end = timeouts
+        .stream
+        .map(|t| tokio::time::Instant::from_std(f.start) + t);
+    let until_stream_end = || async move {
+        match stream_end {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
     let resp = loop {
         let body = match (&recording, direct.take()) {
             (Some(rec), _) => Either::Right(rec.attempt()),
@@ -603,6 +615,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             tokio::select! {
                 r = send => Outcome::Response(r),
                 _ = until_deadline() => Outcome::RouteTimeout,
+                _ = until_stream_end() => Outcome::StreamDuration,
                 _ = per_try => Outcome::PerTryTimeout,
                 _ = idle => Outcome::StreamIdle,
                 _ = request_timeout => Outcome::RequestTimeout,
@@ -635,6 +648,14 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             Outcome::RequestTimeout => {
                 f.hcm.stats.downstream_rq_timeout.inc();
                 return reply(&f, LocalReply::request_timeout(), reply_headers.as_ref());
+            }
+            Outcome::StreamDuration => {
+                f.hcm.stats.downstream_rq_max_duration_reached.inc();
+                return reply(
+                    &f,
+                    LocalReply::max_duration_timeout(),
+                    reply_headers.as_ref(),
+                );
             }
             Outcome::PerTryTimeout => {
                 cluster.report_outlier(&host, Report::Timeout);
@@ -702,6 +723,10 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                     reply_headers.as_ref(),
                     attempts.count,
                 );
+            }
+            _ = until_stream_end() => {
+                f.hcm.stats.downstream_rq_max_duration_reached.inc();
+                return reply(&f, LocalReply::max_duration_timeout(), reply_headers.as_ref());
             }
         }
         let Some(next) = attempts.choose(&f, &headers) else {
