@@ -464,7 +464,8 @@ fn bookinfo_tasks_like_envoy() {
     let p = scenario("petrel", &petrel_bin(), &ups);
     assert_same_transcript(&e.exact, &p.exact);
     // Weighted splits and load races are random: both proxies must land within a tolerance of
-    // each other (five binomial standard deviations of the larger share, so a false alarm is rarer than one in ten thousand).
+    // each other (five binomial standard deviations of the larger share, so a false alarm is
+    // rarer than one in ten thousand).
     for ((what, ec, n), (_, pc, _)) in e.counted.iter().zip(&p.counted) {
         let p_share = (*ec.max(pc) as f64 / *n as f64).clamp(0.05, 0.95);
         let tolerance = (5.0 * (*n as f64 * p_share * (1.0 - p_share)).sqrt()).ceil() as usize + 2;

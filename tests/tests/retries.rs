@@ -95,6 +95,8 @@ static_resources:
               # Istio renders a VirtualService timeout as both: max_stream_duration wins.
               - match: {prefix: "/msd-istio"}
                 route: {cluster: up, timeout: 0s, max_stream_duration: {max_stream_duration: 0s, grpc_timeout_header_max: 0s}}
+              - match: {prefix: "/idle"}
+                route: {cluster: up, idle_timeout: 0.3s}
               - match: {prefix: "/msd"}
                 route: {cluster: up, timeout: 0.3s, max_stream_duration: {max_stream_duration: 0.3s, grpc_timeout_header_max: 0.3s}}
               - match: {prefix: "/"}
@@ -191,6 +193,7 @@ const CASES: &[Case] = &[
     ("max stream duration caps grpc", "/msd", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 3S\r\n", ""),
     ("istio route, grpc deadline", "/msd-istio", "x-script: hang\r\ncontent-type: application/grpc\r\ngrpc-timeout: 300m\r\n", ""),
     ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
+    ("route idle timeout", "/idle", "x-script: hang\r\n", ""),
 ];
 
 const STATS: &[&str] = &[
@@ -208,6 +211,7 @@ const STATS: &[&str] = &[
     "cluster.up.upstream_rq_per_try_timeout",
     "cluster.up.upstream_rq_timeout",
     "http.ingress.downstream_rq_max_duration_reached",
+    "http.ingress.downstream_rq_idle_timeout",
     "cluster.up.retry_or_shadow_abandoned",
     "cluster.up.retry.upstream_rq_503",
     "cluster.up.retry.upstream_rq_5xx",

@@ -88,7 +88,7 @@ const OBSERVE: &str = "comes with observability, issue #7";
 const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     (
         "envoy.config.route.v3.RouteAction",
-        &["idle_timeout", "upgrade_configs"],
+        &["upgrade_configs"],
         TRAFFIC,
     ),
     (

@@ -185,6 +185,9 @@ pub struct ForwardAction {
     pub hash_policy: Option<super::hash_policy::HashPolicy>,
     /// `max_stream_duration`: when set, Envoy's "new timeouts" (see `timeouts`).
     pub stream_duration: Option<super::timeouts::StreamDuration>,
+    /// `idle_timeout`: replaces the connection manager's `stream_idle_timeout` for the
+    /// route (`Some(None)`: zero, no idle timeout at all).
+    pub idle_timeout: Option<Option<Duration>>,
 }
 
 /// One `request_mirror_policies` entry.
@@ -996,6 +999,9 @@ fn compile_forward(
     )?;
     let hash_policy =
         super::hash_policy::HashPolicy::compile(&std::mem::take(&mut rest.hash_policy), path)?;
+    let idle_timeout =
+        duration::optional(&rest.idle_timeout.take(), &format!("{path}.idle_timeout"))?
+            .map(|d| (!d.is_zero()).then_some(d));
     let stream_duration = match rest.max_stream_duration.take() {
         Some(m) => {
             let mp = format!("{path}.max_stream_duration");
@@ -1025,6 +1031,7 @@ fn compile_forward(
         mirrors,
         hash_policy,
         stream_duration,
+        idle_timeout,
     })
 }
 
@@ -1277,10 +1284,10 @@ mod tests {
     fn unsupported_fields_are_named() {
         let e = table(
             json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": "a", "idle_timeout": "1s"}}]}]}),
+            {"match": {"prefix": "/"}, "route": {"cluster": "a", "upgrade_configs": [{"upgrade_type": "CONNECT"}]}}]}]}),
         )
         .unwrap_err();
-        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'idle_timeout' (comes with traffic management, issue #5) not supported by Petrel");
+        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'upgrade_configs' (comes with traffic management, issue #5) not supported by Petrel");
     }
 
     #[test]

@@ -213,6 +213,7 @@ mod tests {
             mirrors: Vec::new(),
             hash_policy: None,
             stream_duration: None,
+            idle_timeout: None,
         }
     }
 

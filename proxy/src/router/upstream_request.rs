@@ -552,6 +552,8 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     }
 
     let stats = &cluster.stats;
+    // A route's idle_timeout replaces the connection manager's for the rest of the stream.
+    let idle_timeout = fwd.idle_timeout.unwrap_or(f.hcm.stream_idle_timeout);
     let deadline = timeouts
         .global
         .map(|t| tokio::time::Instant::from_std(f.start) + t);
@@ -597,7 +599,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 }
             };
             let idle = async {
-                match hcm.stream_idle_timeout {
+                match idle_timeout {
                     Some(t) => activity.idle_expired(t).await,
                     None => std::future::pending().await,
                 }
@@ -760,10 +762,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     }
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(ChosenHost(host.clone()));
-    Response::from_parts(
-        parts,
-        Either::Right(IdleTimedBody::new(body, f.hcm.stream_idle_timeout)),
-    )
+    Response::from_parts(parts, Either::Right(IdleTimedBody::new(body, idle_timeout)))
 }
 
 /// Marks the recorded body abandoned when the request ends (mirrors stop waiting for it).
