@@ -95,6 +95,10 @@ static_resources:
               # Istio renders a VirtualService timeout as both: max_stream_duration wins.
               - match: {prefix: "/msd-istio"}
                 route: {cluster: up, timeout: 0s, max_stream_duration: {max_stream_duration: 0s, grpc_timeout_header_max: 0s}}
+              - match: {prefix: "/budget-none"}
+                route: {cluster: budget_none, retry_policy: {retry_on: 5xx, num_retries: 2, retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/budget"}
+                route: {cluster: budget, retry_policy: {retry_on: 5xx, num_retries: 2, retry_back_off: {base_interval: 0.005s}}}
               - match: {prefix: "/idle"}
                 route: {cluster: up, idle_timeout: 0.3s}
               - match: {prefix: "/msd"}
@@ -144,6 +148,20 @@ static_resources:
   - name: empty
     connect_timeout: 1s
     load_assignment: {cluster_name: empty}
+  - name: budget_none
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds: [{retry_budget: {budget_percent: {value: 0}, min_retry_concurrency: 0}, track_remaining: true}]
+    load_assignment:
+      cluster_name: budget_none
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
+  - name: budget
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds: [{retry_budget: {}, track_remaining: true}]
+    load_assignment:
+      cluster_name: budget
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
   - name: cb
     connect_timeout: 1s
     circuit_breakers:
@@ -194,6 +212,8 @@ const CASES: &[Case] = &[
     ("istio route, grpc deadline", "/msd-istio", "x-script: hang\r\ncontent-type: application/grpc\r\ngrpc-timeout: 300m\r\n", ""),
     ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
     ("route idle timeout", "/idle", "x-script: hang\r\n", ""),
+    ("retry budget of nothing", "/budget-none", "x-script: 503,200\r\n", ""),
+    ("default retry budget", "/budget", "x-script: 503,200\r\n", ""),
 ];
 
 const STATS: &[&str] = &[
@@ -212,6 +232,11 @@ const STATS: &[&str] = &[
     "cluster.up.upstream_rq_timeout",
     "http.ingress.downstream_rq_max_duration_reached",
     "http.ingress.downstream_rq_idle_timeout",
+    "cluster.budget_none.upstream_rq_retry_overflow",
+    "cluster.budget_none.circuit_breakers.default.remaining_retries",
+    "cluster.budget.upstream_rq_retry",
+    "cluster.budget.circuit_breakers.default.remaining_retries",
+    "cluster.budget.circuit_breakers.default.rq_retry_open",
     "cluster.up.retry_or_shadow_abandoned",
     "cluster.up.retry.upstream_rq_503",
     "cluster.up.retry.upstream_rq_5xx",

@@ -183,7 +183,7 @@ impl Attempts<'_> {
             return Err(attempt);
         }
         let resources = &self.cluster.resources;
-        match retry.should_retry(|| resources.retries.can_create()) {
+        match retry.should_retry(|| resources.retries_can_create()) {
             RetryStatus::Yes(backoff) => {
                 stats.upstream_rq_retry.inc();
                 stats.upstream_rq_retry_backoff_exponential.inc();

@@ -18,6 +18,8 @@ pub struct Resource {
     current: AtomicU64,
     open: Arc<Gauge>,
     remaining: Option<Arc<Gauge>>,
+    /// Retries under a `retry_budget`: Envoy keeps `remaining_retries` at zero once used.
+    budgeted: bool,
 }
 
 impl Resource {
@@ -34,6 +36,7 @@ impl Resource {
             current: AtomicU64::new(0),
             open: store.gauge(&format!("{prefix}{open}")),
             remaining: track.then(|| store.gauge(&format!("{prefix}{remaining}"))),
+            budgeted: false,
         };
         // Envoy sets only the remaining gauges at creation; `*_open` move with the counts.
         if let Some(g) = &r.remaining {
@@ -71,7 +74,11 @@ impl Resource {
         self.open.set((now >= self.max) as i64);
         if let Some(r) = &self.remaining {
             // Stored as the bits of Envoy's unsigned gauge (no limit is u64::MAX).
-            r.set(self.max.saturating_sub(now) as i64);
+            r.set(if self.budgeted {
+                0
+            } else {
+                self.max.saturating_sub(now) as i64
+            });
         }
     }
 }
@@ -84,6 +91,30 @@ pub struct Resources {
     pub requests: Resource,
     pub retries: Resource,
     pub connection_pools: Resource,
+    retry_budget: Option<RetryBudget>,
+}
+
+/// `retry_budget`: retries in flight bounded by a share of the active and pending requests,
+/// never below `min_retry_concurrency` (it replaces `max_retries`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RetryBudget {
+    percent: f64,
+    min_concurrency: u64,
+}
+
+impl Resources {
+    /// Whether one more retry may be scheduled (Envoy's `retries().canCreate()`).
+    pub fn retries_can_create(&self) -> bool {
+        let Some(b) = self.retry_budget else {
+            return self.retries.can_create();
+        };
+        if let Some(r) = &self.retries.remaining {
+            r.set(0);
+        }
+        let active = self.requests.count() + self.pending_requests.count();
+        let max = ((b.percent / 100.0 * active as f64) as u64).max(b.min_concurrency);
+        self.retries.count() < max
+    }
 }
 
 /// A held unit of a resource, given back when dropped.
@@ -121,6 +152,7 @@ struct Limits {
     retries: u64,
     connection_pools: u64,
     track_remaining: bool,
+    retry_budget: Option<RetryBudget>,
 }
 
 impl Default for Limits {
@@ -132,6 +164,7 @@ impl Default for Limits {
             retries: DEFAULT_MAX_RETRIES,
             connection_pools: u64::MAX,
             track_remaining: false,
+            retry_budget: None,
         }
     }
 }
@@ -150,14 +183,17 @@ impl Resources {
                 t,
             ),
             requests: Resource::new(store, prefix, "rq_open", "remaining_rq", l.requests, t),
-            retries: Resource::new(
-                store,
-                prefix,
-                "rq_retry_open",
-                "remaining_retries",
-                l.retries,
-                t,
-            ),
+            retries: Resource {
+                budgeted: l.retry_budget.is_some(),
+                ..Resource::new(
+                    store,
+                    prefix,
+                    "rq_retry_open",
+                    "remaining_retries",
+                    l.retries,
+                    t,
+                )
+            },
             connection_pools: Resource::new(
                 store,
                 prefix,
@@ -166,6 +202,7 @@ impl Resources {
                 l.connection_pools,
                 t,
             ),
+            retry_budget: l.retry_budget,
         }
     }
 }
@@ -213,6 +250,22 @@ pub fn compile(
                 ),
                 connection_pools: v(trest.max_connection_pools.take().map(|w| w.value), u64::MAX),
                 track_remaining: std::mem::take(&mut trest.track_remaining),
+                retry_budget: match trest.retry_budget.take() {
+                    Some(b) => {
+                        let percent = b.budget_percent.map_or(20.0, |p| p.value);
+                        if !(0.0..=100.0).contains(&percent) {
+                            return Err(invalid(
+                                format!("{tp}.retry_budget.budget_percent.value"),
+                                "value must be inside range [0, 100]",
+                            ));
+                        }
+                        Some(RetryBudget {
+                            percent,
+                            min_concurrency: b.min_retry_concurrency.map_or(3, |m| m.value as u64),
+                        })
+                    }
+                    None => None,
+                },
             };
             reject_unhandled(&trest, &tp)?;
         }
@@ -289,5 +342,40 @@ mod tests {
                 .value(),
             0
         );
+    }
+
+    #[test]
+    fn retry_budget_follows_active_requests() {
+        let store = Store::default();
+        let cb: pb::CircuitBreakers = xds_client::TypeRegistry::global()
+            .from_json(
+                &serde_json::json!({"thresholds": [{"retry_budget": {"budget_percent": {"value": 50}, "min_retry_concurrency": 1}}]}),
+                false,
+            )
+            .unwrap();
+        let r = compile(Some(&cb), &store, "cluster.c.", "c")
+            .unwrap()
+            .default;
+        let _retry = Held::take(&r, |r| &r.retries);
+        // One retry in flight, minimum one: no more until there are requests to share.
+        assert!(!r.retries_can_create());
+        let _a: Vec<Held> = (0..4).map(|_| Held::take(&r, |r| &r.requests)).collect();
+        // Half of four active requests: two retries.
+        assert!(r.retries_can_create());
+        let e = compile(
+            Some(
+                &xds_client::TypeRegistry::global()
+                    .from_json(
+                        &serde_json::json!({"thresholds": [{"retry_budget": {"budget_percent": {"value": 120}}}]}),
+                        false,
+                    )
+                    .unwrap(),
+            ),
+            &store,
+            "cluster.d.",
+            "d",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("budget_percent"), "{e}");
     }
 }
