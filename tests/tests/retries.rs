@@ -62,6 +62,8 @@ static_resources:
                 route: {cluster: up, max_grpc_timeout: 0s, grpc_timeout_offset: 0.5s}
               - match: {prefix: "/grpc"}
                 route: {cluster: up, retry_policy: {retry_on: "unavailable,cancelled", retry_back_off: {base_interval: 0.005s}}}
+              - match: {prefix: "/pertry-idle"}
+                route: {cluster: up, retry_policy: {retry_on: 5xx, per_try_idle_timeout: 0.3s, retry_back_off: {base_interval: 0.005s}}}
               - match: {prefix: "/pertry-noretry"}
                 route: {cluster: up, retry_policy: {retry_on: connect-failure, per_try_timeout: 0.3s}}
               - match: {prefix: "/pertry"}
@@ -188,6 +190,8 @@ const CASES: &[Case] = &[
     ("grpc unavailable retried", "/grpc", "x-script: grpc14,200\r\ncontent-type: application/grpc\r\n", ""),
     ("per-try timeout retried", "/pertry", "x-script: hang,200\r\n", ""),
     ("per-try timeout answered", "/pertry-noretry", "x-script: hang,200\r\n", ""),
+    ("per-try idle timeout retried", "/pertry-idle", "x-script: hang,200\r\n", ""),
+    ("per-try idle timeouts run out", "/pertry-idle", "x-script: hang\r\n", ""),
     ("retriable response header", "/hdrs", "x-script: hdr,200\r\n", ""),
     ("request header allows retry", "/reqhdr", "x-script: 503,200\r\nx-can-retry: 1\r\n", ""),
     ("request header missing", "/reqhdr", "x-script: 503,200\r\n", ""),
@@ -229,6 +233,7 @@ const STATS: &[&str] = &[
     "cluster.up.upstream_rq_retry_overflow",
     "cluster.up.upstream_rq_retry_backoff_exponential",
     "cluster.up.upstream_rq_per_try_timeout",
+    "cluster.up.upstream_rq_per_try_idle_timeout",
     "cluster.up.upstream_rq_timeout",
     "http.ingress.downstream_rq_max_duration_reached",
     "http.ingress.downstream_rq_idle_timeout",

@@ -100,7 +100,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     (
         "envoy.config.route.v3.RetryPolicy",
         &[
-            "per_try_idle_timeout",
             "retry_priority",
             "retry_options_predicates",
             "rate_limited_retry_back_off",

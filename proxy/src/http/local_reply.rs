@@ -100,12 +100,17 @@ impl LocalReply {
     }
 
     /// A retry policy's `per_try_timeout` ran out on the last attempt.
-    pub fn per_try_timeout() -> Self {
+    /// A per-try (or, `idle`, per-try idle) timeout with no retry left.
+    pub fn per_try_timeout(idle: bool) -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream request timeout",
             "UT",
-            "upstream_per_try_timeout",
+            if idle {
+                "upstream_per_try_idle_timeout"
+            } else {
+                "upstream_per_try_timeout"
+            },
         )
     }
 

@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use super::body::{BoxError, RequestBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+
+use crate::observe::stats::Counter;
 
 /// When the stream last moved a byte, and whether the request has been fully received.
 #[derive(Debug)]
@@ -104,6 +107,8 @@ pub struct IdleTimedBody<B> {
     inner: B,
     timeout: Option<Duration>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The retry policy's `per_try_idle_timeout`, counted in its stat when it ends the body.
+    per_try: Option<(Duration, Pin<Box<Sleep>>, Arc<Counter>)>,
 }
 
 impl<B> IdleTimedBody<B> {
@@ -113,7 +118,13 @@ impl<B> IdleTimedBody<B> {
             inner,
             timeout,
             sleep,
+            per_try: None,
         }
+    }
+
+    pub fn with_per_try_idle(mut self, timeout: Option<Duration>, stat: Arc<Counter>) -> Self {
+        self.per_try = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t)), stat));
+        self
     }
 }
 
@@ -135,11 +146,21 @@ where
                 if let (Some(s), Some(t)) = (this.sleep.as_mut(), this.timeout) {
                     s.as_mut().reset(Instant::now() + t);
                 }
+                if let Some((t, s, _)) = this.per_try.as_mut() {
+                    s.as_mut().reset(Instant::now() + *t);
+                }
                 Poll::Ready(r.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
                 if let Some(s) = this.sleep.as_mut() {
                     if s.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
+                    }
+                }
+                if let Some((_, s, stat)) = this.per_try.as_mut() {
+                    if s.as_mut().poll(cx).is_ready() {
+                        stat.inc();
+                        this.per_try = None;
                         return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
                     }
                 }
@@ -186,5 +207,29 @@ mod tests {
         )
         .await;
         assert!(fired.is_err());
+    }
+
+    /// A body that never yields a frame.
+    struct Stalled;
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn per_try_idle_ends_a_stalled_body_and_counts() {
+        use http_body_util::BodyExt;
+        let stat = Arc::new(Counter::default());
+        let body = IdleTimedBody::new(Stalled, Some(Duration::from_secs(300)))
+            .with_per_try_idle(Some(Duration::from_millis(50)), stat.clone());
+        assert!(body.collect().await.is_err());
+        assert_eq!(stat.value(), 1);
     }
 }

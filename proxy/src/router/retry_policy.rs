@@ -81,6 +81,8 @@ pub struct RetryPolicy {
     pub retry_on: u32,
     pub num_retries: u32,
     pub per_try_timeout: Option<Duration>,
+    /// `per_try_idle_timeout`: an attempt with nothing from the upstream for this long ends.
+    pub per_try_idle_timeout: Option<Duration>,
     pub base_interval: Duration,
     pub max_interval: Duration,
     /// `retry_host_predicate` with `previous_hosts`: a retry avoids hosts already tried.
@@ -101,6 +103,7 @@ impl Default for RetryPolicy {
             retry_on: 0,
             num_retries: 1,
             per_try_timeout: None,
+            per_try_idle_timeout: None,
             base_interval: BASE_INTERVAL,
             max_interval: BASE_INTERVAL * 10,
             previous_hosts: false,
@@ -225,11 +228,16 @@ impl RetryPolicy {
             &std::mem::take(&mut rest.retriable_request_headers),
             &format!("{path}.retriable_request_headers"),
         )?;
+        let per_try_idle_timeout = duration::optional_timeout(
+            &rest.per_try_idle_timeout.take(),
+            &format!("{path}.per_try_idle_timeout"),
+        )?;
         reject_unhandled(&rest, path)?;
         Ok(RetryPolicy {
             retry_on,
             num_retries,
             per_try_timeout,
+            per_try_idle_timeout,
             base_interval,
             max_interval,
             previous_hosts,

@@ -113,6 +113,8 @@ enum Outcome<T> {
     Response(T),
     RouteTimeout,
     PerTryTimeout,
+    /// The retry policy's `per_try_idle_timeout` passed with nothing from the upstream.
+    PerTryIdleTimeout,
     StreamIdle,
     RequestTimeout,
     /// The route's `max_stream_duration` passed.
@@ -132,7 +134,8 @@ enum Attempt {
     Answered(Box<Response<PooledBody>>),
     /// Reset before response headers.
     Reset(ResetReason),
-    PerTryTimeout,
+    /// `idle`: the per-try idle timeout rather than the per-try timeout.
+    PerTryTimeout { idle: bool },
 }
 
 /// A request's upstream attempts: the host chosen for each, the retry state and its hold on
@@ -170,7 +173,7 @@ impl Attempts<'_> {
                         | ResetReason::Overflow
                 ),
             ),
-            Attempt::PerTryTimeout => retry.retries_per_try_timeout(),
+            Attempt::PerTryTimeout { .. } => retry.retries_per_try_timeout(),
         };
         // A retry in progress whose attempt is not retriable succeeded.
         if self.retry_slot.take().is_some() && !would {
@@ -554,6 +557,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     let stats = &cluster.stats;
     // A route's idle_timeout replaces the connection manager's for the rest of the stream.
     let idle_timeout = fwd.idle_timeout.unwrap_or(f.hcm.stream_idle_timeout);
+    let per_try_idle_timeout = policy.per_try_idle_timeout;
     let deadline = timeouts
         .global
         .map(|t| tokio::time::Instant::from_std(f.start) + t);
@@ -598,6 +602,14 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                     None => std::future::pending().await,
                 }
             };
+            // Before response headers nothing comes back from the upstream, so the idle timer
+            // runs from the attempt's start (it keeps running on the response body below).
+            let per_try_idle = async {
+                match per_try_idle_timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let idle = async {
                 match idle_timeout {
                     Some(t) => activity.idle_expired(t).await,
@@ -619,6 +631,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 _ = until_deadline() => Outcome::RouteTimeout,
                 _ = until_stream_end() => Outcome::StreamDuration,
                 _ = per_try => Outcome::PerTryTimeout,
+                _ = per_try_idle => Outcome::PerTryIdleTimeout,
                 _ = idle => Outcome::StreamIdle,
                 _ = request_timeout => Outcome::RequestTimeout,
             }
@@ -659,11 +672,16 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                     reply_headers.as_ref(),
                 );
             }
-            Outcome::PerTryTimeout => {
+            Outcome::PerTryTimeout | Outcome::PerTryIdleTimeout => {
+                let idle = matches!(outcome, Outcome::PerTryIdleTimeout);
                 cluster.report_outlier(&host, Report::Timeout);
-                stats.upstream_rq_per_try_timeout.inc();
+                if idle {
+                    stats.upstream_rq_per_try_idle_timeout.inc();
+                } else {
+                    stats.upstream_rq_per_try_timeout.inc();
+                }
                 host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
-                Attempt::PerTryTimeout
+                Attempt::PerTryTimeout { idle }
             }
             // A downstream body error is the client's fault, not the upstream's.
             Outcome::Response(Err(ResetReason::DownstreamBody)) => {
@@ -703,12 +721,12 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                     attempts.count,
                 );
             }
-            Err(Attempt::PerTryTimeout) => {
+            Err(Attempt::PerTryTimeout { idle }) => {
                 cluster.charge_response(504);
                 host.record_response(504);
                 return router_reply(
                     &f,
-                    LocalReply::per_try_timeout(),
+                    LocalReply::per_try_timeout(idle),
                     reply_headers.as_ref(),
                     attempts.count,
                 );
@@ -762,7 +780,11 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     }
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(ChosenHost(host.clone()));
-    Response::from_parts(parts, Either::Right(IdleTimedBody::new(body, idle_timeout)))
+    let body = IdleTimedBody::new(body, idle_timeout).with_per_try_idle(
+        per_try_idle_timeout,
+        cluster.stats.upstream_rq_per_try_idle_timeout.clone(),
+    );
+    Response::from_parts(parts, Either::Right(body))
 }
 
 /// Marks the recorded body abandoned when the request ends (mirrors stop waiting for it).

@@ -43,6 +43,7 @@ stat_struct!(ClusterStats {
     counter upstream_rq_pending_overflow,
     gauge upstream_rq_pending_active,
     counter upstream_rq_per_try_timeout,
+    counter upstream_rq_per_try_idle_timeout,
     counter upstream_rq_retry,
     counter upstream_rq_retry_success,
     counter upstream_rq_retry_overflow,
