@@ -85,6 +85,10 @@ pub const TABLE: &[(&str, Support)] = &[
         Support::Supported,
     ),
     (
+        "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+        Support::Supported,
+    ),
+    (
         "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
         Support::Refused(ISSUE_TRAFFIC),
     ),

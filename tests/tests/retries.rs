@@ -97,6 +97,17 @@ static_resources:
               # Istio renders a VirtualService timeout as both: max_stream_duration wins.
               - match: {prefix: "/msd-istio"}
                 route: {cluster: up, timeout: 0s, max_stream_duration: {max_stream_duration: 0s, grpc_timeout_header_max: 0s}}
+              - match: {prefix: "/prio-skip"}
+                route:
+                  cluster: prio
+                  retry_policy:
+                    retry_on: 5xx
+                    retry_back_off: {base_interval: 0.005s}
+                    retry_priority:
+                      name: envoy.retry_priorities.previous_priorities
+                      typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig, update_frequency: 1}
+              - match: {prefix: "/prio"}
+                route: {cluster: prio, retry_policy: {retry_on: 5xx, retry_back_off: {base_interval: 0.005s}}}
               - match: {prefix: "/budget-none"}
                 route: {cluster: budget_none, retry_policy: {retry_on: 5xx, num_retries: 2, retry_back_off: {base_interval: 0.005s}}}
               - match: {prefix: "/budget"}
@@ -150,6 +161,14 @@ static_resources:
   - name: empty
     connect_timeout: 1s
     load_assignment: {cluster_name: empty}
+  - name: prio
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: prio
+      endpoints:
+      - lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]
+      - priority: 1
+        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: OTHER}}}}]
   - name: budget_none
     connect_timeout: 1s
     circuit_breakers:
@@ -217,6 +236,8 @@ const CASES: &[Case] = &[
     ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
     ("route idle timeout", "/idle", "x-script: hang\r\n", ""),
     ("retry budget of nothing", "/budget-none", "x-script: 503,200\r\n", ""),
+    ("retry stays on the priority", "/prio", "x-script-up: 503\r\nx-script-other: 200\r\n", ""),
+    ("retry skips the tried priority", "/prio-skip", "x-script-up: 503\r\nx-script-other: 200\r\n", ""),
     ("default retry budget", "/budget", "x-script: 503,200\r\n", ""),
 ];
 

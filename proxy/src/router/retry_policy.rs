@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use petrel_filters::matcher::HeaderMatch;
 use xds_client::pb::envoy::config::route::v3 as pb;
+use xds_client::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
 use xds_client::TypeRegistry;
 
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
@@ -88,6 +89,8 @@ pub struct RetryPolicy {
     /// `retry_host_predicate` with `previous_hosts`: a retry avoids hosts already tried.
     pub previous_hosts: bool,
     pub host_selection_max_attempts: u32,
+    /// `retry_priority` `previous_priorities`: its `update_frequency`.
+    pub previous_priorities: Option<u32>,
     pub retriable_status_codes: Vec<u16>,
     pub retriable_headers: Vec<HeaderMatch>,
     pub retriable_request_headers: Vec<HeaderMatch>,
@@ -108,6 +111,7 @@ impl Default for RetryPolicy {
             max_interval: BASE_INTERVAL * 10,
             previous_hosts: false,
             host_selection_max_attempts: 1,
+            previous_priorities: None,
             retriable_status_codes: Vec::new(),
             retriable_headers: Vec::new(),
             retriable_request_headers: Vec::new(),
@@ -209,6 +213,10 @@ impl RetryPolicy {
                 });
             }
         }
+        let previous_priorities = match rest.retry_priority.take() {
+            Some(rp) => Some(previous_priorities(&rp, &format!("{path}.retry_priority"))?),
+            None => None,
+        };
         // Re-picks after the first pick; unset counts as one (Envoy's default).
         let host_selection_max_attempts =
             match std::mem::take(&mut rest.host_selection_retry_max_attempts) {
@@ -242,11 +250,42 @@ impl RetryPolicy {
             max_interval,
             previous_hosts,
             host_selection_max_attempts,
+            previous_priorities,
             retriable_status_codes,
             retriable_headers,
             retriable_request_headers,
         })
     }
+}
+
+const PREVIOUS_PRIORITIES: &str =
+    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+
+/// The `update_frequency` of a `previous_priorities` retry priority (the only one Envoy has).
+fn previous_priorities(
+    rp: &pb::retry_policy::RetryPriority,
+    path: &str,
+) -> Result<u32, ConfigError> {
+    let any = match &rp.config_type {
+        Some(pb::retry_policy::retry_priority::ConfigType::TypedConfig(a)) => a,
+        None => return Err(invalid(format!("{path}.typed_config"), "value is required")),
+    };
+    let url = TypeRegistry::effective_type_url(any);
+    if url.rsplit('/').next() != Some(PREVIOUS_PRIORITIES) {
+        return Err(ConfigError::UnsupportedExtension {
+            path: path.into(),
+            why: petrel_filters::extensions::refusal(&url),
+            type_url: url,
+        });
+    }
+    let c: PreviousPrioritiesConfig = TypeRegistry::global().unpack(any)?;
+    if c.update_frequency <= 0 {
+        return Err(invalid(
+            format!("{path}.typed_config.update_frequency"),
+            "value must be greater than 0",
+        ));
+    }
+    Ok(c.update_frequency as u32)
 }
 
 /// A header's values joined with `,`, with `:status` for response matchers.

@@ -25,7 +25,7 @@ use crate::http::replay::Recording;
 use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity};
 use crate::upstream::circuit_breakers::Held;
 use crate::upstream::cluster::UpstreamProtocol;
-use crate::upstream::cluster::{Cluster, Host, LbPolicy};
+use crate::upstream::cluster::{Cluster, Host, LbPolicy, Pick};
 use crate::upstream::outlier_detection::Report;
 use crate::upstream::pool::{PooledBody, ResetReason, UpstreamBody};
 use std::time::Duration;
@@ -150,6 +150,11 @@ struct Attempts<'a> {
     count: u32,
     /// The request's hash, for RING_HASH and MAGLEV clusters.
     hash: Option<u64>,
+    /// `previous_priorities`: the priorities of the attempts it has seen, the ones retries
+    /// skip, and whether the skipping has started.
+    priorities_tried: Vec<u32>,
+    excluded: Vec<bool>,
+    skipping: bool,
 }
 
 impl Attempts<'_> {
@@ -218,13 +223,19 @@ impl Attempts<'_> {
         // An attempt counts even when no host is found (Envoy's `no healthy upstream` reply
         // carries it).
         self.count += 1;
+        let skip = self.skip_tried_priorities();
+        let (cluster, hash) = (self.cluster, self.hash);
+        let excluded = skip.then_some(&self.excluded[..]);
         let pick = |attempt| {
             f.ctx.upstreams.choose_host(
-                self.cluster,
+                cluster,
                 f.info.original_dst,
                 Some(headers),
-                self.hash,
-                attempt,
+                Pick {
+                    hash,
+                    attempt,
+                    excluded,
+                },
             )
         };
         let mut host = pick(0)?;
@@ -236,8 +247,44 @@ impl Attempts<'_> {
                 host = pick(attempt)?;
             }
         }
+        self.priorities_tried.push(host.priority);
         self.tried.push(host.clone());
         Some(host)
+    }
+
+    /// Envoy's `PreviousPrioritiesRetryPriority`: every `update_frequency` attempts the
+    /// priorities tried so far are skipped; when nothing is left it starts over.
+    fn skip_tried_priorities(&mut self) -> bool {
+        let Some(freq) = self.policy.previous_priorities.map(|f| f as usize) else {
+            return false;
+        };
+        let n = self.priorities_tried.len();
+        if n >= freq && n.is_multiple_of(freq) {
+            let levels = self.cluster.host_set.plan().levels.len();
+            self.excluded.resize(levels, false);
+            for p in &self.priorities_tried {
+                if let Some(e) = self.excluded.get_mut(*p as usize) {
+                    *e = true;
+                }
+            }
+            self.skipping = true;
+        }
+        if !self.skipping {
+            return false;
+        }
+        if self
+            .cluster
+            .host_set
+            .plan()
+            .level_excluding(&self.excluded, 0)
+            .is_none()
+        {
+            self.excluded.fill(false);
+            self.priorities_tried.clear();
+            self.skipping = false;
+            return false;
+        }
+        true
     }
 }
 
@@ -295,6 +342,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         tried: Vec::new(),
         count: 0,
         hash: request_hash.hash,
+        priorities_tried: Vec::new(),
+        excluded: Vec::new(),
+        skipping: false,
     };
     let Some(mut host) = attempts.choose(&f, req.headers()) else {
         return no_healthy_upstream(&f, cluster, reply_headers.as_ref(), attempts.count);
@@ -830,10 +880,10 @@ async fn shadow(s: Shadow) {
         let Some(cluster) = s.snapshot.clusters.get(&s.cluster) else {
             return;
         };
-        let Some(host) = s
-            .ctx
-            .upstreams
-            .choose_host(cluster, None, Some(&s.headers), None, 0)
+        let Some(host) =
+            s.ctx
+                .upstreams
+                .choose_host(cluster, None, Some(&s.headers), Default::default())
         else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return;

@@ -133,9 +133,9 @@ pub async fn serve(
     };
     let mut upstream = None;
     for _ in 0..cfg.max_connect_attempts {
-        let Some(host) = ctx
-            .upstreams
-            .choose_host(&cluster, original_dst, None, None, 0)
+        let Some(host) =
+            ctx.upstreams
+                .choose_host(&cluster, original_dst, None, Default::default())
         else {
             // No healthy upstream (flag UH).
             cluster.stats.upstream_cx_none_healthy.inc();

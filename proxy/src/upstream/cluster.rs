@@ -1087,6 +1087,16 @@ fn original_dst_config(rest: &mut pb::Cluster, path: &str) -> Result<OriginalDst
     })
 }
 
+/// What a pick needs besides the balancer: the request's hash (route `hash_policy`, for
+/// RING_HASH and MAGLEV; random when None), the re-pick count of a retry's host selection, and
+/// the priorities a retry skips (`previous_priorities`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pick<'a> {
+    pub hash: Option<u64>,
+    pub attempt: u32,
+    pub excluded: Option<&'a [bool]>,
+}
+
 /// Per-worker balancer state for one cluster.
 #[derive(Debug, Default)]
 pub struct LbState {
@@ -1218,21 +1228,27 @@ impl Cluster {
 
     /// Chooses a host by the balancer's plan, or None when no host is eligible (Envoy's `no
     /// healthy upstream`).
-    /// `hash` is the request's (route `hash_policy`), used by RING_HASH and MAGLEV clusters
-    /// (a random one when the request has none); `attempt` counts re-picks for a retry's host
-    /// selection.
-    pub fn choose(&self, state: &LbState, hash: Option<u64>, attempt: u32) -> Option<Arc<Host>> {
+    pub fn choose(&self, state: &LbState, pick: Pick<'_>) -> Option<Arc<Host>> {
         let plan = self.host_set.plan();
+        // Levels of a retry that skips tried priorities, else the plan's.
+        let level_of = |point: u32| match pick.excluded.and_then(|e| plan.level_excluding(e, point))
+        {
+            Some(level) => level,
+            None => plan.level(|| point),
+        };
         if self.lb == LbPolicy::ConsistentHash {
-            let h = hash.unwrap_or_else(rand::random);
-            let level = plan.level(|| (h % 100) as u32)?;
+            let h = pick.hash.unwrap_or_else(rand::random);
+            let level = level_of((h % 100) as u32)?;
             if level.panic {
                 self.stats.lb_healthy_panic.inc();
             }
-            let i = level.table.as_ref()?.pick(h, attempt);
+            let i = level.table.as_ref()?.pick(h, pick.attempt);
             return level.hosts.get(i).cloned();
         }
-        let level = plan.level(|| rand::random_range(0..100))?;
+        let level = match pick.excluded {
+            Some(_) => level_of(rand::random_range(0..100))?,
+            None => plan.level(|| rand::random_range(0..100))?,
+        };
         if level.panic {
             self.stats.lb_healthy_panic.inc();
         }
@@ -1303,12 +1319,26 @@ mod tests {
         let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 1)]}]}})).unwrap();
         let s = LbState::default();
         let ports: Vec<_> = (0..4)
-            .map(|_| c.choose(&s, None, 0).unwrap().address.ip().unwrap().port())
+            .map(|_| {
+                c.choose(&s, Pick::default())
+                    .unwrap()
+                    .address
+                    .ip()
+                    .unwrap()
+                    .port()
+            })
             .collect();
         assert_eq!(ports, [1, 2, 1, 2]);
         let c = cluster(json!({"name": "c", "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 3)]}]}})).unwrap();
         let ports: Vec<_> = (0..4)
-            .map(|_| c.choose(&s, None, 0).unwrap().address.ip().unwrap().port())
+            .map(|_| {
+                c.choose(&s, Pick::default())
+                    .unwrap()
+                    .address
+                    .ip()
+                    .unwrap()
+                    .port()
+            })
             .collect();
         let twos = ports.iter().filter(|p| **p == 2).count();
         assert_eq!(twos, 3);
@@ -1322,7 +1352,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.choose(&LbState::default(), None, 0)
+            c.choose(&LbState::default(), Pick::default())
                 .unwrap()
                 .address
                 .ip()
@@ -1412,6 +1442,6 @@ mod tests {
     #[test]
     fn no_hosts_no_choice() {
         let c = cluster(json!({"name": "c"})).unwrap();
-        assert!(c.choose(&LbState::default(), None, 0).is_none());
+        assert!(c.choose(&LbState::default(), Pick::default()).is_none());
     }
 }

@@ -57,11 +57,14 @@ impl Default for Policy {
     }
 }
 
-/// One priority level the balancer can pick.
+/// One priority level.
 #[derive(Debug)]
 pub struct Level {
     /// Cumulative load up to and including this level, out of 100.
     pub upto: u32,
+    /// The level's health (percent, overprovisioned, at most 100), for retries that skip
+    /// priorities already tried.
+    pub health: u64,
     /// The eligible hosts: the healthy ones, or all of the level's hosts in panic.
     pub hosts: Vec<Arc<Host>>,
     pub panic: bool,
@@ -72,23 +75,67 @@ pub struct Level {
     pub table: Option<HashTable>,
 }
 
-/// The levels with load; empty when the cluster has no host at all.
+/// Every priority level, by priority; empty when the cluster has no host at all.
 #[derive(Debug, Default)]
 pub struct Plan {
     pub levels: Vec<Level>,
+    /// The one level with load, when only one has any (the common case).
+    single: Option<usize>,
 }
 
 impl Plan {
-    /// The level for a request, by a number in 0..100 (unused with one level).
+    /// The level for a request, by a number in 0..100 (unused when one level takes all).
     pub fn level(&self, point: impl FnOnce() -> u32) -> Option<&Level> {
-        match self.levels.as_slice() {
-            [] => None,
-            [only] => Some(only),
-            levels => {
-                let p = point();
-                levels.iter().find(|l| p < l.upto).or(levels.last())
+        if let Some(i) = self.single {
+            return self.levels.get(i);
+        }
+        if self.levels.is_empty() {
+            return None;
+        }
+        let p = point();
+        self.levels
+            .iter()
+            .find(|l| p < l.upto)
+            .or(self.levels.last())
+    }
+
+    /// Envoy's `previous_priorities` retry priority: the load spread again over the levels not
+    /// `excluded`, or None when none of them is available (the caller starts over).
+    pub fn level_excluding(&self, excluded: &[bool], point: u32) -> Option<Option<&Level>> {
+        let health: Vec<u64> = self
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(p, l)| {
+                if excluded.get(p) == Some(&true) {
+                    0
+                } else {
+                    l.health
+                }
+            })
+            .collect();
+        let total = health.iter().sum::<u64>().min(100);
+        if total == 0 {
+            return None;
+        }
+        let mut load = vec![0u64; health.len()];
+        let mut left = 100u64;
+        // Repeated passes hand rounding leftovers to the first available levels, as Envoy does.
+        while left > 0 {
+            for (p, h) in health.iter().enumerate() {
+                let delta = left.min(h * 100 / total);
+                load[p] += delta;
+                left -= delta;
             }
         }
+        let mut upto = 0;
+        for (p, l) in load.iter().enumerate() {
+            upto += *l as u32;
+            if point < upto {
+                return Some(self.levels.get(p));
+            }
+        }
+        Some(self.levels.last())
     }
 }
 
@@ -239,9 +286,6 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
     let mut upto = 0;
     let mut out = Vec::new();
     for p in 0..levels {
-        if load[p] == 0 {
-            continue;
-        }
         upto += load[p] as u32;
         let eligible: Vec<Arc<Host>> = hosts
             .iter()
@@ -251,6 +295,7 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
             .collect();
         out.push(Level {
             upto,
+            health: health[p],
             table: policy.hash.and_then(|lb| HashTable::build(lb, &eligible)),
             weighted: eligible.iter().any(|h| h.weight != 1),
             total_weight: eligible.iter().map(|h| h.weight as u64).sum(),
@@ -258,7 +303,11 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
             panic: panic[p],
         });
     }
-    Plan { levels: out }
+    let with_load: Vec<usize> = (0..levels).filter(|p| load[*p] > 0).collect();
+    Plan {
+        levels: out,
+        single: (with_load.len() == 1).then(|| with_load[0]),
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +352,7 @@ pub mod tests {
                 prev = l.upto;
                 (share, l.hosts.len(), l.panic)
             })
+            .filter(|(share, _, _)| *share > 0)
             .collect()
     }
 
@@ -382,6 +432,24 @@ pub mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(set.plan().levels[0].panic, "delivered at the window's end");
+    }
+
+    #[test]
+    fn retries_can_skip_tried_priorities() {
+        let set = HostSet::new(
+            vec![host(1, 0, true), host(2, 1, true), host(3, 2, true)],
+            Policy::default(),
+            test_membership(),
+        );
+        let plan = set.plan();
+        assert_eq!(plan.level(|| 99).map(|l| l.hosts[0].priority), Some(0));
+        // Priority 0 tried: the load spreads over 1 and 2 by health, the first one first.
+        let l = plan
+            .level_excluding(&[true, false, false], 99)
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.hosts[0].priority, 1);
+        assert!(plan.level_excluding(&[true, true, true], 0).is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use super::circuit_breakers::Held;
-use super::cluster::{Cluster, ClusterStats, Host, HostAddress, LbState};
+use super::cluster::{Cluster, ClusterStats, Host, HostAddress, LbState, Pick};
 use super::outlier_detection::Report;
 use crate::worker::LocalExec;
 
@@ -196,12 +196,11 @@ impl WorkerUpstreams {
         cluster: &Cluster,
         original_dst: Option<std::net::SocketAddr>,
         headers: Option<&http::HeaderMap>,
-        hash: Option<u64>,
-        attempt: u32,
+        pick: Pick<'_>,
     ) -> Option<Arc<Host>> {
         let Some(od) = &cluster.original_dst else {
             let lb = self.lb_state(&cluster.name);
-            return cluster.choose(&lb, hash, attempt);
+            return cluster.choose(&lb, pick);
         };
         let from_header = od
             .http_header
