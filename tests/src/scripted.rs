@@ -5,7 +5,8 @@
 //!
 //! Steps: a status code (`503`), `reset` (close the connection without answering), `hang`
 //! (answer after 5 s), `grpc14` (a gRPC trailers-only `UNAVAILABLE`), `hdr` (200 with
-//! `x-retry-me: yes`), `delay<ms>` (200 after that many milliseconds).
+//! `x-retry-me: yes`), `delay<ms>` (200 after that many milliseconds), `<status>+<name>=<value>`
+//! (that status with that response header).
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -144,7 +145,18 @@ async fn answer(
             let ms = s[5..].parse().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        s => status = s.parse().unwrap_or(200),
+        s => {
+            let (code, header) = s.split_once('+').unwrap_or((s, ""));
+            status = code.parse().unwrap_or(200);
+            if let Some((k, v)) = header.split_once('=') {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    resp.headers_mut().insert(k, v);
+                }
+            }
+        }
     }
     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
     resp.headers_mut()

@@ -97,6 +97,8 @@ static_resources:
               # Istio renders a VirtualService timeout as both: max_stream_duration wins.
               - match: {prefix: "/msd-istio"}
                 route: {cluster: up, timeout: 0s, max_stream_duration: {max_stream_duration: 0s, grpc_timeout_header_max: 0s}}
+              - match: {prefix: "/ratelimited"}
+                route: {cluster: up, retry_policy: {retry_on: 5xx, retry_back_off: {base_interval: 0.005s}, rate_limited_retry_back_off: {reset_headers: [{name: x-reset, format: SECONDS}], max_interval: 3s}}}
               - match: {prefix: "/prio-skip"}
                 route:
                   cluster: prio
@@ -236,6 +238,8 @@ const CASES: &[Case] = &[
     ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
     ("route idle timeout", "/idle", "x-script: hang\r\n", ""),
     ("retry budget of nothing", "/budget-none", "x-script: 503,200\r\n", ""),
+    ("rate-limited backoff", "/ratelimited", "x-script: 503+x-reset=1,200\r\n", ""),
+    ("reset header past max_interval", "/ratelimited", "x-script: 503+x-reset=10,200\r\n", ""),
     ("retry stays on the priority", "/prio", "x-script-up: 503\r\nx-script-other: 200\r\n", ""),
     ("retry skips the tried priority", "/prio-skip", "x-script-up: 503\r\nx-script-other: 200\r\n", ""),
     ("default retry budget", "/budget", "x-script: 503,200\r\n", ""),
@@ -253,6 +257,7 @@ const STATS: &[&str] = &[
     "cluster.up.upstream_rq_retry_limit_exceeded",
     "cluster.up.upstream_rq_retry_overflow",
     "cluster.up.upstream_rq_retry_backoff_exponential",
+    "cluster.up.upstream_rq_retry_backoff_ratelimited",
     "cluster.up.upstream_rq_per_try_timeout",
     "cluster.up.upstream_rq_per_try_idle_timeout",
     "cluster.up.upstream_rq_timeout",
@@ -294,7 +299,7 @@ const STATS: &[&str] = &[
 /// What the client saw, without per-run values.
 fn describe(r: &RawResponse, seen: usize) -> String {
     // The expected timeout the upstream is told shrinks by the time already spent.
-    let spent = regex::Regex::new(r"expected-rq-timeout-ms=(14[0-9]{3}|15000)").expect("re");
+    let spent = regex::Regex::new(r"expected-rq-timeout-ms=(1[34][0-9]{3}|15000)").expect("re");
     let body = spent
         .replace_all(&r.body_str(), "expected-rq-timeout-ms=15000-spent")
         .into_owned();

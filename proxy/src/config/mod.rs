@@ -99,7 +99,7 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),
     (
         "envoy.config.route.v3.RetryPolicy",
-        &["retry_options_predicates", "rate_limited_retry_back_off"],
+        &["retry_options_predicates"],
         TRAFFIC,
     ),
     (

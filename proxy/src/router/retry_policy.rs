@@ -91,6 +91,8 @@ pub struct RetryPolicy {
     pub host_selection_max_attempts: u32,
     /// `retry_priority` `previous_priorities`: its `update_frequency`.
     pub previous_priorities: Option<u32>,
+    /// `rate_limited_retry_back_off`: the backoff a response's reset header asks for.
+    pub rate_limited: Option<RateLimitedBackOff>,
     pub retriable_status_codes: Vec<u16>,
     pub retriable_headers: Vec<HeaderMatch>,
     pub retriable_request_headers: Vec<HeaderMatch>,
@@ -112,6 +114,7 @@ impl Default for RetryPolicy {
             previous_hosts: false,
             host_selection_max_attempts: 1,
             previous_priorities: None,
+            rate_limited: None,
             retriable_status_codes: Vec::new(),
             retriable_headers: Vec::new(),
             retriable_request_headers: Vec::new(),
@@ -213,6 +216,13 @@ impl RetryPolicy {
                 });
             }
         }
+        let rate_limited = match rest.rate_limited_retry_back_off.take() {
+            Some(r) => Some(RateLimitedBackOff::compile(
+                &r,
+                &format!("{path}.rate_limited_retry_back_off"),
+            )?),
+            None => None,
+        };
         let previous_priorities = match rest.retry_priority.take() {
             Some(rp) => Some(previous_priorities(&rp, &format!("{path}.retry_priority"))?),
             None => None,
@@ -251,10 +261,81 @@ impl RetryPolicy {
             previous_hosts,
             host_selection_max_attempts,
             previous_priorities,
+            rate_limited,
             retriable_status_codes,
             retriable_headers,
             retriable_request_headers,
         })
+    }
+}
+
+/// `rate_limited_retry_back_off`: reset headers (seconds, or a Unix time) and the longest
+/// backoff they may ask for.
+#[derive(Debug, Clone)]
+pub struct RateLimitedBackOff {
+    headers: Vec<(http::HeaderName, bool)>,
+    max: Duration,
+}
+
+impl RateLimitedBackOff {
+    fn compile(
+        r: &pb::retry_policy::RateLimitedRetryBackOff,
+        path: &str,
+    ) -> Result<Self, ConfigError> {
+        if r.reset_headers.is_empty() {
+            return Err(invalid(
+                format!("{path}.reset_headers"),
+                "value must contain at least 1 item(s)",
+            ));
+        }
+        let headers = r
+            .reset_headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let hp = format!("{path}.reset_headers[{i}]");
+                let name = http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| invalid(format!("{hp}.name"), "invalid header name"))?;
+                let unix = match pb::retry_policy::ResetHeaderFormat::try_from(h.format) {
+                    Ok(pb::retry_policy::ResetHeaderFormat::Seconds) => false,
+                    Ok(pb::retry_policy::ResetHeaderFormat::UnixTimestamp) => true,
+                    Err(_) => return Err(invalid(format!("{hp}.format"), "unknown enum value")),
+                };
+                Ok((name, unix))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let max = duration::or(
+            &r.max_interval,
+            Duration::from_secs(300),
+            &format!("{path}.max_interval"),
+        )?;
+        if max.is_zero() {
+            return Err(invalid(
+                format!("{path}.max_interval"),
+                "value must be greater than 0s",
+            ));
+        }
+        Ok(RateLimitedBackOff { headers, max })
+    }
+
+    /// The interval the first reset header present asks for, if within `max_interval` and
+    /// longer than a millisecond (Envoy's `parseRateLimitedResetInterval`).
+    pub fn interval(&self, headers: &HeaderMap) -> Option<Duration> {
+        let found = self.headers.iter().find_map(|(name, unix)| {
+            let secs: u64 = headers.get(name)?.to_str().ok()?.parse().ok()?;
+            let secs = if *unix {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs();
+                secs.checked_sub(now)?
+            } else {
+                secs
+            };
+            let d = Duration::from_secs(secs);
+            (d <= self.max).then_some(d)
+        })?;
+        (found.as_millis() > 1).then_some(found)
     }
 }
 
@@ -479,13 +560,25 @@ impl RetryState {
 
     /// `shouldRetry` once an outcome is retriable: spends a retry if one is left and the
     /// circuit breaker allows (`can_retry`), and returns the backoff.
-    pub fn should_retry(&mut self, can_retry: impl FnOnce() -> bool) -> RetryStatus {
+    /// `rate_limited`: a reset header's interval, which replaces the exponential backoff with
+    /// one jittered up to half again as long.
+    pub fn should_retry(
+        &mut self,
+        can_retry: impl FnOnce() -> bool,
+        rate_limited: Option<Duration>,
+    ) -> RetryStatus {
         if self.remaining == 0 {
             return RetryStatus::LimitExceeded;
         }
         self.remaining -= 1;
         if !can_retry() {
             return RetryStatus::Overflow;
+        }
+        if let Some(min) = rate_limited {
+            let base = min.as_millis() as u64;
+            return RetryStatus::Yes(Duration::from_millis(
+                base + rand::random::<u64>() % (base / 2).max(1),
+            ));
         }
         RetryStatus::Yes(Duration::from_millis(self.next_backoff_ms(rand::random())))
     }
@@ -600,9 +693,18 @@ mod tests {
             ..Default::default()
         };
         let mut s = RetryState::create(&p, &mut HeaderMap::new()).unwrap();
-        assert!(matches!(s.should_retry(|| true), RetryStatus::Yes(_)));
-        assert_eq!(s.should_retry(|| false), RetryStatus::Overflow);
-        assert_eq!(s.should_retry(|| true), RetryStatus::LimitExceeded);
+        assert!(matches!(s.should_retry(|| true, None), RetryStatus::Yes(_)));
+        assert_eq!(s.should_retry(|| false, None), RetryStatus::Overflow);
+        assert_eq!(s.should_retry(|| true, None), RetryStatus::LimitExceeded);
+        // A reset header's interval: that long, up to half again, jittered.
+        let mut s = RetryState::create(&policy("5xx"), &mut HeaderMap::new()).unwrap();
+        let RetryStatus::Yes(b) = s.should_retry(|| true, Some(Duration::from_secs(2))) else {
+            panic!()
+        };
+        assert!(
+            b >= Duration::from_secs(2) && b < Duration::from_secs(3),
+            "{b:?}"
+        );
         let mut s = RetryState::create(&p, &mut HeaderMap::new()).unwrap();
         // Ceilings 25, 50, 100, 200, then the 250 ms cap.
         let highs: Vec<u64> = (0..6).map(|_| s.next_backoff_ms(u64::MAX - 1)).collect();

@@ -191,10 +191,19 @@ impl Attempts<'_> {
             return Err(attempt);
         }
         let resources = &self.cluster.resources;
-        match retry.should_retry(|| resources.retries_can_create()) {
+        // A response's reset header sets the backoff when the policy reads one.
+        let rate_limited = match (&attempt, &self.policy.rate_limited) {
+            (Attempt::Answered(r), Some(rl)) => rl.interval(r.headers()),
+            _ => None,
+        };
+        match retry.should_retry(|| resources.retries_can_create(), rate_limited) {
             RetryStatus::Yes(backoff) => {
                 stats.upstream_rq_retry.inc();
-                stats.upstream_rq_retry_backoff_exponential.inc();
+                if rate_limited.is_some() {
+                    stats.upstream_rq_retry_backoff_ratelimited.inc();
+                } else {
+                    stats.upstream_rq_retry_backoff_exponential.inc();
+                }
                 self.retry_slot = Some(Held::take(resources, |r| &r.retries));
                 if let Some(h) = self.tried.last() {
                     h.stats.rq_error.fetch_add(1, Ordering::Relaxed);

@@ -49,6 +49,7 @@ stat_struct!(ClusterStats {
     counter upstream_rq_retry_overflow,
     counter upstream_rq_retry_limit_exceeded,
     counter upstream_rq_retry_backoff_exponential,
+    counter upstream_rq_retry_backoff_ratelimited,
     counter retry_or_shadow_abandoned,
     counter lb_healthy_panic,
     counter membership_change,
