@@ -190,6 +190,9 @@ pub struct Host {
     pub weight: u32,
     pub priority: u32,
     pub locality: String,
+    /// The locality's `load_balancing_weight` (0 when unset), used with
+    /// `locality_weighted_lb_config`.
+    pub locality_weight: u32,
     /// Requests in flight to this host (for LEAST_REQUEST).
     pub active_requests: AtomicU64,
     /// `metadata.filter_metadata` as JSON, for `%UPSTREAM_METADATA(…)%`.
@@ -211,6 +214,7 @@ impl Host {
             weight: 1,
             priority: 0,
             locality: String::new(),
+            locality_weight: 0,
             active_requests: AtomicU64::new(0),
             metadata: None,
             stats: HostStats::default(),
@@ -470,7 +474,18 @@ fn hosts_from(
             .map(|l| format!("{}/{}/{}", l.region, l.zone, l.sub_zone))
             .unwrap_or_default();
         let priority = std::mem::take(&mut lrest.priority);
-        // Locality weights only matter with locality-weighted balancing, which is refused below.
+        // Envoy reads locality weights only with `locality_weighted_lb_config`, else they have
+        // no effect (istiod always sends them).
+        let locality_weight = match lrest.load_balancing_weight.take() {
+            Some(w) if w.value == 0 => {
+                return Err(invalid(
+                    format!("{lp}.load_balancing_weight"),
+                    "value must be greater than or equal to 1",
+                ))
+            }
+            Some(w) => w.value,
+            None => 0,
+        };
         let lb_eps = std::mem::take(&mut lrest.lb_endpoints);
         reject_unhandled(&lrest, &lp)?;
         for (ei, ep) in lb_eps.iter().enumerate() {
@@ -540,6 +555,7 @@ fn hosts_from(
                     weight,
                     priority,
                     locality: locality.clone(),
+                    locality_weight,
                     active_requests: AtomicU64::new(0),
                     metadata: metadata.clone(),
                     stats: HostStats::default(),
@@ -874,6 +890,22 @@ pub fn compile(
                 ));
             }
             lb_policy.panic_threshold = t.value;
+        }
+        use pb::cluster::common_lb_config::LocalityConfigSpecifier;
+        let locality = c.locality_config_specifier.take();
+        if let Some(LocalityConfigSpecifier::ZoneAwareLbConfig(_)) = &locality {
+            // Stays set, so it is refused with the rest.
+            c.locality_config_specifier = locality.clone();
+        }
+        if let Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(lw)) = locality {
+            reject_unhandled(&lw, &format!("{cp}.locality_weighted_lb_config"))?;
+            if lb == LbPolicy::ConsistentHash {
+                return Err(ConfigError::Unsupported {
+                    path: cp.clone(),
+                    fields: "'locality_weighted_lb_config' with RING_HASH or MAGLEV".into(),
+                });
+            }
+            lb_policy.locality_weighted = true;
         }
         if let Some(w) = c.update_merge_window.take() {
             lb_policy.update_merge_window =
@@ -1244,7 +1276,7 @@ impl Cluster {
                 self.stats.lb_healthy_panic.inc();
             }
             let i = level.table.as_ref()?.pick(h, pick.attempt);
-            return level.hosts.get(i).cloned();
+            return level.all.hosts.get(i).cloned();
         }
         let level = match pick.excluded {
             Some(_) => level_of(rand::random_range(0..100))?,
@@ -1253,7 +1285,20 @@ impl Cluster {
         if level.panic {
             self.stats.lb_healthy_panic.inc();
         }
-        let hosts = &level.hosts;
+        // With locality weights, a locality first (by effective weight), then a host in it.
+        let group = match level.localities.as_slice() {
+            [] => &level.all,
+            localities => {
+                let total = localities.last().map_or(0.0, |l| l.0);
+                let point = rand::random::<f64>() * total;
+                &localities
+                    .iter()
+                    .find(|l| point < l.0)
+                    .or(localities.last())?
+                    .1
+            }
+        };
+        let hosts = &group.hosts;
         let n = hosts.len();
         if n <= 1 {
             return hosts.first().cloned();
@@ -1268,7 +1313,7 @@ impl Cluster {
             hosts.last().cloned()
         };
         match self.lb {
-            LbPolicy::RoundRobin if !level.weighted => {
+            LbPolicy::RoundRobin if !group.weighted => {
                 let i = state.rr.get();
                 state.rr.set(i.wrapping_add(1));
                 hosts.get((i % n as u64) as usize).cloned()
@@ -1277,9 +1322,9 @@ impl Cluster {
                 // Weighted round robin by a rotating position over the summed weights.
                 let i = state.rr.get();
                 state.rr.set(i.wrapping_add(1));
-                by_weight(i % level.total_weight)
+                by_weight(i % group.total_weight)
             }
-            LbPolicy::Random => by_weight(rand::random::<u64>() % level.total_weight),
+            LbPolicy::Random => by_weight(rand::random::<u64>() % group.total_weight),
             LbPolicy::LeastRequest | LbPolicy::ConsistentHash => {
                 // Envoy's default: power of two choices among the hosts.
                 let a = &hosts[rand::random_range(0..n)];

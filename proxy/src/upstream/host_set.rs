@@ -44,6 +44,8 @@ pub struct Policy {
     pub update_merge_window: Duration,
     /// RING_HASH or MAGLEV: each level carries its table.
     pub hash: Option<HashLb>,
+    /// `locality_weighted_lb_config`: a locality is picked by weight before a host.
+    pub locality_weighted: bool,
 }
 
 impl Default for Policy {
@@ -53,6 +55,7 @@ impl Default for Policy {
             panic_threshold: DEFAULT_PANIC_THRESHOLD,
             update_merge_window: Duration::from_secs(1),
             hash: None,
+            locality_weighted: false,
         }
     }
 }
@@ -66,13 +69,74 @@ pub struct Level {
     /// priorities already tried.
     pub health: u64,
     /// The eligible hosts: the healthy ones, or all of the level's hosts in panic.
-    pub hosts: Vec<Arc<Host>>,
+    pub all: HostGroup,
+    /// With locality weights: each locality's eligible hosts after the cumulative effective
+    /// weight up to it.
+    pub localities: Vec<(f64, HostGroup)>,
     pub panic: bool,
+    /// The consistent-hash table over `hosts` (RING_HASH and MAGLEV clusters).
+    pub table: Option<HashTable>,
+}
+
+/// Hosts one balancer pick chooses among.
+#[derive(Debug, Default)]
+pub struct HostGroup {
+    pub hosts: Vec<Arc<Host>>,
     /// Whether any host has a weight other than 1, and the weights' sum.
     pub weighted: bool,
     pub total_weight: u64,
-    /// The consistent-hash table over `hosts` (RING_HASH and MAGLEV clusters).
-    pub table: Option<HashTable>,
+}
+
+impl HostGroup {
+    fn new(hosts: Vec<Arc<Host>>) -> Self {
+        HostGroup {
+            weighted: hosts.iter().any(|h| h.weight != 1),
+            total_weight: hosts.iter().map(|h| h.weight as u64).sum(),
+            hosts,
+        }
+    }
+}
+
+/// Envoy's effective locality weights: each locality's weight times its share of eligible
+/// hosts, overprovisioned and capped at one; localities that come to zero are left out.
+fn localities(
+    level: &[&Arc<Host>],
+    eligible: &[Arc<Host>],
+    overprovisioning: u32,
+) -> Vec<(f64, HostGroup)> {
+    let mut names: Vec<&str> = Vec::new();
+    for h in level {
+        if !names.contains(&h.locality.as_str()) {
+            names.push(&h.locality);
+        }
+    }
+    let mut upto = 0.0;
+    let mut out = Vec::new();
+    for name in names {
+        let total = level
+            .iter()
+            .filter(|h| h.locality == name && !excluded(h))
+            .count();
+        let hosts: Vec<Arc<Host>> = eligible
+            .iter()
+            .filter(|h| h.locality == name)
+            .cloned()
+            .collect();
+        let weight = level
+            .iter()
+            .find(|h| h.locality == name)
+            .map_or(0, |h| h.locality_weight);
+        let availability = match total {
+            0 => 0.0,
+            t => (overprovisioning as f64 / 100.0 * hosts.len() as f64 / t as f64).min(1.0),
+        };
+        let effective = weight as f64 * availability;
+        if effective > 0.0 && !hosts.is_empty() {
+            upto += effective;
+            out.push((upto, HostGroup::new(hosts)));
+        }
+    }
+    out
 }
 
 /// Every priority level, by priority; empty when the cluster has no host at all.
@@ -293,13 +357,17 @@ fn plan(hosts: &[Arc<Host>], policy: Policy) -> Plan {
             .filter(|h| h.priority as usize == p && (panic[p] || healthy(h)))
             .cloned()
             .collect();
+        let in_level: Vec<&Arc<Host>> = hosts.iter().filter(|h| h.priority as usize == p).collect();
         out.push(Level {
             upto,
             health: health[p],
             table: policy.hash.and_then(|lb| HashTable::build(lb, &eligible)),
-            weighted: eligible.iter().any(|h| h.weight != 1),
-            total_weight: eligible.iter().map(|h| h.weight as u64).sum(),
-            hosts: eligible,
+            localities: if policy.locality_weighted {
+                localities(&in_level, &eligible, policy.overprovisioning)
+            } else {
+                Vec::new()
+            },
+            all: HostGroup::new(eligible),
             panic: panic[p],
         });
     }
@@ -340,6 +408,7 @@ pub mod tests {
                 panic_threshold: threshold,
                 update_merge_window: Duration::ZERO,
                 hash: None,
+                locality_weighted: false,
             },
             test_membership(),
         );
@@ -350,7 +419,7 @@ pub mod tests {
             .map(|l| {
                 let share = l.upto - prev;
                 prev = l.upto;
-                (share, l.hosts.len(), l.panic)
+                (share, l.all.hosts.len(), l.panic)
             })
             .filter(|(share, _, _)| *share > 0)
             .collect()
@@ -421,12 +490,12 @@ pub mod tests {
         };
         eject(0);
         assert_eq!(
-            set.plan().levels[0].hosts.len(),
+            set.plan().levels[0].all.hosts.len(),
             1,
             "first change is at once"
         );
         eject(1);
-        assert_eq!(set.plan().levels[0].hosts.len(), 1, "second waits");
+        assert_eq!(set.plan().levels[0].all.hosts.len(), 1, "second waits");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !set.plan().levels[0].panic && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -442,14 +511,48 @@ pub mod tests {
             test_membership(),
         );
         let plan = set.plan();
-        assert_eq!(plan.level(|| 99).map(|l| l.hosts[0].priority), Some(0));
+        assert_eq!(plan.level(|| 99).map(|l| l.all.hosts[0].priority), Some(0));
         // Priority 0 tried: the load spreads over 1 and 2 by health, the first one first.
         let l = plan
             .level_excluding(&[true, false, false], 99)
             .unwrap()
             .unwrap();
-        assert_eq!(l.hosts[0].priority, 1);
+        assert_eq!(l.all.hosts[0].priority, 1);
         assert!(plan.level_excluding(&[true, true, true], 0).is_none());
+    }
+
+    #[test]
+    fn locality_weights_follow_availability() {
+        let in_locality = |port: u16, name: &str, weight: u32, up: bool| {
+            let mut h = Host::original_dst(([127, 0, 0, 1], port).into());
+            h.locality = name.into();
+            h.locality_weight = weight;
+            if !up {
+                h.health = health_flag::FAILED_OUTLIER_CHECK.into();
+            }
+            Arc::new(h)
+        };
+        let set = HostSet::new(
+            vec![
+                in_locality(1, "a", 1, true),
+                in_locality(2, "a", 1, false),
+                in_locality(3, "b", 3, true),
+                in_locality(4, "c", 0, true),
+            ],
+            Policy {
+                locality_weighted: true,
+                ..Policy::default()
+            },
+            test_membership(),
+        );
+        let plan = set.plan();
+        let l: Vec<(f64, usize)> = plan.levels[0]
+            .localities
+            .iter()
+            .map(|(w, g)| ((w * 100.0).round() / 100.0, g.hosts.len()))
+            .collect();
+        // a: 1 × min(1, 1.4 × 1/2) = 0.7; b: 3; c has no weight.
+        assert_eq!(l, vec![(0.7, 1), (3.7, 1)]);
     }
 
     #[test]

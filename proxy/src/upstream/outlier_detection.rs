@@ -945,7 +945,7 @@ mod tests {
         assert!(!ejected(a));
         d.report(a, Report::Response(503));
         assert!(ejected(a));
-        assert_eq!(set.plan().levels[0].hosts.len(), 3);
+        assert_eq!(set.plan().levels[0].all.hosts.len(), 3);
         // A connect failure counts as a 503; the second ejection hits the 50% cap? 2/4 = 50%: no.
         d.report(b, Report::ConnectSuccess);
         d.report(b, Report::ConnectFailed);

