@@ -895,7 +895,7 @@ pub fn compile(
         let locality = c.locality_config_specifier.take();
         if let Some(LocalityConfigSpecifier::ZoneAwareLbConfig(_)) = &locality {
             // Stays set, so it is refused with the rest.
-            c.locality_config_specifier = locality.clone();
+            c.locality_config_specifier = locality;
         }
         if let Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(lw)) = locality {
             reject_unhandled(&lw, &format!("{cp}.locality_weighted_lb_config"))?;
