@@ -113,6 +113,10 @@ pub trait HttpFilter {
     fn encode_headers(&mut self, _resp: &mut ResponseHead<'_>) -> FilterStatus {
         FilterStatus::Continue
     }
+    /// A limit on the response body's throughput (the fault filter's response rate limit).
+    fn response_bytes_per_second(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A compiled filter configuration that makes per-stream filter instances.

@@ -32,6 +32,18 @@ static_resources:
                   envoy.filters.http.fault:
                     "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
                     delay: {fixed_delay: 0.5s, percentage: {numerator: 1000000, denominator: MILLION}}
+              - match: {prefix: "/throttled"}
+                route: {cluster: echo}
+                typed_per_filter_config:
+                  envoy.filters.http.fault:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+                    response_rate_limit: {fixed_limit: {limit_kbps: 64}, percentage: {numerator: 100}}
+              - match: {prefix: "/throttle-by-header"}
+                route: {cluster: echo}
+                typed_per_filter_config:
+                  envoy.filters.http.fault:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+                    response_rate_limit: {header_limit: {}, percentage: {numerator: 100}}
               - match: {prefix: "/abort"}
                 route: {cluster: echo}
                 typed_per_filter_config:
@@ -189,6 +201,34 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> (Vec<String
         "half aborted within 58..=142: {}",
         (58..=142).contains(&aborted)
     ));
+    // Response rate limit: a 64 KiB body at 64 KiB/s takes about a second (not compared:
+    // Envoy's timers run on a cached clock), arrives whole, and is counted.
+    let body = "x".repeat(64 * 1024);
+    for (path, extra) in [
+        ("/throttled", ""),
+        (
+            "/throttle-by-header",
+            "x-envoy-fault-throughput-response: 64\r\n",
+        ),
+        ("/throttle-by-header", ""),
+    ] {
+        let start = Instant::now();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: ratings\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let r = http_raw(main, req.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let waited = start.elapsed();
+        let throttled = !extra.is_empty() || path == "/throttled";
+        if throttled && waited < Duration::from_millis(700) {
+            held.push(format!("{path}: throttled body took {waited:?}"));
+        }
+        t.push(format!(
+            "{path} {extra:?}: {} body of {} bytes",
+            r.status,
+            r.body.len()
+        ));
+    }
     // max_active_faults: 1 — while one request is delayed, the next is not.
     let first = std::thread::spawn(move || get(main, "/limited", "").1);
     std::thread::sleep(Duration::from_millis(300));

@@ -27,6 +27,8 @@ const DELAY_PERCENT_HEADER: &str = "x-envoy-fault-delay-request-percentage";
 const ABORT_HEADER: &str = "x-envoy-fault-abort-request";
 const ABORT_GRPC_HEADER: &str = "x-envoy-fault-abort-grpc-request";
 const ABORT_PERCENT_HEADER: &str = "x-envoy-fault-abort-request-percentage";
+const THROUGHPUT_HEADER: &str = "x-envoy-fault-throughput-response";
+const THROUGHPUT_PERCENT_HEADER: &str = "x-envoy-fault-throughput-response-percentage";
 
 /// A fraction as Envoy's runtime `featureEnabled` reads it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,11 +87,19 @@ enum Abort {
     Header,
 }
 
+/// `response_rate_limit`: a fixed KiB/s, or one from `x-envoy-fault-throughput-response`.
+#[derive(Debug, Clone, PartialEq)]
+enum RateLimit {
+    FixedKbps(u64),
+    Header,
+}
+
 /// One compiled `HTTPFault` (the filter's own, or a route's override).
 #[derive(Debug)]
 pub struct FaultSettings {
     delay: Option<(Delay, Fraction)>,
     abort: Option<(Abort, Fraction)>,
+    rate_limit: Option<(RateLimit, Fraction)>,
     /// `abort.response_body`, else Envoy's `fault filter abort`.
     abort_body: Bytes,
     upstream_cluster: Option<String>,
@@ -114,12 +124,26 @@ impl FaultSettings {
         let cfg: pb::HttpFault = xds_client::TypeRegistry::global()
             .unpack(any)
             .map_err(|e| invalid(path, e.to_string()))?;
-        if cfg.response_rate_limit.is_some() {
-            return Err(invalid(
-                format!("{path}.response_rate_limit"),
-                "not supported by Petrel yet (issue #5)",
-            ));
-        }
+        let rate_limit = match &cfg.response_rate_limit {
+            None => None,
+            Some(r) => {
+                let rp = format!("{path}.response_rate_limit");
+                let kind = match &r.limit_type {
+                    Some(common::fault_rate_limit::LimitType::FixedLimit(f)) => {
+                        if f.limit_kbps == 0 {
+                            return Err(invalid(
+                                format!("{rp}.fixed_limit.limit_kbps"),
+                                "value must be greater than or equal to 1",
+                            ));
+                        }
+                        RateLimit::FixedKbps(f.limit_kbps)
+                    }
+                    Some(common::fault_rate_limit::LimitType::HeaderLimit(_)) => RateLimit::Header,
+                    None => return Err(invalid(rp, "limit_type is required")),
+                };
+                Some((kind, Fraction::from_proto(r.percentage.as_ref())))
+            }
+        };
         // Runtime key overrides only matter with a runtime layer that sets them; Petrel's
         // runtime refuses unknown keys, so custom key names could never take effect.
         for (field, set) in [
@@ -198,6 +222,7 @@ impl FaultSettings {
         Ok(FaultSettings {
             delay,
             abort,
+            rate_limit,
             abort_body,
             upstream_cluster: Some(cfg.upstream_cluster).filter(|c| !c.is_empty()),
             downstream_nodes: cfg.downstream_nodes,
@@ -225,6 +250,19 @@ impl FaultSettings {
         self.headers
             .iter()
             .all(|m| m.matches(joined_header(req.headers, &m.name).as_deref()))
+    }
+
+    /// The response throughput for this request in KiB/s, if one is imposed.
+    fn rate_limit_for(&self, headers: &HeaderMap) -> Option<u64> {
+        let (kind, fraction) = self.rate_limit.as_ref()?;
+        let (kbps, fraction) = match kind {
+            RateLimit::FixedKbps(k) => (*k, *fraction),
+            RateLimit::Header => (
+                header_u64(headers, THROUGHPUT_HEADER).filter(|k| *k > 0)?,
+                fraction.capped_by_header(headers, THROUGHPUT_PERCENT_HEADER),
+            ),
+        };
+        fraction.hit().then_some(kbps)
     }
 
     /// The delay for this request, if one is injected.
@@ -275,6 +313,7 @@ struct Stats {
     prefix: String,
     aborts_injected: Arc<Counter>,
     delays_injected: Arc<Counter>,
+    response_rl_injected: Arc<Counter>,
     faults_overflow: Arc<Counter>,
     active_faults: Arc<Gauge>,
 }
@@ -309,6 +348,7 @@ impl Factory {
         let stats = Stats {
             aborts_injected: store.counter(&format!("{prefix}aborts_injected")),
             delays_injected: store.counter(&format!("{prefix}delays_injected")),
+            response_rl_injected: store.counter(&format!("{prefix}response_rl_injected")),
             faults_overflow: store.counter(&format!("{prefix}faults_overflow")),
             active_faults: store.gauge(&format!("{prefix}active_faults")),
             store: store.clone(),
@@ -341,6 +381,7 @@ impl HttpFilterFactory for Factory {
             active: false,
             pending_abort: None,
             downstream_cluster: None,
+            response_kbps: None,
         })
     }
 }
@@ -356,6 +397,8 @@ struct Filter {
     /// The settings to check for an abort once a delay is over.
     pending_abort: Option<Arc<FaultSettings>>,
     downstream_cluster: Option<String>,
+    /// The response rate limit this stream got, in KiB/s.
+    response_kbps: Option<u64>,
 }
 
 impl Filter {
@@ -420,6 +463,12 @@ impl HttpFilter for Filter {
             .and_then(|v| v.to_str().ok())
             .filter(|c| !c.is_empty() && !settings.disable_downstream_cluster_stats)
             .map(str::to_string);
+        if let Some(kbps) = settings.rate_limit_for(req.headers) {
+            if self.try_activate(&settings) {
+                self.stats.response_rl_injected.inc();
+                self.response_kbps = Some(kbps);
+            }
+        }
         if let Some(d) = settings.delay_for(req.headers) {
             if self.try_activate(&settings) {
                 self.stats.delays_injected.inc();
@@ -431,6 +480,10 @@ impl HttpFilter for Filter {
             }
         }
         self.abort(&settings, req.headers)
+    }
+
+    fn response_bytes_per_second(&self) -> Option<u64> {
+        self.response_kbps.map(|k| k * 1024)
     }
 
     fn resume(&mut self, req: &mut RequestHead<'_>) -> FilterStatus {

@@ -732,6 +732,15 @@ async fn process(
         }
         *resp.status_mut() = status;
     }
+    if let Some(bps) = chain
+        .iter()
+        .filter_map(|f| f.response_bytes_per_second())
+        .min()
+    {
+        if let Either::Right(body) = resp.body_mut() {
+            body.throttle(bps);
+        }
+    }
     if hcm.always_set_request_id_in_response {
         if let Some(id) = request_id {
             resp.headers_mut().insert(rid, id);

@@ -102,14 +102,26 @@ impl Body for DownstreamBody {
 #[error("stream idle timeout")]
 pub struct StreamIdleTimeout;
 
-/// A response body with Envoy's stream idle timer.
+/// A response body with Envoy's stream idle timer (and, when a fault asks, throttled).
 pub struct IdleTimedBody<B> {
     inner: B,
     timeout: Option<Duration>,
     sleep: Option<Pin<Box<Sleep>>>,
     /// The retry policy's `per_try_idle_timeout`, counted in its stat when it ends the body.
     per_try: Option<(Duration, Pin<Box<Sleep>>, Arc<Counter>)>,
+    throttle: Option<Throttle>,
 }
+
+/// The fault filter's response rate limit: at most `per_tick` bytes every 50 ms (Envoy's
+/// `StreamRateLimiter` fills its bucket in twentieths of a second).
+struct Throttle {
+    per_tick: usize,
+    tokens: usize,
+    tick: Pin<Box<Sleep>>,
+    held: Bytes,
+}
+
+const TICK: Duration = Duration::from_millis(50);
 
 impl<B> IdleTimedBody<B> {
     pub fn new(inner: B, timeout: Option<Duration>) -> Self {
@@ -119,7 +131,19 @@ impl<B> IdleTimedBody<B> {
             timeout,
             sleep,
             per_try: None,
+            throttle: None,
         }
+    }
+
+    /// Limits the body to `bytes_per_second`.
+    pub fn throttle(&mut self, bytes_per_second: u64) {
+        let per_tick = (bytes_per_second / 20).max(1) as usize;
+        self.throttle = Some(Throttle {
+            per_tick,
+            tokens: per_tick,
+            tick: Box::pin(tokio::time::sleep(TICK)),
+            held: Bytes::new(),
+        });
     }
 
     pub fn with_per_try_idle(mut self, timeout: Option<Duration>, stat: Arc<Counter>) -> Self {
@@ -141,6 +165,28 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(t) = this.throttle.as_mut() {
+            if !t.held.is_empty() {
+                if t.tokens == 0 {
+                    if t.tick.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    t.tokens = t.per_tick;
+                    t.tick.as_mut().reset(Instant::now() + TICK);
+                }
+                let n = t.tokens.min(t.held.len());
+                t.tokens -= n;
+                let chunk = t.held.split_to(n);
+                // Data going out is activity for the idle timers.
+                if let (Some(s), Some(t)) = (this.sleep.as_mut(), this.timeout) {
+                    s.as_mut().reset(Instant::now() + t);
+                }
+                if let Some((t, s, _)) = this.per_try.as_mut() {
+                    s.as_mut().reset(Instant::now() + *t);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(r) => {
                 if let (Some(s), Some(t)) = (this.sleep.as_mut(), this.timeout) {
@@ -148,6 +194,18 @@ where
                 }
                 if let Some((t, s, _)) = this.per_try.as_mut() {
                     s.as_mut().reset(Instant::now() + *t);
+                }
+                if let (Some(t), Some(Ok(frame))) = (this.throttle.as_mut(), &r) {
+                    if frame.is_data() {
+                        // Held back and handed out by the tick (the next poll).
+                        if let Some(Ok(f)) = r {
+                            if let Ok(data) = f.into_data() {
+                                t.held = data;
+                            }
+                        }
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 }
                 Poll::Ready(r.map(|f| f.map_err(Into::into)))
             }
@@ -169,7 +227,7 @@ where
         }
     }
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.throttle.as_ref().is_none_or(|t| t.held.is_empty()) && self.inner.is_end_stream()
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
