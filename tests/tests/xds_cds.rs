@@ -126,8 +126,9 @@ async fn clusters_from_cds() {
     assert_eq!(dump["configs"][0]["version_info"], "1");
     assert_eq!(dump["configs"][0]["cluster"]["name"], "dyn");
 
-    // A cluster Petrel cannot honour: NACK naming it, and the last good set keeps serving.
-    let bad = serde_json::json!({"name": "other", "lb_policy": "MAGLEV"});
+    // A cluster Envoy refuses too (a Maglev table size that is not prime): NACK naming it,
+    // and the last good set keeps serving.
+    let bad = serde_json::json!({"name": "other", "lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 65536}});
     s.responses
         .send(Ok(push(
             "2",
@@ -143,7 +144,7 @@ async fn clusters_from_cds() {
     );
     let reason = nack.error_detail.expect("NACK").message;
     assert!(
-        reason.contains("other") && reason.contains("MAGLEV"),
+        reason.contains("other") && reason.contains("prime"),
         "{reason}"
     );
     assert_eq!(eventually(main, "/x", 200).await, 200);
