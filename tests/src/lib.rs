@@ -538,6 +538,45 @@ pub fn stat_lines(admin: u16, names: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// A bootstrap with the admin on `ADMIN` and one HTTP listener on `MAIN` (`stat_prefix:
+/// ingress`, route configuration `local`, the router last): `virtual_hosts`, the HTTP `filters`
+/// ahead of the router and `clusters` are YAML lists written from column 0; `top` adds
+/// top-level fields (also from column 0).
+pub fn http_bootstrap(top: &str, virtual_hosts: &str, filters: &str, clusters: &str) -> String {
+    let indent = |s: &str, n: usize| {
+        s.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("{}{l}\n", " ".repeat(n)))
+            .collect::<String>()
+    };
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN}}}}
+{}static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: MAIN}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            name: local
+            virtual_hosts:
+{}          http_filters:
+{}          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+{}"#,
+        indent(top, 0),
+        indent(virtual_hosts, 12),
+        indent(filters, 10),
+        indent(clusters, 2)
+    )
+}
+
 /// Compares two proxies' transcripts line by line; fails listing every differing line.
 pub fn assert_same_transcript(envoy: &[String], petrel: &[String]) {
     eprintln!("envoy transcript:\n{}", envoy.join("\n"));

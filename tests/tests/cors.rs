@@ -6,90 +6,81 @@
 
 use petrel_tests::*;
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
-static_resources:
-  listeners:
-  - name: main
-    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: app
-              domains: ["app.test"]
-              typed_per_filter_config:
-                envoy.filters.http.cors:
-                  "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
-                  allow_origin_string_match: [{exact: "https://a.test"}, {suffix: ".b.test"}]
-                  allow_methods: GET,POST
-                  allow_headers: x-a,x-b
-                  expose_headers: x-exposed
-                  max_age: "600"
-                  allow_credentials: true
-                  allow_private_network_access: true
-              routes:
-              - match: {prefix: "/override"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.cors:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
-                    allow_methods: "*"
-                    allow_headers: "*"
-                    allow_credentials: false
-                    forward_not_matching_preflights: false
-              - match: {prefix: "/dead"}
-                route: {cluster: dead}
-              - match: {prefix: "/"}
-                route: {cluster: echo}
-            - name: star
-              domains: ["star.test"]
-              typed_per_filter_config:
-                envoy.filters.http.cors:
-                  "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
-                  allow_origin_string_match: [{exact: "*"}]
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: echo}
-            - name: shadow
-              domains: ["shadow.test"]
-              typed_per_filter_config:
-                envoy.filters.http.cors:
-                  "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
-                  allow_origin_string_match: [{exact: "https://a.test"}]
-                  filter_enabled: {default_value: {numerator: 0}}
-                  shadow_enabled: {default_value: {numerator: 100}}
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: echo}
-            - name: plain
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/"}
-                route: {cluster: echo}
-          http_filters:
-          - name: envoy.filters.http.cors
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: echo
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: echo
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ECHO}}}}]}]
-  - name: dead
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: dead
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: DEAD}}}}]}]
+const VIRTUAL_HOSTS: &str = r#"
+- name: app
+  domains: ["app.test"]
+  typed_per_filter_config:
+    envoy.filters.http.cors:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+      allow_origin_string_match: [{exact: "https://a.test"}, {suffix: ".b.test"}]
+      allow_methods: GET,POST
+      allow_headers: x-a,x-b
+      expose_headers: x-exposed
+      max_age: "600"
+      allow_credentials: true
+      allow_private_network_access: true
+  routes:
+  - match: {prefix: "/override"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.cors:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+        allow_methods: "*"
+        allow_headers: "*"
+        allow_credentials: false
+        forward_not_matching_preflights: false
+  - match: {prefix: "/dead"}
+    route: {cluster: dead}
+  - match: {prefix: "/"}
+    route: {cluster: echo}
+- name: star
+  domains: ["star.test"]
+  typed_per_filter_config:
+    envoy.filters.http.cors:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+      allow_origin_string_match: [{exact: "*"}]
+  routes:
+  - match: {prefix: "/"}
+    route: {cluster: echo}
+- name: shadow
+  domains: ["shadow.test"]
+  typed_per_filter_config:
+    envoy.filters.http.cors:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+      allow_origin_string_match: [{exact: "https://a.test"}]
+      filter_enabled: {default_value: {numerator: 0}}
+      shadow_enabled: {default_value: {numerator: 100}}
+  routes:
+  - match: {prefix: "/"}
+    route: {cluster: echo}
+- name: plain
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/"}
+    route: {cluster: echo}
 "#;
+
+const FILTERS: &str = r#"
+- name: envoy.filters.http.cors
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}
+"#;
+
+const CLUSTERS: &str = r#"
+- name: echo
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: echo
+    endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ECHO}}}}]}]
+- name: dead
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: dead
+    endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: DEAD}}}}]}]
+"#;
+
+fn bootstrap() -> String {
+    http_bootstrap("", VIRTUAL_HOSTS, FILTERS, CLUSTERS)
+}
 
 /// `(name, method, host, path, extra header lines)`.
 type Case = (
@@ -249,7 +240,7 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
         ("ECHO", echo),
         ("DEAD", free_port()),
     ];
-    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
+    let _proxy = start_templated(name, bin, &bootstrap(), &values, &[]);
     let mut t = Vec::new();
     for (case, method, host, path, extra) in CASES {
         // A NUL marks where a preflight's request headers go.

@@ -7,117 +7,108 @@ use std::time::{Duration, Instant};
 
 use petrel_tests::*;
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
-static_resources:
-  listeners:
-  - name: main
-    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: ratings
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/delay", headers: [{name: end-user, string_match: {exact: jason}}]}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    delay: {fixed_delay: 0.5s, percentage: {numerator: 1000000, denominator: MILLION}}
-              - match: {prefix: "/throttled"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    response_rate_limit: {fixed_limit: {limit_kbps: 64}, percentage: {numerator: 100}}
-              - match: {prefix: "/throttle-by-header"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    response_rate_limit: {header_limit: {}, percentage: {numerator: 100}}
-              - match: {prefix: "/abort"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    abort: {http_status: 500, percentage: {numerator: 100}}
-              - match: {prefix: "/grpc-abort"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    abort: {grpc_status: 14, percentage: {numerator: 100}}
-              - match: {prefix: "/both"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    delay: {fixed_delay: 0.3s, percentage: {numerator: 100}}
-                    abort: {http_status: 503, percentage: {numerator: 100}}
-              - match: {prefix: "/by-header"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    delay: {header_delay: {}, percentage: {numerator: 100}}
-                    abort: {header_abort: {}, percentage: {numerator: 100}}
-              - match: {prefix: "/half"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    abort: {http_status: 503, percentage: {numerator: 50}}
-              - match: {prefix: "/no-percentage"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    abort: {http_status: 503}
-              - match: {prefix: "/other-cluster"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    upstream_cluster: other
-                    abort: {http_status: 503, percentage: {numerator: 100}}
-              - match: {prefix: "/matching"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    headers: [{name: x-fault, string_match: {exact: "yes"}}]
-                    downstream_nodes: [node-a]
-                    abort: {http_status: 418, percentage: {numerator: 100}, response_body: "teapot fault"}
-              - match: {prefix: "/limited"}
-                route: {cluster: echo}
-                typed_per_filter_config:
-                  envoy.filters.http.fault:
-                    "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-                    max_active_faults: 1
-                    delay: {fixed_delay: 1s, percentage: {numerator: 100}}
-              - match: {prefix: "/"}
-                route: {cluster: echo}
-          http_filters:
-          - name: envoy.filters.http.fault
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: echo
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: echo
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ECHO}}}}]}]
+const VIRTUAL_HOSTS: &str = r#"
+- name: ratings
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/delay", headers: [{name: end-user, string_match: {exact: jason}}]}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        delay: {fixed_delay: 0.5s, percentage: {numerator: 1000000, denominator: MILLION}}
+  - match: {prefix: "/throttled"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        response_rate_limit: {fixed_limit: {limit_kbps: 64}, percentage: {numerator: 100}}
+  - match: {prefix: "/throttle-by-header"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        response_rate_limit: {header_limit: {}, percentage: {numerator: 100}}
+  - match: {prefix: "/abort"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        abort: {http_status: 500, percentage: {numerator: 100}}
+  - match: {prefix: "/grpc-abort"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        abort: {grpc_status: 14, percentage: {numerator: 100}}
+  - match: {prefix: "/both"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        delay: {fixed_delay: 0.3s, percentage: {numerator: 100}}
+        abort: {http_status: 503, percentage: {numerator: 100}}
+  - match: {prefix: "/by-header"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        delay: {header_delay: {}, percentage: {numerator: 100}}
+        abort: {header_abort: {}, percentage: {numerator: 100}}
+  - match: {prefix: "/half"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        abort: {http_status: 503, percentage: {numerator: 50}}
+  - match: {prefix: "/no-percentage"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        abort: {http_status: 503}
+  - match: {prefix: "/other-cluster"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        upstream_cluster: other
+        abort: {http_status: 503, percentage: {numerator: 100}}
+  - match: {prefix: "/matching"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        headers: [{name: x-fault, string_match: {exact: "yes"}}]
+        downstream_nodes: [node-a]
+        abort: {http_status: 418, percentage: {numerator: 100}, response_body: "teapot fault"}
+  - match: {prefix: "/limited"}
+    route: {cluster: echo}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        max_active_faults: 1
+        delay: {fixed_delay: 1s, percentage: {numerator: 100}}
+  - match: {prefix: "/"}
+    route: {cluster: echo}
 "#;
+
+const FILTERS: &str = r#"
+- name: envoy.filters.http.fault
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}
+"#;
+
+const CLUSTERS: &str = r#"
+- name: echo
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: echo
+    endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: ECHO}}}}]}]
+"#;
+
+fn bootstrap() -> String {
+    http_bootstrap("", VIRTUAL_HOSTS, FILTERS, CLUSTERS)
+}
 
 const CASES: &[(&str, &str, &str)] = &[
     ("delay for jason", "/delay", "end-user: jason\r\n"),
@@ -178,7 +169,7 @@ struct Held(Vec<String>);
 fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> (Vec<String>, Held) {
     let (admin, main) = (free_port(), free_port());
     let values = [("ADMIN", admin), ("MAIN", main), ("ECHO", echo)];
-    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
+    let _proxy = start_templated(name, bin, &bootstrap(), &values, &[]);
     let mut t = Vec::new();
     let mut held = Vec::new();
     for (case, path, extra) in CASES {

@@ -6,116 +6,104 @@
 use petrel_tests::scripted::start_scripted;
 use petrel_tests::*;
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
-static_resources:
-  listeners:
-  - name: main
-    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/ring-header"}
-                route: {cluster: ring, hash_policy: [{header: {header_name: x-user}}]}
-              - match: {prefix: "/ring-weighted"}
-                route: {cluster: ring_weighted, hash_policy: [{header: {header_name: x-user}}]}
-              - match: {prefix: "/ring-small"}
-                route: {cluster: ring_small, hash_policy: [{header: {header_name: x-user}}]}
-              - match: {prefix: "/ring-query"}
-                route: {cluster: ring, hash_policy: [{query_parameter: {name: u}}]}
-              - match: {prefix: "/ring-cookie"}
-                route: {cluster: ring, hash_policy: [{cookie: {name: sticky, ttl: 60s, path: /}}]}
-              - match: {prefix: "/ring-source"}
-                route: {cluster: ring, hash_policy: [{connection_properties: {source_ip: true}}]}
-              - match: {prefix: "/ring-two"}
-                route:
-                  cluster: ring
-                  hash_policy:
-                  - {header: {header_name: x-user}}
-                  - {header: {header_name: x-group}}
-              - match: {prefix: "/ring-terminal"}
-                route:
-                  cluster: ring
-                  hash_policy:
-                  - {header: {header_name: x-user}, terminal: true}
-                  - {header: {header_name: x-group}}
-              - match: {prefix: "/ring-retry-unset"}
-                route:
-                  cluster: ring
-                  hash_policy: [{header: {header_name: x-user}}]
-                  retry_policy:
-                    retry_on: 5xx
-                    num_retries: 1
-                    retry_back_off: {base_interval: 0.005s}
-                    retry_host_predicate:
-                    - name: envoy.retry_host_predicates.previous_hosts
-                      typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
-              - match: {prefix: "/ring-retry"}
-                route:
-                  cluster: ring
-                  hash_policy: [{header: {header_name: x-user}}]
-                  retry_policy:
-                    retry_on: 5xx
-                    num_retries: 1
-                    retry_back_off: {base_interval: 0.005s}
-                    retry_host_predicate:
-                    - name: envoy.retry_host_predicates.previous_hosts
-                      typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
-                    host_selection_retry_max_attempts: 3
-              - match: {prefix: "/maglev-header"}
-                route: {cluster: maglev, hash_policy: [{header: {header_name: x-user}}]}
-              - match: {prefix: "/maglev-weighted"}
-                route: {cluster: maglev_weighted, hash_policy: [{header: {header_name: x-user}}]}
-              - match: {prefix: "/maglev-retry"}
-                route:
-                  cluster: maglev
-                  hash_policy: [{header: {header_name: x-user}}]
-                  retry_policy:
-                    retry_on: 5xx
-                    num_retries: 1
-                    retry_back_off: {base_interval: 0.005s}
-                    retry_host_predicate:
-                    - name: envoy.retry_host_predicates.previous_hosts
-                      typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
-                    host_selection_retry_max_attempts: 3
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: ring
-    connect_timeout: 1s
-    lb_policy: RING_HASH
-    load_assignment: {cluster_name: ring, endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]}
-  - name: ring_weighted
-    connect_timeout: 1s
-    lb_policy: RING_HASH
-    ring_hash_lb_config: {minimum_ring_size: 64}
-    load_assignment: {cluster_name: ring_weighted, endpoints: [{lb_endpoints: [WEP_A, WEP_B, WEP_C]}]}
-  - name: ring_small
-    connect_timeout: 1s
-    lb_policy: RING_HASH
-    ring_hash_lb_config: {minimum_ring_size: 3, maximum_ring_size: 5}
-    load_assignment: {cluster_name: ring_small, endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]}
-  - name: maglev
-    connect_timeout: 1s
-    lb_policy: MAGLEV
-    load_assignment: {cluster_name: maglev, endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]}
-  - name: maglev_weighted
-    connect_timeout: 1s
-    lb_policy: MAGLEV
-    maglev_lb_config: {table_size: 251}
-    load_assignment: {cluster_name: maglev_weighted, endpoints: [{lb_endpoints: [WEP_A, WEP_B, WEP_C]}]}
+const VIRTUAL_HOSTS: &str = r#"
+- name: all
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/ring-header"}
+    route: {cluster: ring, hash_policy: [{header: {header_name: x-user}}]}
+  - match: {prefix: "/ring-weighted"}
+    route: {cluster: ring_weighted, hash_policy: [{header: {header_name: x-user}}]}
+  - match: {prefix: "/ring-small"}
+    route: {cluster: ring_small, hash_policy: [{header: {header_name: x-user}}]}
+  - match: {prefix: "/ring-query"}
+    route: {cluster: ring, hash_policy: [{query_parameter: {name: u}}]}
+  - match: {prefix: "/ring-cookie"}
+    route: {cluster: ring, hash_policy: [{cookie: {name: sticky, ttl: 60s, path: /}}]}
+  - match: {prefix: "/ring-source"}
+    route: {cluster: ring, hash_policy: [{connection_properties: {source_ip: true}}]}
+  - match: {prefix: "/ring-two"}
+    route:
+      cluster: ring
+      hash_policy:
+      - {header: {header_name: x-user}}
+      - {header: {header_name: x-group}}
+  - match: {prefix: "/ring-terminal"}
+    route:
+      cluster: ring
+      hash_policy:
+      - {header: {header_name: x-user}, terminal: true}
+      - {header: {header_name: x-group}}
+  - match: {prefix: "/ring-retry-unset"}
+    route:
+      cluster: ring
+      hash_policy: [{header: {header_name: x-user}}]
+      retry_policy:
+        retry_on: 5xx
+        num_retries: 1
+        retry_back_off: {base_interval: 0.005s}
+        retry_host_predicate:
+        - name: envoy.retry_host_predicates.previous_hosts
+          typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
+  - match: {prefix: "/ring-retry"}
+    route:
+      cluster: ring
+      hash_policy: [{header: {header_name: x-user}}]
+      retry_policy:
+        retry_on: 5xx
+        num_retries: 1
+        retry_back_off: {base_interval: 0.005s}
+        retry_host_predicate:
+        - name: envoy.retry_host_predicates.previous_hosts
+          typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
+        host_selection_retry_max_attempts: 3
+  - match: {prefix: "/maglev-header"}
+    route: {cluster: maglev, hash_policy: [{header: {header_name: x-user}}]}
+  - match: {prefix: "/maglev-weighted"}
+    route: {cluster: maglev_weighted, hash_policy: [{header: {header_name: x-user}}]}
+  - match: {prefix: "/maglev-retry"}
+    route:
+      cluster: maglev
+      hash_policy: [{header: {header_name: x-user}}]
+      retry_policy:
+        retry_on: 5xx
+        num_retries: 1
+        retry_back_off: {base_interval: 0.005s}
+        retry_host_predicate:
+        - name: envoy.retry_host_predicates.previous_hosts
+          typed_config: {"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}
+        host_selection_retry_max_attempts: 3
 "#;
+
+const CLUSTERS: &str = r#"
+- name: ring
+  connect_timeout: 1s
+  lb_policy: RING_HASH
+  load_assignment: {cluster_name: ring, endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]}
+- name: ring_weighted
+  connect_timeout: 1s
+  lb_policy: RING_HASH
+  ring_hash_lb_config: {minimum_ring_size: 64}
+  load_assignment: {cluster_name: ring_weighted, endpoints: [{lb_endpoints: [WEP_A, WEP_B, WEP_C]}]}
+- name: ring_small
+  connect_timeout: 1s
+  lb_policy: RING_HASH
+  ring_hash_lb_config: {minimum_ring_size: 3, maximum_ring_size: 5}
+  load_assignment: {cluster_name: ring_small, endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]}
+- name: maglev
+  connect_timeout: 1s
+  lb_policy: MAGLEV
+  load_assignment: {cluster_name: maglev, endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]}
+- name: maglev_weighted
+  connect_timeout: 1s
+  lb_policy: MAGLEV
+  maglev_lb_config: {table_size: 251}
+  load_assignment: {cluster_name: maglev_weighted, endpoints: [{lb_endpoints: [WEP_A, WEP_B, WEP_C]}]}
+"#;
+
+fn bootstrap() -> String {
+    http_bootstrap("", VIRTUAL_HOSTS, "", CLUSTERS)
+}
 
 fn endpoint(port: u16, weight: u32) -> String {
     format!("{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}, load_balancing_weight: {weight}}}")
@@ -137,7 +125,7 @@ fn who(port: u16, path: &str, extra: &str) -> (String, RawResponse) {
 
 fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<String> {
     let (admin, main) = (free_port(), free_port());
-    let mut template = BOOTSTRAP.to_string();
+    let mut template = bootstrap();
     for (i, p) in ups.iter().enumerate() {
         let l = ["A", "B", "C"][i];
         template = template

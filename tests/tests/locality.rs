@@ -6,55 +6,43 @@
 use petrel_tests::scripted::start_scripted;
 use petrel_tests::*;
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
-static_resources:
-  listeners:
-  - name: main
-    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - {match: {prefix: "/weighted"}, route: {cluster: weighted}}
-              - {match: {prefix: "/plain"}, route: {cluster: plain}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: weighted
-    connect_timeout: 1s
-    common_lb_config: {locality_weighted_lb_config: {}}
-    load_assignment:
-      cluster_name: weighted
-      endpoints:
-      - locality: {region: r, zone: a}
-        load_balancing_weight: 1
-        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
-      - locality: {region: r, zone: b}
-        load_balancing_weight: 3
-        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
-  - name: plain
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: plain
-      endpoints:
-      - locality: {region: r, zone: a}
-        load_balancing_weight: 1
-        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
-      - locality: {region: r, zone: b}
-        load_balancing_weight: 3
-        lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+const VIRTUAL_HOSTS: &str = r#"
+- name: all
+  domains: ["*"]
+  routes:
+  - {match: {prefix: "/weighted"}, route: {cluster: weighted}}
+  - {match: {prefix: "/plain"}, route: {cluster: plain}}
 "#;
+
+const CLUSTERS: &str = r#"
+- name: weighted
+  connect_timeout: 1s
+  common_lb_config: {locality_weighted_lb_config: {}}
+  load_assignment:
+    cluster_name: weighted
+    endpoints:
+    - locality: {region: r, zone: a}
+      load_balancing_weight: 1
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
+    - locality: {region: r, zone: b}
+      load_balancing_weight: 3
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+- name: plain
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: plain
+    endpoints:
+    - locality: {region: r, zone: a}
+      load_balancing_weight: 1
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
+    - locality: {region: r, zone: b}
+      load_balancing_weight: 3
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+"#;
+
+fn bootstrap() -> String {
+    http_bootstrap("", VIRTUAL_HOSTS, "", CLUSTERS)
+}
 
 const N: usize = 400;
 
@@ -72,7 +60,7 @@ fn share_of_a(main: u16, path: &str) -> usize {
 fn scenario(name: &'static str, bin: &std::path::Path, a: u16, b: u16) -> (usize, usize) {
     let (admin, main) = (free_port(), free_port());
     let values = [("ADMIN", admin), ("MAIN", main), ("A", a), ("B", b)];
-    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
+    let _proxy = start_templated(name, bin, &bootstrap(), &values, &[]);
     (share_of_a(main, "/weighted"), share_of_a(main, "/plain"))
 }
 

@@ -8,71 +8,59 @@ use std::time::Duration;
 use petrel_tests::scripted::start_scripted;
 use petrel_tests::*;
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
-static_resources:
-  listeners:
-  - name: main
-    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: reviews
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/all"}
-                route:
-                  cluster: v1
-                  request_mirror_policies:
-                  - {cluster: v2, runtime_fraction: {default_value: {numerator: 100}}}
-              - match: {prefix: "/plain-host"}
-                route:
-                  cluster: v1
-                  request_mirror_policies: [{cluster: v2, disable_shadow_host_suffix_append: true}]
-              - match: {prefix: "/none"}
-                route:
-                  cluster: v1
-                  request_mirror_policies: [{cluster: v2, runtime_fraction: {default_value: {numerator: 0}}}]
-              - match: {prefix: "/half"}
-                route:
-                  cluster: v1
-                  request_mirror_policies: [{cluster: v2, runtime_fraction: {default_value: {numerator: 50}}}]
-              - match: {prefix: "/limit"}
-                per_request_buffer_limit_bytes: 4
-                route:
-                  cluster: v1
-                  request_mirror_policies: [{cluster: v2}]
-              - match: {prefix: "/dead-mirror"}
-                route:
-                  cluster: v1
-                  request_mirror_policies: [{cluster: dead}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: v1
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: v1
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: V1}}}}]}]
-  - name: v2
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: v2
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: V2}}}}]}]
-  - name: dead
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: dead
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: DEAD}}}}]}]
+const VIRTUAL_HOSTS: &str = r#"
+- name: reviews
+  domains: ["*"]
+  routes:
+  - match: {prefix: "/all"}
+    route:
+      cluster: v1
+      request_mirror_policies:
+      - {cluster: v2, runtime_fraction: {default_value: {numerator: 100}}}
+  - match: {prefix: "/plain-host"}
+    route:
+      cluster: v1
+      request_mirror_policies: [{cluster: v2, disable_shadow_host_suffix_append: true}]
+  - match: {prefix: "/none"}
+    route:
+      cluster: v1
+      request_mirror_policies: [{cluster: v2, runtime_fraction: {default_value: {numerator: 0}}}]
+  - match: {prefix: "/half"}
+    route:
+      cluster: v1
+      request_mirror_policies: [{cluster: v2, runtime_fraction: {default_value: {numerator: 50}}}]
+  - match: {prefix: "/limit"}
+    per_request_buffer_limit_bytes: 4
+    route:
+      cluster: v1
+      request_mirror_policies: [{cluster: v2}]
+  - match: {prefix: "/dead-mirror"}
+    route:
+      cluster: v1
+      request_mirror_policies: [{cluster: dead}]
 "#;
+
+const CLUSTERS: &str = r#"
+- name: v1
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: v1
+    endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: V1}}}}]}]
+- name: v2
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: v2
+    endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: V2}}}}]}]
+- name: dead
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: dead
+    endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: DEAD}}}}]}]
+"#;
+
+fn bootstrap() -> String {
+    http_bootstrap("", VIRTUAL_HOSTS, "", CLUSTERS)
+}
 
 /// `(case, path, extra header lines, body)`.
 const CASES: &[(&str, &str, &str, &str)] = &[
@@ -117,8 +105,10 @@ fn scenario(name: &'static str, bin: &std::path::Path) -> Vec<String> {
         ("V2", v2),
         ("DEAD", free_port()),
     ];
-    let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
+    let _proxy = start_templated(name, bin, &bootstrap(), &values, &[]);
     let mut t = Vec::new();
+    // The deadline the upstream is told shrinks by the milliseconds already spent.
+    let spent = regex::Regex::new(r"expected-rq-timeout-ms=1[45][0-9]{3}").expect("re");
     for (case, path, extra, body) in CASES {
         let method = if body.is_empty() { "GET" } else { "POST" };
         let req = format!(
@@ -145,8 +135,6 @@ fn scenario(name: &'static str, bin: &std::path::Path) -> Vec<String> {
             .get(*case)
             .cloned()
             .unwrap_or_default();
-        // The deadline the upstream is told shrinks by the milliseconds already spent.
-        let spent = regex::Regex::new(r"expected-rq-timeout-ms=1[45][0-9]{3}").expect("re");
         let line = format!(
             "{case}: client {} from {:?} | v1 saw {main_saw:?} | v2 saw {mirror_saw:?}",
             r.status,

@@ -12,126 +12,117 @@ use std::time::{Duration, Instant};
 use petrel_tests::scripted::start_scripted;
 use petrel_tests::*;
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}
+const VIRTUAL_HOSTS: &str = r#"
+- name: all
+  domains: ["*"]
+  routes:
+  - {match: {prefix: "/c5"}, route: {cluster: c5}}
+  - {match: {prefix: "/overflow"}, route: {cluster: overflow}}
+  - {match: {prefix: "/panic"}, route: {cluster: panic}}
+  - {match: {prefix: "/nopanic"}, route: {cluster: nopanic}}
+  - {match: {prefix: "/gw"}, route: {cluster: gw}}
+  - {match: {prefix: "/dead"}, route: {cluster: dead}}
+  - {match: {prefix: "/sr"}, route: {cluster: sr}}
+  - {match: {prefix: "/fp"}, route: {cluster: fp}}
+  - {match: {prefix: "/back"}, route: {cluster: back}}
+  - {match: {prefix: "/hs"}, route: {cluster: hs}}
+"#;
+
+const CLUSTERS: &str = r#"
+- name: c5
+  connect_timeout: 1s
+  outlier_detection: {consecutive_5xx: 3, max_ejection_percent: 50, interval: 60s}
+  load_assignment:
+    cluster_name: c5
+    endpoints: [{lb_endpoints: [EP_A, EP_B]}]
+- name: overflow
+  connect_timeout: 1s
+  outlier_detection: {consecutive_5xx: 2, interval: 60s}
+  load_assignment:
+    cluster_name: overflow
+    endpoints: [{lb_endpoints: [EP_A, EP_B]}]
+- name: panic
+  connect_timeout: 1s
+  outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100, interval: 60s}
+  load_assignment:
+    cluster_name: panic
+    endpoints: [{lb_endpoints: [EP_A, EP_B]}]
+- name: nopanic
+  connect_timeout: 1s
+  common_lb_config: {healthy_panic_threshold: {value: 0}}
+  outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100, interval: 60s}
+  load_assignment:
+    cluster_name: nopanic
+    endpoints: [{lb_endpoints: [EP_A, EP_B]}]
+- name: gw
+  connect_timeout: 1s
+  outlier_detection:
+    consecutive_5xx: 100
+    consecutive_gateway_failure: 2
+    enforcing_consecutive_gateway_failure: 100
+    max_ejection_percent: 100
+    interval: 60s
+  load_assignment:
+    cluster_name: gw
+    endpoints: [{lb_endpoints: [EP_A]}]
+- name: dead
+  connect_timeout: 1s
+  outlier_detection: {consecutive_5xx: 2, max_ejection_percent: 50, interval: 60s}
+  load_assignment:
+    cluster_name: dead
+    endpoints: [{lb_endpoints: [EP_DEAD, EP_A]}]
+- name: sr
+  connect_timeout: 1s
+  outlier_detection:
+    consecutive_5xx: 1000
+    success_rate_minimum_hosts: 3
+    success_rate_request_volume: 5
+    success_rate_stdev_factor: 1000
+    max_ejection_percent: 100
+    interval: 1s
+    base_ejection_time: 60s
+  load_assignment:
+    cluster_name: sr
+    endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]
+- name: fp
+  connect_timeout: 1s
+  outlier_detection:
+    consecutive_5xx: 1000
+    success_rate_minimum_hosts: 3
+    success_rate_request_volume: 5
+    success_rate_stdev_factor: 1000
+    enforcing_success_rate: 0
+    failure_percentage_minimum_hosts: 3
+    failure_percentage_request_volume: 5
+    failure_percentage_threshold: 50
+    enforcing_failure_percentage: 100
+    max_ejection_percent: 100
+    interval: 1s
+    base_ejection_time: 60s
+  load_assignment:
+    cluster_name: fp
+    endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]
+- name: back
+  connect_timeout: 1s
+  outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 50, interval: 0.5s, base_ejection_time: 1s}
+  load_assignment:
+    cluster_name: back
+    endpoints: [{lb_endpoints: [EP_A, EP_B]}]
+- name: hs
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: hs
+    endpoints: [{lb_endpoints: [HS_A_UNHEALTHY, HS_B_DRAINING, HS_DEAD_TIMEOUT, HS_C_HEALTHY]}]
+"#;
+
+const TOP: &str = r#"
 cluster_manager:
   outlier_detection: {event_log_path: /tmp/petrel-outlier-LOGID.log}
-static_resources:
-  listeners:
-  - name: main
-    address: {socket_address: {address: 127.0.0.1, port_value: MAIN}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - {match: {prefix: "/c5"}, route: {cluster: c5}}
-              - {match: {prefix: "/overflow"}, route: {cluster: overflow}}
-              - {match: {prefix: "/panic"}, route: {cluster: panic}}
-              - {match: {prefix: "/nopanic"}, route: {cluster: nopanic}}
-              - {match: {prefix: "/gw"}, route: {cluster: gw}}
-              - {match: {prefix: "/dead"}, route: {cluster: dead}}
-              - {match: {prefix: "/sr"}, route: {cluster: sr}}
-              - {match: {prefix: "/fp"}, route: {cluster: fp}}
-              - {match: {prefix: "/back"}, route: {cluster: back}}
-              - {match: {prefix: "/hs"}, route: {cluster: hs}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: c5
-    connect_timeout: 1s
-    outlier_detection: {consecutive_5xx: 3, max_ejection_percent: 50, interval: 60s}
-    load_assignment:
-      cluster_name: c5
-      endpoints: [{lb_endpoints: [EP_A, EP_B]}]
-  - name: overflow
-    connect_timeout: 1s
-    outlier_detection: {consecutive_5xx: 2, interval: 60s}
-    load_assignment:
-      cluster_name: overflow
-      endpoints: [{lb_endpoints: [EP_A, EP_B]}]
-  - name: panic
-    connect_timeout: 1s
-    outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100, interval: 60s}
-    load_assignment:
-      cluster_name: panic
-      endpoints: [{lb_endpoints: [EP_A, EP_B]}]
-  - name: nopanic
-    connect_timeout: 1s
-    common_lb_config: {healthy_panic_threshold: {value: 0}}
-    outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 100, interval: 60s}
-    load_assignment:
-      cluster_name: nopanic
-      endpoints: [{lb_endpoints: [EP_A, EP_B]}]
-  - name: gw
-    connect_timeout: 1s
-    outlier_detection:
-      consecutive_5xx: 100
-      consecutive_gateway_failure: 2
-      enforcing_consecutive_gateway_failure: 100
-      max_ejection_percent: 100
-      interval: 60s
-    load_assignment:
-      cluster_name: gw
-      endpoints: [{lb_endpoints: [EP_A]}]
-  - name: dead
-    connect_timeout: 1s
-    outlier_detection: {consecutive_5xx: 2, max_ejection_percent: 50, interval: 60s}
-    load_assignment:
-      cluster_name: dead
-      endpoints: [{lb_endpoints: [EP_DEAD, EP_A]}]
-  - name: sr
-    connect_timeout: 1s
-    outlier_detection:
-      consecutive_5xx: 1000
-      success_rate_minimum_hosts: 3
-      success_rate_request_volume: 5
-      success_rate_stdev_factor: 1000
-      max_ejection_percent: 100
-      interval: 1s
-      base_ejection_time: 60s
-    load_assignment:
-      cluster_name: sr
-      endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]
-  - name: fp
-    connect_timeout: 1s
-    outlier_detection:
-      consecutive_5xx: 1000
-      success_rate_minimum_hosts: 3
-      success_rate_request_volume: 5
-      success_rate_stdev_factor: 1000
-      enforcing_success_rate: 0
-      failure_percentage_minimum_hosts: 3
-      failure_percentage_request_volume: 5
-      failure_percentage_threshold: 50
-      enforcing_failure_percentage: 100
-      max_ejection_percent: 100
-      interval: 1s
-      base_ejection_time: 60s
-    load_assignment:
-      cluster_name: fp
-      endpoints: [{lb_endpoints: [EP_A, EP_B, EP_C]}]
-  - name: back
-    connect_timeout: 1s
-    outlier_detection: {consecutive_5xx: 1, max_ejection_percent: 50, interval: 0.5s, base_ejection_time: 1s}
-    load_assignment:
-      cluster_name: back
-      endpoints: [{lb_endpoints: [EP_A, EP_B]}]
-  - name: hs
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: hs
-      endpoints: [{lb_endpoints: [HS_A_UNHEALTHY, HS_B_DRAINING, HS_DEAD_TIMEOUT, HS_C_HEALTHY]}]
 "#;
+
+fn bootstrap() -> String {
+    http_bootstrap(TOP, VIRTUAL_HOSTS, "", CLUSTERS)
+}
 
 fn endpoint(port: u16) -> String {
     format!(
@@ -203,7 +194,7 @@ fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<Str
     let dead = free_port();
     let log = format!("/tmp/petrel-outlier-{log_id}.log");
     let _ = std::fs::remove_file(&log);
-    let template = BOOTSTRAP
+    let template = bootstrap()
         .replace("HS_A_UNHEALTHY", &endpoint_with(ups[0], "UNHEALTHY"))
         .replace("HS_B_DRAINING", &endpoint_with(ups[1], "DRAINING"))
         .replace("HS_DEAD_TIMEOUT", &endpoint_with(dead, "TIMEOUT"))
