@@ -617,25 +617,12 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     // A route's idle_timeout replaces the connection manager's for the rest of the stream.
     let idle_timeout = fwd.idle_timeout.unwrap_or(f.hcm.stream_idle_timeout);
     let per_try_idle_timeout = policy.per_try_idle_timeout;
-    let deadline = timeouts
-        .global
-        .map(|t| tokio::time::Instant::from_std(f.start) + t);
-    let until_deadline = || async move {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let from_start = |t: Option<Duration>| t.map(|t| tokio::time::Instant::from_std(f.start) + t);
+    let deadline = from_start(timeouts.global);
+    let until_deadline = || sleep_until(deadline);
     // The route's max_stream_duration runs from the stream's start.
-    let stream_end = timeouts
-        .stream
-        .map(|t| tokio::time::Instant::from_std(f.start) + t);
-    let until_stream_end = || async move {
-        match stream_end {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let stream_end = from_start(timeouts.stream);
+    let until_stream_end = || sleep_until(stream_end);
     let resp = loop {
         let body = match (&recording, direct.take()) {
             (Some(rec), _) => Either::Right(rec.attempt()),
@@ -655,20 +642,11 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
         let outcome = {
             let hcm = f.hcm;
-            let per_try = async {
-                match timeouts.per_try {
-                    Some(t) => tokio::time::sleep(t).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let now = tokio::time::Instant::now();
+            let per_try = sleep_until(timeouts.per_try.map(|t| now + t));
             // Before response headers nothing comes back from the upstream, so the idle timer
             // runs from the attempt's start (it keeps running on the response body below).
-            let per_try_idle = async {
-                match per_try_idle_timeout {
-                    Some(t) => tokio::time::sleep(t).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let per_try_idle = sleep_until(per_try_idle_timeout.map(|t| now + t));
             let idle = async {
                 match idle_timeout {
                     Some(t) => activity.idle_expired(t).await,
@@ -1015,6 +993,14 @@ async fn tunnel(
         parts,
         Either::Right(IdleTimedBody::new(PooledBody::unpooled(body), None)),
     )
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the outlier detector hears of an answer: the status, or for gRPC requests a
