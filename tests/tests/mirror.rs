@@ -1,7 +1,8 @@
 //! `request_mirror_policies` differentially against Envoy 1.40, as Istio's mirroring task uses
 //! them: every request (or a fraction) is copied to another cluster with `-shadow` appended to
 //! the host, body included; the mirror's answer and failures never reach the client. (A
-//! mirror to a missing cluster is refused as Envoy refuses it: `validate.rs`.)
+//! mirror to a missing cluster is refused as Envoy refuses it: `validate.rs`.) A virtual host's
+//! policies apply to its routes without their own.
 
 use std::time::Duration;
 
@@ -9,6 +10,14 @@ use petrel_tests::scripted::start_scripted;
 use petrel_tests::*;
 
 const VIRTUAL_HOSTS: &str = r#"
+- name: vhost-mirror
+  domains: ["vh.test"]
+  request_mirror_policies: [{cluster: v2}]
+  routes:
+  - match: {prefix: "/own"}
+    route: {cluster: v1, request_mirror_policies: [{cluster: dead}]}
+  - match: {prefix: "/"}
+    route: {cluster: v1}
 - name: reviews
   domains: ["*"]
   routes:
@@ -84,6 +93,13 @@ const CASES: &[(&str, &str, &str, &str)] = &[
         "mirror cluster down",
         "/dead-mirror",
         "host: reviews\r\n",
+        "",
+    ),
+    ("virtual host's mirror", "/vh", "host: vh.test\r\n", ""),
+    (
+        "route's mirror replaces it",
+        "/own",
+        "host: vh.test\r\n",
         "",
     ),
     (

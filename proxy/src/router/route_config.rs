@@ -69,6 +69,8 @@ pub struct VirtualHost {
     pub buffer_limit: Option<u32>,
     /// `typed_per_filter_config`, for routes without their own entry.
     pub per_filter: PerFilterConfigs,
+    /// `request_mirror_policies`, for routes without their own.
+    pub mirrors: Vec<MirrorPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -569,6 +571,11 @@ fn compile_vhost(
     let retry_policy = RetryPolicy::compile_optional(rest.retry_policy.take(), path)?;
     let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
     let per_filter = per_filter_configs(&std::mem::take(&mut rest.typed_per_filter_config), path)?;
+    let mirrors = compile_mirrors(
+        &std::mem::take(&mut rest.request_mirror_policies),
+        path,
+        known,
+    )?;
     reject_unhandled(&rest, path)?;
     let routes = routes_pb
         .iter()
@@ -586,6 +593,7 @@ fn compile_vhost(
         retry_policy,
         buffer_limit,
         per_filter,
+        mirrors,
     })
 }
 

@@ -515,9 +515,15 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     } else {
         usize::MAX
     };
-    // Mirrors chosen now (each by its fraction); they replay the body once it is complete.
+    // Mirrors chosen now (each by its fraction); they replay the body once it is complete. The
+    // route's policies replace the virtual host's.
+    let policies = if fwd.mirrors.is_empty() {
+        &f.vh.mirrors
+    } else {
+        &fwd.mirrors
+    };
     let mirrors: Vec<&MirrorPolicy> = if downstream_upgrade.is_none() {
-        fwd.mirrors
+        policies
             .iter()
             .filter(|m| rand::random_range(0..1_000_000u64) < m.per_million)
             .collect()
