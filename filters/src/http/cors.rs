@@ -201,7 +201,7 @@ impl<'a> Policies<'a> {
 }
 
 fn drawn(per_million: u64) -> bool {
-    rand::random_range(0..1_000_000) < per_million
+    per_million >= 1_000_000 || (per_million > 0 && rand::random_range(0..1_000_000) < per_million)
 }
 
 impl HttpFilter for Filter {

@@ -262,9 +262,6 @@ pub struct Cluster {
     pub max_requests_per_connection: Option<u32>,
     /// Every host, by priority, and the balancer's plan over them.
     pub host_set: Arc<HostSet>,
-    /// How priority levels share load and when they panic (`common_lb_config`, the
-    /// assignment's `overprovisioning_factor`).
-    pub lb_policy: Policy,
     pub outlier: Option<Arc<Detector>>,
     pub stats: ClusterStats,
     pub codes: ResponseCodeStats,
@@ -960,7 +957,6 @@ pub fn compile(
         idle_timeout,
         max_requests_per_connection,
         host_set,
-        lb_policy,
         outlier,
         codes: ResponseCodeStats::new(store, &stat_prefix),
         retry_codes: ResponseCodeStats::new(store, &format!("{stat_prefix}retry."))
@@ -1150,7 +1146,7 @@ pub fn with_assignment(
     )?;
     let policy = Policy {
         overprovisioning,
-        ..base.lb_policy
+        ..base.host_set.policy()
     };
     Ok(with_hosts(base, fresh, previous, policy))
 }
@@ -1209,7 +1205,6 @@ fn with_hosts(
         new.stats.membership_change.inc();
     }
     new.stats.membership_total.set(hosts.len() as i64);
-    new.lb_policy = policy;
     new.host_set = Arc::new(HostSet::new(hosts, policy, membership(&new.stats)));
     if let Some(d) = &new.outlier {
         d.watch(new.host_set.clone());
@@ -1247,7 +1242,7 @@ pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
     }
     let policy = Policy {
         overprovisioning,
-        ..old.lb_policy
+        ..old.host_set.policy()
     };
     Ok(Some(with_hosts(old, fresh, Some(old), policy)))
 }

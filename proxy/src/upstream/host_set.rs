@@ -248,6 +248,10 @@ impl HostSet {
         set
     }
 
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     pub fn plan(&self) -> arc_swap::Guard<Arc<Plan>> {
         self.plan.load()
     }
