@@ -747,4 +747,17 @@ mod tests {
         assert_eq!(p.retry_on, on::FIVE_XX);
         assert_eq!(p.num_retries, 1_000_000);
     }
+
+    #[test]
+    fn previous_priorities_needs_a_frequency() {
+        // Envoy accepts zero and divides by it on the first retry (it crashes); Petrel refuses.
+        let p: pb::RetryPolicy = TypeRegistry::global()
+            .from_json(
+                &serde_json::json!({"retry_on": "5xx", "retry_priority": {"name": "envoy.retry_priorities.previous_priorities", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig", "update_frequency": 0}}}),
+                false,
+            )
+            .unwrap();
+        let e = RetryPolicy::compile_optional(Some(p), "r").unwrap_err();
+        assert!(e.to_string().contains("update_frequency"), "{e}");
+    }
 }
