@@ -90,6 +90,8 @@ static_resources:
                     retriable_status_codes: [503]
               - match: {prefix: "/nohosts"}
                 route: {cluster: empty, retry_policy: {retry_on: 5xx}}
+              - match: {prefix: "/cb-h2"}
+                route: {cluster: cb_h2}
               - match: {prefix: "/cb"}
                 route: {cluster: cb}
               - match: {prefix: "/timeout"}
@@ -185,6 +187,17 @@ static_resources:
     load_assignment:
       cluster_name: budget
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
+  - name: cb_h2
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    circuit_breakers:
+      thresholds: [{max_connections: 1, max_pending_requests: 3}]
+    load_assignment:
+      cluster_name: cb_h2
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
   - name: cb
     connect_timeout: 1s
     circuit_breakers:
@@ -279,6 +292,10 @@ const STATS: &[&str] = &[
     "cluster.dead.upstream_rq_503",
     "cluster.pair.upstream_rq_200",
     "cluster.cb.upstream_rq_pending_overflow",
+    "cluster.cb_h2.upstream_cx_total",
+    "cluster.cb_h2.upstream_cx_http2_total",
+    "cluster.cb_h2.upstream_rq_pending_overflow",
+    "cluster.cb_h2.upstream_rq_200",
     "cluster.cb.upstream_rq_pending_total",
     "cluster.cb.upstream_rq_200",
     "cluster.cb.upstream_rq_503",
@@ -407,6 +424,21 @@ fn scenario(
         ));
     }
     t.extend(circuit_breaker(main, name));
+    // HTTP/2: requests arriving while the connection opens wait for it (one connection).
+    let h2: Vec<_> = (0..3)
+        .map(|i| {
+            let id = format!("{name}-h2-{i}");
+            std::thread::spawn(move || {
+                request(main, &id, "/cb-h2", "x-script: delay300\r\n", "").status
+            })
+        })
+        .collect();
+    let mut codes: Vec<u16> = h2
+        .into_iter()
+        .map(|t| t.join().expect("h2 client"))
+        .collect();
+    codes.sort();
+    t.push(format!("h2 pool under max_connections 1: {codes:?}"));
     // Requests finished; let the last connections close before reading gauges.
     std::thread::sleep(Duration::from_millis(300));
     t.extend(stat_lines(admin, STATS));

@@ -88,6 +88,10 @@ enum Slot {
 struct HostPool {
     idle: RefCell<Vec<IdleH1>>,
     h2: RefCell<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Whether an HTTP/2 connection is being opened, and the requests waiting for it (they
+    /// queue on it as Envoy's pending streams do, rather than each opening its own).
+    h2_opening: std::cell::Cell<bool>,
+    h2_waiters: RefCell<Vec<tokio::sync::oneshot::Sender<H2Opened>>>,
     /// Requests waiting for a connection (Envoy's pending requests), oldest first.
     waiters: RefCell<std::collections::VecDeque<tokio::sync::oneshot::Sender<Slot>>>,
     /// This pool's connections, open or opening.
@@ -330,9 +334,7 @@ impl WorkerUpstreams {
                     }
                     // The request waits for a new connection: Envoy counts it as pending.
                     let _pending = Pending::start(cluster);
-                    let s = connect_h2(cluster, host).await?;
-                    *pool.h2.borrow_mut() = Some(s.clone());
-                    s
+                    h2_connection(cluster, host, &pool).await?
                 }
             };
             let request = attach(cluster, host);
@@ -546,6 +548,52 @@ async fn connect_h1(
             pool.closed();
             Err(e)
         }
+    }
+}
+
+/// What a request waiting on an opening HTTP/2 connection hears: the connection, the failure
+/// every waiting request shares, or None when the opener went away (the waiter tries itself).
+type H2Opened = Option<Result<http2::SendRequest<UpstreamBody>, ResetReason>>;
+
+/// The pool's HTTP/2 connection once open: opened by the first request that needs it, the
+/// others waiting for it.
+async fn h2_connection(
+    cluster: &Cluster,
+    host: &Arc<Host>,
+    pool: &Rc<HostPool>,
+) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
+    loop {
+        if let Some(s) = pool.h2.borrow().clone().filter(|s| s.is_ready()) {
+            return Ok(s);
+        }
+        if pool.h2_opening.get() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            pool.h2_waiters.borrow_mut().push(tx);
+            match rx.await {
+                Ok(Some(r)) => return r,
+                // The opener was cancelled: try again (perhaps as the opener).
+                Ok(None) | Err(_) => continue,
+            }
+        }
+        /// Tells the waiters how the opening ended, or (dropped early) that it was abandoned.
+        struct Opening<'a>(&'a HostPool, Option<H2Opened>);
+        impl Drop for Opening<'_> {
+            fn drop(&mut self) {
+                self.0.h2_opening.set(false);
+                let outcome = self.1.take().flatten();
+                for w in self.0.h2_waiters.take() {
+                    let _ = w.send(outcome.clone());
+                }
+            }
+        }
+        pool.h2_opening.set(true);
+        let mut opening = Opening(pool, None);
+        let r = connect_h2(cluster, host).await;
+        if let Ok(s) = &r {
+            *pool.h2.borrow_mut() = Some(s.clone());
+        }
+        opening.1 = Some(Some(r.clone()));
+        return r;
     }
 }
 
