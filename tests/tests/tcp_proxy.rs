@@ -34,7 +34,14 @@ static_resources:
   - name: dead
     address: {socket_address: {address: 127.0.0.1, port_value: PORT_DEAD}}
     filter_chains: [{filters: [{name: envoy.filters.network.tcp_proxy, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: dead, cluster: dead}}]}]
+  - name: full
+    address: {socket_address: {address: 127.0.0.1, port_value: PORT_FULL}}
+    filter_chains: [{filters: [{name: envoy.filters.network.tcp_proxy, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: full, cluster: one}}]}]
   clusters:
+  - name: one
+    connect_timeout: 1s
+    circuit_breakers: {thresholds: [{max_connections: 1}]}
+    load_assignment: {cluster_name: one, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_ECHO}}}}]}]}
   - name: echo
     connect_timeout: 1s
     load_assignment: {cluster_name: echo, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_ECHO}}}}]}]}
@@ -109,7 +116,13 @@ fn exchange(port: u16, bytes: &[u8], want: usize) -> Vec<u8> {
 }
 
 fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String> {
-    let (admin, sniff, unknown, dead) = (free_port(), free_port(), free_port(), free_port());
+    let (admin, sniff, unknown, dead, full) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let values = [
         ("ADMIN", admin),
         ("PORT_SNIFF", sniff),
@@ -117,6 +130,7 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
         ("PORT_DEAD", dead),
         ("PORT_ECHO", echo),
         ("PORT_CLOSED", free_port()),
+        ("PORT_FULL", full),
     ];
     let _proxy = start_templated(name, bin, BOOTSTRAP, &values, &[]);
     let hello = client_hello("sni.test");
@@ -142,6 +156,18 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
         ),
         format!("dead upstream: {} bytes", exchange(dead, b"x", 1).len()),
     ];
+    // max_connections 1: while one connection is relayed, the next one is closed.
+    let mut held = TcpStream::connect(("127.0.0.1", full)).expect("first");
+    held.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    held.write_all(b"one").expect("write");
+    let mut buf = [0u8; 3];
+    let first = held.read_exact(&mut buf).is_ok();
+    t.push(format!("first connection relayed: {first}"));
+    t.push(format!(
+        "second connection while full: {} bytes",
+        exchange(full, b"x", 1).len()
+    ));
+    drop(held);
     // Let both proxies see the half-closes before reading the byte counters.
     std::thread::sleep(Duration::from_millis(300));
     t.extend(stat_lines(
@@ -155,6 +181,9 @@ fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Vec<String>
             "tcp.nope.downstream_cx_no_route",
             "tcp.dead.downstream_cx_total",
             "cluster.dead.upstream_cx_connect_fail",
+            "cluster.one.upstream_cx_total",
+            "cluster.one.upstream_cx_overflow",
+            "cluster.one.upstream_rq_pending_total",
             "tls_inspector.tls_found",
             "tls_inspector.tls_not_found",
             "tls_inspector.sni_found",

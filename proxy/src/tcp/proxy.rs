@@ -141,12 +141,14 @@ pub async fn serve(
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };
-        match crate::upstream::pool::connect_host(&cluster, &host).await {
+        match crate::upstream::pool::connect_tcp(&cluster, &host).await {
             Ok((s, held)) => {
                 cluster.report_outlier(&host, Report::ConnectSuccessFinal);
                 upstream = Some((s, host, held));
                 break;
             }
+            // The cluster is full: no attempt is made, as Envoy's TCP pool refuses it (`UO`).
+            Err(ResetReason::Overflow) => return,
             Err(ResetReason::ConnectionTimeout) => cluster.report_outlier(&host, Report::Timeout),
             Err(_) => cluster.report_outlier(&host, Report::ConnectFailed),
         }

@@ -144,13 +144,13 @@ impl HostPool {
 
 /// A request counted as pending (`upstream_rq_pending_active`, `max_pending_requests`) while
 /// it waits for a connection.
-struct Pending<'a> {
+pub struct Pending<'a> {
     stats: &'a ClusterStats,
     _held: Held,
 }
 
 impl<'a> Pending<'a> {
-    fn start(cluster: &'a Cluster) -> Pending<'a> {
+    pub fn start(cluster: &'a Cluster) -> Pending<'a> {
         cluster.stats.upstream_rq_pending_total.inc();
         cluster.stats.upstream_rq_pending_active.inc();
         Pending {
@@ -465,6 +465,25 @@ async fn tcp(cluster: &Cluster, host: &Host) -> Result<(TokioIo<HostStream>, Hel
     connect_host(cluster, host)
         .await
         .map(|(s, held)| (TokioIo::new(s), held))
+}
+
+/// A TCP proxy's connection to `host`, as Envoy's TCP pool gives it: a stream pending until its
+/// own connection is up; refused when the cluster is at `max_connections` (no connection can be
+/// shared) or at `max_pending_requests`.
+pub async fn connect_tcp(
+    cluster: &Cluster,
+    host: &Host,
+) -> Result<(HostStream, Held), ResetReason> {
+    if !cluster.resources.pending_requests.can_create() {
+        cluster.stats.upstream_rq_pending_overflow.inc();
+        return Err(ResetReason::Overflow);
+    }
+    if !cluster.resources.connections.can_create() {
+        cluster.stats.upstream_cx_overflow.inc();
+        return Err(ResetReason::Overflow);
+    }
+    let _pending = Pending::start(cluster);
+    connect_host(cluster, host).await
 }
 
 /// Opens a connection to `host` within the cluster's `connect_timeout`, counting it; the
