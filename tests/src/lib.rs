@@ -218,10 +218,24 @@ impl RawResponse {
 /// Sends raw bytes and reads one response (the request should ask for `connection: close`, or
 /// the server closes after an error). A closed connection with no bytes gives status 0.
 pub fn http_raw(port: u16, req: &[u8]) -> std::io::Result<RawResponse> {
+    http_raw_paced(port, req, Duration::ZERO, b"")
+}
+
+/// `http_raw` with the request in two writes, `pause` apart (a slow client).
+pub fn http_raw_paced(
+    port: u16,
+    first: &[u8],
+    pause: Duration,
+    rest: &[u8],
+) -> std::io::Result<RawResponse> {
     let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(req)?;
-    let head_request = req.starts_with(b"HEAD ");
+    s.write_all(first)?;
+    if !rest.is_empty() {
+        std::thread::sleep(pause);
+        s.write_all(rest)?;
+    }
+    let head_request = first.starts_with(b"HEAD ");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {

@@ -423,6 +423,24 @@ fn scenario(
             r.header("x-upstream-name")
         ));
     }
+    // The per-try timer starts once the request is whole: a body that takes longer than the
+    // per-try timeout to arrive is not cut short.
+    let body = "slow body";
+    let r = http_raw_paced(
+        main,
+        format!(
+            "POST /pertry-noretry HTTP/1.1\r\nhost: t\r\nx-id: {name}-slow\r\nx-script: 200\r\ncontent-length: {}\r\nconnection: close\r\n\r\nslow",
+            body.len()
+        )
+        .as_bytes(),
+        Duration::from_millis(500),
+        b" body",
+    )
+    .expect("slow body");
+    t.push(format!(
+        "slow body under a per-try timeout: {}",
+        describe(&r, 1)
+    ));
     t.extend(circuit_breaker(main, name));
     // HTTP/2: requests arriving while the connection opens wait for it (one connection).
     let h2: Vec<_> = (0..3)

@@ -22,6 +22,7 @@ use crate::observe::stats::Counter;
 pub struct StreamActivity {
     last: Cell<Instant>,
     request_done: Cell<bool>,
+    completed: tokio::sync::Notify,
 }
 
 impl StreamActivity {
@@ -29,6 +30,7 @@ impl StreamActivity {
         Rc::new(StreamActivity {
             last: Cell::new(Instant::now()),
             request_done: Cell::new(request_done),
+            completed: tokio::sync::Notify::new(),
         })
     }
     pub fn request_complete(&self) -> bool {
@@ -46,6 +48,13 @@ impl StreamActivity {
                 return;
             }
             tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    /// Resolves once the whole request has been received.
+    pub async fn request_completed(&self) {
+        while !self.request_done.get() {
+            self.completed.notified().await;
         }
     }
 
@@ -84,6 +93,7 @@ impl Body for DownstreamBody {
             this.activity.touch();
             if frame.is_none() || this.inner.is_end_stream() {
                 this.activity.request_done.set(true);
+                this.activity.completed.notify_waiters();
             }
         }
         r

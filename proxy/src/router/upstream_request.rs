@@ -645,14 +645,34 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         };
         stats.upstream_rq_active.inc();
         host.active_requests.fetch_add(1, Ordering::Relaxed);
-        let send = f.ctx.upstreams.send(cluster, &host, upstream_h2, up_req);
+        // Envoy starts the per-try timers once the attempt has a connection and the whole
+        // request has been received.
+        let attached = tokio::sync::Notify::new();
+        let send = f
+            .ctx
+            .upstreams
+            .send(cluster, &host, upstream_h2, up_req, Some(&attached));
+        let sent = async {
+            attached.notified().await;
+            activity.request_completed().await;
+            tokio::time::Instant::now()
+        };
         let outcome = {
             let hcm = f.hcm;
-            let now = tokio::time::Instant::now();
-            let per_try = sleep_until(timeouts.per_try.map(|t| now + t));
             // Before response headers nothing comes back from the upstream, so the idle timer
-            // runs from the attempt's start (it keeps running on the response body below).
-            let per_try_idle = sleep_until(per_try_idle_timeout.map(|t| now + t));
+            // runs like the per-try one (it keeps running on the response body below).
+            let per_try_timers = async {
+                if timeouts.per_try.is_none() && per_try_idle_timeout.is_none() {
+                    return std::future::pending().await;
+                }
+                let start = sent.await;
+                let per_try = sleep_until(timeouts.per_try.map(|t| start + t));
+                let per_try_idle = sleep_until(per_try_idle_timeout.map(|t| start + t));
+                tokio::select! {
+                    _ = per_try => Outcome::PerTryTimeout,
+                    _ = per_try_idle => Outcome::PerTryIdleTimeout,
+                }
+            };
             let idle = async {
                 match idle_timeout {
                     Some(t) => activity.idle_expired(t).await,
@@ -673,8 +693,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 r = send => Outcome::Response(r),
                 _ = until_deadline() => Outcome::RouteTimeout,
                 _ = until_stream_end() => Outcome::StreamDuration,
-                _ = per_try => Outcome::PerTryTimeout,
-                _ = per_try_idle => Outcome::PerTryIdleTimeout,
+                o = per_try_timers => o,
                 _ = idle => Outcome::StreamIdle,
                 _ = request_timeout => Outcome::RequestTimeout,
             }
@@ -912,7 +931,7 @@ async fn shadow(s: Shadow) {
         };
         *req.headers_mut() = headers;
         cluster.stats.upstream_rq_active.inc();
-        let sent = s.ctx.upstreams.send(cluster, &host, h2, req).await;
+        let sent = s.ctx.upstreams.send(cluster, &host, h2, req, None).await;
         cluster.stats.upstream_rq_active.dec();
         match sent {
             Ok(resp) => {

@@ -317,6 +317,7 @@ impl WorkerUpstreams {
         host: &Arc<Host>,
         h2: bool,
         req: Request<UpstreamBody>,
+        attached: Option<&tokio::sync::Notify>,
     ) -> Result<Response<PooledBody>, ResetReason> {
         if !cluster.resources.requests.can_create() {
             return Err(overflowed(cluster));
@@ -338,6 +339,9 @@ impl WorkerUpstreams {
                 }
             };
             let request = attach(cluster, host);
+            if let Some(a) = attached {
+                a.notify_one();
+            }
             let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
             return Ok(resp.map(|b| PooledBody {
                 inner: b,
@@ -356,6 +360,9 @@ impl WorkerUpstreams {
             }
         };
         let request = attach(cluster, host);
+        if let Some(a) = attached {
+            a.notify_one();
+        }
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
