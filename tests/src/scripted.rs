@@ -6,7 +6,8 @@
 //! Steps: a status code (`503`), `reset` (close the connection without answering), `hang`
 //! (answer after 5 s), `grpc14` (a gRPC trailers-only `UNAVAILABLE`), `hdr` (200 with
 //! `x-retry-me: yes`), `delay<ms>` (200 after that many milliseconds), `<status>+<name>=<value>`
-//! (that status with that response header).
+//! (that status with that response header), `drip<ms>` (200 with the headers at once and the
+//! body that many milliseconds later).
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -65,11 +66,35 @@ pub fn start_scripted(name: &'static str) -> (u16, Seen) {
     (port, seen)
 }
 
+/// An answer's body: all at once, or after a wait (`drip`).
+pub struct Answer {
+    body: Option<bytes::Bytes>,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for Answer {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future;
+        if let Some(w) = self.wait.as_mut() {
+            if w.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            self.wait = None;
+        }
+        std::task::Poll::Ready(self.body.take().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
 async fn answer(
     name: &'static str,
     state: &Seen,
     req: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, Reset> {
+) -> Result<http::Response<Answer>, Reset> {
     use http_body_util::BodyExt;
     let h = |n: &str| {
         req.headers()
@@ -125,7 +150,10 @@ async fn answer(
     })
     .to_string();
     let mut status = 200u16;
-    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(json)));
+    let mut resp = http::Response::new(Answer {
+        body: Some(bytes::Bytes::from(json)),
+        wait: None,
+    });
     match step.as_str() {
         "reset" => return Err(Reset),
         "hang" => tokio::time::sleep(Duration::from_secs(5)).await,
@@ -140,6 +168,10 @@ async fn answer(
         "hdr" => {
             resp.headers_mut()
                 .insert("x-retry-me", http::HeaderValue::from_static("yes"));
+        }
+        s if s.starts_with("drip") => {
+            let ms = s[4..].parse().unwrap_or(0);
+            resp.body_mut().wait = Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
         }
         s if s.starts_with("delay") => {
             let ms = s[5..].parse().unwrap_or(0);

@@ -246,6 +246,7 @@ const CASES: &[Case] = &[
     ("grpc deadline, not grpc", "/grpc-capped", "x-script: 200\r\ngrpc-timeout: 2S\r\n", ""),
     ("max stream duration", "/msd", "x-script: hang\r\n", ""),
     ("max stream duration, in time", "/msd", "x-script: 200\r\n", ""),
+    ("max stream duration after the headers", "/msd", "x-script: drip800\r\n", ""),
     ("max stream duration caps grpc", "/msd", "x-script: 200\r\ncontent-type: application/grpc\r\ngrpc-timeout: 3S\r\n", ""),
     ("istio route, grpc deadline", "/msd-istio", "x-script: hang\r\ncontent-type: application/grpc\r\ngrpc-timeout: 300m\r\n", ""),
     ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
@@ -325,6 +326,10 @@ fn describe(r: &RawResponse, seen: usize) -> String {
             "upstream {} attempt {} saw {} body {:?}",
             v["upstream"], v["attempt"], v["headers"], v["body"]
         ),
+        // A response cut after its headers: the status line is what both proxies sent.
+        Err(_) if r.status == 0 && body.starts_with("HTTP/1.1 ") => {
+            format!("cut after {:?}", body.lines().next().unwrap_or(""))
+        }
         Err(_) => format!("local {body:?}"),
     };
     format!(

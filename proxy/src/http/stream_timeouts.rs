@@ -120,6 +120,9 @@ pub struct IdleTimedBody<B> {
     /// The retry policy's `per_try_idle_timeout`, counted in its stat when it ends the body.
     per_try: Option<(Duration, Pin<Box<Sleep>>, Arc<Counter>)>,
     throttle: Option<Throttle>,
+    /// The route's `max_stream_duration`: the body is cut (the stream reset) at this instant,
+    /// counted in `downstream_rq_max_duration_reached`.
+    end: Option<(Pin<Box<Sleep>>, Arc<Counter>)>,
 }
 
 /// The fault filter's response rate limit: at most `per_tick` bytes every 50 ms (Envoy's
@@ -142,7 +145,12 @@ impl<B> IdleTimedBody<B> {
             sleep,
             per_try: None,
             throttle: None,
+            end: None,
         }
+    }
+
+    pub fn end_by(&mut self, at: Instant, stat: Arc<Counter>) {
+        self.end = Some((Box::pin(tokio::time::sleep_until(at)), stat));
     }
 
     /// Limits the body to `bytes_per_second`.
@@ -175,6 +183,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some((at, stat)) = this.end.as_mut() {
+            if at.as_mut().poll(cx).is_ready() {
+                stat.inc();
+                this.end = None;
+                return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
+            }
+        }
         if let Some(t) = this.throttle.as_mut() {
             if !t.held.is_empty() {
                 if t.tokens == 0 {
@@ -298,6 +313,18 @@ mod tests {
         let body = IdleTimedBody::new(Stalled, Some(Duration::from_secs(300)))
             .with_per_try_idle(Some(Duration::from_millis(50)), stat.clone());
         assert!(body.collect().await.is_err());
+        assert_eq!(stat.value(), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn max_stream_duration_cuts_a_started_body() {
+        use http_body_util::BodyExt;
+        let stat = Arc::new(Counter::default());
+        let mut body = IdleTimedBody::new(Stalled, None);
+        body.end_by(Instant::now() + Duration::from_millis(80), stat.clone());
+        let start = Instant::now();
+        assert!(body.collect().await.is_err());
+        assert!(Instant::now() - start >= Duration::from_millis(80));
         assert_eq!(stat.value(), 1);
     }
 }

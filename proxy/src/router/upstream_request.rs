@@ -842,10 +842,14 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     }
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(ChosenHost(host.clone()));
-    let body = IdleTimedBody::new(body, idle_timeout).with_per_try_idle(
+    let mut body = IdleTimedBody::new(body, idle_timeout).with_per_try_idle(
         per_try_idle_timeout,
         cluster.stats.upstream_rq_per_try_idle_timeout.clone(),
     );
+    // A stream past its max_stream_duration once the response has started is reset.
+    if let Some(end) = stream_end {
+        body.end_by(end, f.hcm.stats.downstream_rq_max_duration_reached.clone());
+    }
     Response::from_parts(parts, Either::Right(body))
 }
 
