@@ -67,6 +67,13 @@ const VIRTUAL_HOSTS: &str = r#"
       envoy.filters.http.fault:
         "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
         abort: {http_status: 503}
+  - match: {prefix: "/weighted-cluster"}
+    route: {weighted_clusters: {clusters: [{name: echo, weight: 1}]}}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        upstream_cluster: echo
+        abort: {http_status: 503, percentage: {numerator: 100}}
   - match: {prefix: "/other-cluster"}
     route: {cluster: echo}
     typed_per_filter_config:
@@ -124,6 +131,7 @@ const CASES: &[(&str, &str, &str)] = &[
     ("no header, no fault", "/by-header", ""),
     ("no percentage, no fault", "/no-percentage", ""),
     ("other upstream cluster", "/other-cluster", ""),
+    ("upstream cluster picked by weight", "/weighted-cluster", ""),
     ("headers and node match", "/matching", "x-fault: yes\r\nx-envoy-downstream-service-node: node-a\r\nx-envoy-downstream-service-cluster: productpage\r\n"),
     ("node does not match", "/matching", "x-fault: yes\r\nx-envoy-downstream-service-node: node-b\r\n"),
     ("header does not match", "/matching", "x-envoy-downstream-service-node: node-a\r\n"),

@@ -667,8 +667,11 @@ async fn process(
     let mut chain: Vec<Box<dyn HttpFilter>> = hcm.filters.iter().map(|f| f.create()).collect();
     let end_stream = http_body::Body::is_end_stream(req.body());
     let mut filter_reply = None;
+    // The weighted cluster is chosen with the route, before the filters run (a fault's
+    // `upstream_cluster` sees it), as Envoy's route entry does.
+    let weighted_draw = rand::random::<u64>();
     let route_info = selected.map(|(vh, route)| petrel_filters::http_filter::RouteInfo {
-        cluster: route.cluster_name(),
+        cluster: route.cluster_name(weighted_draw),
         configs: [&route.per_filter, &vh.per_filter],
     });
     for filter in chain.iter_mut() {
@@ -713,6 +716,7 @@ async fn process(
                 h2,
                 start,
                 start_time,
+                weighted_draw,
             };
             routed
                 .respond(req, vh, route, &routes, &scheme, &host, &path)
@@ -761,6 +765,7 @@ struct Routed<'a> {
     h2: bool,
     start: Instant,
     start_time: SystemTime,
+    weighted_draw: u64,
 }
 
 impl Routed<'_> {
@@ -825,6 +830,7 @@ impl Routed<'_> {
                     h2: self.h2,
                     start: self.start,
                     start_time: self.start_time,
+                    weighted_draw: self.weighted_draw,
                 };
                 crate::router::upstream_request::forward(req, input).await
             }

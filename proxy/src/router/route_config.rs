@@ -1124,11 +1124,14 @@ fn compile_redirect(r: &pb::RedirectAction, path: &str) -> Result<RedirectAction
 /// Applies a prefix or regex rewrite to a `:path` (query kept), as Envoy's router does.
 impl Route {
     /// The cluster a forwarding route names (none for weighted or header-chosen clusters).
-    pub fn cluster_name(&self) -> Option<&str> {
+    /// The cluster a request goes to: the named one, or the weighted one `draw` picks (a
+    /// header-named cluster is read when forwarding).
+    pub fn cluster_name(&self, draw: u64) -> Option<&str> {
         match &self.action {
             RouteAction::Forward(f) => match &f.cluster {
                 ClusterChoice::Named(n) => Some(n),
-                _ => None,
+                ClusterChoice::Weighted(w) => Some(&w.pick(draw).name),
+                ClusterChoice::Header(_) => None,
             },
             _ => None,
         }

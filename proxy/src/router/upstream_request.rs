@@ -54,6 +54,8 @@ pub struct Forward<'a> {
     pub h2: bool,
     pub start: Instant,
     pub start_time: SystemTime,
+    /// The draw that picked the route's weighted cluster before the filters ran.
+    pub weighted_draw: u64,
 }
 
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
@@ -312,7 +314,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             None,
         ),
         ClusterChoice::Weighted(w) => {
-            let pick = w.pick(rand::random_range(0..w.total()));
+            let pick = w.pick(f.weighted_draw);
             (pick.name.to_string(), Some(pick))
         }
     };
