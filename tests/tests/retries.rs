@@ -90,6 +90,8 @@ static_resources:
                     retriable_status_codes: [503]
               - match: {prefix: "/nohosts"}
                 route: {cluster: empty, retry_policy: {retry_on: 5xx}}
+              - match: {prefix: "/pools"}
+                route: {cluster: pools}
               - match: {prefix: "/cb-h2"}
                 route: {cluster: cb_h2}
               - match: {prefix: "/cb"}
@@ -187,6 +189,18 @@ static_resources:
     load_assignment:
       cluster_name: budget
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
+  - name: pools
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: {max_requests_per_connection: 1}
+        explicit_http_config: {http_protocol_options: {}}
+    circuit_breakers:
+      thresholds: [{max_connection_pools: 1, track_remaining: true}]
+    load_assignment:
+      cluster_name: pools
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UP}}}}]}]
   - name: cb_h2
     connect_timeout: 1s
     typed_extension_protocol_options:
@@ -251,6 +265,7 @@ const CASES: &[Case] = &[
     ("istio route, grpc deadline", "/msd-istio", "x-script: hang\r\ncontent-type: application/grpc\r\ngrpc-timeout: 300m\r\n", ""),
     ("istio route, no deadline", "/msd-istio", "x-script: 200\r\n", ""),
     ("route idle timeout", "/idle", "x-script: hang\r\n", ""),
+    ("a pool for one request", "/pools", "x-script: 200\r\n", ""),
     ("retry budget of nothing", "/budget-none", "x-script: 503,200\r\n", ""),
     ("rate-limited backoff", "/ratelimited", "x-script: 503+x-reset=1,200\r\n", ""),
     ("reset header past max_interval", "/ratelimited", "x-script: 503+x-reset=10,200\r\n", ""),
@@ -293,6 +308,9 @@ const STATS: &[&str] = &[
     "cluster.dead.upstream_rq_503",
     "cluster.pair.upstream_rq_200",
     "cluster.cb.upstream_rq_pending_overflow",
+    "cluster.pools.circuit_breakers.default.remaining_cx_pools",
+    "cluster.pools.circuit_breakers.default.cx_pool_open",
+    "cluster.pools.upstream_cx_pool_overflow",
     "cluster.cb_h2.upstream_cx_total",
     "cluster.cb_h2.upstream_cx_http2_total",
     "cluster.cb_h2.upstream_rq_pending_overflow",

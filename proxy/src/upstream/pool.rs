@@ -98,6 +98,9 @@ struct HostPool {
     conns: std::cell::Cell<usize>,
     /// The cluster's `max_connection_pools` slot this pool holds.
     _slot: Option<Held>,
+    /// Where the pool is kept, so that it leaves once it has no connection and no waiting
+    /// request (Envoy removes idle pools, giving back their `max_connection_pools` slot).
+    home: Option<(std::rc::Weak<PoolMap>, String, PoolKey)>,
 }
 
 impl HostPool {
@@ -116,15 +119,40 @@ impl HostPool {
         self.idle.borrow_mut().push(c);
     }
 
-    /// A connection closed: the oldest waiting request may open a new one.
+    /// A connection closed: the oldest waiting request may open a new one; with none waiting
+    /// and no connection left, the pool leaves.
     fn closed(&self) {
         self.conns.set(self.conns.get().saturating_sub(1));
         loop {
             let Some(w) = self.waiters.borrow_mut().pop_front() else {
-                return;
+                break;
             };
             if w.send(Slot::Connect).is_ok() {
                 return;
+            }
+        }
+        self.leave_if_idle();
+    }
+
+    /// Leaves the pool map when no connection is open or opening and nothing waits.
+    fn leave_if_idle(&self) {
+        if self.conns.get() > 0 || self.h2_opening.get() || !self.waiters.borrow().is_empty() {
+            return;
+        }
+        self.idle.borrow_mut().clear();
+        *self.h2.borrow_mut() = None;
+        if let Some((map, cluster, key)) = &self.home {
+            let Some(map) = map.upgrade() else {
+                return;
+            };
+            let mut map = map.borrow_mut();
+            if let Some(pools) = map.get_mut(cluster) {
+                if pools
+                    .get(key)
+                    .is_some_and(|p| std::ptr::eq(Rc::as_ptr(p), self))
+                {
+                    pools.remove(key);
+                }
             }
         }
     }
@@ -173,8 +201,14 @@ fn overflowed(cluster: &Cluster) -> ResetReason {
     ResetReason::Overflow
 }
 
-/// One cluster's pools, by host address and protocol (true: HTTP/2).
-type ClusterPools = HashMap<(HostAddress, bool), Rc<HostPool>>;
+/// A pool's key: host address and protocol (true: HTTP/2).
+type PoolKey = (HostAddress, bool);
+
+/// One cluster's pools.
+type ClusterPools = HashMap<PoolKey, Rc<HostPool>>;
+
+/// Every cluster's pools, by cluster name.
+type PoolMap = RefCell<HashMap<String, ClusterPools>>;
 
 /// An ORIGINAL_DST host: its cluster and address.
 type OriginalDstKey = (String, std::net::SocketAddr);
@@ -184,7 +218,7 @@ type OriginalDstKey = (String, std::net::SocketAddr);
 pub struct WorkerUpstreams {
     /// Pools by cluster, then host address and protocol (clusters never share connections: their
     /// settings differ).
-    pools: RefCell<HashMap<String, ClusterPools>>,
+    pools: Rc<PoolMap>,
     lb: RefCell<HashMap<String, Rc<LbState>>>,
     /// ORIGINAL_DST hosts by cluster and address, with their last use.
     original_dst: RefCell<HashMap<OriginalDstKey, (Arc<Host>, Instant)>>,
@@ -280,6 +314,11 @@ impl WorkerUpstreams {
         }
         let pool = Rc::new(HostPool {
             _slot: Some(Held::take(&cluster.resources, |r| &r.connection_pools)),
+            home: Some((
+                Rc::downgrade(&self.pools),
+                cluster.name.clone(),
+                key.clone(),
+            )),
             ..Default::default()
         });
         self.pools
@@ -610,11 +649,12 @@ async fn h2_connection(
                 for w in self.0.h2_waiters.take() {
                     let _ = w.send(outcome.clone());
                 }
+                self.0.leave_if_idle();
             }
         }
         pool.h2_opening.set(true);
         let mut opening = Opening(pool, None);
-        let r = connect_h2(cluster, host).await;
+        let r = connect_h2(cluster, host, pool).await;
         if let Ok(s) = &r {
             *pool.h2.borrow_mut() = Some(s.clone());
         }
@@ -626,15 +666,29 @@ async fn h2_connection(
 async fn connect_h2(
     cluster: &Cluster,
     host: &Arc<Host>,
+    pool: &Rc<HostPool>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
-    let (io, held) = tcp(cluster, host).await?;
-    let (sender, conn) = http2::Builder::new(LocalExec)
-        .handshake(io)
-        .await
-        .map_err(|_| ResetReason::ConnectionFailure)?;
-    cluster.stats.upstream_cx_http2_total.inc();
-    track(&cluster.stats, host, conn, held, None);
-    Ok(sender)
+    pool.conns.set(pool.conns.get() + 1);
+    let opened = async {
+        let (io, held) = tcp(cluster, host).await?;
+        let (sender, conn) = http2::Builder::new(LocalExec)
+            .handshake(io)
+            .await
+            .map_err(|_| ResetReason::ConnectionFailure)?;
+        Ok::<_, ResetReason>((sender, conn, held))
+    }
+    .await;
+    match opened {
+        Ok((sender, conn, held)) => {
+            cluster.stats.upstream_cx_http2_total.inc();
+            track(&cluster.stats, host, conn, held, Some(pool.clone()));
+            Ok(sender)
+        }
+        Err(e) => {
+            pool.closed();
+            Err(e)
+        }
+    }
 }
 
 struct GiveBack {
