@@ -18,7 +18,7 @@ use xds_client::pb::envoy::extensions::upstreams::http::v3::{
 use xds_client::TypeRegistry;
 
 use super::consistent_hash::{HashLb, DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING};
-use super::host_set::{health_flag, HostSet, Membership, Policy};
+use super::host_set::{health_flag, HostSet, Level, Membership, Policy};
 use super::outlier_detection::{Detector, HostMonitor, Report};
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
 use crate::observe::stats::{Counter, Store};
@@ -1130,6 +1130,44 @@ pub struct Pick<'a> {
 #[derive(Debug, Default)]
 pub struct LbState {
     rr: std::cell::Cell<u64>,
+    /// Smooth weighted round robin over a level's localities: the level (by address) and each
+    /// locality's running credit. Reset when the plan changes.
+    localities: std::cell::RefCell<(usize, Vec<f64>)>,
+}
+
+impl LbState {
+    /// The next locality of `level` by effective weight: each pick credits every locality its
+    /// weight and takes the most credited (so picks follow the weights exactly over a round,
+    /// as Envoy's EDF scheduler's do).
+    fn next_locality(&self, level: &Level) -> usize {
+        let weights: Vec<f64> = {
+            let mut prev = 0.0;
+            level
+                .localities
+                .iter()
+                .map(|(upto, _)| {
+                    let w = upto - prev;
+                    prev = *upto;
+                    w
+                })
+                .collect()
+        };
+        let mut state = self.localities.borrow_mut();
+        let id = level as *const Level as usize;
+        if state.0 != id || state.1.len() != weights.len() {
+            *state = (id, vec![0.0; weights.len()]);
+        }
+        let total: f64 = weights.iter().sum();
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            state.1[i] += w;
+            if state.1[i] > state.1[best] {
+                best = i;
+            }
+        }
+        state.1[best] -= total;
+        best
+    }
 }
 
 /// An EDS cluster with the hosts of a `ClusterLoadAssignment`; hosts of `previous` whose address
@@ -1283,15 +1321,7 @@ impl Cluster {
         // With locality weights, a locality first (by effective weight), then a host in it.
         let group = match level.localities.as_slice() {
             [] => &level.all,
-            localities => {
-                let total = localities.last().map_or(0.0, |l| l.0);
-                let point = rand::random::<f64>() * total;
-                &localities
-                    .iter()
-                    .find(|l| point < l.0)
-                    .or(localities.last())?
-                    .1
-            }
+            localities => &localities.get(state.next_locality(level))?.1,
         };
         let hosts = &group.hosts;
         let n = hosts.len();
