@@ -141,6 +141,8 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
         ("retry budget over 100%", config("route: {cluster: c}").replace("    connect_timeout: 1s\n    load_assignment", "    connect_timeout: 1s\n    circuit_breakers: {thresholds: [{retry_budget: {budget_percent: {value: 101}}}]}\n    load_assignment"), vec![], "budget_percent"),
         ("hash policy without a header name", config("route: {cluster: c, hash_policy: [{header: {header_name: \"\"}}]}"), vec![], "header_name"),
         ("rate-limited backoff without reset headers", config("route: {cluster: c, retry_policy: {retry_on: 5xx, rate_limited_retry_back_off: {reset_headers: []}}}"), vec![], "reset_headers"),
+        ("least request with one choice", config("route: {cluster: c}").replace("    connect_timeout: 1s\n    load_assignment", "    connect_timeout: 1s\n    lb_policy: LEAST_REQUEST\n    least_request_lb_config: {choice_count: 1}\n    load_assignment"), vec![], "choice_count"),
+        ("least request with three choices", config("route: {cluster: c}").replace("    connect_timeout: 1s\n    load_assignment", "    connect_timeout: 1s\n    lb_policy: LEAST_REQUEST\n    least_request_lb_config: {choice_count: 3}\n    load_assignment"), vec![], ""),
         ("malformed YAML", "static_resources: [".to_string(), vec![], "YAML"),
         ("unknown typed_config", config("route: {cluster: c}").replace("envoy.extensions.filters.http.router.v3.Router", "envoy.extensions.filters.http.nope.v3.Nope"), vec![], "Nope"),
     ]

@@ -143,7 +143,11 @@ pub struct OriginalDst {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LbPolicy {
     RoundRobin,
-    LeastRequest,
+    /// The fewest active requests among `choices` random hosts (`least_request_lb_config`
+    /// `choice_count`, default 2).
+    LeastRequest {
+        choices: u32,
+    },
     Random,
     /// RING_HASH and MAGLEV: the request hash picks from the level's table.
     ConsistentHash,
@@ -663,7 +667,9 @@ pub fn compile(
     let lb = match lb_pb {
         Ok(pb::cluster::LbPolicy::ClusterProvided) => LbPolicy::RoundRobin,
         Ok(pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
-        Ok(pb::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(pb::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest {
+            choices: least_request_choices(&mut rest, &path)?,
+        },
         Ok(pb::cluster::LbPolicy::Random) => LbPolicy::Random,
         Ok(pb::cluster::LbPolicy::RingHash | pb::cluster::LbPolicy::Maglev) => {
             LbPolicy::ConsistentHash
@@ -973,6 +979,28 @@ pub fn compile(
         upstream_bind,
         tcp_keepalive,
     })
+}
+
+/// `least_request_lb_config.choice_count` (at least 2); the rest of it is refused.
+fn least_request_choices(rest: &mut pb::Cluster, path: &str) -> Result<u32, ConfigError> {
+    let mut c = match rest.lb_config.take() {
+        Some(pb::cluster::LbConfig::LeastRequestLbConfig(c)) => c,
+        other => {
+            // Other settings stay, refused with the rest.
+            rest.lb_config = other;
+            return Ok(2);
+        }
+    };
+    let cp = format!("{path}.least_request_lb_config");
+    let choices = c.choice_count.take().map_or(2, |v| v.value);
+    if choices < 2 {
+        return Err(invalid(
+            format!("{cp}.choice_count"),
+            "value must be greater than or equal to 2",
+        ));
+    }
+    reject_unhandled(&c, &cp)?;
+    Ok(choices)
 }
 
 /// The table settings of a RING_HASH or MAGLEV cluster (`ring_hash_lb_config`,
@@ -1350,16 +1378,22 @@ impl Cluster {
                 by_weight(i % group.total_weight)
             }
             LbPolicy::Random => by_weight(rand::random::<u64>() % group.total_weight),
-            LbPolicy::LeastRequest | LbPolicy::ConsistentHash => {
-                // Envoy's default: power of two choices among the hosts.
-                let a = &hosts[rand::random_range(0..n)];
-                let b = &hosts[rand::random_range(0..n)];
-                let (ra, rb) = (
-                    a.active_requests.load(Ordering::Relaxed),
-                    b.active_requests.load(Ordering::Relaxed),
-                );
-                Some(if rb < ra { b } else { a }.clone())
+            LbPolicy::LeastRequest { choices } => {
+                // Envoy's unweighted least request: the first of `choices` random picks with the
+                // fewest active requests.
+                let mut best = &hosts[rand::random_range(0..n)];
+                for _ in 1..choices {
+                    let h = &hosts[rand::random_range(0..n)];
+                    if h.active_requests.load(Ordering::Relaxed)
+                        < best.active_requests.load(Ordering::Relaxed)
+                    {
+                        best = h;
+                    }
+                }
+                Some(best.clone())
             }
+            // Consistent-hash clusters pick from their table above.
+            LbPolicy::ConsistentHash => None,
         }
     }
 
@@ -1432,6 +1466,22 @@ mod tests {
             1
         );
         assert_eq!(c.host_set.hosts.len(), 2);
+    }
+
+    #[test]
+    fn least_request_takes_the_idlest_of_its_choices() {
+        let c = cluster(json!({"name": "c", "lb_policy": "LEAST_REQUEST",
+            "least_request_lb_config": {"choice_count": 40},
+            "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [ep(1, 1), ep(2, 1)]}]}}))
+        .unwrap();
+        c.host_set.hosts[0]
+            .active_requests
+            .store(5, Ordering::Relaxed);
+        let s = LbState::default();
+        for _ in 0..20 {
+            let h = c.choose(&s, Pick::default()).unwrap();
+            assert_eq!(h.address.ip().unwrap().port(), 2);
+        }
     }
 
     #[test]
