@@ -1,6 +1,7 @@
 //! Locality-weighted balancing (`locality_weighted_lb_config`, as istiod renders a
 //! DestinationRule's `localityLbSetting.distribute`) differentially against Envoy 1.40: the
-//! share each locality gets from its weight, exactly the same for both proxies; locality weights without the setting change nothing (istiod always sends them).
+//! share each locality gets from its weight, exactly the same for both proxies (and the share
+//! of weighted hosts under LEAST_REQUEST); locality weights without the setting change nothing (istiod always sends them).
 
 use petrel_tests::scripted::start_scripted;
 use petrel_tests::*;
@@ -11,9 +12,19 @@ const VIRTUAL_HOSTS: &str = r#"
   routes:
   - {match: {prefix: "/weighted"}, route: {cluster: weighted}}
   - {match: {prefix: "/plain"}, route: {cluster: plain}}
+  - {match: {prefix: "/least"}, route: {cluster: least}}
 "#;
 
 const CLUSTERS: &str = r#"
+- name: least
+  connect_timeout: 1s
+  lb_policy: LEAST_REQUEST
+  load_assignment:
+    cluster_name: least
+    endpoints:
+    - lb_endpoints:
+      - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_A}}}, load_balancing_weight: 1}
+      - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_B}}}, load_balancing_weight: 3}
 - name: weighted
   connect_timeout: 1s
   common_lb_config: {locality_weighted_lb_config: {}}
@@ -22,10 +33,10 @@ const CLUSTERS: &str = r#"
     endpoints:
     - locality: {region: r, zone: a}
       load_balancing_weight: 1
-      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_A}}}}]
     - locality: {region: r, zone: b}
       load_balancing_weight: 3
-      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_B}}}}]
 - name: plain
   connect_timeout: 1s
   load_assignment:
@@ -33,10 +44,10 @@ const CLUSTERS: &str = r#"
     endpoints:
     - locality: {region: r, zone: a}
       load_balancing_weight: 1
-      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: A}}}}]
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_A}}}}]
     - locality: {region: r, zone: b}
       load_balancing_weight: 3
-      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: B}}}}]
+      lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: PORT_B}}}}]
 "#;
 
 fn bootstrap() -> String {
@@ -56,11 +67,15 @@ fn share_of_a(main: u16, path: &str) -> usize {
         .count()
 }
 
-fn scenario(name: &'static str, bin: &std::path::Path, a: u16, b: u16) -> (usize, usize) {
+fn scenario(name: &'static str, bin: &std::path::Path, a: u16, b: u16) -> (usize, usize, usize) {
     let (admin, main) = (free_port(), free_port());
-    let values = [("ADMIN", admin), ("MAIN", main), ("A", a), ("B", b)];
+    let values = [("ADMIN", admin), ("MAIN", main), ("PORT_A", a), ("PORT_B", b)];
     let _proxy = start_templated(name, bin, &bootstrap(), &values, &[]);
-    (share_of_a(main, "/weighted"), share_of_a(main, "/plain"))
+    (
+        share_of_a(main, "/weighted"),
+        share_of_a(main, "/plain"),
+        share_of_a(main, "/least"),
+    )
 }
 
 #[test]
@@ -72,9 +87,11 @@ fn locality_weights_like_envoy() {
     let (b, _) = start_scripted("b");
     let e = scenario("envoy", &envoy, a, b);
     let p = scenario("petrel", &petrel_bin(), a, b);
-    eprintln!("share of locality a, weighted 1:3 / unweighted: envoy {e:?}, petrel {p:?} of {N}");
+    eprintln!(
+        "share of host a (locality 1:3, unweighted, least request 1:3): envoy {e:?}, petrel {p:?} of {N}"
+    );
     // Both spread picks evenly by weight (Envoy's EDF scheduler, Petrel's smooth weighted round
     // robin): over a whole number of rounds the shares are exact.
     assert_eq!(e, p);
-    assert_eq!(e, (N / 4, N / 2));
+    assert_eq!(e, (N / 4, N / 2, N / 4));
 }

@@ -18,7 +18,7 @@ use xds_client::pb::envoy::extensions::upstreams::http::v3::{
 use xds_client::TypeRegistry;
 
 use super::consistent_hash::{HashLb, DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING};
-use super::host_set::{health_flag, HostSet, Level, Membership, Policy};
+use super::host_set::{health_flag, HostGroup, HostSet, Level, Membership, Policy};
 use super::outlier_detection::{Detector, HostMonitor, Report};
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
 use crate::observe::stats::{Counter, Store};
@@ -1161,12 +1161,33 @@ pub struct LbState {
     /// Smooth weighted round robin over a level's localities: the level (by address) and each
     /// locality's running credit. Reset when the plan changes.
     localities: std::cell::RefCell<(usize, Vec<f64>)>,
+    /// The same over a host group, for weighted least request.
+    least_request: std::cell::RefCell<(usize, Vec<f64>)>,
+}
+
+/// Smooth weighted round robin: each pick credits every entry its weight and takes the most
+/// credited, which gives up the total (picks follow the weights exactly over a round, as
+/// Envoy's EDF scheduler's do). `state` restarts when `id` (what the weights belong to)
+/// changes.
+fn smooth_pick(state: &std::cell::RefCell<(usize, Vec<f64>)>, id: usize, weights: &[f64]) -> usize {
+    let mut state = state.borrow_mut();
+    if state.0 != id || state.1.len() != weights.len() {
+        *state = (id, vec![0.0; weights.len()]);
+    }
+    let total: f64 = weights.iter().sum();
+    let mut best = 0;
+    for (i, w) in weights.iter().enumerate() {
+        state.1[i] += w;
+        if state.1[i] > state.1[best] {
+            best = i;
+        }
+    }
+    state.1[best] -= total;
+    best
 }
 
 impl LbState {
-    /// The next locality of `level` by effective weight: each pick credits every locality its
-    /// weight and takes the most credited (so picks follow the weights exactly over a round,
-    /// as Envoy's EDF scheduler's do).
+    /// The next locality of `level` by effective weight.
     fn next_locality(&self, level: &Level) -> usize {
         let weights: Vec<f64> = {
             let mut prev = 0.0;
@@ -1180,21 +1201,7 @@ impl LbState {
                 })
                 .collect()
         };
-        let mut state = self.localities.borrow_mut();
-        let id = level as *const Level as usize;
-        if state.0 != id || state.1.len() != weights.len() {
-            *state = (id, vec![0.0; weights.len()]);
-        }
-        let total: f64 = weights.iter().sum();
-        let mut best = 0;
-        for (i, w) in weights.iter().enumerate() {
-            state.1[i] += w;
-            if state.1[i] > state.1[best] {
-                best = i;
-            }
-        }
-        state.1[best] -= total;
-        best
+        smooth_pick(&self.localities, level as *const Level as usize, &weights)
     }
 }
 
@@ -1378,6 +1385,20 @@ impl Cluster {
                 by_weight(i % group.total_weight)
             }
             LbPolicy::Random => by_weight(rand::random::<u64>() % group.total_weight),
+            LbPolicy::LeastRequest { .. } if group.weighted => {
+                // Unequal weights: each host weighted by its weight over its active requests
+                // plus one (Envoy's default `active_request_bias` of 1).
+                let weights: Vec<f64> = hosts
+                    .iter()
+                    .map(|h| {
+                        h.weight as f64 / (h.active_requests.load(Ordering::Relaxed) + 1) as f64
+                    })
+                    .collect();
+                let id = group as *const HostGroup as usize;
+                hosts
+                    .get(smooth_pick(&state.least_request, id, &weights))
+                    .cloned()
+            }
             LbPolicy::LeastRequest { choices } => {
                 // Envoy's unweighted least request: the first of `choices` random picks with the
                 // fewest active requests.
