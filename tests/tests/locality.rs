@@ -69,7 +69,12 @@ fn share_of_a(main: u16, path: &str) -> usize {
 
 fn scenario(name: &'static str, bin: &std::path::Path, a: u16, b: u16) -> (usize, usize, usize) {
     let (admin, main) = (free_port(), free_port());
-    let values = [("ADMIN", admin), ("MAIN", main), ("PORT_A", a), ("PORT_B", b)];
+    let values = [
+        ("ADMIN", admin),
+        ("MAIN", main),
+        ("PORT_A", a),
+        ("PORT_B", b),
+    ];
     let _proxy = start_templated(name, bin, &bootstrap(), &values, &[]);
     (
         share_of_a(main, "/weighted"),
