@@ -10,7 +10,6 @@ pub enum Support {
 }
 
 const ISSUE_XDS: &str = "comes with xDS support (issue #4)";
-const ISSUE_TRAFFIC: &str = "comes with traffic management (issue #5)";
 const ISSUE_SECURITY: &str = "comes with mesh security (issue #6)";
 const ISSUE_OBSERVE: &str = "comes with observability (issue #7)";
 
@@ -90,7 +89,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-        Support::Refused(ISSUE_TRAFFIC),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.cors.v3.Cors",
