@@ -79,34 +79,13 @@ pub fn reject_unhandled<M: Message + Name + Default + PartialEq>(
     })
 }
 
-const TRAFFIC: &str = "comes with traffic management, issue #5";
 const SECURITY: &str = "comes with mesh security, issue #6";
 const OBSERVE: &str = "comes with observability, issue #7";
 
 /// Fields Petrel refuses today that a later issue brings, by message: the refusal says which
 /// issue (as the extension table does for `@type`s).
 const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
-    (
-        "envoy.config.route.v3.RouteAction",
-        &["upgrade_configs"],
-        TRAFFIC,
-    ),
-    (
-        "envoy.config.route.v3.VirtualHost",
-        &["hedge_policy", "include_is_timeout_retry_header"],
-        TRAFFIC,
-    ),
     ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),
-    (
-        "envoy.config.route.v3.RetryPolicy",
-        &["retry_options_predicates"],
-        TRAFFIC,
-    ),
-    (
-        "envoy.config.cluster.v3.Cluster",
-        &["lb_subset_config", "health_checks"],
-        TRAFFIC,
-    ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         &["access_log", "tracing"],

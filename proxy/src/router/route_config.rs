@@ -1298,7 +1298,7 @@ mod tests {
             {"match": {"prefix": "/"}, "route": {"cluster": "a", "upgrade_configs": [{"upgrade_type": "CONNECT"}]}}]}]}),
         )
         .unwrap_err();
-        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'upgrade_configs' (comes with traffic management, issue #5) not supported by Petrel");
+        assert_eq!(e.to_string(), "route_config.virtual_hosts[0].routes[0].route: field(s) 'upgrade_configs' not supported by Petrel");
     }
 
     #[test]

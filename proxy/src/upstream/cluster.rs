@@ -677,10 +677,7 @@ pub fn compile(
         Ok(other) => {
             return Err(ConfigError::Unsupported {
                 path,
-                fields: format!(
-                    "'lbPolicy: {}' (comes with traffic management, issue #5)",
-                    other.as_str_name()
-                ),
+                fields: format!("'lbPolicy: {}'", other.as_str_name()),
             })
         }
         Err(_) => return Err(invalid(format!("{path}.lb_policy"), "unknown enum value")),
