@@ -72,10 +72,59 @@ impl Gauge {
     }
 }
 
+/// A stat's name: most are a shared prefix (`cluster.<name>.`) and a static field name, kept
+/// as such so that a cluster's hundred stats do not each own a copy of its name. Ordered and
+/// compared as the whole name.
+#[derive(Debug, Clone)]
+enum StatName {
+    Split(Arc<str>, &'static str),
+    Whole(Box<str>),
+}
+
+impl StatName {
+    fn parts(&self) -> (&str, &str) {
+        match self {
+            StatName::Split(p, s) => (p, s),
+            StatName::Whole(w) => (w, ""),
+        }
+    }
+    fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        let (a, b) = self.parts();
+        a.bytes().chain(b.bytes())
+    }
+}
+
+impl std::fmt::Display for StatName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = self.parts();
+        write!(f, "{a}{b}")
+    }
+}
+
+impl PartialEq for StatName {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for StatName {}
+
+impl PartialOrd for StatName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for StatName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.bytes().cmp(other.bytes())
+    }
+}
+
 #[derive(Default)]
 struct Maps {
-    counters: BTreeMap<String, Arc<Counter>>,
-    gauges: BTreeMap<String, Arc<Gauge>>,
+    counters: BTreeMap<StatName, Arc<Counter>>,
+    gauges: BTreeMap<StatName, Arc<Gauge>>,
     text: BTreeMap<String, String>,
 }
 
@@ -93,12 +142,25 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     pub fn counter(&self, name: &str) -> Arc<Counter> {
-        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        m.counters.entry(name.to_string()).or_default().clone()
+        self.counter_named(StatName::Whole(name.into()))
     }
     pub fn gauge(&self, name: &str) -> Arc<Gauge> {
+        self.gauge_named(StatName::Whole(name.into()))
+    }
+    /// `prefix` + `field`, the prefix shared with the other stats of its owner.
+    pub fn counter_in(&self, prefix: &Arc<str>, field: &'static str) -> Arc<Counter> {
+        self.counter_named(StatName::Split(prefix.clone(), field))
+    }
+    pub fn gauge_in(&self, prefix: &Arc<str>, field: &'static str) -> Arc<Gauge> {
+        self.gauge_named(StatName::Split(prefix.clone(), field))
+    }
+    fn counter_named(&self, name: StatName) -> Arc<Counter> {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        m.gauges.entry(name.to_string()).or_default().clone()
+        m.counters.entry(name).or_default().clone()
+    }
+    fn gauge_named(&self, name: StatName) -> Arc<Gauge> {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        m.gauges.entry(name).or_default().clone()
     }
     pub fn set_text(&self, name: &str, value: &str) {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
@@ -112,13 +174,13 @@ impl Store {
             counters: m
                 .counters
                 .iter()
-                .map(|(k, v)| (k.clone(), v.value(), v.used()))
+                .map(|(k, v)| (k.to_string(), v.value(), v.used()))
                 .collect(),
             // Envoy's gauges are unsigned 64-bit: that is how they are shown.
             gauges: m
                 .gauges
                 .iter()
-                .map(|(k, v)| (k.clone(), v.value() as u64, v.used()))
+                .map(|(k, v)| (k.to_string(), v.value() as u64, v.used()))
                 .collect(),
             text: m.text.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }

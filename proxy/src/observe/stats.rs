@@ -14,11 +14,19 @@ macro_rules! stat_struct {
         }
         impl $name {
             pub fn new(store: &$crate::observe::stats::Store, prefix: &str) -> Self {
+                // One copy of the prefix for all of them.
+                let prefix: std::sync::Arc<str> = prefix.into();
                 $name {
-                    $($field: store.$kind(&format!("{}{}", prefix, stringify!($field))),)*
+                    $($field: $crate::stat_struct!(@make store, prefix, $kind, $field),)*
                 }
             }
         }
+    };
+    (@make $store:ident, $prefix:ident, counter, $field:ident) => {
+        $store.counter_in(&$prefix, stringify!($field))
+    };
+    (@make $store:ident, $prefix:ident, gauge, $field:ident) => {
+        $store.gauge_in(&$prefix, stringify!($field))
     };
     (@ty counter) => { std::sync::Arc<$crate::observe::stats::Counter> };
     (@ty gauge) => { std::sync::Arc<$crate::observe::stats::Gauge> };
@@ -38,6 +46,27 @@ mod tests {
         assert_eq!(s.counter("x.y").value(), 3);
         let snap = s.snapshot();
         assert_eq!(snap.counters, vec![("x.y".to_string(), 3, true)]);
+    }
+
+    #[test]
+    fn shared_prefix_names_are_whole_names() {
+        let s = Store::default();
+        let prefix: std::sync::Arc<str> = "cluster.a.".into();
+        let split = s.counter_in(&prefix, "upstream_rq_total");
+        split.inc();
+        assert_eq!(s.counter("cluster.a.upstream_rq_total").value(), 1);
+        s.counter("cluster.a.b.x").inc();
+        s.counter_in(&prefix, "zz").inc();
+        let names: Vec<String> = s.snapshot().counters.into_iter().map(|c| c.0).collect();
+        // Sorted as whole names, whichever form each was made in.
+        assert_eq!(
+            names,
+            [
+                "cluster.a.b.x",
+                "cluster.a.upstream_rq_total",
+                "cluster.a.zz"
+            ]
+        );
     }
 
     #[test]

@@ -25,17 +25,17 @@ pub struct Resource {
 impl Resource {
     fn new(
         store: &Store,
-        prefix: &str,
-        open: &str,
-        remaining: &str,
+        prefix: &Arc<str>,
+        open: &'static str,
+        remaining: &'static str,
         max: u64,
         track: bool,
     ) -> Self {
         let r = Resource {
             max,
             current: AtomicU64::new(0),
-            open: store.gauge(&format!("{prefix}{open}")),
-            remaining: track.then(|| store.gauge(&format!("{prefix}{remaining}"))),
+            open: store.gauge_in(prefix, open),
+            remaining: track.then(|| store.gauge_in(prefix, remaining)),
             budgeted: false,
         };
         // Envoy sets only the remaining gauges at creation; `*_open` move with the counts.
@@ -172,6 +172,8 @@ impl Default for Limits {
 impl Resources {
     fn new(store: &Store, prefix: &str, l: Limits) -> Resources {
         let t = l.track_remaining;
+        let prefix: Arc<str> = prefix.into();
+        let prefix = &prefix;
         Resources {
             connections: Resource::new(store, prefix, "cx_open", "remaining_cx", l.connections, t),
             pending_requests: Resource::new(
