@@ -779,6 +779,17 @@ impl Detector {
     }
 }
 
+impl Drop for Detector {
+    /// A replaced or removed cluster's ejections stop counting (Envoy's detector destructor).
+    fn drop(&mut self) {
+        for h in &self.hosts.load().hosts {
+            if ejected(h) {
+                self.stats.ejections_active.dec();
+            }
+        }
+    }
+}
+
 fn ejected(h: &Host) -> bool {
     h.health.load(Ordering::Relaxed) & health_flag::FAILED_OUTLIER_CHECK != 0
 }
@@ -1065,6 +1076,19 @@ mod tests {
             crate::upstream::host_set::tests::test_membership(),
         ));
         d.watch(rest);
+        assert_eq!(gauge.value(), 0);
+    }
+
+    #[test]
+    fn a_dropped_detector_stops_counting_its_ejections() {
+        let (d, set, store) = detector(
+            json!({"consecutive_5xx": 1, "max_ejection_percent": 100}),
+            2,
+        );
+        d.report(&set.hosts[0], Report::Response(500));
+        let gauge = store.gauge("cluster.c.outlier_detection.ejections_active");
+        assert_eq!(gauge.value(), 1);
+        drop(d);
         assert_eq!(gauge.value(), 0);
     }
 }
