@@ -67,6 +67,13 @@ const VIRTUAL_HOSTS: &str = r#"
       envoy.filters.http.fault:
         "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
         abort: {http_status: 503}
+  - match: {prefix: "/header-cluster"}
+    route: {cluster_header: x-cluster}
+    typed_per_filter_config:
+      envoy.filters.http.fault:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+        upstream_cluster: echo
+        abort: {http_status: 503, percentage: {numerator: 100}}
   - match: {prefix: "/weighted-cluster"}
     route: {weighted_clusters: {clusters: [{name: echo, weight: 1}]}}
     typed_per_filter_config:
@@ -132,6 +139,8 @@ const CASES: &[(&str, &str, &str)] = &[
     ("no percentage, no fault", "/no-percentage", ""),
     ("other upstream cluster", "/other-cluster", ""),
     ("upstream cluster picked by weight", "/weighted-cluster", ""),
+    ("upstream cluster named by a header", "/header-cluster", "x-cluster: echo\r\n"),
+    ("other cluster named by a header", "/header-cluster", "x-cluster: nope\r\n"),
     ("headers and node match", "/matching", "x-fault: yes\r\nx-envoy-downstream-service-node: node-a\r\nx-envoy-downstream-service-cluster: productpage\r\n"),
     ("node does not match", "/matching", "x-fault: yes\r\nx-envoy-downstream-service-node: node-b\r\n"),
     ("header does not match", "/matching", "x-envoy-downstream-service-node: node-a\r\n"),

@@ -670,8 +670,11 @@ async fn process(
     // The weighted cluster is chosen with the route, before the filters run (a fault's
     // `upstream_cluster` sees it), as Envoy's route entry does.
     let weighted_draw = rand::random::<u64>();
+    let header_cluster = selected.and_then(|(_, route)| route.header_cluster(req.headers()));
     let route_info = selected.map(|(vh, route)| petrel_filters::http_filter::RouteInfo {
-        cluster: route.cluster_name(weighted_draw),
+        cluster: header_cluster
+            .as_deref()
+            .or_else(|| route.cluster_name(weighted_draw)),
         configs: [&route.per_filter, &vh.per_filter],
     });
     for filter in chain.iter_mut() {
@@ -717,6 +720,7 @@ async fn process(
                 start,
                 start_time,
                 weighted_draw,
+                header_cluster: header_cluster.clone(),
             };
             routed
                 .respond(req, vh, route, &routes, &scheme, &host, &path)
@@ -766,6 +770,7 @@ struct Routed<'a> {
     start: Instant,
     start_time: SystemTime,
     weighted_draw: u64,
+    header_cluster: Option<String>,
 }
 
 impl Routed<'_> {
@@ -831,6 +836,7 @@ impl Routed<'_> {
                     start: self.start,
                     start_time: self.start_time,
                     weighted_draw: self.weighted_draw,
+                    header_cluster: self.header_cluster.clone(),
                 };
                 crate::router::upstream_request::forward(req, input).await
             }

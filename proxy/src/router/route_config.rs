@@ -1124,8 +1124,7 @@ fn compile_redirect(r: &pb::RedirectAction, path: &str) -> Result<RedirectAction
 /// Applies a prefix or regex rewrite to a `:path` (query kept), as Envoy's router does.
 impl Route {
     /// The cluster a forwarding route names (none for weighted or header-chosen clusters).
-    /// The cluster a request goes to: the named one, or the weighted one `draw` picks (a
-    /// header-named cluster is read when forwarding).
+    /// The cluster a request goes to: the named one, or the weighted one `draw` picks.
     pub fn cluster_name(&self, draw: u64) -> Option<&str> {
         match &self.action {
             RouteAction::Forward(f) => match &f.cluster {
@@ -1135,6 +1134,24 @@ impl Route {
             },
             _ => None,
         }
+    }
+
+    /// For a `cluster_header` route, the cluster the request's header names (read when the
+    /// route is chosen, before the filters, as Envoy does; empty when absent).
+    pub fn header_cluster(&self, headers: &http::HeaderMap) -> Option<String> {
+        let RouteAction::Forward(f) = &self.action else {
+            return None;
+        };
+        let ClusterChoice::Header(h) = &f.cluster else {
+            return None;
+        };
+        Some(
+            headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+        )
     }
 }
 

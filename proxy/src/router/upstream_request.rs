@@ -56,6 +56,8 @@ pub struct Forward<'a> {
     pub start_time: SystemTime,
     /// The draw that picked the route's weighted cluster before the filters ran.
     pub weighted_draw: u64,
+    /// A `cluster_header` route's cluster, read before the filters ran.
+    pub header_cluster: Option<String>,
 }
 
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
@@ -305,14 +307,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     let fwd = f.fwd;
     let (cluster_name, weighted) = match &fwd.cluster {
         ClusterChoice::Named(n) => (n.to_string(), None),
-        ClusterChoice::Header(h) => (
-            req.headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
-            None,
-        ),
+        ClusterChoice::Header(_) => (f.header_cluster.clone().unwrap_or_default(), None),
         ClusterChoice::Weighted(w) => {
             let pick = w.pick(f.weighted_draw);
             (pick.name.to_string(), Some(pick))
