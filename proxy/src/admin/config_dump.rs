@@ -269,7 +269,8 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
     for (ty, sec) in sections {
         let body = match (ty, sec) {
             ("BootstrapConfigDump", _) => {
-                json!({"bootstrap": reg.to_json(snap.bootstrap.as_ref()), "last_updated": last_updated})
+                let bootstrap = <xds_client::pb::envoy::config::bootstrap::v3::Bootstrap as prost::Message>::decode(snap.bootstrap.as_ref()).unwrap_or_default();
+                json!({"bootstrap": reg.to_json(&bootstrap), "last_updated": last_updated})
             }
             (_, Some((name, items, _))) if !items.is_empty() => json!({ name: items }),
             _ => json!({}),

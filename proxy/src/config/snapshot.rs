@@ -29,7 +29,9 @@ pub struct Snapshot {
     pub cluster_order: Vec<String>,
     pub admin: Option<SocketAddr>,
     pub node: Node,
-    pub bootstrap: Arc<Bootstrap>,
+    /// The bootstrap as given, kept encoded (decoded only for `/config_dump`: decoded, a
+    /// bootstrap with many clusters and routes takes kilobytes each).
+    pub bootstrap: Arc<[u8]>,
     /// `dynamic_resources`, when the bootstrap has them.
     pub dynamic: Option<super::dynamic::Dynamic>,
     /// Clusters that came from CDS: version and when they were last updated.
@@ -202,7 +204,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         cluster_order,
         admin,
         node,
-        bootstrap: Arc::new(b.clone()),
+        bootstrap: prost::Message::encode_to_vec(b).into(),
         dynamic,
         dynamic_clusters: Default::default(),
         warming_clusters: Vec::new(),
