@@ -147,8 +147,18 @@ static_resources:
         "envoy" => crate::envoy_bin().expect("envoy binary"),
         _ => crate::petrel_bin(),
     };
+    // A long drain: a replaced listener's connections close at random moments over the drain
+    // time (gradual), and tests keep connections across updates.
     let proxy = tokio::task::spawn_blocking(move || {
-        crate::start_until(name, &bin, &path, admin, admin as u32, crate::Ready::Admin)
+        crate::start_with(
+            name,
+            &bin,
+            &path,
+            admin,
+            admin as u32,
+            crate::Ready::Admin,
+            &["--drain-time-s", "86400"],
+        )
     })
     .await
     .expect("start");
