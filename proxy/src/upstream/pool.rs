@@ -592,12 +592,30 @@ async fn connect_h1(
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
 ) -> Result<http1::SendRequest<UpstreamBody>, ResetReason> {
-    // Counted from the start of the attempt, so concurrent requests see it opening.
+    let total = &cluster.stats.upstream_cx_http1_total;
+    open_pooled(cluster, host, pool, total, |io| {
+        http1::Builder::new().handshake(io)
+    })
+    .await
+}
+
+/// Opens one of the pool's connections with `handshake`, counted in the pool from the start (so
+/// concurrent requests see it opening) and tracked until it closes.
+async fn open_pooled<S, C, Fut>(
+    cluster: &Cluster,
+    host: &Arc<Host>,
+    pool: &Rc<HostPool>,
+    total: &crate::observe::stats::Counter,
+    handshake: impl FnOnce(TokioIo<HostStream>) -> Fut,
+) -> Result<S, ResetReason>
+where
+    Fut: std::future::Future<Output = Result<(S, C), hyper::Error>>,
+    C: std::future::Future + 'static,
+{
     pool.conns.set(pool.conns.get() + 1);
     let opened = async {
         let (io, held) = tcp(cluster, host).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
+        let (sender, conn) = handshake(io)
             .await
             .map_err(|_| ResetReason::ConnectionFailure)?;
         Ok::<_, ResetReason>((sender, conn, held))
@@ -605,7 +623,7 @@ async fn connect_h1(
     .await;
     match opened {
         Ok((sender, conn, held)) => {
-            cluster.stats.upstream_cx_http1_total.inc();
+            total.inc();
             track(&cluster.stats, host, conn, held, Some(pool.clone()));
             Ok(sender)
         }
@@ -668,27 +686,11 @@ async fn connect_h2(
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
-    pool.conns.set(pool.conns.get() + 1);
-    let opened = async {
-        let (io, held) = tcp(cluster, host).await?;
-        let (sender, conn) = http2::Builder::new(LocalExec)
-            .handshake(io)
-            .await
-            .map_err(|_| ResetReason::ConnectionFailure)?;
-        Ok::<_, ResetReason>((sender, conn, held))
-    }
-    .await;
-    match opened {
-        Ok((sender, conn, held)) => {
-            cluster.stats.upstream_cx_http2_total.inc();
-            track(&cluster.stats, host, conn, held, Some(pool.clone()));
-            Ok(sender)
-        }
-        Err(e) => {
-            pool.closed();
-            Err(e)
-        }
-    }
+    let total = &cluster.stats.upstream_cx_http2_total;
+    open_pooled(cluster, host, pool, total, |io| {
+        http2::Builder::new(LocalExec).handshake(io)
+    })
+    .await
 }
 
 struct GiveBack {
