@@ -164,35 +164,30 @@ struct Filter {
     response: Option<ResponseHeaders>,
 }
 
-/// The route's and virtual host's policies, most specific first.
-struct Policies<'a>(Vec<&'a Policy>);
+/// The route's and virtual host's policies, most specific first (no allocation: the filter
+/// is in every Istio HTTP chain).
+struct Policies<'a>([Option<&'a Policy>; 2]);
 
 impl<'a> Policies<'a> {
     fn of(route: &RouteInfo<'a>, name: &str) -> Self {
-        Policies(
-            route
-                .configs
-                .iter()
-                .filter_map(|c| c.get(name)?.downcast_ref::<Policy>())
-                .collect(),
-        )
+        let policy = |i: usize| route.configs[i].get(name)?.downcast_ref::<Policy>();
+        Policies([policy(0), policy(1)])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &'a Policy> + '_ {
+        self.0.iter().flatten().copied()
     }
 
     fn first_str(&self, f: impl for<'b> Fn(&'b Policy) -> &'b str) -> &'a str {
-        self.0
-            .iter()
-            .map(|p| f(p))
-            .find(|s| !s.is_empty())
-            .unwrap_or("")
+        self.iter().map(f).find(|s| !s.is_empty()).unwrap_or("")
     }
 
     fn first_bool(&self, f: impl Fn(&Policy) -> Option<bool>, default: bool) -> bool {
-        self.0.iter().find_map(|p| f(p)).unwrap_or(default)
+        self.iter().find_map(f).unwrap_or(default)
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
         let origins = self
-            .0
             .iter()
             .map(|p| &p.allow_origins)
             .find(|o| !o.is_empty());
@@ -210,7 +205,7 @@ impl HttpFilter for Filter {
             return FilterStatus::Continue;
         };
         let policies = Policies::of(&route, &self.name);
-        let Some(first) = policies.0.first() else {
+        let Some(first) = policies.iter().next() else {
             return FilterStatus::Continue;
         };
         let (enabled, shadow) = (drawn(first.enabled), drawn(first.shadow));
