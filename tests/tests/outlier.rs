@@ -22,6 +22,7 @@ const VIRTUAL_HOSTS: &str = r#"
   - {match: {prefix: "/nopanic"}, route: {cluster: nopanic}}
   - {match: {prefix: "/gw"}, route: {cluster: gw}}
   - {match: {prefix: "/dead"}, route: {cluster: dead}}
+  - {match: {prefix: "/split"}, route: {cluster: split}}
   - {match: {prefix: "/sr"}, route: {cluster: sr}}
   - {match: {prefix: "/fp"}, route: {cluster: fp}}
   - {match: {prefix: "/back"}, route: {cluster: back}}
@@ -65,6 +66,17 @@ const CLUSTERS: &str = r#"
   load_assignment:
     cluster_name: gw
     endpoints: [{lb_endpoints: [EP_A]}]
+- name: split
+  connect_timeout: 1s
+  outlier_detection:
+    split_external_local_origin_errors: true
+    consecutive_local_origin_failure: 2
+    consecutive_5xx: 3
+    max_ejection_percent: 100
+    interval: 60s
+  load_assignment:
+    cluster_name: split
+    endpoints: [{lb_endpoints: [EP_DEAD, EP_A]}]
 - name: dead
   connect_timeout: 1s
   outlier_detection: {consecutive_5xx: 2, max_ejection_percent: 50, interval: 60s}
@@ -177,10 +189,12 @@ const STATS: &[&str] = &[
     "ejections_consecutive_5xx",
     "ejections_detected_consecutive_5xx",
     "ejections_detected_consecutive_gateway_failure",
+    "ejections_detected_consecutive_local_origin_failure",
     "ejections_detected_failure_percentage",
     "ejections_detected_success_rate",
     "ejections_enforced_consecutive_5xx",
     "ejections_enforced_consecutive_gateway_failure",
+    "ejections_enforced_consecutive_local_origin_failure",
     "ejections_enforced_failure_percentage",
     "ejections_enforced_success_rate",
     "ejections_enforced_total",
@@ -260,6 +274,15 @@ fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<Str
         6,
     ));
     t.push(run(main, "/dead", &format!("{name}-dead"), "", 10));
+    // Split errors: the dead host's connect failures are local-origin (ejected after 2); the
+    // live host's 503s are its own, counted apart (ejected after 3 consecutive).
+    t.push(run(
+        main,
+        "/split",
+        &format!("{name}-split"),
+        "x-script-a: 503\r\n",
+        10,
+    ));
     let fails_c = "x-script-a: 200\r\nx-script-b: 200\r\nx-script-c: 503\r\n";
     // Ten requests per host: whichever way an interval splits them, one half has the volume.
     t.push(run(main, "/sr", &format!("{name}-sr"), fails_c, 30));
@@ -322,7 +345,7 @@ fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<Str
         }
     }
     for c in [
-        "c5", "overflow", "panic", "nopanic", "gw", "dead", "sr", "fp", "back",
+        "c5", "overflow", "panic", "nopanic", "gw", "dead", "split", "sr", "fp", "back",
     ] {
         let names: Vec<String> = STATS
             .iter()
