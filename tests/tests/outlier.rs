@@ -338,10 +338,15 @@ fn scenario(name: &'static str, bin: &std::path::Path, ups: [u16; 3]) -> Vec<Str
     .body_str();
     let v: serde_json::Value = serde_json::from_str(&json).expect("json");
     for c in v["cluster_statuses"].as_array().into_iter().flatten() {
-        if c["name"] == "hs" {
-            for h in c["host_statuses"].as_array().into_iter().flatten() {
-                t.push(format!("hs json health {}", h["health_status"]));
-            }
+        if c["name"] == "hs" || c["name"] == "c5" {
+            let mut health: Vec<String> = c["host_statuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|h| format!("{} json health {}", c["name"], h["health_status"]))
+                .collect();
+            health.sort();
+            t.extend(health);
         }
     }
     for c in [
