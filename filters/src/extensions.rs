@@ -141,7 +141,15 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
+    ),
+    (
+        "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+        Support::Supported,
+    ),
+    (
+        "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+        Support::Supported,
     ),
     (
         "envoy.config.trace.v3.ZipkinConfig",

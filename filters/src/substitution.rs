@@ -37,7 +37,20 @@ pub fn tokenize(src: &str) -> Result<Vec<Token<'_>>, TokenError> {
             rest = r;
             continue;
         }
-        let end = rest.find('%').ok_or(TokenError::Unterminated(open))?;
+        // A command's argument may hold `%` (`%START_TIME(%Y)%`): its end is looked for after
+        // the argument's `)`, as Envoy's parser does.
+        let name_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
+            .count();
+        let end = match rest[name_len..].strip_prefix('(').and_then(|a| a.find(')')) {
+            Some(close) => {
+                let after = name_len + 1 + close + 1;
+                rest[after..].find('%').map(|e| after + e)
+            }
+            None => rest.find('%'),
+        }
+        .ok_or(TokenError::Unterminated(open))?;
         let raw = &rest[..end];
         rest = &rest[end + 1..];
         if !lit.is_empty() {
@@ -83,6 +96,23 @@ fn command(raw: &str) -> Result<Token<'_>, TokenError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn argument_with_percent() {
+        let t = tokenize("%START_TIME(%Y-%m)%x").unwrap();
+        assert_eq!(
+            t,
+            vec![
+                Token::Command {
+                    name: "START_TIME",
+                    arg: Some("%Y-%m"),
+                    max: None,
+                    raw: "START_TIME(%Y-%m)"
+                },
+                Token::Literal("x".into())
+            ]
+        );
+    }
 
     #[test]
     fn tokens() {

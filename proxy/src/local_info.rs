@@ -6,6 +6,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::cli::IpVersion;
 
+/// The machine's host name (`%HOSTNAME%`), read once.
+pub fn hostname() -> &'static str {
+    static NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    });
+    &NAME
+}
+
 /// Addresses of the machine's interfaces, in the order `getifaddrs` lists them.
 fn interface_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();

@@ -47,6 +47,9 @@ pub fn load(opts: &Options, store: &Store) -> Result<Snapshot, ConfigError> {
 /// Runs Petrel until shutdown. Returns once the process should exit.
 pub fn run(opts: Options) -> Result<(), ServerError> {
     let store = Store::default();
+    crate::observe::access_log::set_flush_interval(std::time::Duration::from_millis(
+        opts.file_flush_interval_msec.into(),
+    ));
     let snapshot = load(&opts, &store)?;
     if opts.mode == Mode::Validate {
         return Ok(());
@@ -140,13 +143,15 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             let st = state.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok((s, _)) = l.accept().await else {
+                    let Ok((s, peer)) = l.accept().await else {
                         continue;
                     };
+                    let local = s.local_addr().unwrap_or(peer);
                     let st = st.clone();
                     tokio::spawn(async move {
-                        let svc =
-                            hyper::service::service_fn(move |req| admin::handle(req, st.clone()));
+                        let svc = hyper::service::service_fn(move |req| {
+                            admin::handle_logged(req, st.clone(), peer, local)
+                        });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                             .await;

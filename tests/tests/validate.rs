@@ -36,6 +36,20 @@ fn config(route: &str) -> String {
     BASE.replace("ROUTE", route)
 }
 
+/// The base config with one access log on the connection manager: `typed_config` fields and,
+/// when not empty, a filter.
+fn with_access_log(fields: &str, filter: &str) -> String {
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!(", filter: {filter}")
+    };
+    config("route: {cluster: c}").replace(
+        "stat_prefix: s\n",
+        &format!("stat_prefix: s\n          access_log: [{{name: envoy.access_loggers.file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, {fields}}}{filter}}}]\n"),
+    )
+}
+
 /// (name, bootstrap, extra flags, text Petrel's error must contain when refused)
 fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
     vec![
@@ -144,6 +158,14 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
         ("least request with one choice", config("route: {cluster: c}").replace("    connect_timeout: 1s\n    load_assignment", "    connect_timeout: 1s\n    lb_policy: LEAST_REQUEST\n    least_request_lb_config: {choice_count: 1}\n    load_assignment"), vec![], "choice_count"),
         ("least request with three choices", config("route: {cluster: c}").replace("    connect_timeout: 1s\n    load_assignment", "    connect_timeout: 1s\n    lb_policy: LEAST_REQUEST\n    least_request_lb_config: {choice_count: 3}\n    load_assignment"), vec![], ""),
         ("malformed YAML", "static_resources: [".to_string(), vec![], "YAML"),
+        ("access log, Istio's text format", with_access_log("path: /dev/stdout, log_format: {text_format_source: {inline_string: \"[%START_TIME%] \\\"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\\\" %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_HOST% %FILTER_STATE(io.istio.baggage:PLAIN)%\\n\"}}", ""), vec![], ""),
+        ("access log, default format and filters", with_access_log("path: /dev/null", "{and_filter: {filters: [{status_code_filter: {comparison: {op: GE, value: {default_value: 400, runtime_key: k}}}}, {duration_filter: {comparison: {op: GE, value: {default_value: 5, runtime_key: k}}}}, {response_flag_filter: {flags: [UF, NR]}}]}}"), vec![], ""),
+        ("access log, unknown operator", with_access_log("path: /dev/null, log_format: {text_format: \"%NOT_AN_OPERATOR%\"}", ""), vec![], "NOT_AN_OPERATOR"),
+        ("access log, unterminated operator", with_access_log("path: /dev/null, log_format: {text_format: \"a %REQ(x\"}", ""), vec![], "REQ(x"),
+        ("access log, unknown response flag", with_access_log("path: /dev/null", "{response_flag_filter: {flags: [XX]}}"), vec![], "XX"),
+        ("access log in a missing directory", with_access_log("path: /nonexistent/petrel/x.log", ""), vec![], "unable to open file '/nonexistent/petrel/x.log'"),
+        ("access log, empty path", with_access_log("path: \"\"", ""), vec![], "path"),
+        ("admin access log as Istio sets it", format!("admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}, access_log: [{{name: envoy.access_loggers.file, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: /dev/null}}}}]}}\n{}", config("route: {cluster: c}")), vec![], ""),
         ("unknown typed_config", config("route: {cluster: c}").replace("envoy.extensions.filters.http.router.v3.Router", "envoy.extensions.filters.http.nope.v3.Nope"), vec![], "Nope"),
     ]
 }

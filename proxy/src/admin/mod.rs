@@ -53,6 +53,7 @@ const HELP: &[(&str, &str)] = &[
         "/ready",
         "print server state, return 200 if LIVE, otherwise return 503",
     ),
+    ("/reopen_logs", "reopen access logs"),
     ("/server_info", "print server version/status information"),
     ("/stats", "print server stats"),
     (
@@ -113,6 +114,45 @@ fn query_params(q: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Answers an admin request and writes `admin.access_log` for it.
+pub async fn handle_logged(
+    req: Request<hyper::body::Incoming>,
+    st: Arc<AdminState>,
+    remote: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let logs = st.current.load().admin_access_logs.clone();
+    if logs.is_empty() {
+        return handle(req, st).await;
+    }
+    let start = std::time::Instant::now();
+    let start_time = std::time::SystemTime::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let headers = req.headers().clone();
+    let resp = handle(req, st).await?;
+    let authority = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut v = crate::observe::formatter::StreamValues::new(start_time, remote, local);
+    v.request_headers = Some(&headers);
+    v.request_line = Some(crate::observe::formatter::RequestLine {
+        method: method.as_str(),
+        path: uri.path_and_query().map_or("/", |p| p.as_str()),
+        authority,
+        scheme: "http",
+    });
+    v.response_headers = Some(resp.headers());
+    v.response_code = resp.status().as_u16();
+    v.response_code_details = "admin_filter_response";
+    v.protocol = "HTTP/1.1";
+    v.bytes_sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+    v.duration = Some(start.elapsed());
+    crate::observe::access_log::log_all(&logs, &v);
+    Ok(resp)
+}
+
 pub async fn handle(
     req: Request<hyper::body::Incoming>,
     st: Arc<AdminState>,
@@ -123,7 +163,12 @@ pub async fn handle(
     let get = |k: &str| params.iter().find(|(p, _)| p == k).map(|(_, v)| v.clone());
     let mutating = matches!(
         path.as_str(),
-        "/quitquitquit" | "/healthcheck/fail" | "/healthcheck/ok" | "/logging" | "/drain_listeners"
+        "/quitquitquit"
+            | "/healthcheck/fail"
+            | "/healthcheck/ok"
+            | "/logging"
+            | "/drain_listeners"
+            | "/reopen_logs"
     );
     if mutating && req.method() != http::Method::POST {
         return Ok(text(
@@ -187,6 +232,10 @@ pub async fn handle(
         }
         "/quitquitquit" => {
             st.shutdown.notify_one();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/reopen_logs" => {
+            crate::observe::access_log::reopen_all();
             text(StatusCode::OK, "OK\n")
         }
         "/drain_listeners" => {

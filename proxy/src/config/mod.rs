@@ -88,7 +88,7 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
     ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        &["access_log", "tracing"],
+        &["tracing"],
         OBSERVE,
     ),
     (
@@ -98,11 +98,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
             "set_current_client_cert_details",
         ],
         SECURITY,
-    ),
-    (
-        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        &["access_log"],
-        OBSERVE,
     ),
     (
         "envoy.config.listener.v3.Listener",

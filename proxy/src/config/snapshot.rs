@@ -28,6 +28,8 @@ pub struct Snapshot {
     /// Cluster names in configuration order (for `/clusters` and `/config_dump`).
     pub cluster_order: Vec<String>,
     pub admin: Option<SocketAddr>,
+    /// `admin.access_log`: one line per admin request.
+    pub admin_access_logs: crate::observe::access_log::AccessLogs,
     pub node: Node,
     /// The bootstrap as given, kept encoded (decoded only for `/config_dump`: decoded, a
     /// bootstrap with many clusters and routes takes kilobytes each).
@@ -109,14 +111,19 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     if let Some(z) = &opts.service_zone {
         node.locality.get_or_insert_with(Default::default).zone = z.clone();
     }
+    let mut admin_access_logs: crate::observe::access_log::AccessLogs = Arc::new([]);
     let admin = match rest.admin.take() {
         Some(a) => {
             let mut arest = a.clone();
+            admin_access_logs = crate::observe::access_log::compile_all(
+                &std::mem::take(&mut arest.access_log),
+                store,
+                "admin.access_log",
+            )?;
             let addr = listener::socket_addr(&arest.address.take(), "admin.address")?;
             // Where `/cpuprofiler` would write: Petrel has no profiler endpoints (they answer
             // 404), so nothing is ever written there.
             arest.profile_path.clear();
-            // Admin access logs are refused with the rest of access logging (issue #7).
             reject_unhandled(&arest, "admin")?;
             Some(addr)
         }
@@ -203,6 +210,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         clusters,
         cluster_order,
         admin,
+        admin_access_logs,
         node,
         bootstrap: prost::Message::encode_to_vec(b).into(),
         dynamic,

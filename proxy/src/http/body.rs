@@ -1,6 +1,8 @@
 //! A downstream request body from either codec.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,6 +18,15 @@ pub enum RequestBody {
     H2(Incoming),
     /// HTTP/1.1 (Petrel's codec).
     H1(H1Body),
+    /// Either, with the bytes read counted for the access log.
+    Counted(Box<RequestBody>, Arc<AtomicU64>),
+}
+
+impl RequestBody {
+    /// Counts the body's bytes into `received` as they are read.
+    pub fn counted(self, received: Arc<AtomicU64>) -> RequestBody {
+        RequestBody::Counted(Box::new(self), received)
+    }
 }
 
 impl Body for RequestBody {
@@ -33,18 +44,29 @@ impl Body for RequestBody {
             RequestBody::H1(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
+            RequestBody::Counted(b, n) => {
+                let r = Pin::new(b.as_mut()).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &r {
+                    if let Some(d) = f.data_ref() {
+                        n.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                r
+            }
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::H2(b) => b.is_end_stream(),
             RequestBody::H1(b) => b.is_end_stream(),
+            RequestBody::Counted(b, _) => b.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::H2(b) => b.size_hint(),
             RequestBody::H1(b) => b.size_hint(),
+            RequestBody::Counted(b, _) => b.size_hint(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! applies Envoy's request-header policies, routes, runs the filter chain and hands the request to
 //! the router.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use super::conn_manager_config::{Codec, HcmConfig, ServerHeader, UnderscoreAction};
 use super::local_reply::LocalReply;
 use super::local_reply_config::ReplyContext;
+use super::stream_log::{PendingLog, ReplyFacts, StreamBody, StreamFacts, StreamOrigin};
 use crate::http::stream_timeouts::IdleTimedBody;
 use crate::listener::drain::ConnDrain;
 use crate::router::route_config::{RouteAction, RouteInput};
@@ -244,18 +245,20 @@ pub fn codec_error_response(
     hcm: &HcmConfig,
     info: &ConnInfo,
     e: &super::h1::head::HeadError,
-) -> Response<ResponseBody> {
+) -> Response<StreamBody> {
     let (status, body, details) = e.reply();
+    let start = Instant::now();
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
     stats.downstream_rq_http1_total.inc();
     hcm.listener_stats.downstream_rq_total.inc();
+    let start_time = SystemTime::now();
     let form = ReplyForm {
         grpc: false,
         h2: false,
         remote: info.remote,
         local: info.local,
-        start_time: SystemTime::now(),
+        start_time,
     };
     let mut r = LocalReply::new(status, body, "DPE", details);
     r.headers
@@ -265,7 +268,38 @@ pub fn codec_error_response(
     hcm.listener_stats.response_class(resp.status().as_u16());
     stats.downstream_rq_completed.inc();
     hcm.listener_stats.downstream_rq_completed.inc();
-    resp
+    let facts = (!hcm.access_logs.is_empty()).then(StreamFacts::default);
+    with_log(hcm, resp, facts, info, start, start_time, false)
+}
+
+/// The response with its access log, when the connection manager has any.
+fn with_log(
+    hcm: &HcmConfig,
+    resp: Response<ResponseBody>,
+    facts: Option<StreamFacts>,
+    info: &ConnInfo,
+    start: Instant,
+    start_time: SystemTime,
+    h2: bool,
+) -> Response<StreamBody> {
+    let log = facts.map(|facts| {
+        Box::new(PendingLog {
+            logs: hcm.access_logs.clone(),
+            facts,
+            origin: StreamOrigin {
+                start,
+                start_time,
+                remote: info.remote,
+                direct_remote: info.remote,
+                local: info.local,
+                protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
+            },
+            response_headers: resp.headers().clone(),
+            status: resp.status().as_u16(),
+            reply: resp.extensions().get::<ReplyFacts>().copied(),
+        })
+    });
+    resp.map(|b| StreamBody::new(b, log))
 }
 
 /// Per-connection idle tracking for `common_http_protocol_options.idle_timeout`.
@@ -358,6 +392,12 @@ pub fn local_response(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     apply_server_header(hcm, resp.headers_mut());
+    if !hcm.access_logs.is_empty() {
+        resp.extensions_mut().insert(ReplyFacts {
+            flag: reply.flag,
+            details: reply.details,
+        });
+    }
     resp
 }
 
@@ -381,13 +421,14 @@ fn is_internal(hcm: &HcmConfig, addr: &SocketAddr) -> bool {
     hcm.internal_cidrs.iter().any(|c| c.contains(addr.ip()))
 }
 
-/// Handles one request from either codec, keeping the connection manager's stats.
+/// Handles one request from either codec, keeping the connection manager's stats; the response
+/// body writes the access logs when the stream ends.
 pub async fn handle(
     req: Request<RequestBody>,
     hcm: &HcmConfig,
     ctx: &Rc<WorkerCtx>,
     info: &ConnInfo,
-) -> Response<ResponseBody> {
+) -> Response<StreamBody> {
     let start = Instant::now();
     let start_time = SystemTime::now();
     let stats = &hcm.stats;
@@ -400,13 +441,39 @@ pub async fn handle(
     } else {
         stats.downstream_rq_http1_total.inc();
     }
-    let resp = process(req, hcm, ctx, info, start, start_time).await;
+    let (req, facts) = if hcm.access_logs.is_empty() {
+        (req, None)
+    } else {
+        let f = StreamFacts {
+            method: Some(req.method().clone()),
+            ..Default::default()
+        };
+        let received = f.received.clone();
+        (req.map(|b| b.counted(received)), Some(RefCell::new(f)))
+    };
+    let resp = process(req, hcm, ctx, info, start, start_time, facts.as_ref()).await;
     let status = resp.status().as_u16();
     stats.response_class(status);
     hcm.listener_stats.response_class(status);
     stats.downstream_rq_completed.inc();
     hcm.listener_stats.downstream_rq_completed.inc();
     stats.downstream_rq_active.dec();
+    let facts = facts.map(RefCell::into_inner);
+    with_log(hcm, resp, facts, info, start, start_time, h2)
+}
+
+/// A local reply to a request that ends before routing; the access log keeps its headers.
+fn early_reply(
+    hcm: &HcmConfig,
+    reply: &LocalReply,
+    form: ReplyForm,
+    req: Request<RequestBody>,
+    facts: Option<&RefCell<StreamFacts>>,
+) -> Response<ResponseBody> {
+    let resp = local_response(hcm, reply, form, Some(req.headers()));
+    if let Some(f) = facts {
+        f.borrow_mut().note_request(req);
+    }
     resp
 }
 
@@ -417,6 +484,7 @@ async fn process(
     info: &ConnInfo,
     start: Instant,
     start_time: SystemTime,
+    facts: Option<&RefCell<StreamFacts>>,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == http::Version::HTTP_2;
     let mut form = ReplyForm {
@@ -428,7 +496,7 @@ async fn process(
     };
     // Envoy's HTTP/1 codec refuses HTTP/1.0 unless accept_http_10 is set (which is refused).
     if req.version() == http::Version::HTTP_10 || req.version() == http::Version::HTTP_09 {
-        return local_response(
+        return early_reply(
             hcm,
             &LocalReply::new(
                 StatusCode::UPGRADE_REQUIRED,
@@ -437,13 +505,14 @@ async fn process(
                 "low_version",
             ),
             form,
-            Some(req.headers()),
+            req,
+            facts,
         );
     }
     let upgrade = is_websocket_upgrade(req.headers());
     // Header count and underscore policies.
     if req.headers().len() > hcm.max_headers_count as usize {
-        return local_response(
+        return early_reply(
             hcm,
             &LocalReply::new(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -452,7 +521,8 @@ async fn process(
                 "too_many_headers",
             ),
             form,
-            Some(req.headers()),
+            req,
+            facts,
         );
     }
     if hcm.underscores != UnderscoreAction::Allow {
@@ -464,7 +534,7 @@ async fn process(
             .collect();
         if !bad.is_empty() {
             if hcm.underscores == UnderscoreAction::RejectRequest {
-                return local_response(
+                return early_reply(
                     hcm,
                     &LocalReply::new(
                         StatusCode::BAD_REQUEST,
@@ -473,7 +543,8 @@ async fn process(
                         "unexpected_underscore",
                     ),
                     form,
-                    Some(req.headers()),
+                    req,
+                    facts,
                 );
             }
             for k in bad {
@@ -512,7 +583,7 @@ async fn process(
         match outcome {
             PathOutcome::Continue(p) => path = p,
             PathOutcome::Reject => {
-                return local_response(
+                return early_reply(
                     hcm,
                     &LocalReply::new(
                         StatusCode::BAD_REQUEST,
@@ -521,7 +592,8 @@ async fn process(
                         "path_normalization_failed",
                     ),
                     form,
-                    Some(req.headers()),
+                    req,
+                    facts,
                 );
             }
             PathOutcome::Redirect(p) => {
@@ -534,7 +606,7 @@ async fn process(
                 if let Ok(v) = HeaderValue::from_str(&p) {
                     r.headers.insert(http::header::LOCATION, v);
                 }
-                return local_response(hcm, &r, form, Some(req.headers()));
+                return early_reply(hcm, &r, form, req, facts);
             }
         }
     }
@@ -656,6 +728,16 @@ async fn process(
         scheme: &scheme,
         draw,
     });
+    if let Some(f) = facts {
+        let mut f = f.borrow_mut();
+        f.path.clone_from(&path);
+        f.authority.clone_from(&host);
+        f.scheme.clone_from(&scheme);
+        f.downstream_remote = Some(remote);
+        f.route_name = selected
+            .map(|(_, r)| r.name.clone())
+            .filter(|n| !n.is_empty());
+    }
     // The HTTP filter chain: decoders in order, then the router (the route was chosen before the
     // chain ran, as Envoy caches it), then encoders in reverse order on whatever answers.
     let stream_info = StreamInfo {
@@ -696,16 +778,27 @@ async fn process(
             break;
         }
     }
+    let keep_headers = |req: &mut Request<RequestBody>| {
+        if let Some(f) = facts {
+            f.borrow_mut().request_headers = Some(std::mem::take(req.headers_mut()));
+        }
+    };
     let mut resp = match (filter_reply, selected) {
-        (Some(r), _) => local_response(hcm, &r, form, Some(req.headers())),
+        (Some(r), _) => {
+            let resp = local_response(hcm, &r, form, Some(req.headers()));
+            keep_headers(&mut req);
+            resp
+        }
         (None, None) => {
             hcm.stats.no_route.inc();
-            local_response(
+            let resp = local_response(
                 hcm,
                 &LocalReply::route_not_found(),
                 form,
                 Some(req.headers()),
-            )
+            );
+            keep_headers(&mut req);
+            resp
         }
         (None, Some((vh, route))) => {
             let routed = Routed {
@@ -721,6 +814,7 @@ async fn process(
                 start_time,
                 weighted_draw,
                 header_cluster: header_cluster.clone(),
+                facts,
             };
             routed
                 .respond(req, vh, route, &routes, &scheme, &host, &path)
@@ -771,6 +865,7 @@ struct Routed<'a> {
     start_time: SystemTime,
     weighted_draw: u64,
     header_cluster: Option<String>,
+    facts: Option<&'a RefCell<StreamFacts>>,
 }
 
 impl Routed<'_> {
@@ -789,6 +884,13 @@ impl Routed<'_> {
         // An upgrade the listener does not allow is refused once routed (so route response
         // headers still apply), as Envoy's router does.
         let refused_upgrade = self.upgrade && !hcm.websocket;
+        if let (Some(f), false) = (
+            self.facts,
+            matches!(route.action, RouteAction::Forward(_)) && !refused_upgrade,
+        ) {
+            // A local answer: the access log sees the request as it is.
+            f.borrow_mut().request_headers = Some(req.headers().clone());
+        }
         let mut resp = match &route.action {
             _ if refused_upgrade => {
                 hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
@@ -812,7 +914,7 @@ impl Routed<'_> {
                 // Envoy counts route redirects as direct responses.
                 hcm.stats.rq_direct_response.inc();
                 let location = redirect_location(rd, scheme, host, path, route.matched_prefix());
-                let mut r = LocalReply::new(rd.status, Bytes::new(), "", "via_route_redirect");
+                let mut r = LocalReply::new(rd.status, Bytes::new(), "", "direct_response");
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     r.headers.insert(http::header::LOCATION, v);
                 }
@@ -837,6 +939,7 @@ impl Routed<'_> {
                     start_time: self.start_time,
                     weighted_draw: self.weighted_draw,
                     header_cluster: self.header_cluster.clone(),
+                    facts: self.facts,
                 };
                 crate::router::upstream_request::forward(req, input).await
             }

@@ -121,6 +121,8 @@ pub struct HcmConfig {
     pub request_headers_timeout: Option<Duration>,
     pub path_policy: super::path_normalization::PathPolicy,
     pub stats: HcmStats,
+    /// `access_log`: written when each stream ends.
+    pub access_logs: crate::observe::access_log::AccessLogs,
     /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
     pub listener_stats: HcmStats,
 }
@@ -428,6 +430,11 @@ pub fn compile(
         }
         websocket = u.enabled.as_ref().map(|b| b.value).unwrap_or(true);
     }
+    let access_logs = crate::observe::access_log::compile_all(
+        &std::mem::take(&mut rest.access_log),
+        store,
+        &format!("{path}.access_log"),
+    )?;
     reject_unhandled(&rest, path)?;
     let stats = HcmStats::new(store, &format!("http.{stat_prefix}."));
     let listener_stats =
@@ -458,6 +465,7 @@ pub fn compile(
         request_headers_timeout,
         path_policy,
         stats,
+        access_logs,
         listener_stats,
     })
 }

@@ -260,7 +260,8 @@ mod tests {
         let (s, h, b) = LocalReply::route_not_found().render(false);
         assert_eq!((s.as_u16(), b.len()), (404, 0));
         assert!(!h.contains_key(CONTENT_TYPE));
-        let r = LocalReply::upstream_reset(crate::upstream::pool::ResetReason::ConnectionFailure);
+        let r =
+            LocalReply::upstream_reset(crate::upstream::pool::ResetReason::ConnectionFailure(111));
         assert_eq!(&r.body[..], b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure");
         assert_eq!(r.flag, "UF");
     }

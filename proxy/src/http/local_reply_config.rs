@@ -112,6 +112,7 @@ impl LocalReplyConfig {
             response_code: reply.status.as_u16(),
             response_flags: reply.flag,
             request_headers: ctx.request_headers,
+            duration: None,
         };
         let mapper = self.mappers.iter().find(|m| m.filter.matches(&input));
         let mut format = self.body_format.as_ref();
@@ -129,18 +130,18 @@ impl LocalReplyConfig {
         }
         if let Some(f) = format {
             let body_text = String::from_utf8_lossy(&reply.body).into_owned();
-            let values = StreamValues {
-                request_headers: ctx.request_headers,
-                response_headers: Some(&reply.headers),
-                response_code: reply.status.as_u16(),
-                response_flags: reply.flag,
-                response_code_details: reply.details,
-                local_reply_body: &body_text,
-                protocol: ctx.format.protocol,
-                start_time: ctx.format.start_time,
-                downstream_remote: ctx.format.downstream_remote,
-                downstream_local: ctx.format.downstream_local,
-            };
+            let mut values = StreamValues::new(
+                ctx.format.start_time,
+                ctx.format.downstream_remote,
+                ctx.format.downstream_local,
+            );
+            values.request_headers = ctx.request_headers;
+            values.response_headers = Some(&reply.headers);
+            values.response_code = reply.status.as_u16();
+            values.response_flags = reply.flag;
+            values.response_code_details = reply.details;
+            values.local_reply_body = &body_text;
+            values.protocol = ctx.format.protocol;
             let (body, content_type) = f.render(&values);
             reply.body = Bytes::from(body);
             if let Ok(v) = HeaderValue::from_str(&content_type) {

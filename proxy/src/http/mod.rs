@@ -8,4 +8,5 @@ pub mod local_reply;
 pub mod local_reply_config;
 pub mod path_normalization;
 pub mod replay;
+pub mod stream_log;
 pub mod stream_timeouts;

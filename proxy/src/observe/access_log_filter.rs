@@ -14,11 +14,15 @@ pub struct FilterInput<'a> {
     pub response_code: u16,
     pub response_flags: &'a str,
     pub request_headers: Option<&'a HeaderMap>,
+    /// The stream's duration, once it is over.
+    pub duration: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
 pub enum LogFilter {
     StatusCode(Op, u32),
+    /// `duration_filter`: milliseconds.
+    Duration(Op, u64),
     /// Empty list: any flag set.
     ResponseFlags(Vec<String>),
     Header(HeaderMatch),
@@ -34,31 +38,43 @@ const FLAGS: &[&str] = &[
     "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
 ];
 
+/// A `ComparisonFilter`'s operator and value. Petrel's runtime has no key for it, so the default
+/// value is the value (as in Envoy when the runtime key is unset).
+fn comparison(
+    c: &Option<xds_client::pb::envoy::config::accesslog::v3::ComparisonFilter>,
+    path: &str,
+) -> Result<(Op, u32), ConfigError> {
+    let c = c
+        .as_ref()
+        .ok_or_else(|| invalid(format!("{path}.comparison"), "value is required"))?;
+    let op = Op::try_from(c.op)
+        .map_err(|_| invalid(format!("{path}.comparison.op"), "unknown enum value"))?;
+    let v = c
+        .value
+        .as_ref()
+        .ok_or_else(|| invalid(format!("{path}.comparison.value"), "value is required"))?;
+    Ok((op, v.default_value))
+}
+
+fn compare(op: Op, actual: u64, v: u64) -> bool {
+    match op {
+        Op::Eq => actual == v,
+        Op::Ge => actual >= v,
+        Op::Le => actual <= v,
+        Op::Ne => actual != v,
+    }
+}
+
 impl LogFilter {
     pub fn compile(f: &AccessLogFilter, path: &str) -> Result<LogFilter, ConfigError> {
         Ok(match &f.filter_specifier {
             Some(FilterSpecifier::StatusCodeFilter(s)) => {
-                let c = s.comparison.as_ref().ok_or_else(|| {
-                    invalid(
-                        format!("{path}.status_code_filter.comparison"),
-                        "value is required",
-                    )
-                })?;
-                let op = Op::try_from(c.op).map_err(|_| {
-                    invalid(
-                        format!("{path}.status_code_filter.comparison.op"),
-                        "unknown enum value",
-                    )
-                })?;
-                let v = c.value.as_ref().ok_or_else(|| {
-                    invalid(
-                        format!("{path}.status_code_filter.comparison.value"),
-                        "value is required",
-                    )
-                })?;
-                // Petrel has no runtime layer: the default value is the value (as in Envoy when
-                // the runtime key is unset).
-                LogFilter::StatusCode(op, v.default_value)
+                let (op, v) = comparison(&s.comparison, &format!("{path}.status_code_filter"))?;
+                LogFilter::StatusCode(op, v)
+            }
+            Some(FilterSpecifier::DurationFilter(d)) => {
+                let (op, v) = comparison(&d.comparison, &format!("{path}.duration_filter"))?;
+                LogFilter::Duration(op, v.into())
             }
             Some(FilterSpecifier::ResponseFlagFilter(r)) => {
                 for (i, flag) in r.flags.iter().enumerate() {
@@ -112,15 +128,10 @@ impl LogFilter {
 
     pub fn matches(&self, i: &FilterInput<'_>) -> bool {
         match self {
-            LogFilter::StatusCode(op, v) => {
-                let c = i.response_code as u32;
-                match op {
-                    Op::Eq => c == *v,
-                    Op::Ge => c >= *v,
-                    Op::Le => c <= *v,
-                    Op::Ne => c != *v,
-                }
-            }
+            LogFilter::StatusCode(op, v) => compare(*op, i.response_code.into(), (*v).into()),
+            LogFilter::Duration(op, v) => i
+                .duration
+                .is_some_and(|d| compare(*op, d.as_millis() as u64, *v)),
             LogFilter::ResponseFlags(flags) => {
                 if flags.is_empty() {
                     !i.response_flags.is_empty()
@@ -165,6 +176,7 @@ mod tests {
             response_code: code,
             response_flags: flags,
             request_headers: None,
+            duration: None,
         }
     }
 
@@ -185,7 +197,17 @@ mod tests {
     #[test]
     fn bad_filters_refused() {
         assert!(filter(json!({"response_flag_filter": {"flags": ["XX"]}})).is_err());
-        let e = filter(json!({"duration_filter": {"comparison": {"value": {"default_value": 1, "runtime_key": "k"}}}})).unwrap_err();
-        assert!(e.to_string().contains("DurationFilter"), "{e}");
+        let e = filter(json!({"runtime_filter": {"runtime_key": "k"}})).unwrap_err();
+        assert!(e.to_string().contains("RuntimeFilter"), "{e}");
+        let d = filter(json!({"duration_filter": {"comparison": {"op": "GE", "value": {"default_value": 10, "runtime_key": "k"}}}})).unwrap();
+        let at = |ms: Option<u64>| FilterInput {
+            response_code: 200,
+            response_flags: "",
+            request_headers: None,
+            duration: ms.map(std::time::Duration::from_millis),
+        };
+        assert!(d.matches(&at(Some(10))));
+        assert!(!d.matches(&at(Some(9))));
+        assert!(!d.matches(&at(None)));
     }
 }

@@ -1,5 +1,5 @@
-//! Stats, the substitution formatter and access-log filters (access logs and tracing come with
-//! the observability issue).
+//! Stats, the substitution formatter, access logs and their filters.
+pub mod access_log;
 pub mod access_log_filter;
 pub mod formatter;
 pub mod stats;

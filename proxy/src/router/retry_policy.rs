@@ -542,7 +542,7 @@ impl RetryState {
         let r = self.retry_on;
         match reason {
             ResetReason::Overflow | ResetReason::DownstreamBody => return false,
-            ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout
+            ResetReason::ConnectionFailure(_) | ResetReason::ConnectionTimeout
                 if r & on::CONNECT_FAILURE != 0 =>
             {
                 return true
@@ -676,7 +676,7 @@ mod tests {
         assert!(!s.would_retry_reset(ResetReason::Overflow, false));
         let c = policy("connect-failure,refused-stream");
         let s = RetryState::create(&c, &mut HeaderMap::new()).unwrap();
-        assert!(s.would_retry_reset(ResetReason::ConnectionFailure, false));
+        assert!(s.would_retry_reset(ResetReason::ConnectionFailure(111), false));
         assert!(!s.would_retry_reset(ResetReason::ConnectionTermination, true));
         assert!(s.would_retry_reset(ResetReason::RefusedStream, true));
         let b = policy("reset-before-request");

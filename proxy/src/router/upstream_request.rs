@@ -58,6 +58,8 @@ pub struct Forward<'a> {
     pub weighted_draw: u64,
     /// A `cluster_header` route's cluster, read before the filters ran.
     pub header_cluster: Option<String>,
+    /// What the access log learns from the router, when there are access logs.
+    pub facts: Option<&'a std::cell::RefCell<crate::http::stream_log::StreamFacts>>,
 }
 
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
@@ -109,6 +111,25 @@ fn router_reply(
     reply(f, r, request_headers)
 }
 
+/// Tells the access log why the upstream attempt that ends the request failed.
+fn note_reset(f: &Forward<'_>, reason: ResetReason) {
+    if let Some(facts) = f.facts {
+        let mut facts = facts.borrow_mut();
+        facts.details = Some(reason.details());
+        facts.transport_failure_reason = reason.transport_failure_reason();
+    }
+}
+
+/// Tells the access log which local address the upstream connection had.
+fn note_upstream_local<B>(f: &Forward<'_>, r: &Response<B>) {
+    if let (Some(facts), Some(l)) = (
+        f.facts,
+        r.extensions().get::<crate::upstream::pool::UpstreamLocal>(),
+    ) {
+        facts.borrow_mut().upstream_local = Some(l.0);
+    }
+}
+
 /// The upstream host that answered, for response header formatters.
 #[derive(Clone)]
 pub struct ChosenHost(pub Arc<crate::upstream::cluster::Host>);
@@ -145,6 +166,7 @@ enum Attempt {
 /// A request's upstream attempts: the host chosen for each, the retry state and its hold on
 /// the cluster's `max_retries`.
 struct Attempts<'a> {
+    facts: Option<&'a std::cell::RefCell<crate::http::stream_log::StreamFacts>>,
     cluster: &'a Cluster,
     policy: &'a RetryPolicy,
     retry: Option<RetryState>,
@@ -177,7 +199,7 @@ impl Attempts<'_> {
                 *reason,
                 !matches!(
                     reason,
-                    ResetReason::ConnectionFailure
+                    ResetReason::ConnectionFailure(_)
                         | ResetReason::ConnectionTimeout
                         | ResetReason::Overflow
                 ),
@@ -219,6 +241,9 @@ impl Attempts<'_> {
             }
             RetryStatus::LimitExceeded => {
                 stats.upstream_rq_retry_limit_exceeded.inc();
+                if let Some(f) = self.facts {
+                    f.borrow_mut().flags.push("URX");
+                }
                 Err(attempt)
             }
             RetryStatus::Overflow => {
@@ -262,6 +287,11 @@ impl Attempts<'_> {
         }
         self.priorities_tried.push(host.priority);
         self.tried.push(host.clone());
+        if let Some(f) = self.facts {
+            let mut f = f.borrow_mut();
+            f.attempts = self.count;
+            f.upstream_host = Some(host.address.clone());
+        }
         Some(host)
     }
 
@@ -314,6 +344,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         }
     };
     let Some(cluster) = f.snapshot.clusters.get(&cluster_name) else {
+        if let Some(facts) = f.facts {
+            facts.borrow_mut().request_headers = Some(req.headers().clone());
+        }
         f.hcm.stats.no_cluster.inc();
         return reply(
             &f,
@@ -340,7 +373,11 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         ),
         _ => RequestHash::default(),
     };
+    if let Some(facts) = f.facts {
+        facts.borrow_mut().cluster = Some(cluster_name.clone());
+    }
     let mut attempts = Attempts {
+        facts: f.facts,
         cluster,
         policy,
         retry,
@@ -353,6 +390,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         skipping: false,
     };
     let Some(mut host) = attempts.choose(&f, req.headers()) else {
+        if let Some(facts) = f.facts {
+            facts.borrow_mut().request_headers = Some(req.headers().clone());
+        }
         return no_healthy_upstream(&f, cluster, reply_headers.as_ref(), attempts.count);
     };
 
@@ -473,6 +513,19 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         }
     }
 
+    if let Some(facts) = f.facts {
+        // The access log sees the request as the router shaped it (Envoy's router edits the
+        // downstream headers in place).
+        let mut h = headers.clone();
+        let authority = host_authority(&host).or_else(|| original_host.clone());
+        let mut facts = facts.borrow_mut();
+        if let Some(a) = authority.as_ref().and_then(|a| a.to_str().ok()) {
+            facts.authority = a.to_string();
+        }
+        facts.path.clone_from(&path);
+        h.remove(http::header::HOST);
+        facts.request_headers = Some(h);
+    }
     let upstream_h2 = match cluster.protocol {
         crate::upstream::cluster::UpstreamProtocol::Http2 => true,
         UpstreamProtocol::Downstream => f.h2,
@@ -755,6 +808,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 Attempt::Reset(reason)
             }
             Outcome::Response(Ok(r)) => {
+                note_upstream_local(&f, &r);
                 cluster.report_outlier(
                     &host,
                     outlier_response(f.form.grpc, r.headers(), r.status()),
@@ -773,6 +827,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             Err(Attempt::Reset(reason)) => {
                 cluster.charge_response(503);
                 host.record_response(503);
+                note_reset(&f, reason);
                 return router_reply(
                     &f,
                     LocalReply::upstream_reset_after(reason, attempts.count > 1),
@@ -995,9 +1050,13 @@ async fn tunnel(
             stats.upstream_rq_timeout.inc();
             return reply(f, LocalReply::upstream_timeout(), None);
         }
-        Some(Err(reason)) => return reply(f, LocalReply::upstream_reset(reason), None),
+        Some(Err(reason)) => {
+            note_reset(f, reason);
+            return reply(f, LocalReply::upstream_reset(reason), None);
+        }
         Some(Ok(r)) => r,
     };
+    note_upstream_local(f, &resp);
     cluster.charge_response(resp.status().as_u16());
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let up = hyper::upgrade::on(&mut resp);

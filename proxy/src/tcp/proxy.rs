@@ -40,6 +40,8 @@ pub struct TcpProxyConfig {
     max_connect_attempts: u32,
     max_duration: Option<Duration>,
     pub stats: TcpProxyStats,
+    /// `access_log`: one line per connection, when it closes.
+    access_logs: crate::observe::access_log::AccessLogs,
 }
 
 pub fn compile(pb: &TcpProxy, store: &Store, path: &str) -> Result<TcpProxyConfig, ConfigError> {
@@ -94,8 +96,14 @@ pub fn compile(pb: &TcpProxy, store: &Store, path: &str) -> Result<TcpProxyConfi
         }
         None => None,
     };
+    let access_logs = crate::observe::access_log::compile_all(
+        &std::mem::take(&mut rest.access_log),
+        store,
+        &format!("{path}.access_log"),
+    )?;
     reject_unhandled(&rest, path)?;
     Ok(TcpProxyConfig {
+        access_logs,
         clusters,
         idle_timeout: (!idle.is_zero()).then_some(idle),
         max_connect_attempts,
@@ -115,6 +123,17 @@ impl TcpProxyConfig {
     }
 }
 
+/// What a connection's access log reads.
+#[derive(Default)]
+struct TcpFacts {
+    flag: &'static str,
+    cluster: Option<String>,
+    host: Option<crate::upstream::cluster::HostAddress>,
+    upstream_local: Option<SocketAddr>,
+    received: Cell<u64>,
+    sent: Cell<u64>,
+}
+
 /// Proxies one connection; `initial` holds bytes the listener filters already read.
 pub async fn serve(
     downstream: TcpStream,
@@ -124,13 +143,65 @@ pub async fn serve(
     ctx: Rc<WorkerCtx>,
     drain: Drain,
 ) {
+    if cfg.access_logs.is_empty() {
+        let mut facts = TcpFacts::default();
+        return relay(
+            downstream,
+            initial,
+            original_dst,
+            &cfg,
+            ctx,
+            drain,
+            &mut facts,
+        )
+        .await;
+    }
+    let start = std::time::Instant::now();
+    let start_time = std::time::SystemTime::now();
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let remote = downstream.peer_addr().unwrap_or(unknown);
+    let local = original_dst.unwrap_or_else(|| downstream.local_addr().unwrap_or(unknown));
+    let mut facts = TcpFacts::default();
+    relay(
+        downstream,
+        initial,
+        original_dst,
+        &cfg,
+        ctx,
+        drain,
+        &mut facts,
+    )
+    .await;
+    let mut v = crate::observe::formatter::StreamValues::new(start_time, remote, local);
+    v.response_flags = facts.flag;
+    v.bytes_received = facts.received.get();
+    v.bytes_sent = facts.sent.get();
+    v.duration = Some(start.elapsed());
+    v.upstream.cluster = facts.cluster.as_deref();
+    v.upstream.host = facts.host.as_ref();
+    v.upstream.local = facts.upstream_local;
+    crate::observe::access_log::log_all(&cfg.access_logs, &v);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    downstream: TcpStream,
+    initial: BytesMut,
+    original_dst: Option<SocketAddr>,
+    cfg: &TcpProxyConfig,
+    ctx: Rc<WorkerCtx>,
+    drain: Drain,
+    facts: &mut TcpFacts,
+) {
     cfg.stats.downstream_cx_total.inc();
     let snap = ctx.snapshot();
     let Some(cluster) = snap.clusters.get(cfg.pick()).cloned() else {
         // Envoy closes the connection (flag NR).
         cfg.stats.downstream_cx_no_route.inc();
+        facts.flag = "NR";
         return;
     };
+    facts.cluster = Some(cluster.name.clone());
     let mut upstream = None;
     for _ in 0..cfg.max_connect_attempts {
         let Some(host) =
@@ -139,16 +210,24 @@ pub async fn serve(
         else {
             // No healthy upstream (flag UH).
             cluster.stats.upstream_cx_none_healthy.inc();
+            facts.flag = "UH";
             return;
         };
+        facts.host = Some(host.address.clone());
         match crate::upstream::pool::connect_tcp(&cluster, &host).await {
             Ok((s, held)) => {
+                if let tokio_util::either::Either::Left(t) = &s {
+                    facts.upstream_local = t.local_addr().ok();
+                }
                 cluster.report_outlier(&host, Report::ConnectSuccessFinal);
                 upstream = Some((s, host, held));
                 break;
             }
             // The cluster is full: no attempt is made, as Envoy's TCP pool refuses it (`UO`).
-            Err(ResetReason::Overflow) => return,
+            Err(ResetReason::Overflow) => {
+                facts.flag = "UO";
+                return;
+            }
             Err(ResetReason::ConnectionTimeout) => cluster.report_outlier(&host, Report::Timeout),
             Err(_) => cluster.report_outlier(&host, Report::ConnectFailed),
         }
@@ -156,6 +235,7 @@ pub async fn serve(
     // Connection failures (flag UF) close the downstream connection.
     // `_connection` holds the cluster's `max_connections` slot while the relay runs.
     let Some((upstream, host, _connection)) = upstream else {
+        facts.flag = "UF";
         return;
     };
     let stats = &cluster.stats;
@@ -172,6 +252,7 @@ pub async fn serve(
         initial,
         &activity,
         &cfg.stats.downstream_cx_rx_bytes_total,
+        &facts.received,
     );
     let down = pump(
         ur,
@@ -179,6 +260,7 @@ pub async fn serve(
         BytesMut::new(),
         &activity,
         &cfg.stats.downstream_cx_tx_bytes_total,
+        &facts.sent,
     );
     let both = async { tokio::join!(up, down) };
     let idle = idle_watch(cfg.idle_timeout, &activity);
@@ -209,9 +291,11 @@ async fn pump(
     first: BytesMut,
     activity: &Cell<tokio::time::Instant>,
     bytes: &crate::observe::stats::Counter,
+    moved: &Cell<u64>,
 ) {
     if !first.is_empty() {
         bytes.add(first.len() as u64);
+        moved.set(moved.get() + first.len() as u64);
         if to.write_all(&first).await.is_err() {
             return;
         }
@@ -224,6 +308,7 @@ async fn pump(
         };
         activity.set(tokio::time::Instant::now());
         bytes.add(n as u64);
+        moved.set(moved.get() + n as u64);
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }

@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -32,7 +33,9 @@ pub type UpstreamBody =
 /// Why an upstream request failed before response headers, in Envoy's reset-reason words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResetReason {
-    ConnectionFailure,
+    /// The connection could not be made; the OS error number, 0 when there is none (a failed
+    /// handshake).
+    ConnectionFailure(i32),
     ConnectionTimeout,
     ConnectionTermination,
     ProtocolError,
@@ -49,7 +52,7 @@ impl ResetReason {
     /// Envoy's reset reason string as it appears in local-reply bodies.
     pub fn as_str(self) -> &'static str {
         match self {
-            ResetReason::ConnectionFailure => "remote connection failure",
+            ResetReason::ConnectionFailure(_) => "remote connection failure",
             ResetReason::ConnectionTimeout => "connection timeout",
             ResetReason::ConnectionTermination => "connection termination",
             ResetReason::ProtocolError => "protocol error",
@@ -58,10 +61,39 @@ impl ResetReason {
             ResetReason::DownstreamBody => "downstream protocol error",
         }
     }
+    /// Envoy's `%UPSTREAM_TRANSPORT_FAILURE_REASON%`: why the connection could not be made.
+    pub fn transport_failure_reason(self) -> Option<String> {
+        match self {
+            ResetReason::ConnectionFailure(errno) if errno != 0 => {
+                let e = std::io::Error::from_raw_os_error(errno).to_string();
+                let text = e.split(" (os error").next().unwrap_or(&e);
+                Some(format!("delayed_connect_error:_{}", text.replace(' ', "_")))
+            }
+            _ => None,
+        }
+    }
+
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for a reset before the response started.
+    pub fn details(self) -> String {
+        let reason = match self {
+            ResetReason::ConnectionFailure(_) => "remote_connection_failure",
+            ResetReason::ConnectionTimeout => "connection_timeout",
+            ResetReason::ConnectionTermination => "connection_termination",
+            ResetReason::ProtocolError => "protocol_error",
+            ResetReason::RefusedStream => "remote_refused_stream_reset",
+            ResetReason::Overflow => "overflow",
+            ResetReason::DownstreamBody => "downstream_protocol_error",
+        };
+        match self.transport_failure_reason() {
+            Some(t) => format!("upstream_reset_before_response_started{{{reason}|{t}}}"),
+            None => format!("upstream_reset_before_response_started{{{reason}}}"),
+        }
+    }
+
     /// Envoy's response flag.
     pub fn flag(self) -> &'static str {
         match self {
-            ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout => "UF",
+            ResetReason::ConnectionFailure(_) | ResetReason::ConnectionTimeout => "UF",
             ResetReason::ConnectionTermination => "UC",
             ResetReason::ProtocolError => "UPE",
             ResetReason::RefusedStream => "UR",
@@ -75,6 +107,25 @@ struct IdleH1 {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
     used: u32,
+    local: Option<SocketAddr>,
+}
+
+/// The pool's HTTP/2 connection and its local address.
+#[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    local: Option<SocketAddr>,
+}
+
+/// The local address of the upstream connection a response came on (`%UPSTREAM_LOCAL_ADDRESS%`).
+#[derive(Clone, Copy)]
+pub struct UpstreamLocal(pub SocketAddr);
+
+fn with_local<B>(mut resp: Response<B>, local: Option<SocketAddr>) -> Response<B> {
+    if let Some(l) = local {
+        resp.extensions_mut().insert(UpstreamLocal(l));
+    }
+    resp
 }
 
 /// What a request waiting in a pool's queue is given: a connection, or leave to open one
@@ -87,7 +138,7 @@ enum Slot {
 #[derive(Default)]
 struct HostPool {
     idle: RefCell<Vec<IdleH1>>,
-    h2: RefCell<Option<http2::SendRequest<UpstreamBody>>>,
+    h2: RefCell<Option<H2Conn>>,
     /// Whether an HTTP/2 connection is being opened, and the requests waiting for it (they
     /// queue on it as Envoy's pending streams do, rather than each opening its own).
     h2_opening: std::cell::Cell<bool>,
@@ -336,16 +387,17 @@ impl WorkerUpstreams {
         host: &Arc<Host>,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ResetReason> {
-        let (io, held) = tcp(cluster, host).await?;
+        let (io, held, local) = tcp(cluster, host).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|_| ResetReason::ConnectionFailure)?;
+            .map_err(|_| ResetReason::ConnectionFailure(0))?;
         cluster.stats.upstream_cx_http1_total.inc();
         track(&cluster.stats, host, conn.with_upgrades(), held, None);
         // Envoy counts an upstream request once it has a connection to go on.
         let _request = attach(cluster, host);
-        sender.send_request(req).await.map_err(|e| classify(&e))
+        let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
+        Ok(with_local(resp, local))
     }
 
     /// Sends a request to `host`, over a pooled connection or a new one, within the cluster's
@@ -365,7 +417,7 @@ impl WorkerUpstreams {
             return Err(ResetReason::Overflow);
         };
         if h2 {
-            let existing = pool.h2.borrow().clone().filter(|s| s.is_ready());
+            let existing = pool.h2.borrow().clone().filter(|c| c.sender.is_ready());
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
@@ -381,15 +433,20 @@ impl WorkerUpstreams {
             if let Some(a) = attached {
                 a.notify_one();
             }
-            let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
-            return Ok(resp.map(|b| PooledBody {
+            let resp = sender
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| classify(&e))?;
+            let resp = resp.map(|b| PooledBody {
                 inner: b,
                 give_back: None,
                 _request: Some(request),
-            }));
+            });
+            return Ok(with_local(resp, sender.local));
         }
-        let (mut sender, used) = match pool.take_idle(cluster.idle_timeout) {
-            Some(c) => (c.sender, c.used),
+        let (mut sender, used, local) = match pool.take_idle(cluster.idle_timeout) {
+            Some(c) => (c.sender, c.used, c.local),
             None => {
                 if !cluster.resources.pending_requests.can_create() {
                     return Err(overflowed(cluster));
@@ -405,12 +462,18 @@ impl WorkerUpstreams {
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
-        let give_back = reuse.then(|| GiveBack { pool, sender, used });
-        Ok(resp.map(|b| PooledBody {
+        let give_back = reuse.then(|| GiveBack {
+            pool,
+            sender,
+            used,
+            local,
+        });
+        let resp = resp.map(|b| PooledBody {
             inner: b,
             give_back,
             _request: Some(request),
-        }))
+        });
+        Ok(with_local(resp, local))
     }
 
     /// A pending HTTP/1.1 request gets a connection: a new one when `max_connections` allows (or
@@ -421,16 +484,19 @@ impl WorkerUpstreams {
         cluster: &Cluster,
         host: &Arc<Host>,
         pool: &Rc<HostPool>,
-    ) -> Result<(http1::SendRequest<UpstreamBody>, u32), ResetReason> {
+    ) -> Result<(http1::SendRequest<UpstreamBody>, u32, Option<SocketAddr>), ResetReason> {
         loop {
             if cluster.resources.connections.can_create() || pool.conns.get() == 0 {
-                return Ok((connect_h1(cluster, host, pool).await?, 0));
+                let (sender, local) = connect_h1(cluster, host, pool).await?;
+                return Ok((sender, 0, local));
             }
             cluster.stats.upstream_cx_overflow.inc();
             let (tx, rx) = tokio::sync::oneshot::channel();
             pool.waiters.borrow_mut().push_back(tx);
             match rx.await {
-                Ok(Slot::Ready(c)) if c.sender.is_ready() => return Ok((c.sender, c.used)),
+                Ok(Slot::Ready(c)) if c.sender.is_ready() => {
+                    return Ok((c.sender, c.used, c.local))
+                }
                 // A connection closed (or the one handed over died): try to open one.
                 _ => continue,
             }
@@ -507,10 +573,18 @@ async fn connect(
     }
 }
 
-async fn tcp(cluster: &Cluster, host: &Host) -> Result<(TokioIo<HostStream>, Held), ResetReason> {
-    connect_host(cluster, host)
-        .await
-        .map(|(s, held)| (TokioIo::new(s), held))
+/// A connection for a pool, with its local address (none for a pipe).
+async fn tcp(
+    cluster: &Cluster,
+    host: &Host,
+) -> Result<(TokioIo<HostStream>, Held, Option<SocketAddr>), ResetReason> {
+    connect_host(cluster, host).await.map(|(s, held)| {
+        let local = match &s {
+            tokio_util::either::Either::Left(t) => t.local_addr().ok(),
+            tokio_util::either::Either::Right(_) => None,
+        };
+        (TokioIo::new(s), held, local)
+    })
 }
 
 /// A TCP proxy's connection to `host`, as Envoy's TCP pool gives it: a stream pending until its
@@ -554,7 +628,9 @@ pub async fn connect_host(
     );
     match tokio::time::timeout(cluster.connect_timeout, connecting).await {
         Ok(Ok(s)) => Ok((s, held)),
-        Ok(Err(_)) => failed(ResetReason::ConnectionFailure),
+        Ok(Err(e)) => failed(ResetReason::ConnectionFailure(
+            e.raw_os_error().unwrap_or(0),
+        )),
         Err(_) => {
             stats.upstream_cx_connect_timeout.inc();
             failed(ResetReason::ConnectionTimeout)
@@ -591,7 +667,7 @@ async fn connect_h1(
     cluster: &Cluster,
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
-) -> Result<http1::SendRequest<UpstreamBody>, ResetReason> {
+) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), ResetReason> {
     let total = &cluster.stats.upstream_cx_http1_total;
     open_pooled(cluster, host, pool, total, |io| {
         http1::Builder::new().handshake(io)
@@ -607,25 +683,25 @@ async fn open_pooled<S, C, Fut>(
     pool: &Rc<HostPool>,
     total: &crate::observe::stats::Counter,
     handshake: impl FnOnce(TokioIo<HostStream>) -> Fut,
-) -> Result<S, ResetReason>
+) -> Result<(S, Option<SocketAddr>), ResetReason>
 where
     Fut: std::future::Future<Output = Result<(S, C), hyper::Error>>,
     C: std::future::Future + 'static,
 {
     pool.conns.set(pool.conns.get() + 1);
     let opened = async {
-        let (io, held) = tcp(cluster, host).await?;
+        let (io, held, local) = tcp(cluster, host).await?;
         let (sender, conn) = handshake(io)
             .await
-            .map_err(|_| ResetReason::ConnectionFailure)?;
-        Ok::<_, ResetReason>((sender, conn, held))
+            .map_err(|_| ResetReason::ConnectionFailure(0))?;
+        Ok::<_, ResetReason>((sender, conn, held, local))
     }
     .await;
     match opened {
-        Ok((sender, conn, held)) => {
+        Ok((sender, conn, held, local)) => {
             total.inc();
             track(&cluster.stats, host, conn, held, Some(pool.clone()));
-            Ok(sender)
+            Ok((sender, local))
         }
         Err(e) => {
             pool.closed();
@@ -636,7 +712,7 @@ where
 
 /// What a request waiting on an opening HTTP/2 connection hears: the connection, the failure
 /// every waiting request shares, or None when the opener went away (the waiter tries itself).
-type H2Opened = Option<Result<http2::SendRequest<UpstreamBody>, ResetReason>>;
+type H2Opened = Option<Result<H2Conn, ResetReason>>;
 
 /// The pool's HTTP/2 connection once open: opened by the first request that needs it, the
 /// others waiting for it.
@@ -644,9 +720,9 @@ async fn h2_connection(
     cluster: &Cluster,
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
-) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
+) -> Result<H2Conn, ResetReason> {
     loop {
-        if let Some(s) = pool.h2.borrow().clone().filter(|s| s.is_ready()) {
+        if let Some(s) = pool.h2.borrow().clone().filter(|c| c.sender.is_ready()) {
             return Ok(s);
         }
         if pool.h2_opening.get() {
@@ -685,18 +761,20 @@ async fn connect_h2(
     cluster: &Cluster,
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
-) -> Result<http2::SendRequest<UpstreamBody>, ResetReason> {
+) -> Result<H2Conn, ResetReason> {
     let total = &cluster.stats.upstream_cx_http2_total;
-    open_pooled(cluster, host, pool, total, |io| {
+    let (sender, local) = open_pooled(cluster, host, pool, total, |io| {
         http2::Builder::new(LocalExec).handshake(io)
     })
-    .await
+    .await?;
+    Ok(H2Conn { sender, local })
 }
 
 struct GiveBack {
     pool: Rc<HostPool>,
     sender: http1::SendRequest<UpstreamBody>,
     used: u32,
+    local: Option<SocketAddr>,
 }
 
 /// An upstream response body that returns its HTTP/1.1 connection to the pool once the body has
@@ -725,6 +803,7 @@ impl PooledBody {
                 sender: g.sender,
                 since: Instant::now(),
                 used: g.used,
+                local: g.local,
             });
         }
     }

@@ -22,8 +22,9 @@ use super::body::{ContinueSignal, Decoder, H1Body, ReadSide};
 use super::head::{self, HeadError, Limits};
 use super::{H1Upgrade, Upgraded};
 use crate::http::body::RequestBody;
-use crate::http::conn_manager::{self, ConnInfo, ResponseBody};
+use crate::http::conn_manager::{self, ConnInfo};
 use crate::http::conn_manager_config::HcmConfig;
+use crate::http::stream_log::StreamBody;
 use crate::listener::drain::ConnDrain;
 use crate::worker::WorkerCtx;
 
@@ -234,7 +235,7 @@ fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
 /// Writes a response: head, then the body with content-length or chunked framing.
 async fn write_response(
     wr: &mut OwnedWriteHalf,
-    resp: Response<ResponseBody>,
+    resp: Response<StreamBody>,
     head_only: bool,
     keep_alive: bool,
 ) -> std::io::Result<()> {

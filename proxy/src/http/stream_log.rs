@@ -1,0 +1,229 @@
+//! What an HTTP stream's access log reads, gathered while the stream runs, and the response body
+//! that writes the log once the last byte has gone downstream (or the stream was cut short), as
+//! Envoy logs on stream completion.
+//!
+//! None of this exists for a connection manager without access logs.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use super::conn_manager::ResponseBody;
+use crate::observe::access_log::{log_all, AccessLogs};
+use crate::observe::formatter::{RequestLine, StreamValues, UpstreamValues};
+
+/// Facts about one stream that the connection manager and the router learn.
+#[derive(Default)]
+pub struct StreamFacts {
+    /// The request headers as the router last shaped them.
+    pub request_headers: Option<HeaderMap>,
+    pub method: Option<http::Method>,
+    pub path: String,
+    pub authority: String,
+    pub scheme: String,
+    pub route_name: Option<String>,
+    pub cluster: Option<String>,
+    /// The client address after `x-forwarded-for` processing.
+    pub downstream_remote: Option<SocketAddr>,
+    pub upstream_host: Option<crate::upstream::cluster::HostAddress>,
+    pub upstream_local: Option<SocketAddr>,
+    pub transport_failure_reason: Option<String>,
+    /// `%RESPONSE_CODE_DETAILS%` when the router knows more than its local reply says.
+    pub details: Option<String>,
+    pub attempts: u32,
+    /// Flags that do not come with a local reply (`URX`, `DI`, …).
+    pub flags: Vec<&'static str>,
+    /// Request body bytes read from downstream.
+    pub received: Arc<AtomicU64>,
+}
+
+impl StreamFacts {
+    /// Takes what a request that ends before routing shows: its line and headers.
+    pub fn note_request<B>(&mut self, req: http::Request<B>) {
+        let (parts, _) = req.into_parts();
+        self.path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        self.authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        self.request_headers = Some(parts.headers);
+    }
+}
+
+/// How a local reply describes itself to the access log (set on every local response).
+#[derive(Clone, Copy)]
+pub struct ReplyFacts {
+    pub flag: &'static str,
+    pub details: &'static str,
+}
+
+/// Envoy's flag order when several are set (the order of its `ResponseFlag` enum).
+const FLAG_ORDER: &[&str] = &[
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+];
+
+fn join_flags(mut flags: Vec<&'static str>) -> String {
+    flags.sort_by_key(|f| FLAG_ORDER.iter().position(|o| o == f));
+    flags.dedup();
+    flags.join(",")
+}
+
+/// Where the stream came from and when.
+pub struct StreamOrigin {
+    pub start: Instant,
+    pub start_time: SystemTime,
+    pub remote: SocketAddr,
+    pub direct_remote: SocketAddr,
+    pub local: SocketAddr,
+    pub protocol: &'static str,
+}
+
+/// The access log still to be written for a stream.
+pub struct PendingLog {
+    pub logs: AccessLogs,
+    pub facts: StreamFacts,
+    pub origin: StreamOrigin,
+    pub response_headers: HeaderMap,
+    pub status: u16,
+    pub reply: Option<ReplyFacts>,
+}
+
+/// The downstream response body: the stream's body, and its pending access log.
+pub struct StreamBody {
+    inner: ResponseBody,
+    log: Option<Box<PendingLog>>,
+    sent: u64,
+    ended: bool,
+    failed: bool,
+}
+
+impl StreamBody {
+    pub fn new(inner: ResponseBody, log: Option<Box<PendingLog>>) -> Self {
+        StreamBody {
+            inner,
+            log,
+            sent: 0,
+            ended: false,
+            failed: false,
+        }
+    }
+
+    pub fn inner_mut(&mut self) -> &mut ResponseBody {
+        &mut self.inner
+    }
+}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = <ResponseBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.log.is_some() {
+            match &r {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        this.sent += d.len() as u64;
+                    }
+                    if f.is_trailers() {
+                        this.ended = true;
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => this.failed = true,
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => {}
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        let Some(log) = self.log.take() else { return };
+        let bodiless = matches!(log.status, 204 | 304)
+            || log.facts.method.as_ref() == Some(&http::Method::HEAD);
+        let complete = self.ended || bodiless || self.inner.is_end_stream();
+        let mut flags = log.facts.flags.clone();
+        if let Some(r) = log.reply {
+            if !r.flag.is_empty() {
+                flags.push(r.flag);
+            }
+        }
+        if self.failed {
+            // The upstream reset the stream after its headers.
+            flags.push("UR");
+        } else if !complete {
+            flags.push("DC");
+        }
+        write(&log, &join_flags(flags), self.sent);
+    }
+}
+
+fn write(log: &PendingLog, flags: &str, sent: u64) {
+    let f = &log.facts;
+    let o = &log.origin;
+    let remote = f.downstream_remote.unwrap_or(o.remote);
+    let mut v = StreamValues::new(o.start_time, remote, o.local);
+    v.downstream_direct_remote = o.direct_remote;
+    v.request_headers = f.request_headers.as_ref();
+    v.request_line = Some(RequestLine {
+        method: f.method.as_ref().map_or("", |m| m.as_str()),
+        path: &f.path,
+        authority: &f.authority,
+        scheme: &f.scheme,
+    });
+    v.response_headers = Some(&log.response_headers);
+    v.response_code = log.status;
+    v.response_flags = flags;
+    v.response_code_details = match (&f.details, log.reply) {
+        (Some(d), _) => d,
+        (None, Some(r)) => r.details,
+        (None, None) => "via_upstream",
+    };
+    v.protocol = o.protocol;
+    v.route_name = f.route_name.as_deref().unwrap_or("");
+    v.bytes_received = f.received.load(Ordering::Relaxed);
+    v.bytes_sent = sent;
+    v.duration = Some(o.start.elapsed());
+    v.upstream = UpstreamValues {
+        cluster: f.cluster.as_deref(),
+        cluster_stat_name: None,
+        host: f.upstream_host.as_ref(),
+        local: f.upstream_local,
+        transport_failure_reason: f.transport_failure_reason.as_deref(),
+        attempts: f.attempts,
+    };
+    log_all(&log.logs, &v);
+}
