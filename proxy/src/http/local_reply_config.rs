@@ -68,7 +68,7 @@ impl LocalReplyConfig {
                 None => None,
             };
             let body_format = match mrest.body_format_override.take() {
-                Some(f) => Some(SubstitutionFormat::compile(
+                Some(f) => Some(SubstitutionFormat::compile_for_local_reply(
                     &f,
                     &format!("{mp}.body_format_override"),
                 )?),
@@ -89,7 +89,7 @@ impl LocalReplyConfig {
             });
         }
         let body_format = match rest.body_format.take() {
-            Some(f) => Some(SubstitutionFormat::compile(
+            Some(f) => Some(SubstitutionFormat::compile_for_local_reply(
                 &f,
                 &format!("{path}.body_format"),
             )?),
@@ -207,5 +207,21 @@ mod tests {
             },
         );
         assert_eq!(&nr.body[..], b"404:  (NR)");
+    }
+
+    #[test]
+    fn stream_only_operators_refused() {
+        for f in [
+            "%REQ(:PATH)%",
+            "%UPSTREAM_HOST%",
+            "%BYTES_SENT%",
+            "%REQ(x?:authority)%",
+        ] {
+            let c: PbLocalReplyConfig = xds_client::TypeRegistry::global()
+                .from_json(&json!({"body_format": {"text_format": f}}), false)
+                .unwrap();
+            let e = LocalReplyConfig::compile(&c, "local_reply_config").unwrap_err();
+            assert!(e.to_string().contains("body_format"), "{f}: {e}");
+        }
     }
 }

@@ -617,6 +617,32 @@ impl TextFormat {
         }
     }
 
+    /// Whether every operator has a value in a local reply's body format (where Petrel knows the
+    /// request headers, the reply and the downstream, but not the request line or the
+    /// upstream).
+    fn fits_local_reply(&self) -> bool {
+        self.ops.iter().all(|op| match op {
+            Op::Header { from, key, alt, .. } => {
+                let plain = |k: &HeaderKey| matches!(k, HeaderKey::Name(_));
+                *from != Headers::Trailers && plain(key) && alt.as_ref().is_none_or(plain)
+            }
+            Op::Address(a, _) => matches!(
+                a,
+                Addr::DownstreamRemote | Addr::DownstreamDirectRemote | Addr::DownstreamLocal
+            ),
+            Op::Literal(_)
+            | Op::ResponseCode
+            | Op::ResponseFlags
+            | Op::ResponseFlagsLong
+            | Op::ResponseCodeDetails
+            | Op::LocalReplyBody
+            | Op::Protocol
+            | Op::StartTime(_)
+            | Op::Hostname => true,
+            _ => false,
+        })
+    }
+
     /// Appends the formatted text to `out`.
     pub fn write(&self, v: &StreamValues<'_>, out: &mut String) {
         for op in &self.ops {
@@ -754,7 +780,35 @@ fn render_json(
     }
 }
 
+fn json_fits_local_reply(node: &JsonNode) -> bool {
+    match node {
+        JsonNode::Format(f) => f.fits_local_reply(),
+        JsonNode::Object(fields) => fields.iter().all(|(_, n)| json_fits_local_reply(n)),
+        JsonNode::Other(_) => true,
+    }
+}
+
 impl SubstitutionFormat {
+    /// Compiles a `local_reply_config` body format: operators only an access log can fill
+    /// (the request line, the upstream, byte counts) are refused rather than printed as `-`.
+    pub fn compile_for_local_reply(
+        f: &SubstitutionFormatString,
+        path: &str,
+    ) -> Result<SubstitutionFormat, ConfigError> {
+        let format = Self::compile(f, path)?;
+        let fits = match &format.kind {
+            Kind::Text(t) => t.fits_local_reply(),
+            Kind::Json(fields) => fields.iter().all(|(_, n)| json_fits_local_reply(n)),
+        };
+        if !fits {
+            return Err(invalid(
+                path,
+                "a local reply format may use REQ/RESP headers (not pseudo-headers), RESPONSE_CODE, RESPONSE_FLAGS, RESPONSE_CODE_DETAILS, LOCAL_REPLY_BODY, PROTOCOL, START_TIME, HOSTNAME and the downstream addresses in Petrel",
+            ));
+        }
+        Ok(format)
+    }
+
     pub fn compile(
         f: &SubstitutionFormatString,
         path: &str,
