@@ -101,11 +101,11 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig",

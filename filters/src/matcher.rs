@@ -108,6 +108,14 @@ impl StringMatcher {
         }
     }
 
+    /// The value of an exact, case-sensitive matcher.
+    pub fn exact_value(&self) -> Option<&str> {
+        match &self.pattern {
+            Pattern::Exact(p) if !self.ignore_case => Some(p),
+            _ => None,
+        }
+    }
+
     pub fn matches(&self, input: &str) -> bool {
         if let Pattern::Regex(r) = &self.pattern {
             return r.is_match(input);

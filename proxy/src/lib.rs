@@ -15,6 +15,7 @@ pub mod observe;
 pub mod router;
 pub mod server;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 

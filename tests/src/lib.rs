@@ -4,6 +4,7 @@
 pub mod ads_server;
 pub mod netns;
 pub mod scripted;
+pub mod tls;
 pub mod xds;
 
 use std::io::{Read, Write};

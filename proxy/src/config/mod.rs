@@ -114,24 +114,31 @@ fn deferred_field(message: &str, field: &str) -> Option<&'static str> {
         .map(|(_, _, why)| *why)
 }
 
-/// A `transport_socket` Petrel honours: none, or `raw_buffer` (plaintext, the default). TLS and
-/// the others are refused with the extension table's reason.
-pub fn plaintext_transport_socket(
-    ts: Option<xds_client::pb::envoy::config::core::v3::TransportSocket>,
+/// A `transport_socket` Petrel honours: none or `raw_buffer` (plaintext, the default: `None`),
+/// or `envoy.transport_sockets.tls` with the context type `tls_context` (the decoded context).
+/// Others are refused with the extension table's reason.
+pub fn transport_socket<M: prost::Message + prost::Name + Default>(
+    ts: Option<&xds_client::pb::envoy::config::core::v3::TransportSocket>,
     path: &str,
-) -> Result<(), ConfigError> {
+) -> Result<Option<M>, ConfigError> {
     use xds_client::pb::envoy::config::core::v3::transport_socket::ConfigType;
-    let Some(ts) = ts else { return Ok(()) };
-    let path = format!("{path}.transport_socket");
-    let url = match &ts.config_type {
-        Some(ConfigType::TypedConfig(any)) => TypeRegistry::effective_type_url(any),
-        None => String::new(),
+    let Some(ts) = ts else { return Ok(None) };
+    let (url, any) = match &ts.config_type {
+        Some(ConfigType::TypedConfig(any)) => (TypeRegistry::effective_type_url(any), any),
+        None => return Err(invalid(path, "typed_config is required")),
     };
+    let tls_url = format!("type.googleapis.com/{}", M::full_name());
     match url.as_str() {
-        "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(()),
-        "" => Err(invalid(path, "typed_config is required")),
+        "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => {
+            Ok(None)
+        }
+        u if u == tls_url => {
+            Ok(Some(TypeRegistry::global().unpack(any).map_err(|e| {
+                invalid(format!("{path}.typed_config"), e.to_string())
+            })?))
+        }
         _ => Err(ConfigError::UnsupportedExtension {
-            path,
+            path: path.to_string(),
             why: petrel_filters::extensions::refusal(&url),
             type_url: url,
         }),

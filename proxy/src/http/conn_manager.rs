@@ -24,6 +24,7 @@ use super::local_reply_config::ReplyContext;
 use super::stream_log::{PendingLog, ReplyFacts, StreamBody, StreamFacts, StreamOrigin};
 use crate::http::stream_timeouts::IdleTimedBody;
 use crate::listener::drain::ConnDrain;
+use crate::listener::stream::{Accepted, Downstream, Prefixed};
 use crate::router::route_config::{RouteAction, RouteInput};
 use crate::upstream::pool::PooledBody;
 use crate::worker::{LocalExec, WorkerCtx};
@@ -74,8 +75,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves one accepted connection until it closes: HTTP/1.1 with Petrel's codec, HTTP/2 with
 /// hyper's, chosen by the codec setting (AUTO looks for the HTTP/2 preface, as Envoy does).
 pub async fn serve(
-    stream: tokio::net::TcpStream,
-    initial: bytes::BytesMut,
+    accepted: Accepted,
     info: ConnInfo,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
@@ -84,16 +84,28 @@ pub async fn serve(
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
     hcm.listener_stats.downstream_cx_total.inc();
+    let tls = accepted.is_tls();
+    if tls {
+        hcm.stats.downstream_cx_ssl_total.inc();
+        hcm.stats.downstream_cx_ssl_active.inc();
+    }
     // Connections still open when the listener's drain time is over are closed.
     tokio::select! {
-        _ = serve_codec(stream, initial, info, &hcm, ctx, &drain) => {}
+        _ = async {
+            if let Some((stream, initial)) = accepted.establish().await {
+                serve_codec(stream, initial, info, &hcm, ctx, &drain).await;
+            }
+        } => {}
         _ = drain.finished() => {}
     }
     hcm.stats.downstream_cx_active.dec();
+    if tls {
+        hcm.stats.downstream_cx_ssl_active.dec();
+    }
 }
 
 async fn serve_codec(
-    mut stream: tokio::net::TcpStream,
+    mut stream: Downstream,
     mut initial: bytes::BytesMut,
     info: ConnInfo,
     hcm: &Arc<HcmConfig>,
@@ -101,7 +113,7 @@ async fn serve_codec(
     drain: &ConnDrain,
 ) {
     use tokio::io::AsyncReadExt;
-    let _ = stream.set_nodelay(true);
+    let _ = stream.tcp().set_nodelay(true);
     let info = Rc::new(info);
     initial.reserve(16 * 1024);
     let h2 = match hcm.codec {
@@ -126,7 +138,14 @@ async fn serve_codec(
     };
     if h2 {
         hcm.stats.downstream_cx_http2_total.inc();
-        serve_h2(Rewind::new(stream, initial.freeze()), info, hcm, ctx, drain).await;
+        serve_h2(
+            Prefixed::new(stream, initial.freeze()),
+            info,
+            hcm,
+            ctx,
+            drain,
+        )
+        .await;
     } else {
         hcm.stats.downstream_cx_http1_total.inc();
         super::h1::conn::serve(stream, initial, info, hcm.clone(), ctx, drain).await;
@@ -134,7 +153,7 @@ async fn serve_codec(
 }
 
 async fn serve_h2(
-    io: Rewind,
+    io: Prefixed<Downstream>,
     info: Rc<ConnInfo>,
     hcm: &Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
@@ -187,55 +206,6 @@ async fn serve_h2(
     };
     if result.is_err() {
         hcm.stats.downstream_cx_protocol_error.inc();
-    }
-}
-
-/// A stream that first yields bytes already read from it (the sniffed preface).
-struct Rewind {
-    prefix: Bytes,
-    inner: tokio::net::TcpStream,
-}
-
-impl Rewind {
-    fn new(inner: tokio::net::TcpStream, prefix: Bytes) -> Self {
-        Rewind { prefix, inner }
-    }
-}
-
-impl tokio::io::AsyncRead for Rewind {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

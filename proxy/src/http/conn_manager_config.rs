@@ -20,6 +20,8 @@ stat_struct!(HcmStats {
     gauge downstream_cx_active,
     counter downstream_cx_http1_total,
     counter downstream_cx_http2_total,
+    counter downstream_cx_ssl_total,
+    gauge downstream_cx_ssl_active,
     gauge downstream_cx_http1_active,
     gauge downstream_cx_http2_active,
     counter downstream_cx_protocol_error,

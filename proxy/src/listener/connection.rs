@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use super::filter_chain_match::ConnectionFacts;
 use super::listener_filters::{Closed, Detected};
+use super::stream::Accepted;
 use super::{Listener, Terminal};
 use crate::config::snapshot::Snapshot;
 use crate::http::conn_manager::{self, ConnInfo};
@@ -130,7 +131,7 @@ async fn serve(
         transport_protocol: d.transport_protocol,
         application_protocols: &d.application_protocols,
     };
-    let Some(terminal) = l.chain_for(&facts).cloned() else {
+    let Some(target) = l.chain_for(&facts).cloned() else {
         // Envoy closes a connection no chain matches.
         l.stats.no_filter_chain_match.inc();
         l.stats.downstream_cx_destroy.inc();
@@ -138,17 +139,22 @@ async fn serve(
     };
     l.stats.downstream_cx_active.inc();
     let original_dst = d.restored.then_some(d.local);
-    match terminal {
+    let accepted = Accepted {
+        tcp: stream,
+        initial,
+        tls: target.tls.map(|t| (t, target.handshake_timeout)),
+    };
+    match target.terminal {
         Terminal::Http(hcm) => {
             let info = ConnInfo {
                 remote,
                 local: d.local,
                 original_dst,
             };
-            conn_manager::serve(stream, initial, info, hcm, ctx, l.drain.for_connection()).await
+            conn_manager::serve(accepted, info, hcm, ctx, l.drain.for_connection()).await
         }
         Terminal::Tcp(cfg) => {
-            crate::tcp::proxy::serve(stream, initial, original_dst, cfg, ctx, l.drain.clone()).await
+            crate::tcp::proxy::serve(accepted, original_dst, cfg, ctx, l.drain.clone()).await
         }
     }
     l.stats.downstream_cx_active.dec();

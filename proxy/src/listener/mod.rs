@@ -15,6 +15,7 @@ pub mod filter_chain_match;
 pub mod http_inspector;
 pub mod listener_filters;
 pub mod manager;
+pub mod stream;
 pub mod tls_inspector;
 
 use filter_chain_match::{ChainMatch, ConnectionFacts};
@@ -55,7 +56,7 @@ pub struct Listener {
     pub chains: Vec<FilterChain>,
     /// The chains' matchers, in order, for selection.
     matchers: Vec<ChainMatch>,
-    pub default_chain: Option<Terminal>,
+    pub default_chain: Option<ChainTarget>,
     pub stats: ListenerStats,
     pub source: pb::Listener,
     /// Route configurations the chains fetch by RDS (with their `initial_fetch_timeout`): the
@@ -149,19 +150,29 @@ pub enum Terminal {
     Tcp(Arc<crate::tcp::proxy::TcpProxyConfig>),
 }
 
+/// What serves a connection a chain took: its transport socket (TLS Petrel terminates, or
+/// plaintext) and its terminal filter.
+#[derive(Debug, Clone)]
+pub struct ChainTarget {
+    pub tls: Option<Arc<crate::tls::server::ServerTls>>,
+    /// `transport_socket_connect_timeout`: how long the TLS handshake may take.
+    pub handshake_timeout: Option<std::time::Duration>,
+    pub terminal: Terminal,
+}
+
 /// One filter chain: what it matches and what serves the connection.
 #[derive(Debug)]
 pub struct FilterChain {
     pub matcher: ChainMatch,
-    pub terminal: Terminal,
+    pub target: ChainTarget,
 }
 
 impl Listener {
     /// The chain for a connection (`filter_chain_match`, then `default_filter_chain`).
-    pub fn chain_for(&self, facts: &ConnectionFacts<'_>) -> Option<&Terminal> {
+    pub fn chain_for(&self, facts: &ConnectionFacts<'_>) -> Option<&ChainTarget> {
         let matchers: &[ChainMatch] = &self.matchers;
         match filter_chain_match::select(matchers, facts) {
-            Some(i) => Some(&self.chains[i].terminal),
+            Some(i) => Some(&self.chains[i].target),
             None => self.default_chain.as_ref(),
         }
     }
@@ -175,7 +186,7 @@ fn compile_chain(
     lprefix: &str,
     known_clusters: &HashSet<String>,
     store: &Store,
-) -> Result<(ChainMatch, Terminal), ConfigError> {
+) -> Result<(ChainMatch, ChainTarget), ConfigError> {
     let mut fc_rest = fc.clone();
     let filters = std::mem::take(&mut fc_rest.filters);
     let matcher = ChainMatch::compile(
@@ -185,7 +196,32 @@ fn compile_chain(
     fc_rest.name.clear();
     // Chain metadata is data for filters and loggers.
     fc_rest.metadata = None;
-    crate::config::plaintext_transport_socket(fc_rest.transport_socket.take(), fcp)?;
+    let tls = crate::config::transport_socket::<
+        xds_client::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext,
+    >(
+        fc_rest.transport_socket.take().as_ref(),
+        &format!("{fcp}.transport_socket"),
+    )?
+    .map(|ctx| {
+        crate::tls::server::ServerTls::compile(
+            &ctx,
+            store,
+            lprefix,
+            &format!("{fcp}.transport_socket.typed_config"),
+        )
+        .map(Arc::new)
+    })
+    .transpose()?;
+    let handshake_timeout = match fc_rest.transport_socket_connect_timeout.take() {
+        Some(d) => {
+            let d = crate::config::duration::to_std(
+                &d,
+                &format!("{fcp}.transport_socket_connect_timeout"),
+            )?;
+            (!d.is_zero()).then_some(d)
+        }
+        None => None,
+    };
     reject_unhandled(&fc_rest, fcp)?;
     // The last filter is the terminal one; Petrel has no other network filters yet, so each is
     // refused by name with the issue that brings it.
@@ -243,7 +279,14 @@ fn compile_chain(
             })
         }
     };
-    Ok((matcher, terminal))
+    Ok((
+        matcher,
+        ChainTarget {
+            tls,
+            handshake_timeout,
+            terminal,
+        },
+    ))
 }
 
 pub fn compile(
@@ -295,7 +338,7 @@ pub fn compile(
     };
     let mut chains = Vec::with_capacity(chains_pb.len());
     for (i, fc) in chains_pb.iter().enumerate() {
-        let (matcher, terminal) = compile_chain(
+        let (matcher, target) = compile_chain(
             local_address,
             fc,
             &format!("{path}.filter_chains[{i}]"),
@@ -309,7 +352,7 @@ pub fn compile(
                 format!("error adding listener '{name}': multiple filter chains with the same matching rules are defined"),
             ));
         }
-        chains.push(FilterChain { matcher, terminal });
+        chains.push(FilterChain { matcher, target });
     }
     let default_chain = match default_pb {
         Some(fc) => Some(
@@ -328,8 +371,9 @@ pub fn compile(
     let matchers = chains.iter().map(|c| c.matcher.clone()).collect();
     let rds = chains
         .iter()
-        .map(|c| &c.terminal)
+        .map(|c| &c.target)
         .chain(default_chain.iter())
+        .map(|t| &t.terminal)
         .filter_map(|t| match t {
             Terminal::Http(h) => match &h.routes {
                 conn_manager_config::Routes::Rds(n, w) => Some((n.clone(), *w)),

@@ -8,9 +8,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::listener::stream::{Accepted, Downstream};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use xds_client::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     tcp_proxy::ClusterSpecifier, TcpProxy,
 };
@@ -134,18 +134,29 @@ struct TcpFacts {
     sent: Cell<u64>,
 }
 
-/// Proxies one connection; `initial` holds bytes the listener filters already read.
+/// Proxies one connection once its transport socket is up.
 pub async fn serve(
-    downstream: TcpStream,
-    initial: BytesMut,
+    accepted: Accepted,
     original_dst: Option<SocketAddr>,
     cfg: Arc<TcpProxyConfig>,
     ctx: Rc<WorkerCtx>,
     drain: Drain,
 ) {
-    if cfg.access_logs.is_empty() {
-        let mut facts = TcpFacts::default();
-        return relay(
+    let logged = !cfg.access_logs.is_empty();
+    let start = std::time::Instant::now();
+    let start_time = std::time::SystemTime::now();
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let (remote, local) = if logged {
+        (
+            accepted.tcp.peer_addr().unwrap_or(unknown),
+            original_dst.unwrap_or_else(|| accepted.tcp.local_addr().unwrap_or(unknown)),
+        )
+    } else {
+        (unknown, unknown)
+    };
+    let mut facts = TcpFacts::default();
+    if let Some((downstream, initial)) = accepted.establish().await {
+        relay(
             downstream,
             initial,
             original_dst,
@@ -156,22 +167,9 @@ pub async fn serve(
         )
         .await;
     }
-    let start = std::time::Instant::now();
-    let start_time = std::time::SystemTime::now();
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-    let remote = downstream.peer_addr().unwrap_or(unknown);
-    let local = original_dst.unwrap_or_else(|| downstream.local_addr().unwrap_or(unknown));
-    let mut facts = TcpFacts::default();
-    relay(
-        downstream,
-        initial,
-        original_dst,
-        &cfg,
-        ctx,
-        drain,
-        &mut facts,
-    )
-    .await;
+    if !logged {
+        return;
+    }
     let mut v = crate::observe::formatter::StreamValues::new(start_time, remote, local);
     v.response_flags = facts.flag;
     v.bytes_received = facts.received.get();
@@ -185,7 +183,7 @@ pub async fn serve(
 
 #[allow(clippy::too_many_arguments)]
 async fn relay(
-    downstream: TcpStream,
+    downstream: Downstream,
     initial: BytesMut,
     original_dst: Option<SocketAddr>,
     cfg: &TcpProxyConfig,
@@ -216,9 +214,7 @@ async fn relay(
         facts.host = Some(host.address.clone());
         match crate::upstream::pool::connect_tcp(&cluster, &host).await {
             Ok((s, held)) => {
-                if let tokio_util::either::Either::Left(t) = &s {
-                    facts.upstream_local = t.local_addr().ok();
-                }
+                facts.upstream_local = s.local_addr();
                 cluster.report_outlier(&host, Report::ConnectSuccessFinal);
                 upstream = Some((s, host, held));
                 break;

@@ -291,6 +291,8 @@ pub struct Cluster {
     pub upstream_bind: Option<SocketAddr>,
     /// `upstream_connection_options.tcp_keepalive` for TCP upstream connections.
     pub tcp_keepalive: Option<socket2::TcpKeepalive>,
+    /// `transport_socket` and `transport_socket_matches`: TLS per host, or plaintext.
+    pub transport: Arc<super::transport_socket::TransportSockets>,
 }
 
 /// How endpoint names are turned into addresses.
@@ -866,13 +868,8 @@ pub fn compile(
     }
     // DNS names resolve when the cluster is compiled and again every dns_refresh_rate (see
     // `refresh`); a dns_lookup_family on a STATIC or EDS cluster stays in `rest` and is refused.
-    crate::config::plaintext_transport_socket(rest.transport_socket.take(), &path)?;
-    if !rest.transport_socket_matches.is_empty() {
-        return Err(ConfigError::Unsupported {
-            path,
-            fields: "'transport_socket_matches' (comes with mesh security, issue #6)".into(),
-        });
-    }
+    let transport_pb = rest.transport_socket.take();
+    let matches_pb = std::mem::take(&mut rest.transport_socket_matches);
     // Cluster metadata is data for filters and loggers (Istio's telemetry reads it).
     rest.metadata = None;
     let mut lb_policy = Policy {
@@ -929,6 +926,13 @@ pub fn compile(
     reject_unhandled(&rest, &path)?;
     let stat_prefix = format!("cluster.{}.", if alt.is_empty() { &name } else { &alt });
     let stats = ClusterStats::new(store, &stat_prefix);
+    let transport = Arc::new(super::transport_socket::TransportSockets::compile(
+        transport_pb.as_ref(),
+        &matches_pb,
+        store,
+        &stat_prefix,
+        &path,
+    )?);
     let breakers = super::circuit_breakers::compile(
         circuit_breakers.as_ref(),
         store,
@@ -975,6 +979,7 @@ pub fn compile(
         original_dst,
         upstream_bind,
         tcp_keepalive,
+        transport,
     })
 }
 

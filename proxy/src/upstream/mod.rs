@@ -5,3 +5,4 @@ pub mod consistent_hash;
 pub mod host_set;
 pub mod outlier_detection;
 pub mod pool;
+pub mod transport_socket;

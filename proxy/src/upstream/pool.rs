@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use super::circuit_breakers::Held;
 use super::cluster::{Cluster, ClusterStats, Host, HostAddress, LbState, Pick};
 use super::outlier_detection::Report;
+use crate::tls::client::Alpn;
 use crate::worker::LocalExec;
 
 /// A request body sent upstream: the downstream body as it streams, or (when the request may be
@@ -46,13 +47,15 @@ pub enum ResetReason {
     /// Not an upstream failure: the downstream request body could not be decoded while it was
     /// being forwarded (bad chunking and the like).
     DownstreamBody,
+    /// The TLS handshake with the host failed.
+    Tls(crate::tls::TlsFailure),
 }
 
 impl ResetReason {
     /// Envoy's reset reason string as it appears in local-reply bodies.
     pub fn as_str(self) -> &'static str {
         match self {
-            ResetReason::ConnectionFailure(_) => "remote connection failure",
+            ResetReason::ConnectionFailure(_) | ResetReason::Tls(_) => "remote connection failure",
             ResetReason::ConnectionTimeout => "connection timeout",
             ResetReason::ConnectionTermination => "connection termination",
             ResetReason::ProtocolError => "protocol error",
@@ -69,6 +72,7 @@ impl ResetReason {
                 let text = e.split(" (os error").next().unwrap_or(&e);
                 Some(format!("delayed_connect_error:_{}", text.replace(' ', "_")))
             }
+            ResetReason::Tls(f) => Some(f.reason().to_string()),
             _ => None,
         }
     }
@@ -76,7 +80,7 @@ impl ResetReason {
     /// Envoy's `%RESPONSE_CODE_DETAILS%` for a reset before the response started.
     pub fn details(self) -> String {
         let reason = match self {
-            ResetReason::ConnectionFailure(_) => "remote_connection_failure",
+            ResetReason::ConnectionFailure(_) | ResetReason::Tls(_) => "remote_connection_failure",
             ResetReason::ConnectionTimeout => "connection_timeout",
             ResetReason::ConnectionTermination => "connection_termination",
             ResetReason::ProtocolError => "protocol_error",
@@ -93,7 +97,9 @@ impl ResetReason {
     /// Envoy's response flag.
     pub fn flag(self) -> &'static str {
         match self {
-            ResetReason::ConnectionFailure(_) | ResetReason::ConnectionTimeout => "UF",
+            ResetReason::ConnectionFailure(_)
+            | ResetReason::ConnectionTimeout
+            | ResetReason::Tls(_) => "UF",
             ResetReason::ConnectionTermination => "UC",
             ResetReason::ProtocolError => "UPE",
             ResetReason::RefusedStream => "UR",
@@ -387,7 +393,7 @@ impl WorkerUpstreams {
         host: &Arc<Host>,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ResetReason> {
-        let (io, held, local) = tcp(cluster, host).await?;
+        let (io, held, local) = tcp(cluster, host, Alpn::Http1).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -540,15 +546,39 @@ fn refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
-/// A connection to an upstream host: TCP, or a Unix socket for `pipe` hosts.
-pub type HostStream = tokio_util::either::Either<tokio::net::TcpStream, tokio::net::UnixStream>;
+/// A connection to an upstream host: TCP, a Unix socket for `pipe` hosts, or TLS over TCP when
+/// the host's transport socket says so.
+pub enum HostStream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+crate::listener::stream::delegate_read!(HostStream, Tcp, Unix, Tls);
+crate::listener::stream::delegate_write!(HostStream, Tcp, Unix, Tls);
+
+impl HostStream {
+    /// The local address of a TCP connection (with or without TLS).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            HostStream::Tcp(t) => t.local_addr().ok(),
+            HostStream::Tls(t) => t.get_ref().0.local_addr().ok(),
+            HostStream::Unix(_) => None,
+        }
+    }
+}
+
+/// A connection before its transport socket.
+enum Connected {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
 
 async fn connect(
     address: &HostAddress,
     bind: Option<std::net::SocketAddr>,
     keepalive: Option<&socket2::TcpKeepalive>,
-) -> std::io::Result<HostStream> {
-    use tokio_util::either::Either;
+) -> std::io::Result<Connected> {
     match address {
         HostAddress::Ip(a) => {
             let sock = if a.is_ipv4() {
@@ -565,9 +595,9 @@ async fn connect(
             }
             let s = sock.connect(*a).await?;
             let _ = s.set_nodelay(true);
-            Ok(Either::Left(s))
+            Ok(Connected::Tcp(s))
         }
-        HostAddress::Pipe(p) => Ok(Either::Right(
+        HostAddress::Pipe(p) => Ok(Connected::Unix(
             tokio::net::UnixStream::connect(p.as_ref()).await?,
         )),
     }
@@ -577,12 +607,10 @@ async fn connect(
 async fn tcp(
     cluster: &Cluster,
     host: &Host,
+    alpn: Alpn,
 ) -> Result<(TokioIo<HostStream>, Held, Option<SocketAddr>), ResetReason> {
-    connect_host(cluster, host).await.map(|(s, held)| {
-        let local = match &s {
-            tokio_util::either::Either::Left(t) => t.local_addr().ok(),
-            tokio_util::either::Either::Right(_) => None,
-        };
+    connect_host(cluster, host, alpn).await.map(|(s, held)| {
+        let local = s.local_addr();
         (TokioIo::new(s), held, local)
     })
 }
@@ -603,7 +631,7 @@ pub async fn connect_tcp(
         return Err(ResetReason::Overflow);
     }
     let _pending = Pending::start(cluster);
-    connect_host(cluster, host).await
+    connect_host(cluster, host, Alpn::None).await
 }
 
 /// Opens a connection to `host` within the cluster's `connect_timeout`, counting it; the
@@ -611,6 +639,7 @@ pub async fn connect_tcp(
 pub async fn connect_host(
     cluster: &Cluster,
     host: &Host,
+    alpn: Alpn,
 ) -> Result<(HostStream, Held), ResetReason> {
     let stats = &cluster.stats;
     let held = Held::take(&cluster.resources, |r| &r.connections);
@@ -621,16 +650,34 @@ pub async fn connect_host(
         host.stats.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
         Err(reason)
     };
-    let connecting = connect(
-        &host.address,
-        cluster.upstream_bind,
-        cluster.tcp_keepalive.as_ref(),
-    );
+    // The connect timeout covers the TLS handshake too (Envoy's connection is up once the
+    // transport socket is).
+    let connecting = async {
+        let s = connect(
+            &host.address,
+            cluster.upstream_bind,
+            cluster.tcp_keepalive.as_ref(),
+        )
+        .await
+        .map_err(|e| ResetReason::ConnectionFailure(e.raw_os_error().unwrap_or(0)))?;
+        match (s, cluster.transport.for_host(host)) {
+            (Connected::Tcp(t), Some(tls)) => {
+                let peer = t
+                    .peer_addr()
+                    .map(|a| a.ip())
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+                tls.connect(t, alpn, peer)
+                    .await
+                    .map(|s| HostStream::Tls(Box::new(s)))
+                    .map_err(|e| ResetReason::Tls(crate::tls::TlsFailure::of(&e)))
+            }
+            (Connected::Tcp(t), None) => Ok(HostStream::Tcp(t)),
+            (Connected::Unix(u), _) => Ok(HostStream::Unix(u)),
+        }
+    };
     match tokio::time::timeout(cluster.connect_timeout, connecting).await {
         Ok(Ok(s)) => Ok((s, held)),
-        Ok(Err(e)) => failed(ResetReason::ConnectionFailure(
-            e.raw_os_error().unwrap_or(0),
-        )),
+        Ok(Err(reason)) => failed(reason),
         Err(_) => {
             stats.upstream_cx_connect_timeout.inc();
             failed(ResetReason::ConnectionTimeout)
@@ -669,7 +716,7 @@ async fn connect_h1(
     pool: &Rc<HostPool>,
 ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), ResetReason> {
     let total = &cluster.stats.upstream_cx_http1_total;
-    open_pooled(cluster, host, pool, total, |io| {
+    open_pooled(cluster, host, pool, total, Alpn::Http1, |io| {
         http1::Builder::new().handshake(io)
     })
     .await
@@ -682,6 +729,7 @@ async fn open_pooled<S, C, Fut>(
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
     total: &crate::observe::stats::Counter,
+    alpn: Alpn,
     handshake: impl FnOnce(TokioIo<HostStream>) -> Fut,
 ) -> Result<(S, Option<SocketAddr>), ResetReason>
 where
@@ -690,7 +738,7 @@ where
 {
     pool.conns.set(pool.conns.get() + 1);
     let opened = async {
-        let (io, held, local) = tcp(cluster, host).await?;
+        let (io, held, local) = tcp(cluster, host, alpn).await?;
         let (sender, conn) = handshake(io)
             .await
             .map_err(|_| ResetReason::ConnectionFailure(0))?;
@@ -763,7 +811,7 @@ async fn connect_h2(
     pool: &Rc<HostPool>,
 ) -> Result<H2Conn, ResetReason> {
     let total = &cluster.stats.upstream_cx_http2_total;
-    let (sender, local) = open_pooled(cluster, host, pool, total, |io| {
+    let (sender, local) = open_pooled(cluster, host, pool, total, Alpn::Http2, |io| {
         http2::Builder::new(LocalExec).handshake(io)
     })
     .await?;
@@ -852,7 +900,7 @@ mod connect_tests {
             .with_time(std::time::Duration::from_secs(300))
             .with_interval(std::time::Duration::from_secs(7));
         let s = connect(&addr, None, Some(&ka)).await.expect("connect");
-        let tokio_util::either::Either::Left(s) = s else {
+        let Connected::Tcp(s) = s else {
             panic!("an IP host gives a TCP stream")
         };
         let sock = socket2::SockRef::from(&s);
@@ -866,7 +914,7 @@ mod connect_tests {
             std::time::Duration::from_secs(7)
         );
         let plain = connect(&addr, None, None).await.expect("connect");
-        let tokio_util::either::Either::Left(plain) = plain else {
+        let Connected::Tcp(plain) = plain else {
             panic!("an IP host gives a TCP stream")
         };
         assert!(!socket2::SockRef::from(&plain)

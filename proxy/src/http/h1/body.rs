@@ -6,9 +6,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::listener::stream::DownstreamRead;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::net::tcp::OwnedReadHalf;
 
 use super::head::Framing;
 
@@ -158,7 +158,7 @@ impl Decoder {
 /// The read side of a downstream HTTP/1.1 connection, shared by the connection loop and the
 /// current request's body. Each user borrows it only within one poll, never across an await.
 pub struct ReadSide {
-    pub io: OwnedReadHalf,
+    pub io: DownstreamRead,
     pub buf: BytesMut,
     pub decoder: Decoder,
     pub eof: bool,

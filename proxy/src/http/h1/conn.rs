@@ -15,8 +15,6 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
 
 use super::body::{ContinueSignal, Decoder, H1Body, ReadSide};
 use super::head::{self, HeadError, Limits};
@@ -26,11 +24,12 @@ use crate::http::conn_manager::{self, ConnInfo};
 use crate::http::conn_manager_config::HcmConfig;
 use crate::http::stream_log::StreamBody;
 use crate::listener::drain::ConnDrain;
+use crate::listener::stream::{Downstream, DownstreamWrite};
 use crate::worker::WorkerCtx;
 
 /// Serves an HTTP/1.1 connection whose first bytes (already read) are in `initial`.
 pub async fn serve(
-    stream: TcpStream,
+    stream: Downstream,
     initial: BytesMut,
     info: Rc<ConnInfo>,
     hcm: Arc<HcmConfig>,
@@ -129,14 +128,14 @@ pub async fn serve(
 /// Gives the raw connection (and any bytes read past the upgrade request) to the tunnel.
 fn hand_off(
     side: Rc<RefCell<ReadSide>>,
-    wr: OwnedWriteHalf,
+    wr: DownstreamWrite,
     tx: tokio::sync::oneshot::Sender<Upgraded>,
 ) {
     let Ok(side) = Rc::try_unwrap(side) else {
         return;
     };
     let side = side.into_inner();
-    if let Ok(stream) = side.io.reunite(wr) {
+    if let Some(stream) = Downstream::reunite(side.io, wr) {
         let _ = tx.send(Upgraded {
             stream,
             leftover: side.buf.freeze(),
@@ -234,7 +233,7 @@ fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
 
 /// Writes a response: head, then the body with content-length or chunked framing.
 async fn write_response(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut DownstreamWrite,
     resp: Response<StreamBody>,
     head_only: bool,
     keep_alive: bool,

@@ -9,11 +9,10 @@ pub mod head;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
 /// A connection given up by the codec after a `101 Switching Protocols`.
 pub struct Upgraded {
-    pub stream: TcpStream,
+    pub stream: crate::listener::stream::Downstream,
     /// Bytes the client sent after the upgrade request that the codec had already read.
     pub leftover: Bytes,
 }

@@ -1,0 +1,202 @@
+//! `DownstreamTlsContext`: the TLS a filter chain terminates.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::net::TcpStream;
+use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+
+use super::context::CommonTls;
+use super::validation::Validation;
+use super::SslStats;
+use crate::config::{invalid, reject_unhandled, ConfigError};
+use crate::listener::stream::{Prefixed, TlsStream};
+use crate::observe::stats::Store;
+
+/// A compiled downstream context.
+#[derive(Debug)]
+pub struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+    pub stats: SslStats,
+}
+
+#[derive(Debug)]
+struct Certificates(Vec<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        super::pick_certificate(&self.0, hello.signature_schemes())
+    }
+}
+
+/// Web PKI chain checks, then the validation context's SAN matchers.
+#[derive(Debug)]
+struct PeerVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    validation: Validation,
+    stats: SslStats,
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Envoy (BoringSSL) sends no CA names unless asked to.
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !self.validation.san_matches(end_entity) {
+            return Err(super::san_mismatch());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let ok = self.chain.verify_tls12_signature(message, cert, dss)?;
+        self.stats.sigalg(dss.scheme);
+        Ok(ok)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let ok = self.chain.verify_tls13_signature(message, cert, dss)?;
+        self.stats.sigalg(dss.scheme);
+        Ok(ok)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+impl ServerTls {
+    /// `scope` is the listener's stat prefix (`listener.<address>.`).
+    pub fn compile(
+        ctx: &DownstreamTlsContext,
+        store: &Store,
+        scope: &str,
+        path: &str,
+    ) -> Result<ServerTls, ConfigError> {
+        let mut rest = ctx.clone();
+        let common = CommonTls::compile_for(
+            &rest.common_tls_context.take().unwrap_or_default(),
+            super::context::Side::Server,
+            &format!("{path}.common_tls_context"),
+        )?;
+        let require = rest
+            .require_client_certificate
+            .take()
+            .is_some_and(|b| b.value);
+        reject_unhandled(&rest, path)?;
+        if common.certificates.is_empty() {
+            return Err(invalid(
+                format!("{path}.common_tls_context"),
+                "Server TlsCertificates must have a certificate specified",
+            ));
+        }
+        let builder = rustls::ServerConfig::builder_with_provider(common.provider.clone())
+            .with_protocol_versions(&common.versions)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        let stats = SslStats::new(store, scope);
+        let builder = match &common.validation {
+            Some(v) => {
+                let Some(roots) = &v.roots else {
+                    return Err(invalid(
+                        format!("{path}.common_tls_context.validation_context"),
+                        "a validation context without trusted_ca cannot verify client certificates (Petrel needs trusted_ca)",
+                    ));
+                };
+                let mut chain = WebPkiClientVerifier::builder_with_provider(
+                    roots.clone(),
+                    common.provider.clone(),
+                );
+                if !require {
+                    chain = chain.allow_unauthenticated();
+                }
+                let chain = chain.build().map_err(|e| invalid(path, e.to_string()))?;
+                builder.with_client_cert_verifier(Arc::new(PeerVerifier {
+                    chain,
+                    validation: v.clone(),
+                    stats: stats.clone(),
+                }))
+            }
+            None if require => {
+                return Err(invalid(
+                    path,
+                    "require_client_certificate needs a validation context with trusted_ca",
+                ))
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config =
+            builder.with_cert_resolver(Arc::new(Certificates(common.certificates.clone())));
+        config.alpn_protocols = common.alpn.clone();
+        Ok(ServerTls {
+            config: Arc::new(config),
+            stats,
+        })
+    }
+
+    /// Runs the handshake on a connection whose first bytes (the ClientHello the listener
+    /// filters read) are in `prefix`.
+    pub async fn accept(&self, tcp: TcpStream, prefix: Bytes) -> std::io::Result<TlsStream> {
+        // Bytes that are not a TLS handshake record (a plaintext request) are refused without an
+        // alert, as BoringSSL does: the peer sees the connection close.
+        let mut first = [0u8; 1];
+        let starts = match prefix.first() {
+            Some(b) => Some(*b),
+            None => tcp
+                .peek(&mut first)
+                .await
+                .ok()
+                .filter(|n| *n > 0)
+                .map(|_| first[0]),
+        };
+        if starts != Some(0x16) {
+            if starts.is_some() {
+                self.stats.counters.connection_error.inc();
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a TLS handshake",
+            ));
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
+        match acceptor.accept(Prefixed::new(tcp, prefix)).await {
+            Ok(s) => {
+                let conn = s.get_ref().1;
+                self.stats.handshake(conn);
+                if conn.peer_certificates().is_none() {
+                    self.stats.counters.no_certificate.inc();
+                }
+                Ok(s)
+            }
+            Err(e) => {
+                self.stats.failure(&e);
+                Err(e)
+            }
+        }
+    }
+}

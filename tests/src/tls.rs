@@ -1,0 +1,184 @@
+//! Certificates made for tests (a mesh CA, SPIFFE workload certificates, an expired one, one from
+//! another CA) and a TLS client that reports how a handshake and one request went.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+
+/// A certificate and its key, PEM, written to files.
+pub struct Pem {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA that signs leaf certificates.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pub pem: PathBuf,
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write pem");
+    p
+}
+
+impl Ca {
+    pub fn new(dir: &Path, name: &str) -> Ca {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("ca");
+        let pem = write(dir, &format!("{name}.pem"), &cert.pem());
+        Ca { cert, key, pem }
+    }
+
+    /// A leaf with these SANs (`spiffe://…` become URIs, others DNS names); `expired` puts its
+    /// validity in the past.
+    pub fn leaf(&self, dir: &Path, name: &str, sans: &[&str], expired: bool) -> Pem {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| {
+                if s.contains("://") {
+                    SanType::URI((*s).try_into().expect("uri"))
+                } else {
+                    SanType::DnsName((*s).try_into().expect("dns"))
+                }
+            })
+            .collect();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
+        Pem {
+            cert: write(dir, &format!("{name}.crt"), &cert.pem()),
+            key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
+        }
+    }
+}
+
+/// Accepts any server certificate: the tests look at what the proxy does, not at its chain.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// How one TLS exchange went: the negotiated ALPN and the response status line, or why not.
+pub fn https_get(port: u16, sni: &str, alpn: &[&str], client: Option<&Pem>, path: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match client {
+        Some(p) => {
+            let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&p.cert)
+                .expect("cert")
+                .collect::<Result<_, _>>()
+                .expect("cert");
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&p.key).expect("key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client cert")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            return "connect refused".to_string();
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls_pki_types::ServerName::try_from(sni.to_string()).expect("sni");
+        let mut s = match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            connector.connect(name, tcp),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return format!("handshake failed: {}", describe(&e)),
+            Err(_) => return "handshake timed out".into(),
+        };
+        let negotiated = s
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .unwrap_or_else(|| "-".into());
+        if negotiated == "h2" {
+            return "alpn h2".into();
+        }
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n");
+        if let Err(e) = s.write_all(req.as_bytes()).await {
+            return format!("alpn {negotiated}, write failed: {}", describe(&e));
+        }
+        let mut out = Vec::new();
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let status = String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        match read {
+            _ if !status.is_empty() => format!("alpn {negotiated}, {status}"),
+            Ok(Err(e)) => format!("alpn {negotiated}, read failed: {}", describe(&e)),
+            Ok(Ok(_)) => format!("alpn {negotiated}, closed without a response"),
+            Err(_) => format!("alpn {negotiated}, no response"),
+        }
+    })
+}
+
+/// An I/O error as the TLS alert or failure it carries.
+fn describe(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(a)) => format!("alert {a:?}"),
+        Some(other) => format!("{other:?}"),
+        None => format!("{:?}", e.kind()),
+    }
+}
