@@ -64,6 +64,7 @@ fn hcm(prefix: &str, routes: &str) -> String {
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {prefix}
+          access_log: [{{name: f, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: LOGDIR/{prefix}.log, log_format: {{text_format: "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_LOCAL_URI_SAN% %UPSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_TLS_CIPHER% [%DOWNSTREAM_PEER_SUBJECT%] [%DOWNSTREAM_PEER_ISSUER%] [%DOWNSTREAM_LOCAL_SUBJECT%] %DOWNSTREAM_PEER_SERIAL% %DOWNSTREAM_PEER_FINGERPRINT_256% %UPSTREAM_TLS_VERSION% [%UPSTREAM_PEER_SUBJECT%] %UPSTREAM_PEER_DNS_SAN% %DOWNSTREAM_LOCAL_DNS_SAN% %REQUESTED_SERVER_NAME%\n"}}}}}}]
           route_config:
             virtual_hosts:
             - name: v
@@ -178,6 +179,9 @@ fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs) -> Vec<String
     ] {
         cfg = cfg.replace(k, &v.to_string());
     }
+    let logdir = dir.join(format!("logs-{name}"));
+    std::fs::create_dir_all(&logdir).expect("log dir");
+    cfg = cfg.replace("LOGDIR", &logdir.display().to_string());
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, cfg).expect("write");
     let _proxy = start_with(
@@ -187,7 +191,7 @@ fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs) -> Vec<String
         admin,
         990 + std::process::id() % 1000 * 40,
         Ready::Live,
-        &[],
+        &["--file-flush-interval-msec", "50"],
     );
     let mut t = Vec::new();
     // Each outcome with the `ssl.*` counters it moved.
@@ -295,6 +299,14 @@ fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs) -> Vec<String
             &format!("proxied {p}"),
             format!("{} {:?}", r.status, r.body_str()),
         );
+    }
+    // What the access logs say of each stream.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for log in ["main", "mtls", "tls"] {
+        let text = std::fs::read_to_string(logdir.join(format!("{log}.log"))).unwrap_or_default();
+        for l in text.lines() {
+            t.push(format!("{log} log: {l}"));
+        }
     }
     t
 }

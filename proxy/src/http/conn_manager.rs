@@ -66,6 +66,18 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// The local address when `original_dst` restored it (the ORIGINAL_DST clusters' host).
     pub original_dst: Option<SocketAddr>,
+    /// The SNI the listener filters read (`tls_inspector`).
+    pub server_name: Option<Arc<str>>,
+    /// The TLS Petrel terminated, when it did.
+    pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
+}
+
+impl ConnInfo {
+    /// `%REQUESTED_SERVER_NAME%`: the SNI `tls_inspector` read (Envoy does not take it from
+    /// the handshake it terminates).
+    pub fn requested_server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or("")
+    }
 }
 
 /// Serves one accepted connection until it closes.
@@ -92,8 +104,9 @@ pub async fn serve(
     // Connections still open when the listener's drain time is over are closed.
     tokio::select! {
         _ = async {
-            if let Some((stream, initial)) = accepted.establish().await {
-                serve_codec(stream, initial, info, &hcm, ctx, &drain).await;
+            if let Some(up) = accepted.establish().await {
+                let info = ConnInfo { tls: up.tls, ..info };
+                serve_codec(up.stream, up.initial, info, &hcm, ctx, &drain).await;
             }
         } => {}
         _ = drain.finished() => {}
@@ -263,6 +276,8 @@ fn with_log(
                 direct_remote: info.remote,
                 local: info.local,
                 protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
+                tls: info.tls.clone(),
+                server_name: info.requested_server_name().to_string(),
             },
             response_headers: resp.headers().clone(),
             status: resp.status().as_u16(),

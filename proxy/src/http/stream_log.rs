@@ -35,6 +35,8 @@ pub struct StreamFacts {
     pub upstream_host: Option<crate::upstream::cluster::HostAddress>,
     pub upstream_local: Option<SocketAddr>,
     pub transport_failure_reason: Option<String>,
+    /// The upstream connection's TLS.
+    pub upstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
     /// `%RESPONSE_CODE_DETAILS%` when the router knows more than its local reply says.
     pub details: Option<String>,
     pub attempts: u32,
@@ -95,6 +97,8 @@ pub struct StreamOrigin {
     pub direct_remote: SocketAddr,
     pub local: SocketAddr,
     pub protocol: &'static str,
+    pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
+    pub server_name: String,
 }
 
 /// The access log still to be written for a stream.
@@ -213,6 +217,8 @@ fn write(log: &PendingLog, flags: &str, sent: u64) {
         (None, None) => "via_upstream",
     };
     v.protocol = o.protocol;
+    v.downstream_tls = o.tls.as_deref();
+    v.requested_server_name = &o.server_name;
     v.route_name = f.route_name.as_deref().unwrap_or("");
     v.bytes_received = f.received.load(Ordering::Relaxed);
     v.bytes_sent = sent;
@@ -224,6 +230,7 @@ fn write(log: &PendingLog, flags: &str, sent: u64) {
         local: f.upstream_local,
         transport_failure_reason: f.transport_failure_reason.as_deref(),
         attempts: f.attempts,
+        tls: f.upstream_tls.as_deref(),
     };
     log_all(&log.logs, &v);
 }

@@ -150,11 +150,14 @@ async fn serve(
                 remote,
                 local: d.local,
                 original_dst,
+                server_name: d.server_name.as_deref().map(Arc::from),
+                tls: None,
             };
             conn_manager::serve(accepted, info, hcm, ctx, l.drain.for_connection()).await
         }
         Terminal::Tcp(cfg) => {
-            crate::tcp::proxy::serve(accepted, original_dst, cfg, ctx, l.drain.clone()).await
+            let sni = d.server_name.as_deref().map(Arc::from);
+            crate::tcp::proxy::serve(accepted, original_dst, sni, cfg, ctx, l.drain.clone()).await
         }
     }
     l.stats.downstream_cx_active.dec();

@@ -81,17 +81,33 @@ impl Accepted {
 
     /// The connection with its transport socket up, or None when the handshake failed (counted
     /// in the listener's `ssl.*`) or timed out.
-    pub async fn establish(self) -> Option<(Downstream, bytes::BytesMut)> {
+    pub async fn establish(self) -> Option<Established> {
         let Some((tls, timeout)) = self.tls else {
-            return Some((Downstream::Tcp(self.tcp), self.initial));
+            return Some(Established {
+                stream: Downstream::Tcp(self.tcp),
+                initial: self.initial,
+                tls: None,
+            });
         };
         let handshake = tls.accept(self.tcp, self.initial.freeze());
-        let s = match timeout {
+        let (s, info) = match timeout {
             Some(t) => tokio::time::timeout(t, handshake).await.ok()?.ok()?,
             None => handshake.await.ok()?,
         };
-        Some((Downstream::Tls(Box::new(s)), bytes::BytesMut::new()))
+        Some(Established {
+            stream: Downstream::Tls(Box::new(s)),
+            initial: bytes::BytesMut::new(),
+            tls: Some(info),
+        })
     }
+}
+
+/// A connection whose transport socket is up.
+pub struct Established {
+    pub stream: Downstream,
+    /// Bytes already read (plaintext only: TLS consumed them).
+    pub initial: bytes::BytesMut,
+    pub tls: Option<std::sync::Arc<crate::tls::info::TlsInfo>>,
 }
 
 /// A downstream connection.
@@ -155,7 +171,7 @@ macro_rules! delegate_read {
                 buf: &mut tokio::io::ReadBuf<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
                 match self.get_mut() {
-                    $(Self::$variant(s) => std::pin::Pin::new(s).poll_read(cx, buf),)+
+                    $(Self::$variant(s, ..) => std::pin::Pin::new(s).poll_read(cx, buf),)+
                 }
             }
         }
@@ -171,7 +187,7 @@ macro_rules! delegate_write {
                 buf: &[u8],
             ) -> std::task::Poll<std::io::Result<usize>> {
                 match self.get_mut() {
-                    $(Self::$variant(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
+                    $(Self::$variant(s, ..) => std::pin::Pin::new(s).poll_write(cx, buf),)+
                 }
             }
             fn poll_write_vectored(
@@ -180,22 +196,22 @@ macro_rules! delegate_write {
                 bufs: &[std::io::IoSlice<'_>],
             ) -> std::task::Poll<std::io::Result<usize>> {
                 match self.get_mut() {
-                    $(Self::$variant(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),)+
+                    $(Self::$variant(s, ..) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),)+
                 }
             }
             fn is_write_vectored(&self) -> bool {
                 match self {
-                    $(Self::$variant(s) => s.is_write_vectored(),)+
+                    $(Self::$variant(s, ..) => s.is_write_vectored(),)+
                 }
             }
             fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
                 match self.get_mut() {
-                    $(Self::$variant(s) => std::pin::Pin::new(s).poll_flush(cx),)+
+                    $(Self::$variant(s, ..) => std::pin::Pin::new(s).poll_flush(cx),)+
                 }
             }
             fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
                 match self.get_mut() {
-                    $(Self::$variant(s) => std::pin::Pin::new(s).poll_shutdown(cx),)+
+                    $(Self::$variant(s, ..) => std::pin::Pin::new(s).poll_shutdown(cx),)+
                 }
             }
         }

@@ -33,6 +33,7 @@ pub struct UpstreamValues<'a> {
     pub local: Option<SocketAddr>,
     pub transport_failure_reason: Option<&'a str>,
     pub attempts: u32,
+    pub tls: Option<&'a crate::tls::info::TlsInfo>,
 }
 
 /// What a format may read about one stream (or, for TCP, one connection).
@@ -62,6 +63,8 @@ pub struct StreamValues<'a> {
     pub duration: Option<Duration>,
     pub upstream: UpstreamValues<'a>,
     pub connection_id: u64,
+    /// The downstream connection's TLS, when Petrel terminated it.
+    pub downstream_tls: Option<&'a crate::tls::info::TlsInfo>,
 }
 
 impl<'a> StreamValues<'a> {
@@ -89,6 +92,7 @@ impl<'a> StreamValues<'a> {
             duration: None,
             upstream: UpstreamValues::default(),
             connection_id: 0,
+            downstream_tls: None,
         }
     }
 }
@@ -160,9 +164,11 @@ enum Op {
     RouteName,
     Hostname,
     ConnectionId,
-    /// A value only a TLS connection has; Petrel's connections are plaintext until the security
-    /// issue lands, and Envoy prints `-` for plaintext ones.
-    TlsOnly,
+    /// A TLS connection's fact (`-` on plaintext connections, as Envoy prints it).
+    Tls {
+        upstream: bool,
+        field: TlsField,
+    },
     /// Dynamic metadata and filter state: no filter Petrel runs writes any yet, so the value is
     /// absent (Envoy prints `-` for absent keys).
     StreamState,
@@ -357,33 +363,63 @@ fn header_operands(arg: &str, path: &str) -> Result<(HeaderKey, Option<HeaderKey
     Ok((header_key(main, path)?, alt))
 }
 
-/// Operators that read a TLS connection's details.
-const TLS_OPERATORS: &[&str] = &[
-    "DOWNSTREAM_PEER_URI_SAN",
-    "DOWNSTREAM_LOCAL_URI_SAN",
-    "DOWNSTREAM_PEER_DNS_SAN",
-    "DOWNSTREAM_LOCAL_DNS_SAN",
-    "DOWNSTREAM_PEER_SUBJECT",
-    "DOWNSTREAM_LOCAL_SUBJECT",
-    "DOWNSTREAM_PEER_ISSUER",
-    "DOWNSTREAM_PEER_SERIAL",
-    "DOWNSTREAM_PEER_FINGERPRINT_256",
-    "DOWNSTREAM_PEER_FINGERPRINT_1",
-    "DOWNSTREAM_PEER_CERT",
-    "DOWNSTREAM_TLS_VERSION",
-    "DOWNSTREAM_TLS_CIPHER",
-    "DOWNSTREAM_TLS_SESSION_ID",
-    "UPSTREAM_PEER_URI_SAN",
-    "UPSTREAM_LOCAL_URI_SAN",
-    "UPSTREAM_PEER_DNS_SAN",
-    "UPSTREAM_PEER_SUBJECT",
-    "UPSTREAM_LOCAL_SUBJECT",
-    "UPSTREAM_PEER_ISSUER",
-    "UPSTREAM_PEER_CERT",
-    "UPSTREAM_TLS_VERSION",
-    "UPSTREAM_TLS_CIPHER",
-    "UPSTREAM_TLS_SESSION_ID",
-];
+/// A TLS fact an operator prints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TlsField {
+    PeerUriSan,
+    LocalUriSan,
+    PeerDnsSan,
+    LocalDnsSan,
+    PeerSubject,
+    LocalSubject,
+    PeerIssuer,
+    PeerSerial,
+    PeerFingerprint256,
+    Version,
+    Cipher,
+}
+
+/// `DOWNSTREAM_…`/`UPSTREAM_…` TLS operators.
+fn tls_op(name: &str) -> Option<Op> {
+    let (upstream, rest) = if let Some(r) = name.strip_prefix("DOWNSTREAM_") {
+        (false, r)
+    } else {
+        (true, name.strip_prefix("UPSTREAM_")?)
+    };
+    let field = match rest {
+        "PEER_URI_SAN" => TlsField::PeerUriSan,
+        "LOCAL_URI_SAN" => TlsField::LocalUriSan,
+        "PEER_DNS_SAN" => TlsField::PeerDnsSan,
+        "LOCAL_DNS_SAN" => TlsField::LocalDnsSan,
+        "PEER_SUBJECT" => TlsField::PeerSubject,
+        "LOCAL_SUBJECT" => TlsField::LocalSubject,
+        "PEER_ISSUER" => TlsField::PeerIssuer,
+        "PEER_SERIAL" => TlsField::PeerSerial,
+        "PEER_FINGERPRINT_256" => TlsField::PeerFingerprint256,
+        "TLS_VERSION" => TlsField::Version,
+        "TLS_CIPHER" => TlsField::Cipher,
+        _ => return None,
+    };
+    Some(Op::Tls { upstream, field })
+}
+
+fn tls_value(t: &crate::tls::info::TlsInfo, field: TlsField) -> Option<String> {
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let list = |l: &Vec<String>| (!l.is_empty()).then(|| l.join(","));
+    match field {
+        TlsField::PeerUriSan => t.peer.as_ref().and_then(|c| list(&c.uri_sans)),
+        TlsField::LocalUriSan => t.local.as_ref().and_then(|c| list(&c.uri_sans)),
+        TlsField::PeerDnsSan => t.peer.as_ref().and_then(|c| list(&c.dns_sans)),
+        TlsField::LocalDnsSan => t.local.as_ref().and_then(|c| list(&c.dns_sans)),
+        TlsField::PeerSubject => t.peer.as_ref().and_then(|c| nonempty(&c.subject)),
+        TlsField::LocalSubject => t.local.as_ref().and_then(|c| nonempty(&c.subject)),
+        TlsField::PeerIssuer => t.peer.as_ref().and_then(|c| nonempty(&c.issuer)),
+        TlsField::PeerSerial => t.peer.as_ref().and_then(|c| nonempty(&c.serial)),
+        TlsField::PeerFingerprint256 => t.peer.as_ref().and_then(|c| nonempty(&c.fingerprint_256)),
+        TlsField::Version => nonempty(t.version),
+        TlsField::Cipher => nonempty(t.cipher),
+    }
+}
 
 fn address_op(name: &str) -> Option<Op> {
     let (base, part) = if let Some(b) = name.strip_suffix("_ADDRESS_WITHOUT_PORT") {
@@ -486,8 +522,8 @@ impl TextFormat {
             ("HOSTNAME", None) => Op::Hostname,
             ("CONNECTION_ID", None) => Op::ConnectionId,
             ("DYNAMIC_METADATA" | "FILTER_STATE", Some(_)) => Op::StreamState,
-            (n, None) if TLS_OPERATORS.contains(&n) => Op::TlsOnly,
-            (n, None) if address_op(n).is_some() => address_op(n).unwrap_or(Op::TlsOnly),
+            (n, None) if tls_op(n).is_some() => tls_op(n).unwrap_or(Op::StreamState),
+            (n, None) if address_op(n).is_some() => address_op(n).unwrap_or(Op::StreamState),
             _ => return Err(invalid(path, format!("Not supported field in StreamInfo: {name} (command operator not supported by Petrel yet)"))),
         })
     }
@@ -613,7 +649,16 @@ impl TextFormat {
             Op::RouteName => text(v.route_name),
             Op::Hostname => text(crate::local_info::hostname()),
             Op::ConnectionId => Some(Value::Num(v.connection_id)),
-            Op::TlsOnly | Op::StreamState => None,
+            Op::Tls { upstream, field } => {
+                let t = if *upstream {
+                    v.upstream.tls
+                } else {
+                    v.downstream_tls
+                };
+                t.and_then(|t| tls_value(t, *field))
+                    .map(|s| Value::Str(Cow::Owned(s)))
+            }
+            Op::StreamState => None,
         }
     }
 
@@ -912,6 +957,7 @@ mod tests {
             local: None,
             transport_failure_reason: None,
             attempts: 2,
+            tls: None,
         };
         let f = TextFormat::compile(
             "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %REQ(:AUTHORITY)% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %DOWNSTREAM_REMOTE_PORT% %RESPONSE_FLAGS_LONG% %DOWNSTREAM_PEER_URI_SAN% %FILTER_STATE(x:PLAIN)% %REQ(USER-AGENT):2%",

@@ -538,11 +538,13 @@ impl RetryState {
     }
 
     /// `wouldRetryFromReset`. `started` says whether any of the request reached the upstream.
-    pub fn would_retry_reset(&self, reason: ResetReason, started: bool) -> bool {
+    pub fn would_retry_reset(&self, reason: &ResetReason, started: bool) -> bool {
         let r = self.retry_on;
         match reason {
             ResetReason::Overflow | ResetReason::DownstreamBody => return false,
-            ResetReason::ConnectionFailure(_) | ResetReason::ConnectionTimeout
+            ResetReason::ConnectionFailure(_)
+            | ResetReason::ConnectionTimeout
+            | ResetReason::Tls(_)
                 if r & on::CONNECT_FAILURE != 0 =>
             {
                 return true
@@ -555,7 +557,7 @@ impl RetryState {
         if r & (on::RESET | on::FIVE_XX | on::GATEWAY_ERROR) != 0 {
             return true;
         }
-        r & on::REFUSED_STREAM != 0 && reason == ResetReason::RefusedStream
+        r & on::REFUSED_STREAM != 0 && *reason == ResetReason::RefusedStream
     }
 
     /// `shouldRetry` once an outcome is retriable: spends a retry if one is left and the
@@ -672,17 +674,17 @@ mod tests {
         rl.insert("x-envoy-ratelimited", "true".parse().unwrap());
         assert!(!s.would_retry_response(&p, 502, &rl));
         // gateway-error covers every reset but overflow.
-        assert!(s.would_retry_reset(ResetReason::ConnectionTermination, true));
-        assert!(!s.would_retry_reset(ResetReason::Overflow, false));
+        assert!(s.would_retry_reset(&ResetReason::ConnectionTermination, true));
+        assert!(!s.would_retry_reset(&ResetReason::Overflow, false));
         let c = policy("connect-failure,refused-stream");
         let s = RetryState::create(&c, &mut HeaderMap::new()).unwrap();
-        assert!(s.would_retry_reset(ResetReason::ConnectionFailure(111), false));
-        assert!(!s.would_retry_reset(ResetReason::ConnectionTermination, true));
-        assert!(s.would_retry_reset(ResetReason::RefusedStream, true));
+        assert!(s.would_retry_reset(&ResetReason::ConnectionFailure(111), false));
+        assert!(!s.would_retry_reset(&ResetReason::ConnectionTermination, true));
+        assert!(s.would_retry_reset(&ResetReason::RefusedStream, true));
         let b = policy("reset-before-request");
         let s = RetryState::create(&b, &mut HeaderMap::new()).unwrap();
-        assert!(s.would_retry_reset(ResetReason::ConnectionTermination, false));
-        assert!(!s.would_retry_reset(ResetReason::ConnectionTermination, true));
+        assert!(s.would_retry_reset(&ResetReason::ConnectionTermination, false));
+        assert!(!s.would_retry_reset(&ResetReason::ConnectionTermination, true));
     }
 
     #[test]

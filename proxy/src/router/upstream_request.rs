@@ -112,7 +112,7 @@ fn router_reply(
 }
 
 /// Tells the access log why the upstream attempt that ends the request failed.
-fn note_reset(f: &Forward<'_>, reason: ResetReason) {
+fn note_reset(f: &Forward<'_>, reason: &ResetReason) {
     if let Some(facts) = f.facts {
         let mut facts = facts.borrow_mut();
         facts.details = Some(reason.details());
@@ -122,11 +122,13 @@ fn note_reset(f: &Forward<'_>, reason: ResetReason) {
 
 /// Tells the access log which local address the upstream connection had.
 fn note_upstream_local<B>(f: &Forward<'_>, r: &Response<B>) {
-    if let (Some(facts), Some(l)) = (
+    if let (Some(facts), Some(c)) = (
         f.facts,
-        r.extensions().get::<crate::upstream::pool::UpstreamLocal>(),
+        r.extensions().get::<crate::upstream::pool::UpstreamConn>(),
     ) {
-        facts.borrow_mut().upstream_local = Some(l.0);
+        let mut facts = facts.borrow_mut();
+        facts.upstream_local = c.local;
+        facts.upstream_tls = c.tls.clone();
     }
 }
 
@@ -196,10 +198,11 @@ impl Attempts<'_> {
                 retry.would_retry_response(self.policy, r.status().as_u16(), r.headers())
             }
             Attempt::Reset(reason) => retry.would_retry_reset(
-                *reason,
+                reason,
                 !matches!(
                     reason,
                     ResetReason::ConnectionFailure(_)
+                        | ResetReason::Tls(_)
                         | ResetReason::ConnectionTimeout
                         | ResetReason::Overflow
                 ),
@@ -804,7 +807,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
                 );
             }
             Outcome::Response(Err(reason)) => {
-                report_reset(cluster, &host, reason);
+                report_reset(cluster, &host, &reason);
                 Attempt::Reset(reason)
             }
             Outcome::Response(Ok(r)) => {
@@ -827,7 +830,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             Err(Attempt::Reset(reason)) => {
                 cluster.charge_response(503);
                 host.record_response(503);
-                note_reset(&f, reason);
+                note_reset(&f, &reason);
                 return router_reply(
                     &f,
                     LocalReply::upstream_reset_after(reason, attempts.count > 1),
@@ -998,7 +1001,7 @@ async fn shadow(s: Shadow) {
                 let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             }
             Err(reason) => {
-                report_reset(cluster, &host, reason);
+                report_reset(cluster, &host, &reason);
                 cluster.charge_response(503);
                 host.record_response(503);
             }
@@ -1051,7 +1054,7 @@ async fn tunnel(
             return reply(f, LocalReply::upstream_timeout(), None);
         }
         Some(Err(reason)) => {
-            note_reset(f, reason);
+            note_reset(f, &reason);
             return reply(f, LocalReply::upstream_reset(reason), None);
         }
         Some(Ok(r)) => r,
@@ -1109,7 +1112,7 @@ fn outlier_response(grpc: bool, headers: &http::HeaderMap, status: http::StatusC
 
 /// A reset attempt counts as a local-origin connect failure, except an overflow, which never
 /// reached a host (Envoy's pool fails it without one), and a downstream body error.
-fn report_reset(cluster: &Cluster, host: &Arc<Host>, reason: ResetReason) {
+fn report_reset(cluster: &Cluster, host: &Arc<Host>, reason: &ResetReason) {
     if !matches!(reason, ResetReason::Overflow | ResetReason::DownstreamBody) {
         cluster.report_outlier(host, Report::ConnectFailed);
     }

@@ -130,6 +130,8 @@ struct TcpFacts {
     cluster: Option<String>,
     host: Option<crate::upstream::cluster::HostAddress>,
     upstream_local: Option<SocketAddr>,
+    upstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
+    downstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
     received: Cell<u64>,
     sent: Cell<u64>,
 }
@@ -138,6 +140,7 @@ struct TcpFacts {
 pub async fn serve(
     accepted: Accepted,
     original_dst: Option<SocketAddr>,
+    server_name: Option<Arc<str>>,
     cfg: Arc<TcpProxyConfig>,
     ctx: Rc<WorkerCtx>,
     drain: Drain,
@@ -155,10 +158,11 @@ pub async fn serve(
         (unknown, unknown)
     };
     let mut facts = TcpFacts::default();
-    if let Some((downstream, initial)) = accepted.establish().await {
+    if let Some(up) = accepted.establish().await {
+        facts.downstream_tls = up.tls;
         relay(
-            downstream,
-            initial,
+            up.stream,
+            up.initial,
             original_dst,
             &cfg,
             ctx,
@@ -178,6 +182,9 @@ pub async fn serve(
     v.upstream.cluster = facts.cluster.as_deref();
     v.upstream.host = facts.host.as_ref();
     v.upstream.local = facts.upstream_local;
+    v.upstream.tls = facts.upstream_tls.as_deref();
+    v.downstream_tls = facts.downstream_tls.as_deref();
+    v.requested_server_name = server_name.as_deref().unwrap_or("");
     crate::observe::access_log::log_all(&cfg.access_logs, &v);
 }
 
@@ -214,7 +221,9 @@ async fn relay(
         facts.host = Some(host.address.clone());
         match crate::upstream::pool::connect_tcp(&cluster, &host).await {
             Ok((s, held)) => {
-                facts.upstream_local = s.local_addr();
+                let conn = s.facts();
+                facts.upstream_local = conn.local;
+                facts.upstream_tls = conn.tls;
                 cluster.report_outlier(&host, Report::ConnectSuccessFinal);
                 upstream = Some((s, host, held));
                 break;

@@ -35,6 +35,8 @@ pub struct ClientTls {
     h2: Arc<rustls::ClientConfig>,
     raw: Arc<rustls::ClientConfig>,
     sni: Option<ServerName<'static>>,
+    /// The client certificate offered (the first, when there are several).
+    local: Option<CertificateDer<'static>>,
     pub stats: SslStats,
 }
 
@@ -68,7 +70,7 @@ impl ServerCertVerifier for ServerVerifier {
             )?;
         }
         if !v.san_matches(end_entity) {
-            return Err(super::san_mismatch());
+            return Err(super::san_mismatch(end_entity));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -196,6 +198,10 @@ impl ClientTls {
             h2: connector(&[b"h2"])?,
             raw: connector(&[])?,
             sni,
+            local: common
+                .certificates
+                .first()
+                .and_then(|c| c.cert.first().cloned()),
             stats,
         })
     }
@@ -206,7 +212,10 @@ impl ClientTls {
         stream: S,
         alpn: Alpn,
         peer: std::net::IpAddr,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+    ) -> std::io::Result<(
+        tokio_rustls::client::TlsStream<S>,
+        Arc<super::info::TlsInfo>,
+    )>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -222,8 +231,10 @@ impl ClientTls {
             .unwrap_or_else(|| ServerName::IpAddress(peer.into()));
         match connector.connect(name, stream).await {
             Ok(s) => {
-                self.stats.handshake(s.get_ref().1);
-                Ok(s)
+                let conn = s.get_ref().1;
+                self.stats.handshake(conn);
+                let info = super::info::TlsInfo::of(conn, self.local.as_ref());
+                Ok((s, Arc::new(info)))
             }
             Err(e) => {
                 self.stats.failure(&e);

@@ -5,6 +5,7 @@
 pub mod certificate;
 pub mod client;
 pub mod context;
+pub mod info;
 pub mod server;
 pub mod validation;
 
@@ -38,13 +39,17 @@ pub struct SslStats {
     store: Store,
 }
 
-/// The peer certificate's SANs did not match (`ssl.fail_verify_san`).
+/// The peer certificate's SANs (listed) did not match (`ssl.fail_verify_san`).
 #[derive(Debug)]
-pub struct SanMismatch;
+pub struct SanMismatch(pub Vec<String>);
 
 impl std::fmt::Display for SanMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("verify SAN list")
+        write!(
+            f,
+            "SAN matcher, certificate SANs are [{}]",
+            self.0.join(", ")
+        )
     }
 }
 
@@ -136,10 +141,11 @@ impl SslStats {
 
 /// Why an upstream handshake failed, as Envoy reports it in
 /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` (BoringSSL's error strings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsFailure {
-    /// The server's certificate did not verify (chain, expiry or SAN).
-    VerifyFailed,
+    /// The server's certificate did not verify: with the SANs it had when they matched no
+    /// matcher.
+    VerifyFailed(Option<Arc<str>>),
     /// Anything else (alerts, protocol errors, a peer speaking no TLS).
     Handshake,
 }
@@ -150,21 +156,30 @@ impl TlsFailure {
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
-            Some(rustls::Error::InvalidCertificate(_)) => TlsFailure::VerifyFailed,
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+                TlsFailure::VerifyFailed(
+                    o.0.downcast_ref::<SanMismatch>()
+                        .map(|m| Arc::from(m.0.join(", "))),
+                )
+            }
+            Some(rustls::Error::InvalidCertificate(_)) => TlsFailure::VerifyFailed(None),
             _ => TlsFailure::Handshake,
         }
     }
 
-    pub fn reason(self) -> &'static str {
-        match self {
-            TlsFailure::VerifyFailed => "TLS_error:|268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end",
-            TlsFailure::Handshake => "TLS_error:|268435612:SSL_routines:OPENSSL_internal:HTTP_REQUEST:TLS_error_end",
-        }
+    /// Envoy's words (BoringSSL's error queue, spaces made underscores).
+    pub fn reason(&self) -> String {
+        let text = match self {
+            TlsFailure::VerifyFailed(Some(sans)) => format!("TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:verify cert failed: SAN matcher, certificate SANs are [{sans}]:TLS_error_end"),
+            TlsFailure::VerifyFailed(None) => "TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end".to_string(),
+            TlsFailure::Handshake => "TLS_error:|268435612:SSL routines:OPENSSL_internal:HTTP_REQUEST:TLS_error_end".to_string(),
+        };
+        text.replace(' ', "_")
     }
 }
 
 /// The cipher's name as Envoy (BoringSSL) reports it.
-fn cipher_name(c: rustls::SupportedCipherSuite) -> &'static str {
+pub fn cipher_name(c: rustls::SupportedCipherSuite) -> &'static str {
     use rustls::CipherSuite as C;
     match c.suite() {
         C::TLS13_AES_128_GCM_SHA256 => "TLS_AES_128_GCM_SHA256",
@@ -181,9 +196,9 @@ fn cipher_name(c: rustls::SupportedCipherSuite) -> &'static str {
 }
 
 /// The error a SAN mismatch is reported with.
-pub fn san_mismatch() -> rustls::Error {
+pub fn san_mismatch(cert: &rustls_pki_types::CertificateDer<'_>) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(SanMismatch),
+        Arc::new(SanMismatch(validation::san_values(cert))),
     )))
 }
 

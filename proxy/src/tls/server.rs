@@ -22,6 +22,8 @@ use crate::observe::stats::Store;
 #[derive(Debug)]
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
+    /// The certificate this side presents (the first, when there are several).
+    local: Option<CertificateDer<'static>>,
     pub stats: SslStats,
 }
 
@@ -62,7 +64,7 @@ impl ClientCertVerifier for PeerVerifier {
         self.chain
             .verify_client_cert(end_entity, intermediates, now)?;
         if !self.validation.san_matches(end_entity) {
-            return Err(super::san_mismatch());
+            return Err(super::san_mismatch(end_entity));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -155,13 +157,21 @@ impl ServerTls {
         config.alpn_protocols = common.alpn.clone();
         Ok(ServerTls {
             config: Arc::new(config),
+            local: common
+                .certificates
+                .first()
+                .and_then(|c| c.cert.first().cloned()),
             stats,
         })
     }
 
     /// Runs the handshake on a connection whose first bytes (the ClientHello the listener
     /// filters read) are in `prefix`.
-    pub async fn accept(&self, tcp: TcpStream, prefix: Bytes) -> std::io::Result<TlsStream> {
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        prefix: Bytes,
+    ) -> std::io::Result<(TlsStream, Arc<super::info::TlsInfo>)> {
         // Bytes that are not a TLS handshake record (a plaintext request) are refused without an
         // alert, as BoringSSL does: the peer sees the connection close.
         let mut first = [0u8; 1];
@@ -191,7 +201,8 @@ impl ServerTls {
                 if conn.peer_certificates().is_none() {
                     self.stats.counters.no_certificate.inc();
                 }
-                Ok(s)
+                let info = Arc::new(super::info::TlsInfo::of(conn, self.local.as_ref()));
+                Ok((s, info))
             }
             Err(e) => {
                 self.stats.failure(&e);

@@ -165,10 +165,23 @@ fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<(SanKind, String)> {
         .collect()
 }
 
-/// The first URI SAN of a certificate (the SPIFFE identity Istio puts there).
-pub fn first_uri_san(cert: &CertificateDer<'_>) -> Option<String> {
+/// A certificate's URI and DNS SANs.
+pub fn uri_and_dns_sans(cert: &CertificateDer<'_>) -> (Vec<String>, Vec<String>) {
+    let (mut uris, mut dns) = (Vec::new(), Vec::new());
+    for (kind, v) in subject_alt_names(cert) {
+        match kind {
+            SanKind::Uri => uris.push(v),
+            SanKind::Dns => dns.push(v),
+            _ => {}
+        }
+    }
+    (uris, dns)
+}
+
+/// Every SAN value of a certificate, in its order.
+pub fn san_values(cert: &CertificateDer<'_>) -> Vec<String> {
     subject_alt_names(cert)
         .into_iter()
-        .find(|(k, _)| *k == SanKind::Uri)
         .map(|(_, v)| v)
+        .collect()
 }

@@ -32,7 +32,7 @@ pub type UpstreamBody =
     Either<crate::http::stream_timeouts::DownstreamBody, crate::http::replay::ReplayBody>;
 
 /// Why an upstream request failed before response headers, in Envoy's reset-reason words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResetReason {
     /// The connection could not be made; the OS error number, 0 when there is none (a failed
     /// handshake).
@@ -53,7 +53,7 @@ pub enum ResetReason {
 
 impl ResetReason {
     /// Envoy's reset reason string as it appears in local-reply bodies.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             ResetReason::ConnectionFailure(_) | ResetReason::Tls(_) => "remote connection failure",
             ResetReason::ConnectionTimeout => "connection timeout",
@@ -65,20 +65,20 @@ impl ResetReason {
         }
     }
     /// Envoy's `%UPSTREAM_TRANSPORT_FAILURE_REASON%`: why the connection could not be made.
-    pub fn transport_failure_reason(self) -> Option<String> {
+    pub fn transport_failure_reason(&self) -> Option<String> {
         match self {
-            ResetReason::ConnectionFailure(errno) if errno != 0 => {
-                let e = std::io::Error::from_raw_os_error(errno).to_string();
+            ResetReason::ConnectionFailure(errno) if *errno != 0 => {
+                let e = std::io::Error::from_raw_os_error(*errno).to_string();
                 let text = e.split(" (os error").next().unwrap_or(&e);
                 Some(format!("delayed_connect_error:_{}", text.replace(' ', "_")))
             }
-            ResetReason::Tls(f) => Some(f.reason().to_string()),
+            ResetReason::Tls(f) => Some(f.reason()),
             _ => None,
         }
     }
 
     /// Envoy's `%RESPONSE_CODE_DETAILS%` for a reset before the response started.
-    pub fn details(self) -> String {
+    pub fn details(&self) -> String {
         let reason = match self {
             ResetReason::ConnectionFailure(_) | ResetReason::Tls(_) => "remote_connection_failure",
             ResetReason::ConnectionTimeout => "connection_timeout",
@@ -95,7 +95,7 @@ impl ResetReason {
     }
 
     /// Envoy's response flag.
-    pub fn flag(self) -> &'static str {
+    pub fn flag(&self) -> &'static str {
         match self {
             ResetReason::ConnectionFailure(_)
             | ResetReason::ConnectionTimeout
@@ -113,23 +113,27 @@ struct IdleH1 {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
     used: u32,
-    local: Option<SocketAddr>,
+    local: UpstreamConn,
 }
 
-/// The pool's HTTP/2 connection and its local address.
+/// The pool's HTTP/2 connection and what the access log reads of it.
 #[derive(Clone)]
 struct H2Conn {
     sender: http2::SendRequest<UpstreamBody>,
-    local: Option<SocketAddr>,
+    local: UpstreamConn,
 }
 
-/// The local address of the upstream connection a response came on (`%UPSTREAM_LOCAL_ADDRESS%`).
-#[derive(Clone, Copy)]
-pub struct UpstreamLocal(pub SocketAddr);
+/// What the access log reads of the upstream connection a response came on: its local
+/// address (`%UPSTREAM_LOCAL_ADDRESS%`) and its TLS (`%UPSTREAM_PEER_URI_SAN%`, …).
+#[derive(Clone, Default)]
+pub struct UpstreamConn {
+    pub local: Option<SocketAddr>,
+    pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
+}
 
-fn with_local<B>(mut resp: Response<B>, local: Option<SocketAddr>) -> Response<B> {
-    if let Some(l) = local {
-        resp.extensions_mut().insert(UpstreamLocal(l));
+fn with_local<B>(mut resp: Response<B>, conn: UpstreamConn) -> Response<B> {
+    if conn.local.is_some() || conn.tls.is_some() {
+        resp.extensions_mut().insert(conn);
     }
     resp
 }
@@ -449,7 +453,7 @@ impl WorkerUpstreams {
                 give_back: None,
                 _request: Some(request),
             });
-            return Ok(with_local(resp, sender.local));
+            return Ok(with_local(resp, sender.local.clone()));
         }
         let (mut sender, used, local) = match pool.take_idle(cluster.idle_timeout) {
             Some(c) => (c.sender, c.used, c.local),
@@ -468,18 +472,18 @@ impl WorkerUpstreams {
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
+        let resp = with_local(resp, local.clone());
         let give_back = reuse.then(|| GiveBack {
             pool,
             sender,
             used,
             local,
         });
-        let resp = resp.map(|b| PooledBody {
+        Ok(resp.map(|b| PooledBody {
             inner: b,
             give_back,
             _request: Some(request),
-        });
-        Ok(with_local(resp, local))
+        }))
     }
 
     /// A pending HTTP/1.1 request gets a connection: a new one when `max_connections` allows (or
@@ -490,7 +494,7 @@ impl WorkerUpstreams {
         cluster: &Cluster,
         host: &Arc<Host>,
         pool: &Rc<HostPool>,
-    ) -> Result<(http1::SendRequest<UpstreamBody>, u32, Option<SocketAddr>), ResetReason> {
+    ) -> Result<(http1::SendRequest<UpstreamBody>, u32, UpstreamConn), ResetReason> {
         loop {
             if cluster.resources.connections.can_create() || pool.conns.get() == 0 {
                 let (sender, local) = connect_h1(cluster, host, pool).await?;
@@ -551,19 +555,28 @@ fn refused_stream(e: &hyper::Error) -> bool {
 pub enum HostStream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Tls(
+        Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        Arc<crate::tls::info::TlsInfo>,
+    ),
 }
 
 crate::listener::stream::delegate_read!(HostStream, Tcp, Unix, Tls);
 crate::listener::stream::delegate_write!(HostStream, Tcp, Unix, Tls);
 
 impl HostStream {
-    /// The local address of a TCP connection (with or without TLS).
-    pub fn local_addr(&self) -> Option<SocketAddr> {
+    /// The local address of a TCP connection (with or without TLS) and its TLS facts.
+    pub fn facts(&self) -> UpstreamConn {
         match self {
-            HostStream::Tcp(t) => t.local_addr().ok(),
-            HostStream::Tls(t) => t.get_ref().0.local_addr().ok(),
-            HostStream::Unix(_) => None,
+            HostStream::Tcp(t) => UpstreamConn {
+                local: t.local_addr().ok(),
+                tls: None,
+            },
+            HostStream::Tls(t, info) => UpstreamConn {
+                local: t.get_ref().0.local_addr().ok(),
+                tls: Some(info.clone()),
+            },
+            HostStream::Unix(_) => UpstreamConn::default(),
         }
     }
 }
@@ -608,10 +621,10 @@ async fn tcp(
     cluster: &Cluster,
     host: &Host,
     alpn: Alpn,
-) -> Result<(TokioIo<HostStream>, Held, Option<SocketAddr>), ResetReason> {
+) -> Result<(TokioIo<HostStream>, Held, UpstreamConn), ResetReason> {
     connect_host(cluster, host, alpn).await.map(|(s, held)| {
-        let local = s.local_addr();
-        (TokioIo::new(s), held, local)
+        let conn = s.facts();
+        (TokioIo::new(s), held, conn)
     })
 }
 
@@ -668,7 +681,7 @@ pub async fn connect_host(
                     .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
                 tls.connect(t, alpn, peer)
                     .await
-                    .map(|s| HostStream::Tls(Box::new(s)))
+                    .map(|(s, info)| HostStream::Tls(Box::new(s), info))
                     .map_err(|e| ResetReason::Tls(crate::tls::TlsFailure::of(&e)))
             }
             (Connected::Tcp(t), None) => Ok(HostStream::Tcp(t)),
@@ -714,7 +727,7 @@ async fn connect_h1(
     cluster: &Cluster,
     host: &Arc<Host>,
     pool: &Rc<HostPool>,
-) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), ResetReason> {
+) -> Result<(http1::SendRequest<UpstreamBody>, UpstreamConn), ResetReason> {
     let total = &cluster.stats.upstream_cx_http1_total;
     open_pooled(cluster, host, pool, total, Alpn::Http1, |io| {
         http1::Builder::new().handshake(io)
@@ -731,7 +744,7 @@ async fn open_pooled<S, C, Fut>(
     total: &crate::observe::stats::Counter,
     alpn: Alpn,
     handshake: impl FnOnce(TokioIo<HostStream>) -> Fut,
-) -> Result<(S, Option<SocketAddr>), ResetReason>
+) -> Result<(S, UpstreamConn), ResetReason>
 where
     Fut: std::future::Future<Output = Result<(S, C), hyper::Error>>,
     C: std::future::Future + 'static,
@@ -822,7 +835,7 @@ struct GiveBack {
     pool: Rc<HostPool>,
     sender: http1::SendRequest<UpstreamBody>,
     used: u32,
-    local: Option<SocketAddr>,
+    local: UpstreamConn,
 }
 
 /// An upstream response body that returns its HTTP/1.1 connection to the pool once the body has
