@@ -113,7 +113,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.Secret",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.rbac.v3.RBAC",

@@ -200,6 +200,13 @@ fn start_ads(
     );
     // The sink follows EDS/RDS names and starts LDS through the client it runs under.
     let _ = handle.set(client.clone());
+    // SDS follows the secrets the TLS contexts name.
+    tokio::spawn(crate::config::xds_secrets::follow(
+        state.clone(),
+        current.clone(),
+        announced_node(&snap.node),
+        Some(client.clone()),
+    ));
     if d.cds.is_some() {
         client.subscribe(
             crate::config::xds_sink::CLUSTER_TYPE,

@@ -118,3 +118,54 @@ pub async fn serve_unix(path: &std::path::Path) -> Sessions {
     );
     sessions
 }
+
+#[tonic::async_trait]
+impl xds_client::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService
+    for Service
+{
+    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Ok(Response::new(open(request.into_inner(), &self.delta)))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        Ok(Response::new(open(request.into_inner(), &self.sotw)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented("fetch_secrets"))
+    }
+}
+
+/// A `SecretDiscoveryService` (as Istio's pilot-agent serves it) on a Unix socket at `path`.
+pub async fn serve_sds_unix(path: &std::path::Path) -> Sessions {
+    use xds_client::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).expect("bind unix socket");
+    let (sotw_tx, sotw_rx) = mpsc::unbounded_channel();
+    let (delta_tx, delta_rx) = mpsc::unbounded_channel();
+    let svc = SecretDiscoveryServiceServer::new(Service {
+        sotw: sotw_tx,
+        delta: delta_tx,
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(UnixListenerStream::new(listener)),
+    );
+    Sessions {
+        sotw: sotw_rx,
+        delta: delta_rx,
+    }
+}

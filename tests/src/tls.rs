@@ -102,6 +102,32 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 
 /// How one TLS exchange went: the negotiated ALPN and the response status line, or why not.
 pub fn https_get(port: u16, sni: &str, alpn: &[&str], client: Option<&Pem>, path: &str) -> String {
+    https_exchange(port, sni, alpn, client, path, "", false)
+}
+
+/// An HTTP/1.1 request over TLS with more header lines (`extra`, each ending in CRLF); the
+/// response body.
+pub fn https_body(port: u16, client: Option<&Pem>, path: &str, extra: &str) -> String {
+    https_exchange(
+        port,
+        "server.test",
+        &["http/1.1"],
+        client,
+        path,
+        extra,
+        true,
+    )
+}
+
+fn https_exchange(
+    port: u16,
+    sni: &str,
+    alpn: &[&str],
+    client: Option<&Pem>,
+    path: &str,
+    extra: &str,
+    with_body: bool,
+) -> String {
     use rustls_pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -153,19 +179,21 @@ pub fn https_get(port: u16, sni: &str, alpn: &[&str], client: Option<&Pem>, path
         if negotiated == "h2" {
             return "alpn h2".into();
         }
-        let req = format!("GET {path} HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {sni}\r\n{extra}connection: close\r\n\r\n");
         if let Err(e) = s.write_all(req.as_bytes()).await {
             return format!("alpn {negotiated}, write failed: {}", describe(&e));
         }
         let mut out = Vec::new();
         let read =
             tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let status = String::from_utf8_lossy(&out)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string();
+        let text = String::from_utf8_lossy(&out);
+        let status = if with_body {
+            text.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+        } else {
+            text.lines().next().unwrap_or("").to_string()
+        };
         match read {
+            _ if with_body => status,
             _ if !status.is_empty() => format!("alpn {negotiated}, {status}"),
             Ok(Err(e)) => format!("alpn {negotiated}, read failed: {}", describe(&e)),
             Ok(Ok(_)) => format!("alpn {negotiated}, closed without a response"),
@@ -181,4 +209,45 @@ fn describe(e: &std::io::Error) -> String {
         Some(other) => format!("{other:?}"),
         None => format!("{:?}", e.kind()),
     }
+}
+
+/// The certificate a TLS port presents (DER), or None when the handshake fails.
+pub fn server_certificate(port: u16, client: Option<&Pem>) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let config = match client {
+        Some(p) => {
+            let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&p.cert)
+                .ok()?
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&p.key).ok()?;
+            builder.with_client_auth_cert(chain, key).ok()?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let name = rustls_pki_types::ServerName::try_from("server.test").ok()?;
+        let s = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        s.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec())
+    })
 }

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use petrel_tests::tls::{https_get, Ca, Pem};
+use petrel_tests::tls::{https_body, https_get, Ca, Pem};
 use petrel_tests::*;
 
 struct Certs {
@@ -57,6 +57,15 @@ fn certs(dir: &Path) -> Certs {
     }
 }
 
+/// How each listener treats `x-forwarded-client-cert`.
+fn xfcc(prefix: &str) -> &'static str {
+    match prefix {
+        "mtls" => "forward_client_cert_details: APPEND_FORWARD\n          set_current_client_cert_details: {subject: true, dns: true, uri: true, cert: true, chain: true}\n          ",
+        "tls" => "forward_client_cert_details: SANITIZE_SET\n          set_current_client_cert_details: {uri: true}\n          ",
+        _ => "",
+    }
+}
+
 fn hcm(prefix: &str, routes: &str) -> String {
     format!(
         r#"
@@ -64,7 +73,7 @@ fn hcm(prefix: &str, routes: &str) -> String {
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {prefix}
-          access_log: [{{name: f, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: LOGDIR/{prefix}.log, log_format: {{text_format: "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_LOCAL_URI_SAN% %UPSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_TLS_CIPHER% [%DOWNSTREAM_PEER_SUBJECT%] [%DOWNSTREAM_PEER_ISSUER%] [%DOWNSTREAM_LOCAL_SUBJECT%] %DOWNSTREAM_PEER_SERIAL% %DOWNSTREAM_PEER_FINGERPRINT_256% %UPSTREAM_TLS_VERSION% [%UPSTREAM_PEER_SUBJECT%] %UPSTREAM_PEER_DNS_SAN% %DOWNSTREAM_LOCAL_DNS_SAN% %REQUESTED_SERVER_NAME%\n"}}}}}}]
+          {xfcc}access_log: [{{name: f, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: LOGDIR/{prefix}.log, log_format: {{text_format: "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_TRANSPORT_FAILURE_REASON% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_LOCAL_URI_SAN% %UPSTREAM_PEER_URI_SAN% %DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_TLS_CIPHER% [%DOWNSTREAM_PEER_SUBJECT%] [%DOWNSTREAM_PEER_ISSUER%] [%DOWNSTREAM_LOCAL_SUBJECT%] %DOWNSTREAM_PEER_SERIAL% %DOWNSTREAM_PEER_FINGERPRINT_256% %UPSTREAM_TLS_VERSION% [%UPSTREAM_PEER_SUBJECT%] %UPSTREAM_PEER_DNS_SAN% %DOWNSTREAM_LOCAL_DNS_SAN% %REQUESTED_SERVER_NAME%\n"}}}}}}]
           route_config:
             virtual_hosts:
             - name: v
@@ -72,7 +81,8 @@ fn hcm(prefix: &str, routes: &str) -> String {
               routes: {routes}
           http_filters:
           - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#,
+        xfcc = xfcc(prefix)
     )
 }
 
@@ -93,8 +103,7 @@ fn upstream_tls(c: &Certs, san: &str) -> String {
 }
 
 fn bootstrap(c: &Certs) -> String {
-    let ok =
-        r#"[{match: {prefix: "/"}, direct_response: {status: 200, body: {inline_string: "ok"}}}]"#;
+    let ok = r#"[{match: {prefix: "/echo"}, route: {cluster: echo}}, {match: {prefix: "/"}, direct_response: {status: 200, body: {inline_string: "ok"}}}]"#;
     let proxied = r#"[{match: {prefix: "/up"}, route: {cluster: tls_up}}, {match: {prefix: "/badsan"}, route: {cluster: tls_badsan}}, {match: {prefix: "/matched"}, route: {cluster: matched}}, {match: {prefix: "/plain-to-tls"}, route: {cluster: plain_to_tls}}]"#;
     let server_ctx = |extra: &str| {
         format!(
@@ -151,6 +160,9 @@ static_resources:
       match: {{}}
       transport_socket: {{name: envoy.transport_sockets.raw_buffer, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}}}}
     load_assignment: {{cluster_name: matched, endpoints: [{matched_ep}]}}
+  - name: echo
+    connect_timeout: 2s
+    load_assignment: {{cluster_name: echo, endpoints: [{echo_ep}]}}
   - name: plain_to_tls
     connect_timeout: 2s
     load_assignment: {{cluster_name: plain_to_tls, endpoints: [{mtls_ep}]}}
@@ -161,6 +173,7 @@ static_resources:
         up_ok = upstream_tls(c, "spiffe://cluster.local/ns/default/sa/server"),
         up_bad = upstream_tls(c, "spiffe://cluster.local/ns/default/sa/other"),
         mtls_ep = endpoint("MTLSPORT", ""),
+        echo_ep = endpoint("ECHOPORT", ""),
         matched_ep = endpoint(
             "MTLSPORT",
             ", metadata: {filter_metadata: {envoy.transport_socket_match: {tlsMode: istio}}}"
@@ -168,10 +181,11 @@ static_resources:
     )
 }
 
-fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs) -> Vec<String> {
+fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs, echo: u16) -> Vec<String> {
     let (admin, main, tls, mtls) = (free_port(), free_port(), free_port(), free_port());
     let mut cfg = bootstrap(c);
     for (k, v) in [
+        ("ECHOPORT", echo),
         ("ADMIN", admin),
         ("MAIN", main),
         ("MTLSPORT", mtls),
@@ -300,6 +314,36 @@ fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs) -> Vec<String
             format!("{} {:?}", r.status, r.body_str()),
         );
     }
+    // `x-forwarded-client-cert` as each listener's policy leaves it for the upstream.
+    let client_xfcc = "x-forwarded-client-cert: By=spiffe://upstream;Hash=abc\r\n";
+    for (label, port, client) in [
+        ("xfcc, mTLS, append", mtls, Some(&c.client)),
+        (
+            "xfcc, TLS without a client certificate, sanitized",
+            tls,
+            None,
+        ),
+    ] {
+        let body = https_body(port, client, "/echo", client_xfcc);
+        let seen: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| serde_json::json!({"raw": body}));
+        let value = seen["headers"]
+            .as_array()
+            .and_then(|h| h.iter().find(|p| p[0] == "x-forwarded-client-cert"))
+            .map(|p| p[1].to_string())
+            .unwrap_or_else(|| format!("(none) {}", seen["raw"]));
+        t.push(format!("{label}: {value}"));
+        let others: Vec<String> = seen["headers"]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .filter(|p| p[0] != "x-forwarded-client-cert" && p[0] != "x-request-id")
+                    .map(|p| format!("{}={}", p[0], p[1]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        t.push(format!("{label}, other headers: {}", others.join(" ")));
+    }
     // What the access logs say of each stream.
     std::thread::sleep(std::time::Duration::from_millis(300));
     for log in ["main", "mtls", "tls"] {
@@ -320,8 +364,9 @@ fn tls_like_envoy() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let c = certs(&dir);
-    let e = scenario("envoy", &envoy, &dir, &c);
-    let p = scenario("petrel", &petrel_bin(), &dir, &c);
+    let echo = start_echo();
+    let e = scenario("envoy", &envoy, &dir, &c, echo);
+    let p = scenario("petrel", &petrel_bin(), &dir, &c, echo);
     let _ = std::fs::remove_dir_all(&dir);
     assert_same_transcript(&e, &p);
 }

@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use tokio::sync::mpsc;
@@ -38,9 +39,19 @@ pub enum Target {
     Unix(PathBuf),
 }
 
+/// Which gRPC service the stream is on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Service {
+    /// `AggregatedDiscoveryService` (ADS: every type on one stream).
+    Aggregated,
+    /// `SecretDiscoveryService` (SDS on its own stream, as Istio's pilot-agent serves it).
+    Secrets,
+}
+
 #[derive(Debug, Clone)]
 pub struct AdsConfig {
     pub target: Target,
+    pub service: Service,
     pub api: ApiType,
     pub node: Node,
     /// Envoy's defaults: 500 ms base, 30 s cap.
@@ -52,6 +63,7 @@ impl AdsConfig {
     pub fn new(target: Target, api: ApiType, node: Node) -> Self {
         AdsConfig {
             target,
+            service: Service::Aggregated,
             api,
             node,
             backoff_base: Duration::from_millis(500),
@@ -191,12 +203,12 @@ async fn run<S: Sink>(
         }
         let connected = match connect(&config.target).await {
             Ok(channel) => {
-                let mut client = AggregatedDiscoveryServiceClient::new(channel);
+                let client = &channel;
                 let r = match config.api {
                     ApiType::Sotw => {
                         run_stream::<StateOfTheWorld, S>(
                             &config,
-                            &mut client,
+                            client,
                             &mut sink,
                             &mut types,
                             &mut commands,
@@ -206,7 +218,7 @@ async fn run<S: Sink>(
                     ApiType::Delta => {
                         run_stream::<Delta, S>(
                             &config,
-                            &mut client,
+                            client,
                             &mut sink,
                             &mut types,
                             &mut commands,
@@ -246,7 +258,8 @@ trait Protocol {
     type Resp;
     /// Opens the stream with the requests `rx` yields.
     async fn open(
-        client: &mut AggregatedDiscoveryServiceClient<Channel>,
+        channel: &Channel,
+        service: Service,
         rx: mpsc::Receiver<Self::Req>,
     ) -> Result<tonic::Streaming<Self::Resp>, tonic::Status>;
     /// The first request for a type on a new stream (resubscribing with what was accepted).
@@ -282,13 +295,24 @@ impl Protocol for StateOfTheWorld {
     type Resp = DiscoveryResponse;
 
     async fn open(
-        client: &mut AggregatedDiscoveryServiceClient<Channel>,
+        channel: &Channel,
+        service: Service,
         rx: mpsc::Receiver<DiscoveryRequest>,
     ) -> Result<tonic::Streaming<DiscoveryResponse>, tonic::Status> {
-        Ok(client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await?
-            .into_inner())
+        let requests = ReceiverStream::new(rx);
+        Ok(match service {
+            Service::Aggregated => {
+                AggregatedDiscoveryServiceClient::new(channel.clone())
+                    .stream_aggregated_resources(requests)
+                    .await?
+            }
+            Service::Secrets => {
+                SecretDiscoveryServiceClient::new(channel.clone())
+                    .stream_secrets(requests)
+                    .await?
+            }
+        }
+        .into_inner())
     }
 
     fn subscribe(node: Option<Node>, type_url: &str, state: &TypeState) -> DiscoveryRequest {
@@ -357,13 +381,24 @@ impl Protocol for Delta {
     type Resp = DeltaDiscoveryResponse;
 
     async fn open(
-        client: &mut AggregatedDiscoveryServiceClient<Channel>,
+        channel: &Channel,
+        service: Service,
         rx: mpsc::Receiver<DeltaDiscoveryRequest>,
     ) -> Result<tonic::Streaming<DeltaDiscoveryResponse>, tonic::Status> {
-        Ok(client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await?
-            .into_inner())
+        let requests = ReceiverStream::new(rx);
+        Ok(match service {
+            Service::Aggregated => {
+                AggregatedDiscoveryServiceClient::new(channel.clone())
+                    .delta_aggregated_resources(requests)
+                    .await?
+            }
+            Service::Secrets => {
+                SecretDiscoveryServiceClient::new(channel.clone())
+                    .delta_secrets(requests)
+                    .await?
+            }
+        }
+        .into_inner())
     }
 
     fn subscribe(node: Option<Node>, type_url: &str, state: &TypeState) -> DeltaDiscoveryRequest {
@@ -445,7 +480,7 @@ impl Protocol for Delta {
 /// until the stream breaks or every client handle is gone.
 async fn run_stream<P: Protocol, S: Sink>(
     config: &AdsConfig,
-    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    channel: &Channel,
     sink: &mut S,
     types: &mut BTreeMap<String, TypeState>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
@@ -459,7 +494,7 @@ async fn run_stream<P: Protocol, S: Sink>(
             let _ = tx.try_send(P::subscribe(node(), type_url, state));
         }
     }
-    let mut inbound = match P::open(client, rx).await {
+    let mut inbound = match P::open(channel, config.service, rx).await {
         Ok(s) => s,
         Err(_) => {
             return StreamEnd::Lost {

@@ -11,6 +11,7 @@ pub mod overload;
 pub mod runtime;
 pub mod snapshot;
 pub mod xds_listeners;
+pub mod xds_secrets;
 pub mod xds_sink;
 
 use prost::{Message, Name};
@@ -79,7 +80,6 @@ pub fn reject_unhandled<M: Message + Name + Default + PartialEq>(
     })
 }
 
-const SECURITY: &str = "comes with mesh security, issue #6";
 const OBSERVE: &str = "comes with observability, issue #7";
 
 /// Fields Petrel refuses today that a later issue brings, by message: the refusal says which
@@ -90,14 +90,6 @@ const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         &["tracing"],
         OBSERVE,
-    ),
-    (
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        &[
-            "forward_client_cert_details",
-            "set_current_client_cert_details",
-        ],
-        SECURITY,
     ),
     (
         "envoy.config.listener.v3.Listener",

@@ -196,6 +196,16 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         }
         listeners.push(Arc::new(compiled));
     }
+    // Secrets are fetched by the xDS machinery: a bootstrap without it could never get them.
+    let wants_secrets =
+        listeners.iter().any(|l| !l.tls_ready()) || clusters.values().any(|c| !c.transport.ready());
+    if dynamic.is_none() && wants_secrets {
+        return Err(ConfigError::Unsupported {
+            path: "static_resources".into(),
+            fields: "SDS secrets without dynamic_resources (Petrel fetches secrets alongside ADS)"
+                .into(),
+        });
+    }
     store
         .gauge("cluster_manager.active_clusters")
         .set(clusters.len() as i64);

@@ -272,10 +272,10 @@ impl XdsState {
                 version: version.clone(),
                 last_updated: self.lds.updated.get(name).cloned().unwrap_or_default(),
             };
-            let ready = l
-                .rds
-                .keys()
-                .all(|r| self.lds.routes.contains_key(r) || self.lds.rds_timed_out.contains(r));
+            let ready = l.tls_ready()
+                && l.rds
+                    .keys()
+                    .all(|r| self.lds.routes.contains_key(r) || self.lds.rds_timed_out.contains(r));
             if ready {
                 active.push(l.clone());
                 infos.insert(name.clone(), info);

@@ -117,6 +117,13 @@ impl XdsState {
         })
     }
 
+    /// Secrets arrived or rotated: listeners and clusters waiting on them may go now.
+    pub fn secrets_changed(&mut self) {
+        let a = self.assignments.clone();
+        let _ = self.publish(&a);
+        self.check_init();
+    }
+
     /// Runs `f` on this state after `after` (an `initial_fetch_timeout`).
     pub(super) fn later(
         &self,
@@ -140,6 +147,9 @@ impl XdsState {
             ENDPOINT_TYPE => self.eds(update),
             LISTENER_TYPE => self.lds_update(update),
             ROUTE_TYPE => self.rds_update(update),
+            super::xds_secrets::SECRET_TYPE => {
+                super::xds_secrets::apply(self, &crate::tls::secrets::SdsSource::Ads, &update)
+            }
             other => Err(format!("type {other} is not subscribed to")),
         };
         if let Some(s) = self.stats.get(type_url) {
@@ -175,6 +185,26 @@ impl XdsState {
                 .get(name)
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default();
+            let warm = |version: String| {
+                let since = snap
+                    .warming_clusters
+                    .iter()
+                    .find(|(c, i)| Arc::ptr_eq(c, base) && i.version == version)
+                    .map(|(_, i)| i.last_updated.clone())
+                    .unwrap_or_else(now);
+                (
+                    base.clone(),
+                    DynamicInfo {
+                        version,
+                        last_updated: since,
+                    },
+                )
+            };
+            // A cluster warms until the SDS secrets of its transport sockets arrive.
+            if !base.transport.ready() {
+                warming.push(warm(version));
+                continue;
+            }
             match &base.eds_service {
                 None => active.push((base.clone(), version)),
                 Some(service) => {
@@ -183,19 +213,7 @@ impl XdsState {
                         Some(a) => a.cla.as_ref(),
                         None if self.eds_timed_out.contains(service) => &empty,
                         None => {
-                            let since = snap
-                                .warming_clusters
-                                .iter()
-                                .find(|(c, i)| Arc::ptr_eq(c, base) && i.version == version)
-                                .map(|(_, i)| i.last_updated.clone())
-                                .unwrap_or_else(now);
-                            warming.push((
-                                base.clone(),
-                                DynamicInfo {
-                                    version,
-                                    last_updated: since,
-                                },
-                            ));
+                            warming.push(warm(version));
                             continue;
                         }
                     };
@@ -438,7 +456,7 @@ pub(super) fn now() -> String {
 }
 
 /// Decodes one resource of the expected type.
-pub(super) fn decode<T: Message + Default>(
+pub(crate) fn decode<T: Message + Default>(
     type_url: &str,
     any: &Any,
     what: &str,

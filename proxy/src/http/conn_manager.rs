@@ -597,6 +597,7 @@ async fn process(
     }
 
     // Remote address, x-forwarded-for, x-forwarded-proto, sanitising.
+    let connection_scheme = if info.tls.is_some() { "https" } else { "http" };
     let headers = req.headers_mut();
     let xff = HeaderName::from_static("x-forwarded-for");
     let external;
@@ -620,14 +621,14 @@ async fn process(
         }
         headers.insert(
             HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
+            HeaderValue::from_static(connection_scheme),
         );
     } else {
         external = false;
         if !headers.contains_key("x-forwarded-proto") {
             headers.insert(
                 HeaderName::from_static("x-forwarded-proto"),
-                HeaderValue::from_static("http"),
+                HeaderValue::from_static(connection_scheme),
             );
         }
     }
@@ -677,6 +678,7 @@ async fn process(
             headers.remove(*h);
         }
     }
+    hcm.client_cert.apply(headers, info.tls.as_deref());
     let rid = HeaderName::from_static("x-request-id");
     if hcm.generate_request_id
         && (!headers.contains_key(&rid) || (external && !hcm.preserve_external_request_id))
@@ -695,12 +697,12 @@ async fn process(
         }
     }
     let scheme = if hcm.use_remote_address {
-        "http"
+        connection_scheme
     } else {
         req.headers()
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("http")
+            .unwrap_or(connection_scheme)
     }
     .to_string();
     let draw = rand::random_range(0..1_000_000u64);

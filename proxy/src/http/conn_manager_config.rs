@@ -123,6 +123,8 @@ pub struct HcmConfig {
     pub request_headers_timeout: Option<Duration>,
     pub path_policy: super::path_normalization::PathPolicy,
     pub stats: HcmStats,
+    /// `forward_client_cert_details` and `set_current_client_cert_details`.
+    pub client_cert: super::forward_client_cert::ClientCertPolicy,
     /// `access_log`: written when each stream ends.
     pub access_logs: crate::observe::access_log::AccessLogs,
     /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
@@ -432,6 +434,11 @@ pub fn compile(
         }
         websocket = u.enabled.as_ref().map(|b| b.value).unwrap_or(true);
     }
+    let client_cert = super::forward_client_cert::ClientCertPolicy::compile(
+        std::mem::take(&mut rest.forward_client_cert_details),
+        rest.set_current_client_cert_details.take().as_ref(),
+        path,
+    )?;
     let access_logs = crate::observe::access_log::compile_all(
         &std::mem::take(&mut rest.access_log),
         store,
@@ -467,6 +474,7 @@ pub fn compile(
         request_headers_timeout,
         path_policy,
         stats,
+        client_cert,
         access_logs,
         listener_stats,
     })

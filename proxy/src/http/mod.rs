@@ -3,6 +3,7 @@ pub mod body;
 pub mod conn_manager;
 pub mod conn_manager_config;
 pub mod date;
+pub mod forward_client_cert;
 pub mod h1;
 pub mod local_reply;
 pub mod local_reply_config;

@@ -168,6 +168,16 @@ pub struct FilterChain {
 }
 
 impl Listener {
+    /// Whether the SDS secrets of every chain's TLS have arrived (else it warms).
+    pub fn tls_ready(&self) -> bool {
+        self.chains
+            .iter()
+            .map(|c| &c.target)
+            .chain(self.default_chain.iter())
+            .filter_map(|t| t.tls.as_ref())
+            .all(|t| t.ready())
+    }
+
     /// The chain for a connection (`filter_chain_match`, then `default_filter_chain`).
     pub fn chain_for(&self, facts: &ConnectionFacts<'_>) -> Option<&ChainTarget> {
         let matchers: &[ChainMatch] = &self.matchers;

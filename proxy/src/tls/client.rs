@@ -13,7 +13,6 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 
 use super::context::CommonTls;
-use super::validation::Validation;
 use super::SslStats;
 use crate::config::{invalid, reject_unhandled, ConfigError};
 use crate::observe::stats::Store;
@@ -35,14 +34,13 @@ pub struct ClientTls {
     h2: Arc<rustls::ClientConfig>,
     raw: Arc<rustls::ClientConfig>,
     sni: Option<ServerName<'static>>,
-    /// The client certificate offered (the first, when there are several).
-    local: Option<CertificateDer<'static>>,
+    common: Arc<CommonTls>,
     pub stats: SslStats,
 }
 
 #[derive(Debug)]
 struct ServerVerifier {
-    validation: Option<Validation>,
+    common: Arc<CommonTls>,
     provider: Arc<CryptoProvider>,
     stats: SslStats,
 }
@@ -56,9 +54,12 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(v) = &self.validation else {
+        let Some(source) = &self.common.validation else {
             return Ok(ServerCertVerified::assertion());
         };
+        let v = source
+            .current()
+            .ok_or_else(|| rustls::Error::General("validation context not available".into()))?;
         if let Some(roots) = &v.roots {
             let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
             rustls::client::verify_server_cert_signed_by_trust_anchor(
@@ -112,18 +113,23 @@ impl ServerCertVerifier for ServerVerifier {
 }
 
 #[derive(Debug)]
-struct ClientCertificates(Vec<Arc<CertifiedKey>>);
+struct ClientCertificates(Arc<CommonTls>);
 
 impl ResolvesClientCert for ClientCertificates {
     fn resolve(&self, _hints: &[&[u8]], schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        super::pick_certificate(&self.0, schemes)
+        super::pick_certificate(&self.0.current_certificates(), schemes)
     }
     fn has_certs(&self) -> bool {
-        !self.0.is_empty()
+        !self.0.certificates.is_empty()
     }
 }
 
 impl ClientTls {
+    /// Whether every secret the context names has arrived (else its cluster warms).
+    pub fn ready(&self) -> bool {
+        self.common.ready()
+    }
+
     /// `scope` is the cluster's stat prefix (`cluster.<name>.`).
     pub fn compile(
         ctx: &UpstreamTlsContext,
@@ -132,11 +138,11 @@ impl ClientTls {
         path: &str,
     ) -> Result<ClientTls, ConfigError> {
         let mut rest = ctx.clone();
-        let common = CommonTls::compile_for(
+        let common = Arc::new(CommonTls::compile_for(
             &rest.common_tls_context.take().unwrap_or_default(),
             super::context::Side::Client,
             &format!("{path}.common_tls_context"),
-        )?;
+        )?);
         let sni_text = std::mem::take(&mut rest.sni);
         if rest.allow_renegotiation {
             return Err(invalid(
@@ -146,15 +152,13 @@ impl ClientTls {
         }
         let session_keys = rest.max_session_keys.take().map_or(1, |v| v.value as usize);
         reject_unhandled(&rest, path)?;
-        if common
-            .validation
-            .as_ref()
-            .is_some_and(|v| v.roots.is_none() && !v.sans.is_empty())
-        {
-            return Err(invalid(
-                format!("{path}.common_tls_context.validation_context"),
-                "SAN-based verification of peer certificates without trusted CA is insecure and not allowed",
-            ));
+        if let Some(super::context::ValidationSource::Static(v)) = &common.validation {
+            if v.roots.is_none() && !v.sans.is_empty() {
+                return Err(invalid(
+                    format!("{path}.common_tls_context.validation_context"),
+                    "SAN-based verification of peer certificates without trusted CA is insecure and not allowed",
+                ));
+            }
         }
         let sni = if sni_text.is_empty() {
             None
@@ -166,7 +170,7 @@ impl ClientTls {
         };
         let stats = SslStats::new(store, scope);
         let verifier = Arc::new(ServerVerifier {
-            validation: common.validation.clone(),
+            common: common.clone(),
             provider: common.provider.clone(),
             stats: stats.clone(),
         });
@@ -181,9 +185,7 @@ impl ClientTls {
                 .map_err(|e| invalid(path, e.to_string()))?
                 .dangerous()
                 .with_custom_certificate_verifier(verifier.clone())
-                .with_client_cert_resolver(Arc::new(ClientCertificates(
-                    common.certificates.clone(),
-                )));
+                .with_client_cert_resolver(Arc::new(ClientCertificates(common.clone())));
             config.alpn_protocols = if common.alpn.is_empty() {
                 fallback.iter().map(|p| p.to_vec()).collect()
             } else {
@@ -198,10 +200,7 @@ impl ClientTls {
             h2: connector(&[b"h2"])?,
             raw: connector(&[])?,
             sni,
-            local: common
-                .certificates
-                .first()
-                .and_then(|c| c.cert.first().cloned()),
+            common,
             stats,
         })
     }
@@ -233,7 +232,13 @@ impl ClientTls {
             Ok(s) => {
                 let conn = s.get_ref().1;
                 self.stats.handshake(conn);
-                let info = super::info::TlsInfo::of(conn, self.local.as_ref());
+                // The client certificate offered (the first, when there are several).
+                let local = self
+                    .common
+                    .current_certificates()
+                    .first()
+                    .and_then(|c| c.cert.first().cloned());
+                let info = super::info::TlsInfo::of(conn, local.as_ref());
                 Ok((s, Arc::new(info)))
             }
             Err(e) => {

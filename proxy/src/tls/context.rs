@@ -13,19 +13,101 @@ use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::{
     TlsParameters,
 };
 
+use super::secrets::{sds_slot, SecretSlot};
 use super::validation::Validation;
 use crate::config::{invalid, reject_unhandled, ConfigError};
+use arc_swap::ArcSwapOption;
+
+/// A certificate given inline, or named for SDS.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    Static(Arc<CertifiedKey>),
+    Sds(Arc<SecretSlot>),
+}
+
+/// A validation context given inline, or named for SDS (`validation_context_sds_secret_config`),
+/// or both (`combined_validation_context`: the secret's CA with the default's SAN matchers).
+#[derive(Debug)]
+pub enum ValidationSource {
+    Static(Arc<Validation>),
+    Sds {
+        slot: Arc<SecretSlot>,
+        default: Option<Validation>,
+        /// The merged context for the secret value it was made from (by address).
+        merged: ArcSwapOption<(usize, Arc<Validation>)>,
+    },
+}
+
+impl ValidationSource {
+    /// The validation context as it stands (None while its secret has not arrived).
+    pub fn current(&self) -> Option<Arc<Validation>> {
+        match self {
+            ValidationSource::Static(v) => Some(v.clone()),
+            ValidationSource::Sds {
+                slot,
+                default,
+                merged,
+            } => {
+                let secret = slot.validation()?;
+                let Some(default) = default else {
+                    return Some(secret);
+                };
+                let key = Arc::as_ptr(&secret) as usize;
+                if let Some(m) = merged.load().as_ref() {
+                    if m.0 == key {
+                        return Some(m.1.clone());
+                    }
+                }
+                let mut v = (*secret).clone();
+                v.sans.extend(default.sans.iter().cloned());
+                if v.roots.is_none() {
+                    v.roots.clone_from(&default.roots);
+                }
+                let v = Arc::new(v);
+                merged.store(Some(Arc::new((key, v.clone()))));
+                Some(v)
+            }
+        }
+    }
+
+    fn ready(&self) -> bool {
+        match self {
+            ValidationSource::Static(_) => true,
+            ValidationSource::Sds { slot, .. } => slot.is_ready(),
+        }
+    }
+}
 
 /// A compiled `CommonTlsContext`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CommonTls {
-    pub certificates: Vec<Arc<CertifiedKey>>,
-    pub validation: Option<Validation>,
+    pub certificates: Vec<CertSource>,
+    pub validation: Option<ValidationSource>,
     pub alpn: Vec<Vec<u8>>,
     pub versions: Vec<&'static SupportedProtocolVersion>,
     pub provider: Arc<CryptoProvider>,
 }
 
+impl CommonTls {
+    /// The certificates as they stand (an SDS one only once it has arrived).
+    pub fn current_certificates(&self) -> Vec<Arc<CertifiedKey>> {
+        self.certificates
+            .iter()
+            .filter_map(|c| match c {
+                CertSource::Static(k) => Some(k.clone()),
+                CertSource::Sds(slot) => slot.certificate(),
+            })
+            .collect()
+    }
+
+    /// Whether every secret the context names has arrived.
+    pub fn ready(&self) -> bool {
+        self.certificates.iter().all(|c| match c {
+            CertSource::Static(_) => true,
+            CertSource::Sds(slot) => slot.is_ready(),
+        }) && self.validation.as_ref().is_none_or(ValidationSource::ready)
+    }
+}
 /// Which end of the handshake a context is for: Envoy's defaults differ.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Side {
@@ -34,8 +116,6 @@ pub enum Side {
     /// Upstream: TLS 1.2 only unless `tls_maximum_protocol_version` says otherwise.
     Client,
 }
-
-const SDS: &str = "secret discovery (SDS) comes with mesh security, issue #6";
 
 /// OpenSSL cipher names Envoy accepts and the rustls suites they are.
 fn cipher(name: &str) -> Option<rustls::SupportedCipherSuite> {
@@ -172,28 +252,57 @@ impl CommonTls {
             .iter()
             .enumerate()
         {
-            certificates.push(super::certificate::certified_key(
+            certificates.push(CertSource::Static(super::certificate::certified_key(
                 t,
                 &format!("{path}.tls_certificates[{i}]"),
-            )?);
+            )?));
         }
-        if !rest.tls_certificate_sds_secret_configs.is_empty() {
-            return Err(ConfigError::Unsupported {
-                path: path.into(),
-                fields: format!("'tls_certificate_sds_secret_configs' ({SDS})"),
-            });
+        for (i, c) in std::mem::take(&mut rest.tls_certificate_sds_secret_configs)
+            .iter()
+            .enumerate()
+        {
+            certificates.push(CertSource::Sds(sds_slot(
+                c,
+                &format!("{path}.tls_certificate_sds_secret_configs[{i}]"),
+            )?));
         }
         let validation = match rest.validation_context_type.take() {
             None => None,
-            Some(ValidationContextType::ValidationContext(v)) => Some(Validation::compile(
-                &v,
-                &format!("{path}.validation_context"),
-            )?),
-            Some(ValidationContextType::CombinedValidationContext(_))
-            | Some(ValidationContextType::ValidationContextSdsSecretConfig(_)) => {
-                return Err(ConfigError::Unsupported {
-                    path: path.into(),
-                    fields: format!("'validation_context_sds_secret_config' ({SDS})"),
+            Some(ValidationContextType::ValidationContext(v)) => {
+                Some(ValidationSource::Static(Arc::new(Validation::compile(
+                    &v,
+                    &format!("{path}.validation_context"),
+                )?)))
+            }
+            Some(ValidationContextType::ValidationContextSdsSecretConfig(c)) => {
+                Some(ValidationSource::Sds {
+                    slot: sds_slot(&c, &format!("{path}.validation_context_sds_secret_config"))?,
+                    default: None,
+                    merged: ArcSwapOption::empty(),
+                })
+            }
+            Some(ValidationContextType::CombinedValidationContext(mut c)) => {
+                let cp = format!("{path}.combined_validation_context");
+                let default = c
+                    .default_validation_context
+                    .take()
+                    .map(|d| Validation::compile(&d, &format!("{cp}.default_validation_context")))
+                    .transpose()?;
+                let sds = c
+                    .validation_context_sds_secret_config
+                    .take()
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("{cp}.validation_context_sds_secret_config"),
+                            "value is required",
+                        )
+                    })?;
+                let slot = sds_slot(&sds, &format!("{cp}.validation_context_sds_secret_config"))?;
+                reject_unhandled(&c, &cp)?;
+                Some(ValidationSource::Sds {
+                    slot,
+                    default,
+                    merged: ArcSwapOption::empty(),
                 })
             }
             Some(_) => {

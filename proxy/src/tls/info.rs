@@ -76,6 +76,8 @@ pub struct TlsInfo {
     pub cipher: &'static str,
     pub peer: Option<CertNames>,
     pub local: Option<CertNames>,
+    /// The peer's certificates (DER), its own first (XFCC `Cert` and `Chain`).
+    pub peer_chain: Vec<Vec<u8>>,
 }
 
 impl TlsInfo {
@@ -94,6 +96,10 @@ impl TlsInfo {
                 .and_then(|c| c.first())
                 .map(CertNames::of),
             local: local.map(CertNames::of),
+            peer_chain: conn
+                .peer_certificates()
+                .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
+                .unwrap_or_default(),
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod certificate;
 pub mod client;
 pub mod context;
 pub mod info;
+pub mod secrets;
 pub mod server;
 pub mod validation;
 

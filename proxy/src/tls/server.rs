@@ -11,37 +11,72 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::TcpStream;
 use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 
-use super::context::CommonTls;
+use super::context::{CommonTls, ValidationSource};
 use super::validation::Validation;
 use super::SslStats;
 use crate::config::{invalid, reject_unhandled, ConfigError};
 use crate::listener::stream::{Prefixed, TlsStream};
 use crate::observe::stats::Store;
+use arc_swap::ArcSwapOption;
 
 /// A compiled downstream context.
 #[derive(Debug)]
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
-    /// The certificate this side presents (the first, when there are several).
-    local: Option<CertificateDer<'static>>,
+    common: Arc<CommonTls>,
     pub stats: SslStats,
 }
 
+/// The context's certificates as they stand (SDS ones read at each handshake).
 #[derive(Debug)]
-struct Certificates(Vec<Arc<CertifiedKey>>);
+struct Certificates(Arc<CommonTls>);
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        super::pick_certificate(&self.0, hello.signature_schemes())
+        super::pick_certificate(&self.0.current_certificates(), hello.signature_schemes())
     }
 }
 
-/// Web PKI chain checks, then the validation context's SAN matchers.
+/// Web PKI chain checks against the validation context's CA as it stands, then its SAN
+/// matchers.
 #[derive(Debug)]
 struct PeerVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
-    validation: Validation,
+    common: Arc<CommonTls>,
+    require: bool,
+    /// The chain verifier for the CA it was built from (by address).
+    chain: ArcSwapOption<(usize, Arc<dyn ClientCertVerifier>)>,
     stats: SslStats,
+}
+
+impl PeerVerifier {
+    fn current(&self) -> Result<(Arc<Validation>, Arc<dyn ClientCertVerifier>), rustls::Error> {
+        let v = self
+            .common
+            .validation
+            .as_ref()
+            .and_then(|v| v.current())
+            .ok_or_else(|| rustls::Error::General("validation context not available".into()))?;
+        let roots = v
+            .roots
+            .clone()
+            .ok_or_else(|| rustls::Error::General("no trusted CA".into()))?;
+        let key = Arc::as_ptr(&roots) as usize;
+        if let Some(c) = self.chain.load().as_ref() {
+            if c.0 == key {
+                return Ok((v, c.1.clone()));
+            }
+        }
+        let mut b =
+            WebPkiClientVerifier::builder_with_provider(roots, self.common.provider.clone());
+        if !self.require {
+            b = b.allow_unauthenticated();
+        }
+        let chain = b
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.chain.store(Some(Arc::new((key, chain.clone()))));
+        Ok((v, chain))
+    }
 }
 
 impl ClientCertVerifier for PeerVerifier {
@@ -49,7 +84,7 @@ impl ClientCertVerifier for PeerVerifier {
         true
     }
     fn client_auth_mandatory(&self) -> bool {
-        self.chain.client_auth_mandatory()
+        self.require
     }
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Envoy (BoringSSL) sends no CA names unless asked to.
@@ -61,9 +96,9 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if !self.validation.san_matches(end_entity) {
+        let (validation, chain) = self.current()?;
+        chain.verify_client_cert(end_entity, intermediates, now)?;
+        if !validation.san_matches(end_entity) {
             return Err(super::san_mismatch(end_entity));
         }
         Ok(ClientCertVerified::assertion())
@@ -74,7 +109,12 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let ok = self.chain.verify_tls12_signature(message, cert, dss)?;
+        let ok = rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.common.provider.signature_verification_algorithms,
+        )?;
         self.stats.sigalg(dss.scheme);
         Ok(ok)
     }
@@ -84,12 +124,20 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let ok = self.chain.verify_tls13_signature(message, cert, dss)?;
+        let ok = rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.common.provider.signature_verification_algorithms,
+        )?;
         self.stats.sigalg(dss.scheme);
         Ok(ok)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
+        self.common
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -102,11 +150,11 @@ impl ServerTls {
         path: &str,
     ) -> Result<ServerTls, ConfigError> {
         let mut rest = ctx.clone();
-        let common = CommonTls::compile_for(
+        let common = Arc::new(CommonTls::compile_for(
             &rest.common_tls_context.take().unwrap_or_default(),
             super::context::Side::Server,
             &format!("{path}.common_tls_context"),
-        )?;
+        )?);
         let require = rest
             .require_client_certificate
             .take()
@@ -123,27 +171,18 @@ impl ServerTls {
             .map_err(|e| invalid(path, e.to_string()))?;
         let stats = SslStats::new(store, scope);
         let builder = match &common.validation {
-            Some(v) => {
-                let Some(roots) = &v.roots else {
-                    return Err(invalid(
-                        format!("{path}.common_tls_context.validation_context"),
-                        "a validation context without trusted_ca cannot verify client certificates (Petrel needs trusted_ca)",
-                    ));
-                };
-                let mut chain = WebPkiClientVerifier::builder_with_provider(
-                    roots.clone(),
-                    common.provider.clone(),
-                );
-                if !require {
-                    chain = chain.allow_unauthenticated();
-                }
-                let chain = chain.build().map_err(|e| invalid(path, e.to_string()))?;
-                builder.with_client_cert_verifier(Arc::new(PeerVerifier {
-                    chain,
-                    validation: v.clone(),
-                    stats: stats.clone(),
-                }))
+            Some(ValidationSource::Static(v)) if v.roots.is_none() => {
+                return Err(invalid(
+                    format!("{path}.common_tls_context.validation_context"),
+                    "a validation context without trusted_ca cannot verify client certificates (Petrel needs trusted_ca)",
+                ));
             }
+            Some(_) => builder.with_client_cert_verifier(Arc::new(PeerVerifier {
+                common: common.clone(),
+                require,
+                chain: ArcSwapOption::empty(),
+                stats: stats.clone(),
+            })),
             None if require => {
                 return Err(invalid(
                     path,
@@ -152,17 +191,18 @@ impl ServerTls {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut config =
-            builder.with_cert_resolver(Arc::new(Certificates(common.certificates.clone())));
+        let mut config = builder.with_cert_resolver(Arc::new(Certificates(common.clone())));
         config.alpn_protocols = common.alpn.clone();
         Ok(ServerTls {
             config: Arc::new(config),
-            local: common
-                .certificates
-                .first()
-                .and_then(|c| c.cert.first().cloned()),
+            common,
             stats,
         })
+    }
+
+    /// Whether every secret the context names has arrived (else its listener warms).
+    pub fn ready(&self) -> bool {
+        self.common.ready()
     }
 
     /// Runs the handshake on a connection whose first bytes (the ClientHello the listener
@@ -201,7 +241,13 @@ impl ServerTls {
                 if conn.peer_certificates().is_none() {
                     self.stats.counters.no_certificate.inc();
                 }
-                let info = Arc::new(super::info::TlsInfo::of(conn, self.local.as_ref()));
+                // The certificate this side presented (the first, when there are several).
+                let local = self
+                    .common
+                    .current_certificates()
+                    .first()
+                    .and_then(|c| c.cert.first().cloned());
+                let info = Arc::new(super::info::TlsInfo::of(conn, local.as_ref()));
                 Ok((s, info))
             }
             Err(e) => {

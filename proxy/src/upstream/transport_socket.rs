@@ -109,8 +109,11 @@ impl TransportSockets {
         }
     }
 
-    /// Whether any host may get TLS.
-    pub fn any_tls(&self) -> bool {
-        self.default.is_some() || self.matches.iter().any(|(_, s)| s.is_some())
+    /// Whether every SDS secret the sockets name has arrived.
+    pub fn ready(&self) -> bool {
+        self.default
+            .iter()
+            .chain(self.matches.iter().filter_map(|(_, s)| s.as_ref()))
+            .all(|t| t.ready())
     }
 }
