@@ -33,6 +33,8 @@ const ROOTS: &[&str] = &[
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.Secret",
+    "envoy.extensions.filters.http.rbac.v3.RBAC",
+    "envoy.extensions.filters.network.rbac.v3.RBAC",
     "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
     "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",

@@ -117,11 +117,11 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.rbac.v3.RBAC",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.network.rbac.v3.RBAC",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",

@@ -75,13 +75,29 @@ impl<'a> RouteInfo<'a> {
     }
 }
 
+/// The client certificate of an mTLS connection, as filters see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerCert<'a> {
+    pub uri_sans: &'a [String],
+    pub dns_sans: &'a [String],
+    pub subject: &'a str,
+}
+
 /// Facts about the stream every filter may read.
 #[derive(Debug, Clone, Copy)]
-pub struct StreamInfo {
+pub struct StreamInfo<'a> {
+    /// After `x-forwarded-for` processing.
     pub downstream_remote: SocketAddr,
     pub downstream_local: SocketAddr,
     pub protocol: &'static str,
     pub start_time: SystemTime,
+    /// The peer of the connection.
+    pub downstream_direct_remote: SocketAddr,
+    /// The SNI `tls_inspector` read (empty without one).
+    pub requested_server_name: &'a str,
+    pub peer: Option<PeerCert<'a>>,
+    pub scheme: &'a str,
+    pub authority: &'a str,
 }
 
 /// Request-side view a decoder filter gets.
@@ -89,7 +105,7 @@ pub struct RequestHead<'a> {
     pub method: &'a http::Method,
     pub path: &'a str,
     pub headers: &'a mut HeaderMap,
-    pub info: &'a StreamInfo,
+    pub info: &'a StreamInfo<'a>,
     /// The route, when one matched.
     pub route: Option<RouteInfo<'a>>,
 }
@@ -98,7 +114,7 @@ pub struct RequestHead<'a> {
 pub struct ResponseHead<'a> {
     pub status: &'a mut StatusCode,
     pub headers: &'a mut HeaderMap,
-    pub info: &'a StreamInfo,
+    pub info: &'a StreamInfo<'a>,
 }
 
 /// One stream's instance of a filter (created per request by its factory, on one worker).

@@ -12,6 +12,7 @@ pub mod local_info;
 pub mod logging;
 pub mod memory;
 pub mod observe;
+pub mod rbac;
 pub mod router;
 pub mod server;
 pub mod tcp;

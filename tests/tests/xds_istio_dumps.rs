@@ -301,15 +301,7 @@ fn without_deferred(listener: &serde_json::Value, port: u16) -> Option<serde_jso
     if !has_chains {
         return None;
     }
-    strip(
-        &mut l,
-        &[
-            "tracing",
-            "max_stream_duration",
-            "forward_client_cert_details",
-            "set_current_client_cert_details",
-        ],
-    );
+    strip(&mut l, &["tracing", "max_stream_duration"]);
     // Listeners that bind move to a free loopback port (15001/15006 may be taken here).
     if l.get("bind_to_port") != Some(&serde_json::json!(false)) {
         l["address"] =

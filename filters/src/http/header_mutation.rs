@@ -175,6 +175,11 @@ mod tests {
             downstream_local: "2.2.2.2:2".parse().unwrap(),
             protocol: "HTTP/1.1",
             start_time: std::time::UNIX_EPOCH,
+            downstream_direct_remote: "1.1.1.1:1".parse().unwrap(),
+            requested_server_name: "",
+            peer: None,
+            scheme: "http",
+            authority: "a",
         };
         let mut filter = f.create();
         let mut h = HeaderMap::new();

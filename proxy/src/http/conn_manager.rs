@@ -727,11 +727,21 @@ async fn process(
     }
     // The HTTP filter chain: decoders in order, then the router (the route was chosen before the
     // chain ran, as Envoy caches it), then encoders in reverse order on whatever answers.
+    let peer = info.tls.as_ref().and_then(|t| t.peer.as_ref());
     let stream_info = StreamInfo {
         downstream_remote: remote,
         downstream_local: info.local,
         protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
         start_time,
+        downstream_direct_remote: info.remote,
+        requested_server_name: info.requested_server_name(),
+        peer: peer.map(|p| petrel_filters::http_filter::PeerCert {
+            uri_sans: &p.uri_sans,
+            dns_sans: &p.dns_sans,
+            subject: &p.subject,
+        }),
+        scheme: &scheme,
+        authority: &host,
     };
     let mut chain: Vec<Box<dyn HttpFilter>> = hcm.filters.iter().map(|f| f.create()).collect();
     let end_stream = http_body::Body::is_end_stream(req.body());

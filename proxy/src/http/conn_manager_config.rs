@@ -241,6 +241,16 @@ pub fn compile(
             saw_router = true;
             continue;
         }
+        if url == crate::rbac::http::TYPE_URL {
+            filters.push(Arc::new(crate::rbac::http::Factory::compile(
+                &f.name,
+                &any,
+                store,
+                &format!("http.{stat_prefix}."),
+                &format!("{fp}.typed_config"),
+            )?));
+            continue;
+        }
         match petrel_filters::http::factory(
             &f.name,
             &any,

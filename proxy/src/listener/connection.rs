@@ -143,6 +143,8 @@ async fn serve(
         tcp: stream,
         initial,
         tls: target.tls.map(|t| (t, target.handshake_timeout)),
+        rbac: target.network_rbac,
+        facts: (remote, d.local, d.server_name.as_deref().map(Arc::from)),
     };
     match target.terminal {
         Terminal::Http(hcm) => {

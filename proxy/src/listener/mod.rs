@@ -157,6 +157,8 @@ pub struct ChainTarget {
     pub tls: Option<Arc<crate::tls::server::ServerTls>>,
     /// `transport_socket_connect_timeout`: how long the TLS handshake may take.
     pub handshake_timeout: Option<std::time::Duration>,
+    /// `envoy.filters.network.rbac` filters ahead of the terminal one.
+    pub network_rbac: Vec<Arc<crate::rbac::Rules>>,
     pub terminal: Terminal,
 }
 
@@ -250,10 +252,19 @@ fn compile_chain(
             "typed_config is required",
         )),
     };
-    if let Some(f) = others.first() {
-        let (url, _) = url_of(f, 0)?;
+    let mut network_rbac = Vec::new();
+    for (i, f) in others.iter().enumerate() {
+        let (url, any) = url_of(f, i)?;
+        if url == crate::rbac::network::TYPE_URL {
+            network_rbac.push(Arc::new(crate::rbac::network::compile(
+                &any,
+                store,
+                &format!("{fcp}.filters[{i}].typed_config"),
+            )?));
+            continue;
+        }
         return Err(ConfigError::UnsupportedExtension {
-            path: format!("{fcp}.filters[0] ('{}')", f.name),
+            path: format!("{fcp}.filters[{i}] ('{}')", f.name),
             why: petrel_filters::extensions::refusal(&url),
             type_url: url,
         });
@@ -294,6 +305,7 @@ fn compile_chain(
         ChainTarget {
             tls,
             handshake_timeout,
+            network_rbac,
             terminal,
         },
     ))

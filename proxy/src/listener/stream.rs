@@ -72,6 +72,14 @@ pub struct Accepted {
         std::sync::Arc<crate::tls::server::ServerTls>,
         Option<std::time::Duration>,
     )>,
+    /// The chain's network RBAC filters, run once the transport socket is up.
+    pub rbac: Vec<std::sync::Arc<crate::rbac::Rules>>,
+    /// `(remote, local, SNI)` for them.
+    pub facts: (
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+        Option<std::sync::Arc<str>>,
+    ),
 }
 
 impl Accepted {
@@ -82,23 +90,50 @@ impl Accepted {
     /// The connection with its transport socket up, or None when the handshake failed (counted
     /// in the listener's `ssl.*`) or timed out.
     pub async fn establish(self) -> Option<Established> {
-        let Some((tls, timeout)) = self.tls else {
-            return Some(Established {
+        let (rbac, facts) = (self.rbac, self.facts);
+        let up = match self.tls {
+            None => Established {
                 stream: Downstream::Tcp(self.tcp),
                 initial: self.initial,
                 tls: None,
-            });
+            },
+            Some((tls, timeout)) => {
+                let handshake = tls.accept(self.tcp, self.initial.freeze());
+                let (s, info) = match timeout {
+                    Some(t) => tokio::time::timeout(t, handshake).await.ok()?.ok()?,
+                    None => handshake.await.ok()?,
+                };
+                Established {
+                    stream: Downstream::Tls(Box::new(s)),
+                    initial: bytes::BytesMut::new(),
+                    tls: Some(info),
+                }
+            }
         };
-        let handshake = tls.accept(self.tcp, self.initial.freeze());
-        let (s, info) = match timeout {
-            Some(t) => tokio::time::timeout(t, handshake).await.ok()?.ok()?,
-            None => handshake.await.ok()?,
-        };
-        Some(Established {
-            stream: Downstream::Tls(Box::new(s)),
-            initial: bytes::BytesMut::new(),
-            tls: Some(info),
-        })
+        if !rbac.is_empty() {
+            let peer = up.tls.as_ref().and_then(|t| t.peer.as_ref());
+            let input = crate::rbac::Input {
+                headers: None,
+                method: "",
+                path: "",
+                authority: "",
+                scheme: "",
+                direct_remote: facts.0,
+                remote: facts.0,
+                local: facts.1,
+                requested_server_name: facts.2.as_deref().unwrap_or(""),
+                peer: peer.map(|p| crate::rbac::Peer {
+                    uri_sans: &p.uri_sans,
+                    dns_sans: &p.dns_sans,
+                    subject: &p.subject,
+                }),
+            };
+            // A denied connection is closed.
+            if !rbac.iter().all(|r| crate::rbac::network::allows(r, &input)) {
+                return None;
+            }
+        }
+        Some(up)
     }
 }
 

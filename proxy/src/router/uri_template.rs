@@ -26,8 +26,9 @@ impl UriTemplate {
         let segments: Vec<&str> = template[1..].split('/').collect();
         let mut re = String::from("^");
         let mut names = std::collections::HashSet::new();
-        for (i, seg) in segments.iter().enumerate() {
-            let last = i + 1 == segments.len();
+        // As Envoy's parser: literals may follow a `**`, another glob may not.
+        let mut seen_text_glob = false;
+        for seg in &segments {
             re.push('/');
             let glob = if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}'))
             {
@@ -43,12 +44,13 @@ impl UriTemplate {
             } else {
                 seg
             };
+            if seen_text_glob && (glob == "*" || glob == "**") {
+                return Err(bad("Glob after text glob."));
+            }
             match glob {
                 "*" => re.push_str(SEGMENT),
                 "**" => {
-                    if !last {
-                        return Err(bad("'**' must be the last segment"));
-                    }
+                    seen_text_glob = true;
                     re.push_str(SEGMENTS);
                 }
                 lit => {
@@ -82,7 +84,11 @@ mod tests {
         let t = UriTemplate::compile("/static/{rest=**}", "p").unwrap();
         assert!(t.matches("/static/a/b/c.css"));
         assert!(t.matches("/static/"));
-        assert!(UriTemplate::compile("/a/**/b", "p").is_err());
+        let t = UriTemplate::compile("/**/path/template", "p").unwrap();
+        assert!(t.matches("/x/y/path/template"));
+        assert!(!t.matches("/x/y/path/other"));
+        assert!(UriTemplate::compile("/a/**/*", "p").is_err());
+        assert!(UriTemplate::compile("/a/**/{x}", "p").is_err());
         assert!(UriTemplate::compile("/a/{x}/{x}", "p").is_err());
         assert!(UriTemplate::compile("nope", "p").is_err());
     }

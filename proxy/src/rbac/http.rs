@@ -1,0 +1,120 @@
+//! `envoy.filters.http.rbac`: the RBAC engine on each request, and a 403 `RBAC: access denied`
+//! when it refuses. (`RBACPerRoute` overrides are refused by the extension table.)
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::StatusCode;
+use petrel_filters::http_filter::{
+    FilterStatus, HttpFilter, HttpFilterFactory, LocalReply, RequestHead,
+};
+use xds_client::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+use xds_client::pb::google::protobuf::Any;
+
+use super::{Engine, Input, Peer, RbacStats, Rules};
+use crate::config::{invalid, reject_unhandled, ConfigError};
+use crate::observe::stats::Store;
+
+pub const TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+
+#[derive(Debug)]
+pub struct Factory {
+    name: String,
+    rules: Arc<Rules>,
+}
+
+/// Compiles an `RBAC` filter config into its rules and stats.
+pub(super) fn rules(
+    cfg: &Rbac,
+    store: &Store,
+    stat_prefix: &str,
+    path: &str,
+) -> Result<Rules, ConfigError> {
+    let mut rest = cfg.clone();
+    let enforced = rest
+        .rules
+        .take()
+        .map(|r| Engine::compile(&r, &format!("{path}.rules")))
+        .transpose()?;
+    let shadow = rest
+        .shadow_rules
+        .take()
+        .map(|r| Engine::compile(&r, &format!("{path}.shadow_rules")))
+        .transpose()?;
+    let shadow_prefix = std::mem::take(&mut rest.shadow_rules_stat_prefix);
+    let rules_prefix = std::mem::take(&mut rest.rules_stat_prefix);
+    reject_unhandled(&rest, path)?;
+    Ok(Rules {
+        enforced,
+        shadow,
+        stats: RbacStats::new(store, stat_prefix, &rules_prefix, &shadow_prefix),
+    })
+}
+
+impl Factory {
+    pub fn compile(
+        name: &str,
+        any: &Any,
+        store: &Store,
+        stat_prefix: &str,
+        path: &str,
+    ) -> Result<Factory, ConfigError> {
+        let cfg: Rbac = xds_client::TypeRegistry::global()
+            .unpack(any)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        Ok(Factory {
+            name: name.to_string(),
+            rules: Arc::new(rules(&cfg, store, stat_prefix, path)?),
+        })
+    }
+}
+
+impl HttpFilterFactory for Factory {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn create(&self) -> Box<dyn HttpFilter> {
+        Box::new(Filter {
+            rules: self.rules.clone(),
+        })
+    }
+}
+
+struct Filter {
+    rules: Arc<Rules>,
+}
+
+impl HttpFilter for Filter {
+    fn decode_headers(&mut self, req: &mut RequestHead<'_>, _end_stream: bool) -> FilterStatus {
+        let rules = self.rules.as_ref();
+        let info = req.info;
+        let input = Input {
+            headers: Some(req.headers),
+            method: req.method.as_str(),
+            path: req.path,
+            authority: info.authority,
+            scheme: info.scheme,
+            direct_remote: info.downstream_direct_remote,
+            remote: info.downstream_remote,
+            local: info.downstream_local,
+            requested_server_name: info.requested_server_name,
+            peer: info.peer.map(|p| Peer {
+                uri_sans: p.uri_sans,
+                dns_sans: p.dns_sans,
+                subject: p.subject,
+            }),
+        };
+        let (allowed, details) = rules.check(&input);
+        if allowed {
+            return FilterStatus::Continue;
+        }
+        FilterStatus::LocalReply(Box::new(LocalReply {
+            status: StatusCode::FORBIDDEN,
+            body: Bytes::from_static(b"RBAC: access denied"),
+            response_flag: "",
+            details,
+            headers: http::HeaderMap::new(),
+            grpc_status: None,
+        }))
+    }
+}

@@ -1,0 +1,56 @@
+//! `envoy.filters.network.rbac`: the RBAC engine on each connection before its terminal filter
+//! runs; a denied connection is closed.
+
+use xds_client::pb::envoy::extensions::filters::network::rbac::v3::{rbac::EnforcementType, Rbac};
+use xds_client::pb::google::protobuf::Any;
+
+use super::{Engine, Input, RbacStats, Rules};
+use crate::config::{invalid, reject_unhandled, ConfigError};
+use crate::observe::stats::Store;
+
+pub const TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+
+/// Compiles the filter; its stats go under `<stat_prefix>rbac.` at the root, as Envoy's do.
+pub fn compile(any: &Any, store: &Store, path: &str) -> Result<Rules, ConfigError> {
+    let cfg: Rbac = xds_client::TypeRegistry::global()
+        .unpack(any)
+        .map_err(|e| invalid(path, e.to_string()))?;
+    let mut rest = cfg.clone();
+    let stat_prefix = std::mem::take(&mut rest.stat_prefix);
+    if stat_prefix.is_empty() {
+        return Err(invalid(
+            format!("{path}.stat_prefix"),
+            "value length must be at least 1 characters",
+        ));
+    }
+    if EnforcementType::try_from(std::mem::take(&mut rest.enforcement_type))
+        != Ok(EnforcementType::OneTimeOnFirstByte)
+    {
+        return Err(ConfigError::Unsupported {
+            path: path.into(),
+            fields: "'enforcement_type: CONTINUOUS'".into(),
+        });
+    }
+    let enforced = rest
+        .rules
+        .take()
+        .map(|r| Engine::compile(&r, &format!("{path}.rules")))
+        .transpose()?;
+    let shadow = rest
+        .shadow_rules
+        .take()
+        .map(|r| Engine::compile(&r, &format!("{path}.shadow_rules")))
+        .transpose()?;
+    let shadow_prefix = std::mem::take(&mut rest.shadow_rules_stat_prefix);
+    reject_unhandled(&rest, path)?;
+    Ok(Rules {
+        enforced,
+        shadow,
+        stats: RbacStats::new(store, &stat_prefix, "", &shadow_prefix),
+    })
+}
+
+/// Whether the connection may go on.
+pub fn allows(rules: &Rules, input: &Input<'_>) -> bool {
+    rules.check(input).0
+}
