@@ -105,6 +105,11 @@ pub fn https_get(port: u16, sni: &str, alpn: &[&str], client: Option<&Pem>, path
     https_exchange(port, sni, alpn, client, path, "", false)
 }
 
+/// The response body of a GET over TLS with this SNI, or why there was none.
+pub fn https_body_sni(port: u16, sni: &str, client: Option<&Pem>, path: &str) -> String {
+    https_exchange(port, sni, &["http/1.1"], client, path, "", true)
+}
+
 /// An HTTP/1.1 request over TLS with more header lines (`extra`, each ending in CRLF); the
 /// response body.
 pub fn https_body(port: u16, client: Option<&Pem>, path: &str, extra: &str) -> String {

@@ -705,6 +705,33 @@ async fn process(
             .unwrap_or(connection_scheme)
     }
     .to_string();
+    // A virtual host that requires TLS redirects plain requests to https before any route
+    // matches (Envoy's SSL redirect route).
+    if let Some(vh) = routes.virtual_host(&host) {
+        use crate::router::route_config::RequireTls;
+        let secure = req
+            .headers()
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+        let redirect = !secure
+            && match vh.require_tls {
+                RequireTls::All => true,
+                RequireTls::ExternalOnly => !internal,
+                RequireTls::None => false,
+            };
+        if redirect {
+            let mut r = LocalReply::new(
+                StatusCode::MOVED_PERMANENTLY,
+                Bytes::new(),
+                "",
+                "direct_response",
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+                r.headers.insert(http::header::LOCATION, v);
+            }
+            return early_reply(hcm, &r, form, req, facts);
+        }
+    }
     let draw = rand::random_range(0..1_000_000u64);
     let method = req.method().clone();
     let selected = routes.route(&RouteInput {

@@ -132,7 +132,9 @@ async fn serve(
         application_protocols: &d.application_protocols,
     };
     let Some(target) = l.chain_for(&facts).cloned() else {
-        // Envoy closes a connection no chain matches.
+        // Envoy closes a connection no chain matches; the bytes the inspectors peeked are still
+        // unread in its socket, so the peer sees a reset: so it does here.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         l.stats.no_filter_chain_match.inc();
         l.stats.downstream_cx_destroy.inc();
         return;
