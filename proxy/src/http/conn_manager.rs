@@ -707,7 +707,11 @@ async fn process(
     .to_string();
     // A virtual host that requires TLS redirects plain requests to https before any route
     // matches (Envoy's SSL redirect route).
-    if let Some(vh) = routes.virtual_host(&host) {
+    if let Some(vh) = routes
+        .any_require_tls
+        .then(|| routes.virtual_host(&host))
+        .flatten()
+    {
         use crate::router::route_config::RequireTls;
         let secure = req
             .headers()

@@ -50,6 +50,8 @@ pub struct RouteTable {
     pub internal_only_headers: Vec<http::HeaderName>,
     pub most_specific_header_mutations_wins: bool,
     ignore_port_in_host_matching: bool,
+    /// Whether some virtual host has `require_tls` (so requests look it up before routing).
+    pub any_require_tls: bool,
 }
 
 #[derive(Debug)]
@@ -493,12 +495,15 @@ pub fn compile(
         internal_only_headers,
         most_specific_header_mutations_wins: most_specific,
         ignore_port_in_host_matching: ignore_port,
+        any_require_tls: false,
     };
     let mut seen_domains = HashSet::new();
     for (vi, vh) in vhosts_pb.iter().enumerate() {
         let path = format!("route_config.virtual_hosts[{vi}]");
         let idx = table.vhosts.len();
-        table.vhosts.push(compile_vhost(vh, &path, known)?);
+        let compiled = compile_vhost(vh, &path, known)?;
+        table.any_require_tls |= compiled.require_tls != RequireTls::None;
+        table.vhosts.push(compiled);
         if vh.domains.is_empty() {
             return Err(invalid(
                 format!("{path}.domains"),
