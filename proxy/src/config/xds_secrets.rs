@@ -19,15 +19,20 @@ use crate::upstream::cluster::HostAddress;
 pub const SECRET_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// Secrets from an update: every resource (state of the world) or the added ones (delta; a
-/// removed secret keeps serving, as Envoy keeps it).
-pub fn secrets_of(update: &Update) -> Result<Vec<Secret>, String> {
-    let anys: Vec<&xds_client::pb::google::protobuf::Any> = match update {
-        Update::Sotw { resources, .. } => resources.iter().collect(),
-        Update::Delta { added, .. } => added.iter().map(|r| &r.body).collect(),
+/// Secrets from an update with their versions: every resource (state of the world) or the
+/// added ones (delta; a removed secret keeps serving, as Envoy keeps it).
+pub fn secrets_of(update: &Update) -> Result<Vec<(Secret, String)>, String> {
+    let anys: Vec<(&xds_client::pb::google::protobuf::Any, &str)> = match update {
+        Update::Sotw { resources, version } => {
+            resources.iter().map(|r| (r, version.as_str())).collect()
+        }
+        Update::Delta { added, .. } => added
+            .iter()
+            .map(|r| (&r.body, r.version.as_str()))
+            .collect(),
     };
     anys.into_iter()
-        .map(|a| decode::<Secret>(SECRET_TYPE, a, "a secret"))
+        .map(|(a, v)| Ok((decode::<Secret>(SECRET_TYPE, a, "a secret")?, v.to_string())))
         .collect()
 }
 

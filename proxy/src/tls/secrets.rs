@@ -40,6 +40,25 @@ pub struct SecretSlot {
     pub source: SdsSource,
     pub name: String,
     value: ArcSwapOption<SecretValue>,
+    /// When a context first asked for it (`last_updated` of a warming secret).
+    created: String,
+    /// Order of first request (`/config_dump` lists secrets in it, as Envoy does).
+    seq: u64,
+}
+
+/// A secret as it arrived, for `/config_dump` (its private key redacted).
+#[derive(Debug, Clone)]
+pub struct SecretRecord {
+    pub version: String,
+    pub last_updated: String,
+    pub shown: Secret,
+}
+
+/// One named secret as `/config_dump` shows it: active (arrived) or warming.
+pub struct DumpedSecret {
+    pub name: String,
+    pub record: Option<SecretRecord>,
+    pub waiting_since: String,
 }
 
 impl SecretSlot {
@@ -64,13 +83,15 @@ impl SecretSlot {
 
 type Key = (SdsSource, String);
 
+static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The slots in use, process-wide.
 #[derive(Default)]
 pub struct SecretRegistry {
     slots: Mutex<BTreeMap<Key, Weak<SecretSlot>>>,
     /// Values that arrived for names no context held yet (kept so a context compiled later
-    /// finds them, as Envoy's secret manager does).
-    values: Mutex<BTreeMap<Key, Arc<SecretValue>>>,
+    /// finds them, as Envoy's secret manager does), with what `/config_dump` shows of them.
+    values: Mutex<BTreeMap<Key, (Arc<SecretValue>, SecretRecord)>>,
     /// Wakes whoever follows subscriptions when a new name is wanted.
     pub wanted_changed: tokio::sync::Notify,
 }
@@ -93,11 +114,13 @@ impl SecretRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
-            .cloned();
+            .map(|(v, _)| v.clone());
         let slot = Arc::new(SecretSlot {
             source,
             name: name.to_string(),
             value: ArcSwapOption::new(known),
+            created: crate::http::date::rfc3339_millis(std::time::SystemTime::now()),
+            seq: NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         });
         slots.retain(|_, w| w.strong_count() > 0);
         slots.insert(key, Arc::downgrade(&slot));
@@ -118,27 +141,75 @@ impl SecretRegistry {
         out
     }
 
-    /// Applies secrets that arrived from `source`: all compile, or none applies (the error
-    /// names the secret and field). Returns whether any slot changed.
-    pub fn apply(&self, source: &SdsSource, secrets: &[Secret]) -> Result<bool, String> {
+    /// Applies secrets (with their versions) that arrived from `source`: all compile, or none
+    /// applies (the error names the secret and field). Returns whether any slot changed.
+    pub fn apply(&self, source: &SdsSource, secrets: &[(Secret, String)]) -> Result<bool, String> {
         let mut compiled = Vec::with_capacity(secrets.len());
-        for s in secrets {
-            compiled.push((s.name.clone(), compile(s).map_err(|e| e.to_string())?));
+        for (s, version) in secrets {
+            compiled.push((s, version, compile(s).map_err(|e| e.to_string())?));
         }
+        let now = crate::http::date::rfc3339_millis(std::time::SystemTime::now());
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
         let mut changed = false;
-        for (name, value) in compiled {
-            let key = (source.clone(), name);
+        for (secret, version, value) in compiled {
+            let key = (source.clone(), secret.name.clone());
             let value = Arc::new(value);
             if let Some(slot) = slots.get(&key).and_then(Weak::upgrade) {
                 slot.value.store(Some(value.clone()));
                 changed = true;
             }
-            values.insert(key, value);
+            let record = SecretRecord {
+                version: version.clone(),
+                last_updated: now.clone(),
+                shown: redacted(secret),
+            };
+            values.insert(key, (value, record));
         }
         Ok(changed)
     }
+
+    /// The secrets live contexts name, by name, as `/config_dump` lists them.
+    pub fn dump(&self) -> Vec<DumpedSecret> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(u64, DumpedSecret)> = slots
+            .iter()
+            .filter_map(|(key, w)| {
+                let slot = w.upgrade()?;
+                Some((
+                    slot.seq,
+                    DumpedSecret {
+                        name: key.1.clone(),
+                        record: values.get(key).map(|(_, r)| r.clone()),
+                        waiting_since: slot.created.clone(),
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by_key(|(seq, _)| *seq);
+        out.into_iter().map(|(_, d)| d).collect()
+    }
+}
+
+/// A secret with its private key replaced by `[redacted]`, as Envoy's config dump shows it.
+fn redacted(s: &Secret) -> Secret {
+    use xds_client::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
+    let mut s = s.clone();
+    if let Some(secret::Type::TlsCertificate(c)) = &mut s.r#type {
+        // The redaction keeps the way the key was given (bytes or string).
+        if let Some(k) = &c.private_key {
+            let specifier = match k.specifier {
+                Some(Specifier::InlineString(_)) => Specifier::InlineString("[redacted]".into()),
+                _ => Specifier::InlineBytes(b"[redacted]".to_vec()),
+            };
+            c.private_key = Some(DataSource {
+                specifier: Some(specifier),
+                ..Default::default()
+            });
+        }
+    }
+    s
 }
 
 /// Compiles one `Secret`.
