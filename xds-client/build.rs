@@ -194,9 +194,15 @@ fn main() {
     for &i in &keep {
         place(i, &set, &by_name, &mut placed, &mut ordered);
     }
-    let reduced = FileDescriptorSet {
+    let mut reduced = FileDescriptorSet {
         file: ordered.iter().map(|&i| strip_file(&set.file[i])).collect(),
     };
+    // The Istio-only messages Petrel decodes (no dependencies outside their own file).
+    for f in istio_protos().file {
+        if ISTIO_SUPPORTED.contains(&f.name()) {
+            reduced.file.push(strip_file(&f));
+        }
+    }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let out = out_dir.join("envoy-descriptors.bin");
     std::fs::write(&out, reduced.encode_to_vec()).expect("write reduced descriptors");
@@ -233,6 +239,9 @@ fn strip_file(file: &prost_types::FileDescriptorProto) -> prost_types::FileDescr
     }
     f
 }
+
+/// Files of `proto/istio` whose messages Petrel decodes (the `istio.alpn` filter).
+const ISTIO_SUPPORTED: &[&str] = &["alpn.proto"];
 
 /// The Istio-only extension messages Istio's configuration carries (`proto/istio`).
 fn istio_protos() -> FileDescriptorSet {

@@ -133,7 +133,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "io.istio.network.authn.Config",

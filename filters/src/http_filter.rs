@@ -100,6 +100,15 @@ pub struct StreamInfo<'a> {
     pub authority: &'a str,
 }
 
+/// ALPN lists to offer upstream instead of the cluster's, by the upstream connection's protocol
+/// (Istio's `istio.alpn` filter sets them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpstreamAlpn {
+    pub http10: Option<std::sync::Arc<[Vec<u8>]>>,
+    pub http11: Option<std::sync::Arc<[Vec<u8>]>>,
+    pub http2: Option<std::sync::Arc<[Vec<u8>]>>,
+}
+
 /// Request-side view a decoder filter gets.
 pub struct RequestHead<'a> {
     pub method: &'a http::Method,
@@ -108,6 +117,8 @@ pub struct RequestHead<'a> {
     pub info: &'a StreamInfo<'a>,
     /// The route, when one matched.
     pub route: Option<RouteInfo<'a>>,
+    /// An ALPN override for the upstream connection.
+    pub upstream_alpn: &'a mut Option<std::sync::Arc<UpstreamAlpn>>,
 }
 
 /// Response-side view an encoder filter gets.

@@ -186,12 +186,14 @@ mod tests {
         h.insert("x-drop", "1".parse().unwrap());
         h.insert("x-src", "v".parse().unwrap());
         let m = http::Method::GET;
+        let mut alpn = None;
         let mut head = RequestHead {
             method: &m,
             path: "/",
             headers: &mut h,
             info: &info,
             route: None,
+            upstream_alpn: &mut alpn,
         };
         assert_eq!(
             filter.decode_headers(&mut head, true),

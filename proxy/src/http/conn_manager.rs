@@ -777,6 +777,7 @@ async fn process(
     let mut chain: Vec<Box<dyn HttpFilter>> = hcm.filters.iter().map(|f| f.create()).collect();
     let end_stream = http_body::Body::is_end_stream(req.body());
     let mut filter_reply = None;
+    let mut upstream_alpn = None;
     // The weighted cluster is chosen with the route, before the filters run (a fault's
     // `upstream_cluster` sees it), as Envoy's route entry does.
     let weighted_draw = rand::random::<u64>();
@@ -794,6 +795,7 @@ async fn process(
             headers: req.headers_mut(),
             info: &stream_info,
             route: route_info,
+            upstream_alpn: &mut upstream_alpn,
         };
         let mut status = filter.decode_headers(&mut head, end_stream);
         // A fault delay holds the request, then the filter says how it goes on.
@@ -843,6 +845,7 @@ async fn process(
                 weighted_draw,
                 header_cluster: header_cluster.clone(),
                 facts,
+                upstream_alpn: upstream_alpn.clone(),
             };
             routed
                 .respond(req, vh, route, &routes, &scheme, &host, &path)
@@ -894,6 +897,7 @@ struct Routed<'a> {
     weighted_draw: u64,
     header_cluster: Option<String>,
     facts: Option<&'a RefCell<StreamFacts>>,
+    upstream_alpn: Option<Arc<petrel_filters::http_filter::UpstreamAlpn>>,
 }
 
 impl Routed<'_> {
@@ -968,6 +972,7 @@ impl Routed<'_> {
                     weighted_draw: self.weighted_draw,
                     header_cluster: self.header_cluster.clone(),
                     facts: self.facts,
+                    upstream_alpn: self.upstream_alpn.clone(),
                 };
                 crate::router::upstream_request::forward(req, input).await
             }

@@ -241,6 +241,14 @@ pub fn compile(
             saw_router = true;
             continue;
         }
+        if url == super::istio_alpn::TYPE_URL {
+            filters.push(Arc::new(super::istio_alpn::Factory::compile(
+                &f.name,
+                &any,
+                &format!("{fp}.typed_config"),
+            )?));
+            continue;
+        }
         if url == crate::rbac::http::TYPE_URL {
             filters.push(Arc::new(crate::rbac::http::Factory::compile(
                 &f.name,

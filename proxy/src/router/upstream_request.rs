@@ -60,6 +60,8 @@ pub struct Forward<'a> {
     pub header_cluster: Option<String>,
     /// What the access log learns from the router, when there are access logs.
     pub facts: Option<&'a std::cell::RefCell<crate::http::stream_log::StreamFacts>>,
+    /// ALPN to offer upstream instead of the cluster's (`istio.alpn`).
+    pub upstream_alpn: Option<Arc<petrel_filters::http_filter::UpstreamAlpn>>,
 }
 
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
@@ -534,6 +536,14 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         UpstreamProtocol::Downstream => f.h2,
         UpstreamProtocol::Http1 => false,
     };
+    // `istio.alpn`: the protocols to offer for this upstream protocol.
+    let alpn = f.upstream_alpn.as_ref().and_then(|a| {
+        if upstream_h2 {
+            a.http2.clone()
+        } else {
+            a.http11.clone()
+        }
+    });
     let empty_body_needs_length = req.body().is_end_stream()
         && !matches!(
             method,
@@ -701,10 +711,14 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         // Envoy starts the per-try timers once the attempt has a connection and the whole
         // request has been received.
         let attached = tokio::sync::Notify::new();
-        let send = f
-            .ctx
-            .upstreams
-            .send(cluster, &host, upstream_h2, up_req, Some(&attached));
+        let send = f.ctx.upstreams.send(
+            cluster,
+            &host,
+            upstream_h2,
+            up_req,
+            Some(&attached),
+            alpn.clone(),
+        );
         let sent = async {
             attached.notified().await;
             activity.request_completed().await;
@@ -990,7 +1004,11 @@ async fn shadow(s: Shadow) {
         };
         *req.headers_mut() = headers;
         cluster.stats.upstream_rq_active.inc();
-        let sent = s.ctx.upstreams.send(cluster, &host, h2, req, None).await;
+        let sent = s
+            .ctx
+            .upstreams
+            .send(cluster, &host, h2, req, None, None)
+            .await;
         cluster.stats.upstream_rq_active.dec();
         match sent {
             Ok(resp) => {

@@ -19,12 +19,14 @@ use crate::observe::stats::Store;
 
 /// What an upstream connection carries: the ALPN fallback Envoy's pools use when the context
 /// names no protocols.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Alpn {
     Http1,
     Http2,
     /// A TCP proxy connection: no fallback.
     None,
+    /// These protocols instead of the context's (Istio's `istio.alpn`).
+    Override(Arc<[Vec<u8>]>),
 }
 
 /// A compiled upstream context.
@@ -222,6 +224,11 @@ impl ClientTls {
             Alpn::Http1 => self.h1.clone(),
             Alpn::Http2 => self.h2.clone(),
             Alpn::None => self.raw.clone(),
+            Alpn::Override(list) => {
+                let mut c = (*self.raw).clone();
+                c.alpn_protocols = list.to_vec();
+                Arc::new(c)
+            }
         });
         // Without `sni` no name is sent (`enable_sni` is off); rustls still wants one.
         let name = self

@@ -157,6 +157,8 @@ struct HostPool {
     waiters: RefCell<std::collections::VecDeque<tokio::sync::oneshot::Sender<Slot>>>,
     /// This pool's connections, open or opening.
     conns: std::cell::Cell<usize>,
+    /// The ALPN its TLS connections offer instead of the cluster's.
+    alpn: Option<Arc<[Vec<u8>]>>,
     /// The cluster's `max_connection_pools` slot this pool holds.
     _slot: Option<Held>,
     /// Where the pool is kept, so that it leaves once it has no connection and no waiting
@@ -263,7 +265,8 @@ fn overflowed(cluster: &Cluster) -> ResetReason {
 }
 
 /// A pool's key: host address and protocol (true: HTTP/2).
-type PoolKey = (HostAddress, bool);
+/// Host, HTTP/2 or not, and the ALPN override its connections offer (`istio.alpn`).
+type PoolKey = (HostAddress, bool, Option<Arc<[Vec<u8>]>>);
 
 /// One cluster's pools.
 type ClusterPools = HashMap<PoolKey, Rc<HostPool>>;
@@ -359,8 +362,14 @@ impl WorkerUpstreams {
     }
 
     /// The host's pool for this protocol; a new one takes a `max_connection_pools` slot.
-    fn pool(&self, cluster: &Cluster, addr: &HostAddress, h2: bool) -> Option<Rc<HostPool>> {
-        let key = (addr.clone(), h2);
+    fn pool(
+        &self,
+        cluster: &Cluster,
+        addr: &HostAddress,
+        h2: bool,
+        alpn: Option<Arc<[Vec<u8>]>>,
+    ) -> Option<Rc<HostPool>> {
+        let key = (addr.clone(), h2, alpn.clone());
         if let Some(p) = self
             .pools
             .borrow()
@@ -374,6 +383,7 @@ impl WorkerUpstreams {
             return None;
         }
         let pool = Rc::new(HostPool {
+            alpn,
             _slot: Some(Held::take(&cluster.resources, |r| &r.connection_pools)),
             home: Some((
                 Rc::downgrade(&self.pools),
@@ -419,11 +429,14 @@ impl WorkerUpstreams {
         h2: bool,
         req: Request<UpstreamBody>,
         attached: Option<&tokio::sync::Notify>,
+        alpn: Option<Arc<[Vec<u8>]>>,
     ) -> Result<Response<PooledBody>, ResetReason> {
         if !cluster.resources.requests.can_create() {
             return Err(overflowed(cluster));
         }
-        let Some(pool) = self.pool(cluster, &host.address, h2) else {
+        // An override only matters to TLS connections: plaintext hosts share one pool.
+        let alpn = alpn.filter(|_| cluster.transport.for_host(host).is_some());
+        let Some(pool) = self.pool(cluster, &host.address, h2, alpn) else {
             return Err(ResetReason::Overflow);
         };
         if h2 {
@@ -729,7 +742,8 @@ async fn connect_h1(
     pool: &Rc<HostPool>,
 ) -> Result<(http1::SendRequest<UpstreamBody>, UpstreamConn), ResetReason> {
     let total = &cluster.stats.upstream_cx_http1_total;
-    open_pooled(cluster, host, pool, total, Alpn::Http1, |io| {
+    let alpn = pool.alpn.clone().map_or(Alpn::Http1, Alpn::Override);
+    open_pooled(cluster, host, pool, total, alpn, |io| {
         http1::Builder::new().handshake(io)
     })
     .await
@@ -824,7 +838,8 @@ async fn connect_h2(
     pool: &Rc<HostPool>,
 ) -> Result<H2Conn, ResetReason> {
     let total = &cluster.stats.upstream_cx_http2_total;
-    let (sender, local) = open_pooled(cluster, host, pool, total, Alpn::Http2, |io| {
+    let alpn = pool.alpn.clone().map_or(Alpn::Http2, Alpn::Override);
+    let (sender, local) = open_pooled(cluster, host, pool, total, alpn, |io| {
         http2::Builder::new(LocalExec).handshake(io)
     })
     .await?;
