@@ -35,6 +35,10 @@ fn filter_json(golden: &Path) -> (String, bool) {
     (serde_json::to_string(&v).expect("json"), network)
 }
 
+/// Routes: `/open` with RBAC off (an empty `RBACPerRoute`), `/get-only` with its own rules,
+/// the rest under the filter's.
+const PER_ROUTE_ROUTES: &str = r#"[{match: {prefix: "/open"}, direct_response: {status: 200, body: {inline_string: "open"}}, typed_per_filter_config: {envoy.filters.http.rbac: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute}}}, {match: {prefix: "/get-only"}, direct_response: {status: 200, body: {inline_string: "get-only"}}, typed_per_filter_config: {envoy.filters.http.rbac: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute, rbac: {rules: {policies: {get: {permissions: [{header: {name: ":method", string_match: {exact: GET}}}], principals: [{any: true}]}}}}}}}, {match: {prefix: "/"}, direct_response: {status: 200, body: {inline_string: "allowed"}}}]"#;
+
 /// A bootstrap with the golden's filter: an HTTP filter ahead of the router (routes answer
 /// directly), or a network filter ahead of a TCP proxy to `UPSTREAM`.
 fn bootstrap(filter: &str, network: bool, log: &Path) -> String {
@@ -57,12 +61,12 @@ fn bootstrap(filter: &str, network: bool, log: &Path) -> String {
             virtual_hosts:
             - name: v
               domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "allowed"}}}}}}]
+              routes: {PER_ROUTE_ROUTES}
           http_filters:
           - {filter}
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#,
-            log = log.display()
+            log = log.display(),
         )
     };
     format!(
@@ -163,6 +167,9 @@ const REQUESTS: &[(&str, &str, &str, &str)] = &[
     ("DELETE", "/x/y/path/template", "app.test", ""),
     ("GET", "/login", "app.test", ""),
     ("HEAD", "/health", "app.test", ""),
+    ("GET", "/open", "app.test", ""),
+    ("POST", "/get-only", "app.test", ""),
+    ("GET", "/get-only", "app.test", ""),
 ];
 
 /// Goldens whose decisions are compared request by request.

@@ -456,14 +456,24 @@ impl Rules {
     /// Evaluates both engines: whether the request or connection may go on, and the details of
     /// a denial.
     pub fn check(&self, i: &Input<'_>) -> (bool, &'static str) {
-        if let Some(s) = &self.shadow {
+        self.check_with(self.enforced.as_ref(), self.shadow.as_ref(), i)
+    }
+
+    /// `check` with other engines (a route's `RBACPerRoute`), counted in these stats.
+    pub fn check_with(
+        &self,
+        enforced: Option<&Engine>,
+        shadow: Option<&Engine>,
+        i: &Input<'_>,
+    ) -> (bool, &'static str) {
+        if let Some(s) = shadow {
             if s.decide(i).allowed {
                 self.stats.shadow_allowed.inc();
             } else {
                 self.stats.shadow_denied.inc();
             }
         }
-        let Some(e) = &self.enforced else {
+        let Some(e) = enforced else {
             return (true, "");
         };
         let d = e.decide(i);

@@ -673,6 +673,13 @@ fn per_filter_configs(
     let mut out = Vec::new();
     for (name, any) in configs {
         let p = format!("{path}.typed_per_filter_config['{name}']");
+        // RBAC lives with the proxy (its engine needs the connection's TLS facts).
+        if xds_client::TypeRegistry::effective_type_url(any)
+            == crate::rbac::http::PER_ROUTE_TYPE_URL
+        {
+            out.push((name.clone(), crate::rbac::http::per_route(any, &p)?));
+            continue;
+        }
         match petrel_filters::http::per_route(any, &p) {
             Some(c) => out.push((name.clone(), c?)),
             None => {
