@@ -109,6 +109,10 @@ pub struct UpstreamAlpn {
     pub http2: Option<std::sync::Arc<[Vec<u8>]>>,
 }
 
+/// A stream's dynamic metadata: filter namespace → fields (what `%DYNAMIC_METADATA%` reads).
+pub type DynamicMetadata =
+    std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>>;
+
 /// Request-side view a decoder filter gets.
 pub struct RequestHead<'a> {
     pub method: &'a http::Method,
@@ -119,6 +123,8 @@ pub struct RequestHead<'a> {
     pub route: Option<RouteInfo<'a>>,
     /// An ALPN override for the upstream connection.
     pub upstream_alpn: &'a mut Option<std::sync::Arc<UpstreamAlpn>>,
+    /// The stream's dynamic metadata, for filters to write.
+    pub dynamic_metadata: &'a mut DynamicMetadata,
 }
 
 /// Response-side view an encoder filter gets.

@@ -194,6 +194,7 @@ mod tests {
             info: &info,
             route: None,
             upstream_alpn: &mut alpn,
+            dynamic_metadata: &mut Default::default(),
         };
         assert_eq!(
             filter.decode_headers(&mut head, true),

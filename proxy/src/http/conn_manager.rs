@@ -778,6 +778,7 @@ async fn process(
     let end_stream = http_body::Body::is_end_stream(req.body());
     let mut filter_reply = None;
     let mut upstream_alpn = None;
+    let mut dynamic_metadata = petrel_filters::http_filter::DynamicMetadata::new();
     // The weighted cluster is chosen with the route, before the filters run (a fault's
     // `upstream_cluster` sees it), as Envoy's route entry does.
     let weighted_draw = rand::random::<u64>();
@@ -796,6 +797,7 @@ async fn process(
             info: &stream_info,
             route: route_info,
             upstream_alpn: &mut upstream_alpn,
+            dynamic_metadata: &mut dynamic_metadata,
         };
         let mut status = filter.decode_headers(&mut head, end_stream);
         // A fault delay holds the request, then the filter says how it goes on.
@@ -806,6 +808,11 @@ async fn process(
         if let FilterStatus::LocalReply(r) = status {
             filter_reply = Some(LocalReply::from(*r));
             break;
+        }
+    }
+    if let Some(f) = facts {
+        if !dynamic_metadata.is_empty() {
+            f.borrow_mut().dynamic_metadata = std::mem::take(&mut dynamic_metadata);
         }
     }
     let keep_headers = |req: &mut Request<RequestBody>| {

@@ -40,6 +40,8 @@ pub struct StreamFacts {
     /// `%RESPONSE_CODE_DETAILS%` when the router knows more than its local reply says.
     pub details: Option<String>,
     pub attempts: u32,
+    /// What the filters wrote (`%DYNAMIC_METADATA%`).
+    pub dynamic_metadata: petrel_filters::http_filter::DynamicMetadata,
     /// Flags that do not come with a local reply (`URX`, `DI`, …).
     pub flags: Vec<&'static str>,
     /// Request body bytes read from downstream.
@@ -219,6 +221,7 @@ fn write(log: &PendingLog, flags: &str, sent: u64) {
     v.protocol = o.protocol;
     v.downstream_tls = o.tls.as_deref();
     v.requested_server_name = &o.server_name;
+    v.dynamic_metadata = Some(&f.dynamic_metadata);
     v.route_name = f.route_name.as_deref().unwrap_or("");
     v.bytes_received = f.received.load(Ordering::Relaxed);
     v.bytes_sent = sent;

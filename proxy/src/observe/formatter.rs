@@ -65,6 +65,7 @@ pub struct StreamValues<'a> {
     pub connection_id: u64,
     /// The downstream connection's TLS, when Petrel terminated it.
     pub downstream_tls: Option<&'a crate::tls::info::TlsInfo>,
+    pub dynamic_metadata: Option<&'a petrel_filters::http_filter::DynamicMetadata>,
 }
 
 impl<'a> StreamValues<'a> {
@@ -93,6 +94,7 @@ impl<'a> StreamValues<'a> {
             upstream: UpstreamValues::default(),
             connection_id: 0,
             downstream_tls: None,
+            dynamic_metadata: None,
         }
     }
 }
@@ -169,8 +171,13 @@ enum Op {
         upstream: bool,
         field: TlsField,
     },
-    /// Dynamic metadata and filter state: no filter Petrel runs writes any yet, so the value is
-    /// absent (Envoy prints `-` for absent keys).
+    /// `DYNAMIC_METADATA(namespace:key:…)`: a namespace, or a value inside it.
+    DynamicMetadata {
+        namespace: String,
+        path: Vec<String>,
+    },
+    /// Filter state: no filter Petrel runs writes any, so the value is absent (Envoy prints `-`
+    /// for absent keys).
     StreamState,
 }
 
@@ -521,7 +528,14 @@ impl TextFormat {
             ("ROUTE_NAME", None) => Op::RouteName,
             ("HOSTNAME", None) => Op::Hostname,
             ("CONNECTION_ID", None) => Op::ConnectionId,
-            ("DYNAMIC_METADATA" | "FILTER_STATE", Some(_)) => Op::StreamState,
+            ("DYNAMIC_METADATA", Some(a)) => {
+                let mut parts = a.split(':').map(str::to_string);
+                Op::DynamicMetadata {
+                    namespace: parts.next().unwrap_or_default(),
+                    path: parts.collect(),
+                }
+            }
+            ("FILTER_STATE", Some(_)) => Op::StreamState,
             (n, None) if tls_op(n).is_some() => tls_op(n).unwrap_or(Op::StreamState),
             (n, None) if address_op(n).is_some() => address_op(n).unwrap_or(Op::StreamState),
             _ => return Err(invalid(path, format!("Not supported field in StreamInfo: {name} (command operator not supported by Petrel yet)"))),
@@ -657,6 +671,26 @@ impl TextFormat {
                 };
                 t.and_then(|t| tls_value(t, *field))
                     .map(|s| Value::Str(Cow::Owned(s)))
+            }
+            Op::DynamicMetadata { namespace, path } => {
+                let ns = v.dynamic_metadata?.get(namespace)?;
+                let mut value: &serde_json::Value = match path.split_first() {
+                    // A whole namespace prints as JSON with its keys sorted (a protobuf
+                    // Struct's map order, as Envoy prints it).
+                    None => {
+                        let sorted: std::collections::BTreeMap<_, _> = ns.iter().collect();
+                        let text = serde_json::to_string(&sorted).unwrap_or_default();
+                        return Some(Value::Str(Cow::Owned(text)));
+                    }
+                    Some((first, _)) => ns.get(first)?,
+                };
+                for key in path.iter().skip(1) {
+                    value = value.get(key)?;
+                }
+                Some(Value::Str(match value {
+                    serde_json::Value::String(s) => Cow::Owned(s.clone()),
+                    other => Cow::Owned(other.to_string()),
+                }))
             }
             Op::StreamState => None,
         }

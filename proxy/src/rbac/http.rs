@@ -91,6 +91,8 @@ pub(super) fn rules(
         enforced,
         shadow,
         stats: RbacStats::new(store, stat_prefix, &rules_prefix, &shadow_prefix),
+        shadow_keys: super::shadow_keys(&shadow_prefix),
+        enforced_keys: super::enforced_keys(&rules_prefix),
     })
 }
 
@@ -153,10 +155,16 @@ impl HttpFilter for Filter {
                 subject: p.subject,
             }),
         };
-        let (allowed, details) = match per_route {
-            Some(p) => rules.check_with(p.enforced.as_ref(), p.shadow.as_ref(), &input),
-            None => rules.check(&input),
+        let (enforced, shadow) = match per_route {
+            Some(p) => (p.enforced.as_ref(), p.shadow.as_ref()),
+            None => (rules.enforced.as_ref(), rules.shadow.as_ref()),
         };
+        let metadata = (shadow.is_some() || enforced.is_some()).then(|| {
+            req.dynamic_metadata
+                .entry("envoy.filters.http.rbac".to_string())
+                .or_default()
+        });
+        let (allowed, details) = rules.check_with(enforced, shadow, &input, metadata);
         if allowed {
             return FilterStatus::Continue;
         }

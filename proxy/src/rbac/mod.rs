@@ -94,6 +94,7 @@ enum Id {
 
 #[derive(Debug)]
 struct CompiledPolicy {
+    name: &'static str,
     /// `rbac_access_denied_matched_policy[<name>]`, interned.
     details: &'static str,
     permissions: Vec<Perm>,
@@ -112,6 +113,8 @@ pub struct Engine {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub allowed: bool,
+    /// The policy that matched, if one did.
+    pub policy: Option<&'static str>,
     /// `%RESPONSE_CODE_DETAILS%` of a denial: the matched policy, or `[none]`.
     pub details: &'static str,
 }
@@ -376,6 +379,7 @@ impl Engine {
             reject_unhandled(&prest, &pp)?;
             compiled.push(CompiledPolicy {
                 details: intern(format!("rbac_access_denied_matched_policy[{name}]")),
+                name: intern(name.clone()),
                 permissions,
                 principals,
             });
@@ -402,12 +406,29 @@ impl Engine {
         };
         Decision {
             allowed,
+            policy: matched.map(|p| p.name),
             details: match (self.action, matched) {
                 (Action::Deny, Some(p)) => p.details,
                 _ => "rbac_access_denied_matched_policy[none]",
             },
         }
     }
+}
+
+/// The dynamic metadata keys of the shadow engine's decision.
+pub fn shadow_keys(prefix: &str) -> (String, String) {
+    (
+        format!("{prefix}shadow_effective_policy_id"),
+        format!("{prefix}shadow_engine_result"),
+    )
+}
+
+/// The dynamic metadata keys of the enforced engine's decision.
+pub fn enforced_keys(prefix: &str) -> (String, String) {
+    (
+        format!("{prefix}enforced_effective_policy_id"),
+        format!("{prefix}enforced_engine_result"),
+    )
 }
 
 /// The RBAC stats of one filter: `<prefix>rbac.<rules prefix>allowed`, and the shadow ones.
@@ -450,13 +471,17 @@ pub struct Rules {
     pub enforced: Option<Engine>,
     pub shadow: Option<Engine>,
     pub stats: RbacStats,
+    /// `<shadow_rules_stat_prefix>shadow_effective_policy_id` / `…shadow_engine_result`.
+    pub shadow_keys: (String, String),
+    /// `<rules_stat_prefix>enforced_effective_policy_id` / `…enforced_engine_result`.
+    pub enforced_keys: (String, String),
 }
 
 impl Rules {
     /// Evaluates both engines: whether the request or connection may go on, and the details of
     /// a denial.
     pub fn check(&self, i: &Input<'_>) -> (bool, &'static str) {
-        self.check_with(self.enforced.as_ref(), self.shadow.as_ref(), i)
+        self.check_with(self.enforced.as_ref(), self.shadow.as_ref(), i, None)
     }
 
     /// `check` with other engines (a route's `RBACPerRoute`), counted in these stats.
@@ -465,13 +490,26 @@ impl Rules {
         enforced: Option<&Engine>,
         shadow: Option<&Engine>,
         i: &Input<'_>,
+        mut metadata: Option<&mut serde_json::Map<String, serde_json::Value>>,
     ) -> (bool, &'static str) {
+        // Each decision goes to the stream's dynamic metadata, as Envoy writes it.
+        let mut record = |keys: &(String, String), d: &Decision| {
+            if let Some(m) = metadata.as_deref_mut() {
+                if let Some(p) = d.policy {
+                    m.insert(keys.0.clone(), p.into());
+                }
+                let result = if d.allowed { "allowed" } else { "denied" };
+                m.insert(keys.1.clone(), result.into());
+            }
+        };
         if let Some(s) = shadow {
-            if s.decide(i).allowed {
+            let d = s.decide(i);
+            if d.allowed {
                 self.stats.shadow_allowed.inc();
             } else {
                 self.stats.shadow_denied.inc();
             }
+            record(&self.shadow_keys, &d);
         }
         let Some(e) = enforced else {
             return (true, "");
@@ -482,6 +520,7 @@ impl Rules {
         } else {
             self.stats.denied.inc();
         }
+        record(&self.enforced_keys, &d);
         (d.allowed, d.details)
     }
 }

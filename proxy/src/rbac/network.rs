@@ -47,6 +47,8 @@ pub fn compile(any: &Any, store: &Store, path: &str) -> Result<Rules, ConfigErro
         enforced,
         shadow,
         stats: RbacStats::new(store, &stat_prefix, "", &shadow_prefix),
+        shadow_keys: super::shadow_keys(&shadow_prefix),
+        enforced_keys: super::enforced_keys(""),
     })
 }
 
