@@ -256,3 +256,54 @@ pub fn server_certificate(port: u16, client: Option<&Pem>) -> Option<Vec<u8>> {
             .map(|c| c.as_ref().to_vec())
     })
 }
+
+/// The SPIFFE identities of the mTLS pair below.
+pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+pub const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+fn tls_certificate(p: &Pem) -> String {
+    format!(
+        "tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]",
+        p.cert.display(),
+        p.key.display()
+    )
+}
+
+/// A sidecar's mTLS shape, as Istio renders it: an `inbound` listener that requires a client
+/// certificate (SAN `CLIENT_ID`) and answers `body`, and an `outbound` plaintext listener whose
+/// cluster originates mTLS (SAN `SERVER_ID`, Istio's ALPN) to `peer`.
+/// `ports`: admin, inbound, outbound, peer.
+pub fn mtls_pair_bootstrap(
+    ca: &Ca,
+    server: &Pem,
+    client: &Pem,
+    ports: [u16; 4],
+    body: &str,
+) -> String {
+    let [admin, inbound, outbound, peer] = ports;
+    let router = r#"http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]"#;
+    let hcm = "\"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {inbound}}}}}
+    filter_chains:
+    - transport_socket: {{name: envoy.transport_sockets.tls, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{{server}, alpn_protocols: [istio-http/1.1, istio, http/1.1], validation_context: {{trusted_ca: {{filename: {ca}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{CLIENT_ID}"}}}}]}}}}}}}}
+      filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{{hcm}, stat_prefix: inbound, forward_client_cert_details: SANITIZE_SET, set_current_client_cert_details: {{uri: true}}, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}}}]}}]}}, {router}}}}}]
+  - name: outbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {outbound}}}}}
+    filter_chains:
+    - filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{{hcm}, stat_prefix: outbound, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: peer}}}}]}}]}}, {router}}}}}]
+  clusters:
+  - name: peer
+    connect_timeout: 2s
+    transport_socket: {{name: envoy.transport_sockets.tls, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: outbound_.80_._.server.default.svc.cluster.local, common_tls_context: {{{client}, alpn_protocols: [istio-http/1.1, istio], validation_context: {{trusted_ca: {{filename: {ca}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{SERVER_ID}"}}}}]}}}}}}}}
+    load_assignment: {{cluster_name: peer, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}}}]}}]}}
+"#,
+        server = tls_certificate(server),
+        client = tls_certificate(client),
+        ca = ca.pem.display(),
+    )
+}

@@ -177,6 +177,32 @@ const REQUESTS: &[(&str, &str)] = &[
     ("codec error", "GET /ok HTTP/1.1\r\nhost: app.test\r\nbad header\r\n\r\n"),
 ];
 
+/// Starts a proxy on `cfg` with its placeholders replaced by `ports` (`ADMIN` first), logs
+/// flushed every 50 ms.
+fn start_logged(
+    name: &'static str,
+    bin: &Path,
+    dir: &Path,
+    cfg: String,
+    ports: &[(&str, u16)],
+) -> Proxy {
+    let mut cfg = cfg;
+    for (k, v) in ports {
+        cfg = cfg.replace(k, &v.to_string());
+    }
+    let path = dir.join("bootstrap.yaml");
+    std::fs::write(&path, cfg).expect("write");
+    start_with(
+        name,
+        &PathBuf::from(bin),
+        &path,
+        ports[0].1,
+        950 + std::process::id() % 1000 * 40,
+        Ready::Live,
+        &["--file-flush-interval-msec", "50"],
+    )
+}
+
 /// Reads a log until it has `n` lines (the proxies flush every 50 ms here).
 fn read_lines(path: &Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -231,28 +257,15 @@ fn scenario(name: &'static str, bin: &Path, echo: u16, scripted: u16) -> Vec<Str
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let (admin, main, tcp, dead) = (free_port(), free_port(), free_port(), free_port());
-    let mut cfg = bootstrap(&dir);
-    for (k, v) in [
+    let ports = [
         ("ADMIN", admin),
         ("MAIN", main),
         ("TCP", tcp),
         ("ECHO", echo),
         ("DEAD", dead),
         ("SCRIPTED", scripted),
-    ] {
-        cfg = cfg.replace(k, &v.to_string());
-    }
-    let path = dir.join("bootstrap.yaml");
-    std::fs::write(&path, cfg).expect("write");
-    let proxy = start_with(
-        name,
-        &PathBuf::from(bin),
-        &path,
-        admin,
-        950 + std::process::id() % 1000 * 40,
-        Ready::Live,
-        &["--file-flush-interval-msec", "50"],
-    );
+    ];
+    let proxy = start_logged(name, bin, &dir, bootstrap(&dir), &ports);
     for (case, req) in REQUESTS {
         // The scripted upstream counts attempts per id: each proxy has its own.
         let req = req.replace("x-id: ", &format!("x-id: {name}-"));
@@ -358,28 +371,16 @@ fn full_disk(name: &'static str, bin: &Path, echo: u16) -> Vec<String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let (admin, main) = (free_port(), free_port());
-    let mut cfg = bootstrap(&dir).replace(&dir.join("text.log").display().to_string(), "/dev/full");
-    for (k, v) in [
+    let cfg = bootstrap(&dir).replace(&dir.join("text.log").display().to_string(), "/dev/full");
+    let ports = [
         ("ADMIN", admin),
         ("MAIN", main),
         ("TCP", free_port()),
         ("ECHO", echo),
         ("DEAD", free_port()),
         ("SCRIPTED", free_port()),
-    ] {
-        cfg = cfg.replace(k, &v.to_string());
-    }
-    let path = dir.join("bootstrap.yaml");
-    std::fs::write(&path, cfg).expect("write");
-    let proxy = start_with(
-        name,
-        &PathBuf::from(bin),
-        &path,
-        admin,
-        970 + std::process::id() % 1000 * 40,
-        Ready::Live,
-        &["--file-flush-interval-msec", "50"],
-    );
+    ];
+    let proxy = start_logged(name, bin, &dir, cfg, &ports);
     let mut t = Vec::new();
     for _ in 0..3 {
         let r = http_raw(main, REQUESTS[0].1.as_bytes()).expect("request");

@@ -4,45 +4,10 @@
 
 use std::path::Path;
 
-use petrel_tests::tls::{Ca, Pem};
+use petrel_tests::tls::{mtls_pair_bootstrap, Ca};
 use petrel_tests::*;
 
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
-const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
-
-fn cert(p: &Pem) -> String {
-    format!(
-        "tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]",
-        p.cert.display(),
-        p.key.display()
-    )
-}
-
-fn bootstrap(ca: &Ca, server: &Pem, client: &Pem, peer_port: u16) -> String {
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: ADMIN}}}}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: INBOUND}}}}
-    filter_chains:
-    - transport_socket: {{name: envoy.transport_sockets.tls, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{{server}, alpn_protocols: [istio-http/1.1, istio, http/1.1], validation_context: {{trusted_ca: {{filename: {ca}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{CLIENT_ID}"}}}}]}}}}}}}}
-      filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: inbound, forward_client_cert_details: SANITIZE_SET, set_current_client_cert_details: {{uri: true}}, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "inbound of NAME"}}}}}}]}}]}}, http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: OUTBOUND}}}}
-    filter_chains:
-    - filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: outbound, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: peer}}}}]}}]}}, http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]
-  clusters:
-  - name: peer
-    connect_timeout: 2s
-    transport_socket: {{name: envoy.transport_sockets.tls, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: outbound_.80_._.server.default.svc.cluster.local, common_tls_context: {{{client}, alpn_protocols: [istio-http/1.1, istio], validation_context: {{trusted_ca: {{filename: {ca}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{SERVER_ID}"}}}}]}}}}}}}}
-    load_assignment: {{cluster_name: peer, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer_port}}}}}}}}}]}}]}}
-"#,
-        server = cert(server),
-        client = cert(client),
-        ca = ca.pem.display(),
-    )
-}
+use petrel_tests::tls::{CLIENT_ID, SERVER_ID};
 
 struct Ports {
     admin: u16,
@@ -51,11 +16,6 @@ struct Ports {
 }
 
 fn start(name: &'static str, bin: &Path, dir: &Path, cfg: String, p: &Ports) -> Proxy {
-    let cfg = cfg
-        .replace("ADMIN", &p.admin.to_string())
-        .replace("INBOUND", &p.inbound.to_string())
-        .replace("OUTBOUND", &p.outbound.to_string())
-        .replace("NAME", name);
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, cfg).expect("write");
     start_with(
@@ -101,18 +61,21 @@ fn istio_mtls_between_petrel_and_envoy() {
         outbound: free_port(),
     };
     // Each proxy's outbound cluster is the other's inbound listener.
-    let _envoy = start(
-        "envoy",
-        &envoy,
-        &dir,
-        bootstrap(&ca, &server, &client, p.inbound),
-        &e,
-    );
+    let config = |ports: &Ports, peer: u16, name: &str| {
+        mtls_pair_bootstrap(
+            &ca,
+            &server,
+            &client,
+            [ports.admin, ports.inbound, ports.outbound, peer],
+            &format!("inbound of {name}"),
+        )
+    };
+    let _envoy = start("envoy", &envoy, &dir, config(&e, p.inbound, "envoy"), &e);
     let _petrel = start(
         "petrel",
         &petrel_bin(),
         &dir,
-        bootstrap(&ca, &server, &client, e.inbound),
+        config(&p, e.inbound, "petrel"),
         &p,
     );
     let envoy_to_petrel = get(e.outbound);

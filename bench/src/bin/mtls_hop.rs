@@ -14,53 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use petrel_tests::tls::{Ca, Pem};
+use petrel_tests::tls::{mtls_pair_bootstrap, Ca, Pem, CLIENT_ID, SERVER_ID};
 use petrel_tests::{envoy_bin, free_port, petrel_bin, start_with, Ready};
-
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
-const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
-
-fn cert(p: &Pem) -> String {
-    format!(
-        "tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]",
-        p.cert.display(),
-        p.key.display()
-    )
-}
-
-fn bootstrap(
-    ca: &Ca,
-    server: &Pem,
-    client: &Pem,
-    admin: u16,
-    inbound: u16,
-    outbound: u16,
-) -> String {
-    let body = "x".repeat(128);
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {inbound}}}}}
-    filter_chains:
-    - transport_socket: {{name: envoy.transport_sockets.tls, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{{server}, alpn_protocols: [istio-http/1.1, istio, http/1.1], validation_context: {{trusted_ca: {{filename: {ca}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{CLIENT_ID}"}}}}]}}}}}}}}
-      filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: inbound, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}}}]}}]}}, http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {outbound}}}}}
-    filter_chains:
-    - filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: outbound, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh}}}}]}}]}}, http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]
-  clusters:
-  - name: mesh
-    connect_timeout: 2s
-    transport_socket: {{name: envoy.transport_sockets.tls, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, sni: outbound_.80_._.server.default.svc.cluster.local, common_tls_context: {{{client}, alpn_protocols: [istio-http/1.1, istio], validation_context: {{trusted_ca: {{filename: {ca}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{SERVER_ID}"}}}}]}}}}}}}}
-    load_assignment: {{cluster_name: mesh, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {inbound}}}}}}}}}]}}]}}
-"#,
-        server = cert(server),
-        client = cert(client),
-        ca = ca.pem.display(),
-    )
-}
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -89,7 +44,9 @@ fn run(
 ) -> Run {
     let (admin, inbound, outbound) = (free_port(), free_port(), free_port());
     let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, bootstrap(&m.0, &m.1, &m.2, admin, inbound, outbound)).expect("write");
+    let body = "x".repeat(128);
+    let cfg = mtls_pair_bootstrap(&m.0, &m.1, &m.2, [admin, inbound, outbound, inbound], &body);
+    std::fs::write(&path, cfg).expect("write");
     let proxy = start_with(
         name,
         &bin.to_path_buf(),

@@ -69,6 +69,59 @@ pub fn ads_source(c: &ConfigSource, path: &str) -> Result<Wait, ConfigError> {
     Ok(wait)
 }
 
+/// A gRPC `ApiConfigSource` naming one `envoy_grpc` cluster: its protocol and the cluster.
+/// `aggregated` admits the `AGGREGATED_*` api types (ADS).
+pub fn grpc_api_source(
+    a: &xds_client::pb::envoy::config::core::v3::ApiConfigSource,
+    aggregated: bool,
+    ap: &str,
+) -> Result<(ApiType, String), ConfigError> {
+    use api_config_source::ApiType as Pb;
+    let mut arest = a.clone();
+    let api = match Pb::try_from(std::mem::take(&mut arest.api_type)) {
+        Ok(Pb::Grpc) => ApiType::Sotw,
+        Ok(Pb::DeltaGrpc) => ApiType::Delta,
+        Ok(Pb::AggregatedGrpc) if aggregated => ApiType::Sotw,
+        Ok(Pb::AggregatedDeltaGrpc) if aggregated => ApiType::Delta,
+        _ => {
+            return Err(invalid(
+                format!("{ap}.api_type"),
+                "only GRPC and DELTA_GRPC are supported",
+            ))
+        }
+    };
+    if !matches!(std::mem::take(&mut arest.transport_api_version), 0 | 2) {
+        return Err(invalid(
+            format!("{ap}.transport_api_version"),
+            "only V3 is supported",
+        ));
+    }
+    // Petrel always sends the node on the first message of a stream only.
+    arest.set_node_on_first_message_only = false;
+    let services = std::mem::take(&mut arest.grpc_services);
+    reject_unhandled(&arest, ap)?;
+    let [svc] = services.as_slice() else {
+        return Err(invalid(
+            format!("{ap}.grpc_services"),
+            "exactly one gRPC service is supported",
+        ));
+    };
+    let mut srest = svc.clone();
+    let cluster_name = match srest.target_specifier.take() {
+        Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name,
+        _ => {
+            return Err(ConfigError::Unsupported {
+                path: format!("{ap}.grpc_services[0]"),
+                fields: "'google_grpc'".into(),
+            })
+        }
+    };
+    // The stream is long-lived: a per-call timeout does not apply to it.
+    srest.timeout = None;
+    reject_unhandled(&srest, &format!("{ap}.grpc_services[0]"))?;
+    Ok((api, cluster_name))
+}
+
 /// Compiles `dynamic_resources` against the static clusters (the ADS cluster is one of them).
 pub fn compile(
     d: &DynamicResources,
@@ -92,49 +145,7 @@ pub fn compile(
         return Ok(None);
     };
     let ap = format!("{path}.ads_config");
-    let mut arest = ads.clone();
-    let api = match api_config_source::ApiType::try_from(std::mem::take(&mut arest.api_type)) {
-        Ok(api_config_source::ApiType::Grpc) | Ok(api_config_source::ApiType::AggregatedGrpc) => {
-            ApiType::Sotw
-        }
-        Ok(api_config_source::ApiType::DeltaGrpc)
-        | Ok(api_config_source::ApiType::AggregatedDeltaGrpc) => ApiType::Delta,
-        _ => {
-            return Err(invalid(
-                format!("{ap}.api_type"),
-                "only GRPC and DELTA_GRPC are supported",
-            ))
-        }
-    };
-    if !matches!(std::mem::take(&mut arest.transport_api_version), 0 | 2) {
-        return Err(invalid(
-            format!("{ap}.transport_api_version"),
-            "only V3 is supported",
-        ));
-    }
-    // Petrel always sends the node on the first message of a stream only.
-    arest.set_node_on_first_message_only = false;
-    let services = std::mem::take(&mut arest.grpc_services);
-    reject_unhandled(&arest, &ap)?;
-    let [svc] = services.as_slice() else {
-        return Err(invalid(
-            format!("{ap}.grpc_services"),
-            "exactly one gRPC service is supported",
-        ));
-    };
-    let mut srest = svc.clone();
-    let cluster_name = match srest.target_specifier.take() {
-        Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name,
-        _ => {
-            return Err(ConfigError::Unsupported {
-                path: format!("{ap}.grpc_services[0]"),
-                fields: "'google_grpc'".into(),
-            })
-        }
-    };
-    // The stream is long-lived: a per-call timeout does not apply to it.
-    srest.timeout = None;
-    reject_unhandled(&srest, &format!("{ap}.grpc_services[0]"))?;
+    let (api, cluster_name) = grpc_api_source(&ads, true, &ap)?;
     let cluster = static_clusters
         .iter()
         .find(|c| c.name == cluster_name)

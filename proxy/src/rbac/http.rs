@@ -39,16 +39,8 @@ pub fn per_route(
     let (enforced, shadow) = match rest.rbac.take() {
         Some(mut r) => {
             let rp = format!("{path}.rbac");
-            let enforced = r
-                .rules
-                .take()
-                .map(|x| Engine::compile(&x, &format!("{rp}.rules")))
-                .transpose()?;
-            let shadow = r
-                .shadow_rules
-                .take()
-                .map(|x| Engine::compile(&x, &format!("{rp}.shadow_rules")))
-                .transpose()?;
+            let (enforced, shadow) =
+                super::engines(r.rules.take().as_ref(), r.shadow_rules.take().as_ref(), &rp)?;
             // The filter's stats count a route's decisions; a route's own stat prefixes are
             // refused (by `reject_unhandled`) rather than guessed at.
             reject_unhandled(&r, &rp)?;
@@ -74,16 +66,11 @@ pub(super) fn rules(
     path: &str,
 ) -> Result<Rules, ConfigError> {
     let mut rest = cfg.clone();
-    let enforced = rest
-        .rules
-        .take()
-        .map(|r| Engine::compile(&r, &format!("{path}.rules")))
-        .transpose()?;
-    let shadow = rest
-        .shadow_rules
-        .take()
-        .map(|r| Engine::compile(&r, &format!("{path}.shadow_rules")))
-        .transpose()?;
+    let (enforced, shadow) = super::engines(
+        rest.rules.take().as_ref(),
+        rest.shadow_rules.take().as_ref(),
+        path,
+    )?;
     let shadow_prefix = std::mem::take(&mut rest.shadow_rules_stat_prefix);
     let rules_prefix = std::mem::take(&mut rest.rules_stat_prefix);
     reject_unhandled(&rest, path)?;

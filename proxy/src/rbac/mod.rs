@@ -415,6 +415,21 @@ impl Engine {
     }
 }
 
+/// Compiles a filter's `rules` and `shadow_rules`.
+pub fn engines(
+    rules: Option<&Rbac>,
+    shadow_rules: Option<&Rbac>,
+    path: &str,
+) -> Result<(Option<Engine>, Option<Engine>), ConfigError> {
+    let enforced = rules
+        .map(|r| Engine::compile(r, &format!("{path}.rules")))
+        .transpose()?;
+    let shadow = shadow_rules
+        .map(|r| Engine::compile(r, &format!("{path}.shadow_rules")))
+        .transpose()?;
+    Ok((enforced, shadow))
+}
+
 /// The dynamic metadata keys of the shadow engine's decision.
 pub fn shadow_keys(prefix: &str) -> (String, String) {
     (

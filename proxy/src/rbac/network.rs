@@ -4,7 +4,7 @@
 use xds_client::pb::envoy::extensions::filters::network::rbac::v3::{rbac::EnforcementType, Rbac};
 use xds_client::pb::google::protobuf::Any;
 
-use super::{Engine, Input, RbacStats, Rules};
+use super::{Input, RbacStats, Rules};
 use crate::config::{invalid, reject_unhandled, ConfigError};
 use crate::observe::stats::Store;
 
@@ -31,16 +31,11 @@ pub fn compile(any: &Any, store: &Store, path: &str) -> Result<Rules, ConfigErro
             fields: "'enforcement_type: CONTINUOUS'".into(),
         });
     }
-    let enforced = rest
-        .rules
-        .take()
-        .map(|r| Engine::compile(&r, &format!("{path}.rules")))
-        .transpose()?;
-    let shadow = rest
-        .shadow_rules
-        .take()
-        .map(|r| Engine::compile(&r, &format!("{path}.shadow_rules")))
-        .transpose()?;
+    let (enforced, shadow) = super::engines(
+        rest.rules.take().as_ref(),
+        rest.shadow_rules.take().as_ref(),
+        path,
+    )?;
     let shadow_prefix = std::mem::take(&mut rest.shadow_rules_stat_prefix);
     reject_unhandled(&rest, path)?;
     Ok(Rules {

@@ -83,14 +83,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let ok = rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )?;
-        self.stats.sigalg(dss.scheme);
-        Ok(ok)
+        super::verify_signature(&self.provider, &self.stats, message, cert, dss, false)
     }
     fn verify_tls13_signature(
         &self,
@@ -98,14 +91,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let ok = rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )?;
-        self.stats.sigalg(dss.scheme);
-        Ok(ok)
+        super::verify_signature(&self.provider, &self.stats, message, cert, dss, true)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider

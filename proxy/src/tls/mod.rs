@@ -203,6 +203,26 @@ pub fn san_mismatch(cert: &rustls_pki_types::CertificateDer<'_>) -> rustls::Erro
     )))
 }
 
+/// Checks the peer's handshake signature (TLS 1.2 or 1.3) and counts its algorithm
+/// (`ssl.sigalgs.*`).
+pub fn verify_signature(
+    provider: &rustls::crypto::CryptoProvider,
+    stats: &SslStats,
+    message: &[u8],
+    cert: &rustls_pki_types::CertificateDer<'_>,
+    dss: &rustls::DigitallySignedStruct,
+    tls13: bool,
+) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    let algs = &provider.signature_verification_algorithms;
+    let ok = if tls13 {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)?
+    } else {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)?
+    };
+    stats.sigalg(dss.scheme);
+    Ok(ok)
+}
+
 /// Picks the first certificate whose key can sign with one of the peer's schemes (how Envoy
 /// chooses between, say, an RSA and an ECDSA certificate).
 pub fn pick_certificate(

@@ -8,10 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use arc_swap::ArcSwapOption;
 use rustls::sign::CertifiedKey;
-use xds_client::pb::envoy::config::core::v3::{
-    api_config_source, config_source::ConfigSourceSpecifier, grpc_service::TargetSpecifier,
-    ConfigSource,
-};
+use xds_client::pb::envoy::config::core::v3::{config_source::ConfigSourceSpecifier, ConfigSource};
 use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::{
     secret, SdsSecretConfig, Secret,
 };
@@ -280,47 +277,16 @@ fn source(c: &ConfigSource, path: &str) -> Result<SdsSource, ConfigError> {
     }
     let src = match rest.config_source_specifier.take() {
         Some(ConfigSourceSpecifier::Ads(_)) => SdsSource::Ads,
-        Some(ConfigSourceSpecifier::ApiConfigSource(mut a)) => {
-            let ap = format!("{path}.api_config_source");
-            let delta = match api_config_source::ApiType::try_from(std::mem::take(&mut a.api_type))
-            {
-                Ok(api_config_source::ApiType::Grpc) => false,
-                Ok(api_config_source::ApiType::DeltaGrpc) => true,
-                _ => {
-                    return Err(invalid(
-                        format!("{ap}.api_type"),
-                        "only GRPC and DELTA_GRPC are supported",
-                    ))
-                }
-            };
-            if !matches!(std::mem::take(&mut a.transport_api_version), 0 | 2) {
-                return Err(invalid(
-                    format!("{ap}.transport_api_version"),
-                    "only V3 is supported",
-                ));
+        Some(ConfigSourceSpecifier::ApiConfigSource(a)) => {
+            let (api, cluster) = crate::config::dynamic::grpc_api_source(
+                &a,
+                false,
+                &format!("{path}.api_config_source"),
+            )?;
+            SdsSource::Grpc {
+                cluster,
+                delta: api == xds_client::ads::ApiType::Delta,
             }
-            a.set_node_on_first_message_only = false;
-            let services = std::mem::take(&mut a.grpc_services);
-            reject_unhandled(&a, &ap)?;
-            let [svc] = services.as_slice() else {
-                return Err(invalid(
-                    format!("{ap}.grpc_services"),
-                    "exactly one gRPC service is supported",
-                ));
-            };
-            let mut srest = svc.clone();
-            let cluster = match srest.target_specifier.take() {
-                Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name,
-                _ => {
-                    return Err(ConfigError::Unsupported {
-                        path: format!("{ap}.grpc_services[0]"),
-                        fields: "'google_grpc'".into(),
-                    })
-                }
-            };
-            srest.timeout = None;
-            reject_unhandled(&srest, &format!("{ap}.grpc_services[0]"))?;
-            SdsSource::Grpc { cluster, delta }
         }
         _ => {
             return Err(ConfigError::Unsupported {

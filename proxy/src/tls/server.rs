@@ -109,14 +109,14 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let ok = rustls::crypto::verify_tls12_signature(
+        super::verify_signature(
+            &self.common.provider,
+            &self.stats,
             message,
             cert,
             dss,
-            &self.common.provider.signature_verification_algorithms,
-        )?;
-        self.stats.sigalg(dss.scheme);
-        Ok(ok)
+            false,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -124,14 +124,7 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let ok = rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.common.provider.signature_verification_algorithms,
-        )?;
-        self.stats.sigalg(dss.scheme);
-        Ok(ok)
+        super::verify_signature(&self.common.provider, &self.stats, message, cert, dss, true)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.common
