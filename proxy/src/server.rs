@@ -50,6 +50,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     crate::observe::access_log::set_flush_interval(std::time::Duration::from_millis(
         opts.file_flush_interval_msec.into(),
     ));
+    crate::tls::secrets::registry().set_store(&store);
     let snapshot = load(&opts, &store)?;
     if opts.mode == Mode::Validate {
         return Ok(());

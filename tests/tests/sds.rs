@@ -344,6 +344,16 @@ async fn scenario(name: &'static str, dir: &Path, m: &Material) -> Vec<String> {
         );
     }
     t.push(format!("after the NACK: front {}", get(front, "/").await.0));
+    for s in [
+        "sds.default.update_attempt",
+        "sds.default.update_success",
+        "sds.default.update_rejected",
+        "sds.ROOTCA.update_attempt",
+        "sds.ROOTCA.update_success",
+        "sds.ROOTCA.update_rejected",
+    ] {
+        t.push(stat(admin, s).await);
+    }
     t
 }
 

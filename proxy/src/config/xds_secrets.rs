@@ -39,10 +39,12 @@ pub fn secrets_of(update: &Update) -> Result<Vec<(Secret, String)>, String> {
 /// Applies secrets from `source`, then lets listeners and clusters waiting on them go.
 pub fn apply(state: &mut XdsState, source: &SdsSource, update: &Update) -> Result<(), String> {
     let secrets = secrets_of(update)?;
-    if registry().apply(source, &secrets)? {
+    // What compiled applies (and may end warming) even when another secret is refused.
+    let (changed, result) = registry().apply(source, &secrets);
+    if changed {
         state.secrets_changed();
     }
-    Ok(())
+    result
 }
 
 /// The sink of one SDS stream.

@@ -91,7 +91,15 @@ pub struct SecretRegistry {
     values: Mutex<BTreeMap<Key, (Arc<SecretValue>, SecretRecord)>>,
     /// Wakes whoever follows subscriptions when a new name is wanted.
     pub wanted_changed: tokio::sync::Notify,
+    /// Where `sds.<name>.*` are counted (set once at start).
+    store: std::sync::OnceLock<crate::observe::stats::Store>,
 }
+
+crate::stat_struct!(SdsStats {
+    counter update_attempt,
+    counter update_success,
+    counter update_rejected,
+});
 
 pub fn registry() -> &'static SecretRegistry {
     static R: LazyLock<SecretRegistry> = LazyLock::new(SecretRegistry::default);
@@ -99,6 +107,17 @@ pub fn registry() -> &'static SecretRegistry {
 }
 
 impl SecretRegistry {
+    /// Sets the store `sds.<name>.*` stats go to.
+    pub fn set_store(&self, store: &crate::observe::stats::Store) {
+        let _ = self.store.set(store.clone());
+    }
+
+    fn stats(&self, name: &str) -> Option<SdsStats> {
+        self.store
+            .get()
+            .map(|s| SdsStats::new(s, &format!("sds.{name}.")))
+    }
+
     /// The slot for a name, shared with every other context naming it.
     pub fn slot(&self, source: SdsSource, name: &str) -> Arc<SecretSlot> {
         let key = (source.clone(), name.to_string());
@@ -122,6 +141,10 @@ impl SecretRegistry {
         slots.retain(|_, w| w.strong_count() > 0);
         slots.insert(key, Arc::downgrade(&slot));
         drop(slots);
+        // A new subscription is an update attempt, as Envoy counts it.
+        if let Some(s) = self.stats(name) {
+            s.update_attempt.inc();
+        }
         self.wanted_changed.notify_one();
         slot
     }
@@ -138,12 +161,36 @@ impl SecretRegistry {
         out
     }
 
-    /// Applies secrets (with their versions) that arrived from `source`: all compile, or none
-    /// applies (the error names the secret and field). Returns whether any slot changed.
-    pub fn apply(&self, source: &SdsSource, secrets: &[(Secret, String)]) -> Result<bool, String> {
+    /// Applies secrets (with their versions) that arrived from `source`, each on its own as
+    /// Envoy's per-secret subscriptions do: those that compile apply; the others keep their
+    /// last good value and are named in the error. Returns whether any slot changed, and the
+    /// error of those that did not compile.
+    pub fn apply(
+        &self,
+        source: &SdsSource,
+        secrets: &[(Secret, String)],
+    ) -> (bool, Result<(), String>) {
         let mut compiled = Vec::with_capacity(secrets.len());
+        let mut errors = Vec::new();
         for (s, version) in secrets {
-            compiled.push((s, version, compile(s).map_err(|e| e.to_string())?));
+            let stats = self.stats(&s.name);
+            if let Some(st) = &stats {
+                st.update_attempt.inc();
+            }
+            match compile(s) {
+                Ok(v) => {
+                    if let Some(st) = &stats {
+                        st.update_success.inc();
+                    }
+                    compiled.push((s, version, v));
+                }
+                Err(e) => {
+                    if let Some(st) = &stats {
+                        st.update_rejected.inc();
+                    }
+                    errors.push(e.to_string());
+                }
+            }
         }
         let now = crate::http::date::rfc3339_millis(std::time::SystemTime::now());
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,7 +210,12 @@ impl SecretRegistry {
             };
             values.insert(key, (value, record));
         }
-        Ok(changed)
+        let result = if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        };
+        (changed, result)
     }
 
     /// The secrets live contexts name, by name, as `/config_dump` lists them.
