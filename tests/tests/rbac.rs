@@ -47,7 +47,8 @@ fn bootstrap(filter: &str, network: bool, log: &Path) -> String {
             r#"filters:
       - {filter}
       - name: envoy.filters.network.tcp_proxy
-        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tcp, cluster: upstream}}"#
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: tcp, cluster: upstream, access_log: [{{name: f, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {log}, log_format: {{text_format: "tcp %DYNAMIC_METADATA(envoy.filters.network.rbac)% %DYNAMIC_METADATA(envoy.common)%\n"}}}}}}]}}"#,
+            log = log.display()
         )
     } else {
         format!(
@@ -56,7 +57,7 @@ fn bootstrap(filter: &str, network: bool, log: &Path) -> String {
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
-          access_log: [{{name: f, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {log}, log_format: {{text_format: "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %DYNAMIC_METADATA(envoy.filters.http.rbac)% %DYNAMIC_METADATA(envoy.filters.http.rbac:istio_dry_run_allow_shadow_engine_result)%\n"}}}}}}]
+          access_log: [{{name: f, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {log}, log_format: {{text_format: "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %DYNAMIC_METADATA(envoy.filters.http.rbac)% %DYNAMIC_METADATA(envoy.filters.http.rbac:istio_dry_run_allow_shadow_engine_result)% %DYNAMIC_METADATA(envoy.common)%\n"}}}}}}]
           route_config:
             virtual_hosts:
             - name: v
@@ -184,6 +185,8 @@ const DECIDED: &[&str] = &[
     "http/single-policy-out.yaml",
     "http/simple-policy-principal-with-wildcard-out.yaml",
     "tcp/deny-both-http-tcp-out.yaml",
+    "tcp/audit-both-http-tcp-out.yaml",
+    "http/audit-full-rule-out.yaml",
     "tcp/allow-only-http-out.yaml",
 ];
 

@@ -96,6 +96,7 @@ impl Accepted {
                 stream: Downstream::Tcp(self.tcp),
                 initial: self.initial,
                 tls: None,
+                dynamic_metadata: Default::default(),
             },
             Some((tls, timeout)) => {
                 let handshake = tls.accept(self.tcp, self.initial.freeze());
@@ -107,6 +108,7 @@ impl Accepted {
                     stream: Downstream::Tls(Box::new(s)),
                     initial: bytes::BytesMut::new(),
                     tls: Some(info),
+                    dynamic_metadata: Default::default(),
                 }
             }
         };
@@ -129,9 +131,17 @@ impl Accepted {
                 }),
             };
             // A denied connection is closed.
-            if !rbac.iter().all(|r| crate::rbac::network::allows(r, &input)) {
+            let mut metadata = petrel_filters::http_filter::DynamicMetadata::new();
+            let allowed = rbac
+                .iter()
+                .all(|r| crate::rbac::network::allows(r, &input, &mut metadata));
+            if !allowed {
                 return None;
             }
+            return Some(Established {
+                dynamic_metadata: metadata,
+                ..up
+            });
         }
         Some(up)
     }
@@ -143,6 +153,8 @@ pub struct Established {
     /// Bytes already read (plaintext only: TLS consumed them).
     pub initial: bytes::BytesMut,
     pub tls: Option<std::sync::Arc<crate::tls::info::TlsInfo>>,
+    /// What the network filters wrote (the network RBAC decisions).
+    pub dynamic_metadata: petrel_filters::http_filter::DynamicMetadata,
 }
 
 /// A downstream connection.

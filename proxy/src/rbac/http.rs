@@ -79,7 +79,8 @@ pub(super) fn rules(
         shadow,
         stats: RbacStats::new(store, stat_prefix, &rules_prefix, &shadow_prefix),
         shadow_keys: super::shadow_keys(&shadow_prefix),
-        enforced_keys: super::enforced_keys(&rules_prefix),
+        enforced_keys: Some(super::enforced_keys(&rules_prefix)),
+        namespace: "envoy.filters.http.rbac",
     })
 }
 
@@ -146,12 +147,8 @@ impl HttpFilter for Filter {
             Some(p) => (p.enforced.as_ref(), p.shadow.as_ref()),
             None => (rules.enforced.as_ref(), rules.shadow.as_ref()),
         };
-        let metadata = (shadow.is_some() || enforced.is_some()).then(|| {
-            req.dynamic_metadata
-                .entry("envoy.filters.http.rbac".to_string())
-                .or_default()
-        });
-        let (allowed, details) = rules.check_with(enforced, shadow, &input, metadata);
+        let (allowed, details) =
+            rules.check_with(enforced, shadow, &input, Some(req.dynamic_metadata));
         if allowed {
             return FilterStatus::Continue;
         }

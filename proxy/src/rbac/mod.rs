@@ -488,15 +488,22 @@ pub struct Rules {
     pub stats: RbacStats,
     /// `<shadow_rules_stat_prefix>shadow_effective_policy_id` / `…shadow_engine_result`.
     pub shadow_keys: (String, String),
-    /// `<rules_stat_prefix>enforced_effective_policy_id` / `…enforced_engine_result`.
-    pub enforced_keys: (String, String),
+    /// `<rules_stat_prefix>enforced_effective_policy_id` / `…enforced_engine_result` (the
+    /// HTTP filter writes them; the network one does not).
+    pub enforced_keys: Option<(String, String)>,
+    /// The filter's dynamic metadata namespace (`envoy.filters.http.rbac`, `….network.rbac`).
+    pub namespace: &'static str,
 }
 
 impl Rules {
     /// Evaluates both engines: whether the request or connection may go on, and the details of
     /// a denial.
-    pub fn check(&self, i: &Input<'_>) -> (bool, &'static str) {
-        self.check_with(self.enforced.as_ref(), self.shadow.as_ref(), i, None)
+    pub fn check(
+        &self,
+        i: &Input<'_>,
+        metadata: Option<&mut petrel_filters::http_filter::DynamicMetadata>,
+    ) -> (bool, &'static str) {
+        self.check_with(self.enforced.as_ref(), self.shadow.as_ref(), i, metadata)
     }
 
     /// `check` with other engines (a route's `RBACPerRoute`), counted in these stats.
@@ -505,16 +512,26 @@ impl Rules {
         enforced: Option<&Engine>,
         shadow: Option<&Engine>,
         i: &Input<'_>,
-        mut metadata: Option<&mut serde_json::Map<String, serde_json::Value>>,
+        mut metadata: Option<&mut petrel_filters::http_filter::DynamicMetadata>,
     ) -> (bool, &'static str) {
         // Each decision goes to the stream's dynamic metadata, as Envoy writes it.
-        let mut record = |keys: &(String, String), d: &Decision| {
-            if let Some(m) = metadata.as_deref_mut() {
+        let mut record = |keys: Option<&(String, String)>, d: &Decision, log_hint: Option<bool>| {
+            let Some(all) = metadata.as_deref_mut() else {
+                return;
+            };
+            if let Some(keys) = keys {
+                let m = all.entry(self.namespace.to_string()).or_default();
                 if let Some(p) = d.policy {
                     m.insert(keys.0.clone(), p.into());
                 }
                 let result = if d.allowed { "allowed" } else { "denied" };
                 m.insert(keys.1.clone(), result.into());
+            }
+            // An enforced LOG engine tells access logs whether a policy matched.
+            if let Some(hint) = log_hint {
+                all.entry("envoy.common".to_string())
+                    .or_default()
+                    .insert("access_log_hint".into(), hint.into());
             }
         };
         if let Some(s) = shadow {
@@ -524,7 +541,7 @@ impl Rules {
             } else {
                 self.stats.shadow_denied.inc();
             }
-            record(&self.shadow_keys, &d);
+            record(Some(&self.shadow_keys), &d, None);
         }
         let Some(e) = enforced else {
             return (true, "");
@@ -535,7 +552,8 @@ impl Rules {
         } else {
             self.stats.denied.inc();
         }
-        record(&self.enforced_keys, &d);
+        let hint = (e.action == Action::Log).then_some(d.policy.is_some());
+        record(self.enforced_keys.as_ref(), &d, hint);
         (d.allowed, d.details)
     }
 }

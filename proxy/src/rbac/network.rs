@@ -43,11 +43,16 @@ pub fn compile(any: &Any, store: &Store, path: &str) -> Result<Rules, ConfigErro
         shadow,
         stats: RbacStats::new(store, &stat_prefix, "", &shadow_prefix),
         shadow_keys: super::shadow_keys(&shadow_prefix),
-        enforced_keys: super::enforced_keys(""),
+        enforced_keys: None,
+        namespace: "envoy.filters.network.rbac",
     })
 }
 
-/// Whether the connection may go on.
-pub fn allows(rules: &Rules, input: &Input<'_>) -> bool {
-    rules.check(input).0
+/// Whether the connection may go on; the decisions go to the connection's dynamic metadata.
+pub fn allows(
+    rules: &Rules,
+    input: &Input<'_>,
+    metadata: &mut petrel_filters::http_filter::DynamicMetadata,
+) -> bool {
+    rules.check(input, Some(metadata)).0
 }

@@ -132,6 +132,7 @@ struct TcpFacts {
     upstream_local: Option<SocketAddr>,
     upstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
     downstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
+    dynamic_metadata: petrel_filters::http_filter::DynamicMetadata,
     received: Cell<u64>,
     sent: Cell<u64>,
 }
@@ -160,6 +161,7 @@ pub async fn serve(
     let mut facts = TcpFacts::default();
     if let Some(up) = accepted.establish().await {
         facts.downstream_tls = up.tls;
+        facts.dynamic_metadata = up.dynamic_metadata;
         relay(
             up.stream,
             up.initial,
@@ -184,6 +186,7 @@ pub async fn serve(
     v.upstream.local = facts.upstream_local;
     v.upstream.tls = facts.upstream_tls.as_deref();
     v.downstream_tls = facts.downstream_tls.as_deref();
+    v.dynamic_metadata = Some(&facts.dynamic_metadata);
     v.requested_server_name = server_name.as_deref().unwrap_or("");
     crate::observe::access_log::log_all(&cfg.access_logs, &v);
 }
