@@ -33,6 +33,7 @@ const ROOTS: &[&str] = &[
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.Secret",
+    "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig",
     "envoy.extensions.filters.http.rbac.v3.RBAC",
     "envoy.extensions.filters.network.rbac.v3.RBAC",
     "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",

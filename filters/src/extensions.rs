@@ -109,7 +109,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig",
-        Support::Refused(ISSUE_SECURITY),
+        Support::Supported,
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.Secret",

@@ -39,6 +39,36 @@ impl Ca {
     /// A leaf with these SANs (`spiffe://…` become URIs, others DNS names); `expired` puts its
     /// validity in the past.
     pub fn leaf(&self, dir: &Path, name: &str, sans: &[&str], expired: bool) -> Pem {
+        self.sign(dir, name, sans, |params| {
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+        })
+    }
+
+    /// A leaf with the key usages and extended key usages Istio's CA gives a workload (the
+    /// X509-SVID profile: the SPIFFE validator refuses a leaf without key usage).
+    pub fn svid(&self, dir: &Path, name: &str, sans: &[&str]) -> Pem {
+        self.sign(dir, name, sans, |params| {
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::DigitalSignature,
+                rcgen::KeyUsagePurpose::KeyEncipherment,
+            ];
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+        })
+    }
+
+    fn sign(
+        &self,
+        dir: &Path,
+        name: &str,
+        sans: &[&str],
+        customize: impl FnOnce(&mut CertificateParams),
+    ) -> Pem {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, name);
@@ -52,10 +82,7 @@ impl Ca {
                 }
             })
             .collect();
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
+        customize(&mut params);
         let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
         Pem {
             cert: write(dir, &format!("{name}.crt"), &cert.pem()),

@@ -62,7 +62,7 @@ impl ServerCertVerifier for ServerVerifier {
         let v = source
             .current()
             .ok_or_else(|| rustls::Error::General("validation context not available".into()))?;
-        if let Some(roots) = &v.roots {
+        v.verify_peer(end_entity, |roots| {
             let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
             rustls::client::verify_server_cert_signed_by_trust_anchor(
                 &parsed,
@@ -70,11 +70,8 @@ impl ServerCertVerifier for ServerVerifier {
                 intermediates,
                 now,
                 self.provider.signature_verification_algorithms.all,
-            )?;
-        }
-        if !v.san_matches(end_entity) {
-            return Err(super::san_mismatch(end_entity));
-        }
+            )
+        })?;
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -141,7 +138,7 @@ impl ClientTls {
         let session_keys = rest.max_session_keys.take().map_or(1, |v| v.value as usize);
         reject_unhandled(&rest, path)?;
         if let Some(super::context::ValidationSource::Static(v)) = &common.validation {
-            if v.roots.is_none() && !v.sans.is_empty() {
+            if !v.verifies_chain() && !v.sans.is_empty() {
                 return Err(invalid(
                     format!("{path}.common_tls_context.validation_context"),
                     "SAN-based verification of peer certificates without trusted CA is insecure and not allowed",

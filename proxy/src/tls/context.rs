@@ -60,8 +60,9 @@ impl ValidationSource {
                 }
                 let mut v = (*secret).clone();
                 v.sans.extend(default.sans.iter().cloned());
-                if v.roots.is_none() {
+                if !v.verifies_chain() {
                     v.roots.clone_from(&default.roots);
+                    v.spiffe.clone_from(&default.spiffe);
                 }
                 let v = Arc::new(v);
                 merged.store(Some(Arc::new((key, v.clone()))));

@@ -49,21 +49,23 @@ struct PeerVerifier {
 }
 
 impl PeerVerifier {
-    fn current(&self) -> Result<(Arc<Validation>, Arc<dyn ClientCertVerifier>), rustls::Error> {
-        let v = self
-            .common
+    fn validation(&self) -> Result<Arc<Validation>, rustls::Error> {
+        self.common
             .validation
             .as_ref()
             .and_then(|v| v.current())
-            .ok_or_else(|| rustls::Error::General("validation context not available".into()))?;
-        let roots = v
-            .roots
-            .clone()
-            .ok_or_else(|| rustls::Error::General("no trusted CA".into()))?;
+            .ok_or_else(|| rustls::Error::General("validation context not available".into()))
+    }
+
+    /// The chain verifier for these CAs (the last one built is kept).
+    fn chain(
+        &self,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
         let key = Arc::as_ptr(&roots) as usize;
         if let Some(c) = self.chain.load().as_ref() {
             if c.0 == key {
-                return Ok((v, c.1.clone()));
+                return Ok(c.1.clone());
             }
         }
         let mut b =
@@ -75,7 +77,7 @@ impl PeerVerifier {
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         self.chain.store(Some(Arc::new((key, chain.clone()))));
-        Ok((v, chain))
+        Ok(chain)
     }
 }
 
@@ -96,11 +98,11 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let (validation, chain) = self.current()?;
-        chain.verify_client_cert(end_entity, intermediates, now)?;
-        if !validation.san_matches(end_entity) {
-            return Err(super::san_mismatch(end_entity));
-        }
+        self.validation()?.verify_peer(end_entity, |roots| {
+            self.chain(roots.clone())?
+                .verify_client_cert(end_entity, intermediates, now)
+                .map(|_| ())
+        })?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -164,7 +166,7 @@ impl ServerTls {
             .map_err(|e| invalid(path, e.to_string()))?;
         let stats = SslStats::new(store, scope);
         let builder = match &common.validation {
-            Some(ValidationSource::Static(v)) if v.roots.is_none() => {
+            Some(ValidationSource::Static(v)) if !v.verifies_chain() => {
                 return Err(invalid(
                     format!("{path}.common_tls_context.validation_context"),
                     "a validation context without trusted_ca cannot verify client certificates (Petrel needs trusted_ca)",
