@@ -36,6 +36,7 @@ const ROOTS: &[&str] = &[
     "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig",
     "envoy.extensions.filters.http.rbac.v3.RBAC",
     "envoy.extensions.filters.network.rbac.v3.RBAC",
+    "envoy.extensions.filters.network.set_filter_state.v3.Config",
     "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
     "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
@@ -242,7 +243,7 @@ fn strip_file(file: &prost_types::FileDescriptorProto) -> prost_types::FileDescr
 }
 
 /// Files of `proto/istio` whose messages Petrel decodes (the `istio.alpn` filter).
-const ISTIO_SUPPORTED: &[&str] = &["alpn.proto"];
+const ISTIO_SUPPORTED: &[&str] = &["alpn.proto", "authn.proto"];
 
 /// The Istio-only extension messages Istio's configuration carries (`proto/istio`).
 fn istio_protos() -> FileDescriptorSet {

@@ -65,7 +65,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.network.set_filter_state.v3.Config",
-        Support::Refused(ISSUE_XDS),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.set_filter_state.v3.Config",
@@ -135,10 +135,7 @@ pub const TABLE: &[(&str, Support)] = &[
         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
         Support::Supported,
     ),
-    (
-        "io.istio.network.authn.Config",
-        Support::Refused(ISSUE_SECURITY),
-    ),
+    ("io.istio.network.authn.Config", Support::Supported),
     (
         "envoy.extensions.access_loggers.file.v3.FileAccessLog",
         Support::Supported,

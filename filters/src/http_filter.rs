@@ -98,6 +98,8 @@ pub struct StreamInfo<'a> {
     pub peer: Option<PeerCert<'a>>,
     pub scheme: &'a str,
     pub authority: &'a str,
+    /// The connection's filter state.
+    pub filter_state: &'a crate::filter_state::FilterState,
 }
 
 /// ALPN lists to offer upstream instead of the cluster's, by the upstream connection's protocol

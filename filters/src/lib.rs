@@ -5,6 +5,7 @@
 #![allow(deprecated)]
 
 pub mod extensions;
+pub mod filter_state;
 pub mod header_formatter;
 pub mod http;
 pub mod http_filter;

@@ -11,6 +11,7 @@ pub mod listener;
 pub mod local_info;
 pub mod logging;
 pub mod memory;
+pub mod network;
 pub mod observe;
 pub mod rbac;
 pub mod router;

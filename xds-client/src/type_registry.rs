@@ -206,6 +206,16 @@ impl TypeRegistry {
         any.type_url.clone()
     }
 
+    /// A `TypedStruct`'s fields as JSON (None when `any` is not one): for extensions whose
+    /// messages are not in the descriptor set.
+    pub fn typed_struct_value(any: &Any) -> Option<serde_json::Value> {
+        if !TYPED_STRUCT_URLS.contains(&any.type_url.as_str()) {
+            return None;
+        }
+        let ts = TypedStructWire::decode(any.value.as_slice()).ok()?;
+        Some(ts.value.map(struct_to_json).unwrap_or_default())
+    }
+
     fn resolve_typed_struct(&self, any: &Any) -> Result<(String, Vec<u8>), DecodeError> {
         if !TYPED_STRUCT_URLS.contains(&any.type_url.as_str()) {
             return Ok((any.type_url.clone(), any.value.clone()));
@@ -214,7 +224,11 @@ impl TypeRegistry {
             type_url: any.type_url.clone(),
             message: e.to_string(),
         })?;
-        let json = ts.value.map(struct_to_json).unwrap_or_default();
+        // No value is the empty message (Istio's `istio_authn` comes so).
+        let json = ts
+            .value
+            .map(struct_to_json)
+            .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
         let bytes = self.json_to_wire(type_name(&ts.type_url), &json, false)?;
         Ok((ts.type_url, bytes))
     }

@@ -180,6 +180,7 @@ mod tests {
             peer: None,
             scheme: "http",
             authority: "a",
+            filter_state: &Default::default(),
         };
         let mut filter = f.create();
         let mut h = HeaderMap::new();

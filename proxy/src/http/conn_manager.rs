@@ -70,6 +70,8 @@ pub struct ConnInfo {
     pub server_name: Option<Arc<str>>,
     /// The TLS Petrel terminated, when it did.
     pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
+    /// What the network filters set.
+    pub filter_state: Arc<petrel_filters::filter_state::FilterState>,
 }
 
 impl ConnInfo {
@@ -104,8 +106,12 @@ pub async fn serve(
     // Connections still open when the listener's drain time is over are closed.
     tokio::select! {
         _ = async {
-            if let Some(up) = accepted.establish().await {
-                let info = ConnInfo { tls: up.tls, ..info };
+            if let Some(crate::listener::stream::Outcome::Up(up)) = accepted.establish().await {
+                let info = ConnInfo {
+                    tls: up.tls,
+                    filter_state: up.filter_state,
+                    ..info
+                };
                 serve_codec(up.stream, up.initial, info, &hcm, ctx, &drain).await;
             }
         } => {}
@@ -278,6 +284,7 @@ fn with_log(
                 protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
                 tls: info.tls.clone(),
                 server_name: info.requested_server_name().to_string(),
+                filter_state: info.filter_state.clone(),
             },
             response_headers: resp.headers().clone(),
             status: resp.status().as_u16(),
@@ -773,6 +780,7 @@ async fn process(
         }),
         scheme: &scheme,
         authority: &host,
+        filter_state: &info.filter_state,
     };
     let mut chain: Vec<Box<dyn HttpFilter>> = hcm.filters.iter().map(|f| f.create()).collect();
     let end_stream = http_body::Body::is_end_stream(req.body());

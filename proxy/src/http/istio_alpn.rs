@@ -23,6 +23,11 @@ struct FilterConfig {
     alpn_override: Vec<AlpnOverride>,
 }
 
+impl prost::Name for FilterConfig {
+    const NAME: &'static str = "FilterConfig";
+    const PACKAGE: &'static str = "istio.envoy.config.filter.http.alpn.v2alpha1";
+}
+
 #[derive(Clone, PartialEq, Message)]
 struct AlpnOverride {
     /// HTTP10 = 0, HTTP11 = 1, HTTP2 = 2.
@@ -40,7 +45,9 @@ pub struct Factory {
 
 impl Factory {
     pub fn compile(name: &str, any: &Any, path: &str) -> Result<Factory, ConfigError> {
-        let cfg = FilterConfig::decode(any.value.as_slice())
+        // Through the registry, so a `TypedStruct` form decodes too.
+        let cfg: FilterConfig = xds_client::TypeRegistry::global()
+            .unpack(any)
             .map_err(|e| invalid(path, format!("cannot decode istio.alpn config: {e}")))?;
         let mut alpn = UpstreamAlpn::default();
         for (i, o) in cfg.alpn_override.iter().enumerate() {

@@ -101,6 +101,7 @@ pub struct StreamOrigin {
     pub protocol: &'static str,
     pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
     pub server_name: String,
+    pub filter_state: Arc<petrel_filters::filter_state::FilterState>,
 }
 
 /// The access log still to be written for a stream.
@@ -222,6 +223,7 @@ fn write(log: &PendingLog, flags: &str, sent: u64) {
     v.downstream_tls = o.tls.as_deref();
     v.requested_server_name = &o.server_name;
     v.dynamic_metadata = Some(&f.dynamic_metadata);
+    v.filter_state = Some(&o.filter_state);
     v.route_name = f.route_name.as_deref().unwrap_or("");
     v.bytes_received = f.received.load(Ordering::Relaxed);
     v.bytes_sent = sent;

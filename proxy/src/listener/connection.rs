@@ -145,7 +145,7 @@ async fn serve(
         tcp: stream,
         initial,
         tls: target.tls.map(|t| (t, target.handshake_timeout)),
-        rbac: target.network_rbac,
+        filters: target.network_filters,
         facts: (remote, d.local, d.server_name.as_deref().map(Arc::from)),
     };
     match target.terminal {
@@ -156,6 +156,7 @@ async fn serve(
                 original_dst,
                 server_name: d.server_name.as_deref().map(Arc::from),
                 tls: None,
+                filter_state: Default::default(),
             };
             conn_manager::serve(accepted, info, hcm, ctx, l.drain.for_connection()).await
         }

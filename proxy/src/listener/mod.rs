@@ -157,8 +157,8 @@ pub struct ChainTarget {
     pub tls: Option<Arc<crate::tls::server::ServerTls>>,
     /// `transport_socket_connect_timeout`: how long the TLS handshake may take.
     pub handshake_timeout: Option<std::time::Duration>,
-    /// `envoy.filters.network.rbac` filters ahead of the terminal one.
-    pub network_rbac: Vec<Arc<crate::rbac::Rules>>,
+    /// The network filters ahead of the terminal one.
+    pub network_filters: Arc<[crate::network::NetworkFilter]>,
     pub terminal: Terminal,
 }
 
@@ -235,8 +235,8 @@ fn compile_chain(
         None => None,
     };
     reject_unhandled(&fc_rest, fcp)?;
-    // The last filter is the terminal one; Petrel has no other network filters yet, so each is
-    // refused by name with the issue that brings it.
+    // The last filter is the terminal one; the others Petrel lacks are refused by name with the
+    // issue that brings them.
     let Some((last, others)) = filters.split_last() else {
         return Err(invalid(
             format!("{fcp}.filters"),
@@ -252,15 +252,16 @@ fn compile_chain(
             "typed_config is required",
         )),
     };
-    let mut network_rbac = Vec::new();
+    let mut network_filters = Vec::new();
     for (i, f) in others.iter().enumerate() {
         let (url, any) = url_of(f, i)?;
-        if url == crate::rbac::network::TYPE_URL {
-            network_rbac.push(Arc::new(crate::rbac::network::compile(
-                &any,
-                store,
-                &format!("{fcp}.filters[{i}].typed_config"),
-            )?));
+        if let Some(filter) = crate::network::compile(
+            &url,
+            &any,
+            store,
+            &format!("{fcp}.filters[{i}].typed_config"),
+        )? {
+            network_filters.push(filter);
             continue;
         }
         return Err(ConfigError::UnsupportedExtension {
@@ -305,7 +306,7 @@ fn compile_chain(
         ChainTarget {
             tls,
             handshake_timeout,
-            network_rbac,
+            network_filters: network_filters.into(),
             terminal,
         },
     ))

@@ -58,6 +58,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+use petrel_filters::filter_state::FilterState;
+
 pub type TlsStream = tokio_rustls::server::TlsStream<Prefixed<TcpStream>>;
 
 /// A connection a filter chain took, before its transport socket is up. The terminal filter
@@ -72,8 +74,8 @@ pub struct Accepted {
         std::sync::Arc<crate::tls::server::ServerTls>,
         Option<std::time::Duration>,
     )>,
-    /// The chain's network RBAC filters, run once the transport socket is up.
-    pub rbac: Vec<std::sync::Arc<crate::rbac::Rules>>,
+    /// The chain's network filters ahead of the terminal one.
+    pub filters: std::sync::Arc<[crate::network::NetworkFilter]>,
     /// `(remote, local, SNI)` for them.
     pub facts: (
         std::net::SocketAddr,
@@ -87,64 +89,81 @@ impl Accepted {
         self.tls.is_some()
     }
 
-    /// The connection with its transport socket up, or None when the handshake failed (counted
-    /// in the listener's `ssl.*`) or timed out.
-    pub async fn establish(self) -> Option<Established> {
-        let (rbac, facts) = (self.rbac, self.facts);
-        let up = match self.tls {
-            None => Established {
-                stream: Downstream::Tcp(self.tcp),
-                initial: self.initial,
-                tls: None,
-                dynamic_metadata: Default::default(),
-            },
+    /// The connection with its transport socket up and its network filters run: `Up`,
+    /// `Denied` by an RBAC filter (what the filters wrote is still there for the access log),
+    /// or None when the handshake failed (counted in the listener's `ssl.*`) or timed out.
+    pub async fn establish(self) -> Option<Outcome> {
+        let (filters, facts) = (self.filters, self.facts);
+        let mut conn = crate::network::Connection {
+            remote: facts.0,
+            local: facts.1,
+            requested_server_name: facts.2.as_deref().unwrap_or(""),
+            start_time: std::time::SystemTime::now(),
+            tls: None,
+        };
+        let mut filter_state = FilterState::default();
+        crate::network::on_new_connection(&filters, &conn, &mut filter_state);
+        let (stream, initial, tls) = match self.tls {
+            None => (Downstream::Tcp(self.tcp), self.initial, None),
             Some((tls, timeout)) => {
                 let handshake = tls.accept(self.tcp, self.initial.freeze());
                 let (s, info) = match timeout {
                     Some(t) => tokio::time::timeout(t, handshake).await.ok()?.ok()?,
                     None => handshake.await.ok()?,
                 };
-                Established {
-                    stream: Downstream::Tls(Box::new(s)),
-                    initial: bytes::BytesMut::new(),
-                    tls: Some(info),
-                    dynamic_metadata: Default::default(),
-                }
+                (
+                    Downstream::Tls(Box::new(s)),
+                    bytes::BytesMut::new(),
+                    Some(info),
+                )
             }
         };
-        if !rbac.is_empty() {
-            let peer = up.tls.as_ref().and_then(|t| t.peer.as_ref());
+        conn.tls = tls.as_deref();
+        crate::network::on_connected(&filters, &conn, &mut filter_state);
+        let mut dynamic_metadata = petrel_filters::http_filter::DynamicMetadata::new();
+        let mut rbac = crate::network::rbac(&filters).peekable();
+        let mut allowed = true;
+        if rbac.peek().is_some() {
+            let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
             let input = crate::rbac::Input {
                 headers: None,
                 method: "",
                 path: "",
                 authority: "",
                 scheme: "",
-                direct_remote: facts.0,
-                remote: facts.0,
-                local: facts.1,
-                requested_server_name: facts.2.as_deref().unwrap_or(""),
+                direct_remote: conn.remote,
+                remote: conn.remote,
+                local: conn.local,
+                requested_server_name: conn.requested_server_name,
                 peer: peer.map(|p| crate::rbac::Peer {
                     uri_sans: &p.uri_sans,
                     dns_sans: &p.dns_sans,
                     subject: &p.subject,
                 }),
+                filter_state: &filter_state,
             };
-            // A denied connection is closed.
-            let mut metadata = petrel_filters::http_filter::DynamicMetadata::new();
-            let allowed = rbac
-                .iter()
-                .all(|r| crate::rbac::network::allows(r, &input, &mut metadata));
-            if !allowed {
-                return None;
-            }
-            return Some(Established {
-                dynamic_metadata: metadata,
-                ..up
-            });
+            allowed = rbac.all(|r| crate::rbac::network::allows(r, &input, &mut dynamic_metadata));
         }
-        Some(up)
+        let up = Established {
+            stream,
+            initial,
+            tls,
+            dynamic_metadata,
+            filter_state: std::sync::Arc::new(filter_state),
+        };
+        Some(if allowed {
+            Outcome::Up(up)
+        } else {
+            Outcome::Denied(up)
+        })
     }
+}
+
+/// How establishing a connection ended.
+pub enum Outcome {
+    Up(Established),
+    /// A network RBAC filter denied it: it is closed.
+    Denied(Established),
 }
 
 /// A connection whose transport socket is up.
@@ -155,6 +174,8 @@ pub struct Established {
     pub tls: Option<std::sync::Arc<crate::tls::info::TlsInfo>>,
     /// What the network filters wrote (the network RBAC decisions).
     pub dynamic_metadata: petrel_filters::http_filter::DynamicMetadata,
+    /// What the network filters set (`set_filter_state`, `istio_authn`).
+    pub filter_state: std::sync::Arc<FilterState>,
 }
 
 /// A downstream connection.

@@ -66,6 +66,8 @@ pub struct StreamValues<'a> {
     /// The downstream connection's TLS, when Petrel terminated it.
     pub downstream_tls: Option<&'a crate::tls::info::TlsInfo>,
     pub dynamic_metadata: Option<&'a petrel_filters::http_filter::DynamicMetadata>,
+    /// The connection's filter state.
+    pub filter_state: Option<&'a petrel_filters::filter_state::FilterState>,
 }
 
 impl<'a> StreamValues<'a> {
@@ -95,6 +97,7 @@ impl<'a> StreamValues<'a> {
             connection_id: 0,
             downstream_tls: None,
             dynamic_metadata: None,
+            filter_state: None,
         }
     }
 }
@@ -176,9 +179,13 @@ enum Op {
         namespace: String,
         path: Vec<String>,
     },
-    /// Filter state: no filter Petrel runs writes any, so the value is absent (Envoy prints `-`
-    /// for absent keys).
-    StreamState,
+    /// `FILTER_STATE(key[:PLAIN|:TYPED])`: an object's string form (PLAIN) or its proto form
+    /// as JSON (TYPED, the default).
+    FilterState {
+        key: String,
+        plain: bool,
+        max: Option<usize>,
+    },
 }
 
 /// `%START_TIME(...)%`'s strftime subset, compiled.
@@ -456,6 +463,15 @@ fn address_op(name: &str) -> Option<Op> {
 enum Value<'v> {
     Str(std::borrow::Cow<'v, str>),
     Num(u64),
+    /// A typed filter state object: JSON text in a text format, itself in a JSON one.
+    Json(&'v serde_json::Value),
+}
+
+fn unsupported_operator(name: &str, path: &str) -> ConfigError {
+    invalid(
+        path,
+        format!("Not supported field in StreamInfo: {name} (command operator not supported by Petrel yet)"),
+    )
 }
 
 impl TextFormat {
@@ -535,10 +551,34 @@ impl TextFormat {
                     path: parts.collect(),
                 }
             }
-            ("FILTER_STATE", Some(_)) => Op::StreamState,
-            (n, None) if tls_op(n).is_some() => tls_op(n).unwrap_or(Op::StreamState),
-            (n, None) if address_op(n).is_some() => address_op(n).unwrap_or(Op::StreamState),
-            _ => return Err(invalid(path, format!("Not supported field in StreamInfo: {name} (command operator not supported by Petrel yet)"))),
+            ("FILTER_STATE", Some(a)) => {
+                let (key, kind) = a.split_once(':').unwrap_or((a, ""));
+                let plain =
+                    match kind {
+                        "PLAIN" => true,
+                        "" | "TYPED" => false,
+                        k if k.starts_with("FIELD") || k.contains(':') => {
+                            return Err(ConfigError::Unsupported {
+                                path: path.into(),
+                                fields: format!("'%FILTER_STATE({a})%' (the FIELD form)"),
+                            })
+                        }
+                        _ => return Err(invalid(
+                            path,
+                            "Invalid filter state serialize type, only support PLAIN/TYPED/FIELD.",
+                        )),
+                    };
+                Op::FilterState {
+                    key: key.to_string(),
+                    plain,
+                    max,
+                }
+            }
+            (n, None) => match tls_op(n).or_else(|| address_op(n)) {
+                Some(op) => op,
+                None => return Err(unsupported_operator(name, path)),
+            },
+            _ => return Err(unsupported_operator(name, path)),
         })
     }
 
@@ -692,7 +732,14 @@ impl TextFormat {
                     other => Cow::Owned(other.to_string()),
                 }))
             }
-            Op::StreamState => None,
+            Op::FilterState { key, plain, max } => {
+                let o = v.filter_state?.get(key)?;
+                if *plain {
+                    Some(Value::Str(Self::truncate(Cow::Borrowed(&o.plain), max)))
+                } else {
+                    o.proto.as_ref().map(Value::Json)
+                }
+            }
         }
     }
 
@@ -724,13 +771,22 @@ impl TextFormat {
 
     /// Appends the formatted text to `out`.
     pub fn write(&self, v: &StreamValues<'_>, out: &mut String) {
+        self.write_missing_as(v, out, "-");
+    }
+
+    /// Appends the formatted text, an absent value written as `missing` (`-`, or nothing under
+    /// `omit_empty_values`).
+    fn write_missing_as(&self, v: &StreamValues<'_>, out: &mut String, missing: &str) {
         for op in &self.ops {
             match Self::op_value(op, v) {
                 Some(Value::Str(s)) => out.push_str(&s),
                 Some(Value::Num(n)) => {
                     let _ = write!(out, "{n}");
                 }
-                None => out.push('-'),
+                Some(Value::Json(j)) => {
+                    let _ = write!(out, "{j}");
+                }
+                None => out.push_str(missing),
             }
         }
     }
@@ -747,6 +803,7 @@ impl TextFormat {
             [op] if !matches!(op, Op::Literal(_)) => match Self::op_value(op, v) {
                 Some(Value::Str(s)) => serde_json::Value::String(s.into_owned()),
                 Some(Value::Num(n)) => serde_json::Value::from(n),
+                Some(Value::Json(j)) => j.clone(),
                 None => serde_json::Value::Null,
             },
             _ => serde_json::Value::String(self.format(v)),
@@ -930,7 +987,11 @@ impl SubstitutionFormat {
     pub fn render(&self, v: &StreamValues<'_>) -> (String, String) {
         match &self.kind {
             Kind::Text(t) => (
-                t.format(v),
+                {
+                    let mut out = String::new();
+                    t.write_missing_as(v, &mut out, if self.omit_empty_values { "" } else { "-" });
+                    out
+                },
                 self.content_type
                     .clone()
                     .unwrap_or_else(|| "text/plain".into()),

@@ -142,6 +142,7 @@ impl HttpFilter for Filter {
                 dns_sans: p.dns_sans,
                 subject: p.subject,
             }),
+            filter_state: info.filter_state,
         };
         let (enforced, shadow) = match per_route {
             Some(p) => (p.enforced.as_ref(), p.shadow.as_ref()),

@@ -44,6 +44,8 @@ pub struct Input<'a> {
     pub requested_server_name: &'a str,
     /// The client certificate of an mTLS connection.
     pub peer: Option<Peer<'a>>,
+    /// The connection's filter state.
+    pub filter_state: &'a petrel_filters::filter_state::FilterState,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -87,9 +89,12 @@ enum Id {
     Metadata {
         invert: bool,
     },
-    /// Filter state (Istio's `io.istio.peer_principal`, set by its HBONE filters): no filter
-    /// Petrel runs sets any, so it never matches.
-    FilterState,
+    /// An object's string form (Istio's `io.istio.peer_principal`, set by `istio_authn`); an
+    /// absent object does not match.
+    FilterState {
+        key: String,
+        matcher: StringMatcher,
+    },
 }
 
 #[derive(Debug)]
@@ -257,9 +262,9 @@ fn compile_id(p: &Principal, path: &str) -> Result<Id, ConfigError> {
                     "value length must be at least 1 characters",
                 ));
             }
-            match &f.matcher {
+            let matcher = match &f.matcher {
                 Some(Matcher::StringMatch(m)) => {
-                    StringMatcher::from_proto(m, &format!("{fp}.string_match")).map_err(err)?;
+                    StringMatcher::from_proto(m, &format!("{fp}.string_match")).map_err(err)?
                 }
                 _ => {
                     return Err(ConfigError::Unsupported {
@@ -267,8 +272,11 @@ fn compile_id(p: &Principal, path: &str) -> Result<Id, ConfigError> {
                         fields: "a filter_state matcher other than string_match".into(),
                     })
                 }
+            };
+            Id::FilterState {
+                key: f.key.clone(),
+                matcher,
             }
-            Id::FilterState
         }
         Some(other) => {
             let name = format!("{other:?}");
@@ -345,7 +353,10 @@ impl Id {
             Id::Header(h) => i.headers.is_some() && h.matches(header_value(i, &h.name).as_deref()),
             Id::UrlPath(m) => path_only(i).is_some_and(|p| m.matches(p)),
             Id::Metadata { invert } => *invert,
-            Id::FilterState => false,
+            Id::FilterState { key, matcher } => i
+                .filter_state
+                .get(key)
+                .is_some_and(|o| matcher.matches(&o.plain)),
         }
     }
 }
@@ -570,6 +581,9 @@ mod tests {
         Engine::compile(&r, "rules").unwrap()
     }
 
+    static EMPTY_STATE: std::sync::LazyLock<petrel_filters::filter_state::FilterState> =
+        std::sync::LazyLock::new(Default::default);
+
     fn input<'a>(peer: Option<Peer<'a>>) -> Input<'a> {
         let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
         Input {
@@ -583,6 +597,7 @@ mod tests {
             local: "10.0.0.2:8080".parse().unwrap(),
             requested_server_name: "",
             peer,
+            filter_state: &EMPTY_STATE,
         }
     }
 

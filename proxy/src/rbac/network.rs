@@ -31,6 +31,12 @@ pub fn compile(any: &Any, store: &Store, path: &str) -> Result<Rules, ConfigErro
             fields: "'enforcement_type: CONTINUOUS'".into(),
         });
     }
+    // Envoy joins the prefix and `rbac.` with a dot (a prefix ending in one gets no second).
+    let stat_prefix = if stat_prefix.ends_with('.') {
+        stat_prefix
+    } else {
+        format!("{stat_prefix}.")
+    };
     let (enforced, shadow) = super::engines(
         rest.rules.take().as_ref(),
         rest.shadow_rules.take().as_ref(),

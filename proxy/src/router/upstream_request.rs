@@ -717,7 +717,10 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             upstream_h2,
             up_req,
             Some(&attached),
-            alpn.clone(),
+            crate::upstream::pool::PoolApart {
+                alpn: alpn.clone(),
+                filter_state: f.info.filter_state.upstream_key(),
+            },
         );
         let sent = async {
             attached.notified().await;
@@ -1007,7 +1010,7 @@ async fn shadow(s: Shadow) {
         let sent = s
             .ctx
             .upstreams
-            .send(cluster, &host, h2, req, None, None)
+            .send(cluster, &host, h2, req, None, Default::default())
             .await;
         cluster.stats.upstream_rq_active.dec();
         match sent {

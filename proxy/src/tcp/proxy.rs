@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::listener::stream::{Accepted, Downstream};
+use crate::listener::stream::{Accepted, Downstream, Outcome};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xds_client::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
@@ -133,6 +133,7 @@ struct TcpFacts {
     upstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
     downstream_tls: Option<Arc<crate::tls::info::TlsInfo>>,
     dynamic_metadata: petrel_filters::http_filter::DynamicMetadata,
+    filter_state: Arc<petrel_filters::filter_state::FilterState>,
     received: Cell<u64>,
     sent: Cell<u64>,
 }
@@ -159,19 +160,27 @@ pub async fn serve(
         (unknown, unknown)
     };
     let mut facts = TcpFacts::default();
-    if let Some(up) = accepted.establish().await {
+    let (up, allowed) = match accepted.establish().await {
+        Some(Outcome::Up(up)) => (Some(up), true),
+        Some(Outcome::Denied(up)) => (Some(up), false),
+        None => (None, false),
+    };
+    if let Some(up) = up {
         facts.downstream_tls = up.tls;
         facts.dynamic_metadata = up.dynamic_metadata;
-        relay(
-            up.stream,
-            up.initial,
-            original_dst,
-            &cfg,
-            ctx,
-            drain,
-            &mut facts,
-        )
-        .await;
+        facts.filter_state = up.filter_state;
+        if allowed {
+            relay(
+                up.stream,
+                up.initial,
+                original_dst,
+                &cfg,
+                ctx,
+                drain,
+                &mut facts,
+            )
+            .await;
+        }
     }
     if !logged {
         return;
@@ -187,6 +196,7 @@ pub async fn serve(
     v.upstream.tls = facts.upstream_tls.as_deref();
     v.downstream_tls = facts.downstream_tls.as_deref();
     v.dynamic_metadata = Some(&facts.dynamic_metadata);
+    v.filter_state = Some(&facts.filter_state);
     v.requested_server_name = server_name.as_deref().unwrap_or("");
     crate::observe::access_log::log_all(&cfg.access_logs, &v);
 }

@@ -264,9 +264,17 @@ fn overflowed(cluster: &Cluster) -> ResetReason {
     ResetReason::Overflow
 }
 
-/// A pool's key: host address and protocol (true: HTTP/2).
-/// Host, HTTP/2 or not, and the ALPN override its connections offer (`istio.alpn`).
-type PoolKey = (HostAddress, bool, Option<Arc<[Vec<u8>]>>);
+/// A pool's key: host, HTTP/2 or not, and what keeps a stream's connections apart.
+type PoolKey = (HostAddress, bool, PoolApart);
+
+/// What a stream brings that its upstream connections must match (Envoy's pool hash).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PoolApart {
+    /// The ALPN override the connections offer (`istio.alpn`).
+    pub alpn: Option<Arc<[Vec<u8>]>>,
+    /// The filter state objects shared with upstream (`istio_authn`'s principals, …).
+    pub filter_state: Option<u64>,
+}
 
 /// One cluster's pools.
 type ClusterPools = HashMap<PoolKey, Rc<HostPool>>;
@@ -367,9 +375,10 @@ impl WorkerUpstreams {
         cluster: &Cluster,
         addr: &HostAddress,
         h2: bool,
-        alpn: Option<Arc<[Vec<u8>]>>,
+        apart: PoolApart,
     ) -> Option<Rc<HostPool>> {
-        let key = (addr.clone(), h2, alpn.clone());
+        let alpn = apart.alpn.clone();
+        let key = (addr.clone(), h2, apart);
         if let Some(p) = self
             .pools
             .borrow()
@@ -429,14 +438,16 @@ impl WorkerUpstreams {
         h2: bool,
         req: Request<UpstreamBody>,
         attached: Option<&tokio::sync::Notify>,
-        alpn: Option<Arc<[Vec<u8>]>>,
+        mut apart: PoolApart,
     ) -> Result<Response<PooledBody>, ResetReason> {
         if !cluster.resources.requests.can_create() {
             return Err(overflowed(cluster));
         }
-        // An override only matters to TLS connections: plaintext hosts share one pool.
-        let alpn = alpn.filter(|_| cluster.transport.for_host(host).is_some());
-        let Some(pool) = self.pool(cluster, &host.address, h2, alpn) else {
+        // An ALPN override only matters to TLS connections: plaintext hosts share one pool.
+        if cluster.transport.for_host(host).is_none() {
+            apart.alpn = None;
+        }
+        let Some(pool) = self.pool(cluster, &host.address, h2, apart) else {
             return Err(ResetReason::Overflow);
         };
         if h2 {
