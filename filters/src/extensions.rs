@@ -187,19 +187,19 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.compressor.v3.Compressor",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
     ),
     (
         "envoy.extensions.compression.gzip.compressor.v3.Gzip",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
     ),
     (
         "envoy.extensions.compression.brotli.compressor.v3.Brotli",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
     ),
     (
         "envoy.extensions.compression.zstd.compressor.v3.Zstd",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
     ),
     (
         "envoy.extensions.filters.http.wasm.v3.Wasm",

@@ -134,6 +134,14 @@ pub struct ResponseHead<'a> {
     pub status: &'a mut StatusCode,
     pub headers: &'a mut HeaderMap,
     pub info: &'a StreamInfo<'a>,
+    /// The response has no body.
+    pub end_stream: bool,
+}
+
+/// Rewrites a response body chunk by chunk (a compressor): what `encodeData` does to it.
+pub trait BodyEncoder: Send {
+    /// The bytes to send for this chunk; `end_stream` on the last (possibly empty) one.
+    fn encode(&mut self, data: Bytes, end_stream: bool) -> Bytes;
 }
 
 /// One stream's instance of a filter (created per request by its factory, on one worker).
@@ -150,6 +158,10 @@ pub trait HttpFilter {
     }
     /// A limit on the response body's throughput (the fault filter's response rate limit).
     fn response_bytes_per_second(&self) -> Option<u64> {
+        None
+    }
+    /// After `encode_headers`: what rewrites the response body, when this filter does.
+    fn response_body_encoder(&mut self) -> Option<Box<dyn BodyEncoder>> {
         None
     }
 }

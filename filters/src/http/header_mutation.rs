@@ -209,6 +209,7 @@ mod tests {
             status: &mut status,
             headers: &mut rh,
             info: &info,
+            end_stream: false,
         });
         assert_eq!(rh["x-seen"], "v");
     }

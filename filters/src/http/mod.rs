@@ -1,5 +1,6 @@
 //! HTTP filters, one module per Envoy extension, and the factory registry keyed by type URL.
 
+pub mod compressor;
 pub mod cors;
 pub mod fault;
 pub mod header_mutation;

@@ -378,7 +378,7 @@ pub fn local_response(
     let (status, headers, body) = if form.grpc {
         reply.render_grpc()
     } else {
-        reply.render(form.h2)
+        reply.render()
     };
     let mut resp = Response::new(Either::Left(Full::new(body)));
     *resp.status_mut() = status;
@@ -443,7 +443,18 @@ pub async fn handle(
         let received = f.received.clone();
         (req.map(|b| b.counted(received)), Some(RefCell::new(f)))
     };
-    let resp = process(req, hcm, ctx, info, start, start_time, facts.as_ref()).await;
+    let mut encoders = Vec::new();
+    let resp = process(
+        req,
+        hcm,
+        ctx,
+        info,
+        start,
+        start_time,
+        facts.as_ref(),
+        &mut encoders,
+    )
+    .await;
     let status = resp.status().as_u16();
     stats.response_class(status);
     hcm.listener_stats.response_class(status);
@@ -451,7 +462,9 @@ pub async fn handle(
     hcm.listener_stats.downstream_rq_completed.inc();
     stats.downstream_rq_active.dec();
     let facts = facts.map(RefCell::into_inner);
-    with_log(hcm, resp, facts, info, start, start_time, h2)
+    let mut resp = with_log(hcm, resp, facts, info, start, start_time, h2);
+    resp.body_mut().encode_with(encoders);
+    resp
 }
 
 /// A local reply to a request that ends before routing; the access log keeps its headers.
@@ -469,6 +482,8 @@ fn early_reply(
     resp
 }
 
+/// `encoders`: what the encoder filters ask to do to the response body, in encoding order.
+#[allow(clippy::too_many_arguments)]
 async fn process(
     mut req: Request<RequestBody>,
     hcm: &HcmConfig,
@@ -477,6 +492,7 @@ async fn process(
     start: Instant,
     start_time: SystemTime,
     facts: Option<&RefCell<StreamFacts>>,
+    encoders: &mut Vec<Box<dyn petrel_filters::http_filter::BodyEncoder>>,
 ) -> Response<ResponseBody> {
     let h2 = req.version() == http::Version::HTTP_2;
     let mut form = ReplyForm {
@@ -867,12 +883,15 @@ async fn process(
                 .await
         }
     };
+    // A response to HEAD has no body whatever the upstream's headers say.
+    let end_stream = http_body::Body::is_end_stream(resp.body()) || method == http::Method::HEAD;
     for filter in chain.iter_mut().rev() {
         let mut status = resp.status();
         let mut head = ResponseHead {
             status: &mut status,
             headers: resp.headers_mut(),
             info: &stream_info,
+            end_stream,
         };
         if let FilterStatus::LocalReply(r) = filter.encode_headers(&mut head) {
             resp = local_response(hcm, &LocalReply::from(*r), form, None);
@@ -880,6 +899,12 @@ async fn process(
         }
         *resp.status_mut() = status;
     }
+    encoders.extend(
+        chain
+            .iter_mut()
+            .rev()
+            .filter_map(|f| f.response_body_encoder()),
+    );
     if let Some(bps) = chain
         .iter()
         .filter_map(|f| f.response_bytes_per_second())

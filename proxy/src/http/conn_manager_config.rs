@@ -225,6 +225,22 @@ pub fn compile(
     let mut filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
     let filters_pb = std::mem::take(&mut rest.http_filters);
     let mut saw_router = false;
+    // The chain's compressors choose an encoding together: each needs all of them.
+    let mut compressors = Vec::new();
+    for (i, f) in filters_pb.iter().enumerate() {
+        if let Some(xds_client::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a)) = &f.config_type {
+            if TypeRegistry::effective_type_url(a) == petrel_filters::http::compressor::TYPE_URL {
+                compressors.push(Arc::new(petrel_filters::http::compressor::Config::compile(
+                    a,
+                    &format!("{path}.http_filters[{i}].typed_config"),
+                    store,
+                    &format!("http.{stat_prefix}."),
+                )?));
+            }
+        }
+    }
+    let compressor_chain: Arc<[_]> = compressors.clone().into();
+    let mut compressors = compressors.into_iter();
     for (i, f) in filters_pb.iter().enumerate() {
         let fp = format!("{path}.http_filters[{i}]");
         if saw_router {
@@ -239,6 +255,16 @@ pub fn compile(
             let r: Router = TypeRegistry::global().unpack(&any)?;
             reject_unhandled(&r, &format!("{fp}.typed_config"))?;
             saw_router = true;
+            continue;
+        }
+        if url == petrel_filters::http::compressor::TYPE_URL {
+            if let Some(config) = compressors.next() {
+                filters.push(Arc::new(petrel_filters::http::compressor::Factory::new(
+                    &f.name,
+                    config,
+                    compressor_chain.clone(),
+                )));
+            }
             continue;
         }
         if url == super::istio_alpn::TYPE_URL {

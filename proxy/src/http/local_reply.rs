@@ -158,15 +158,16 @@ impl LocalReply {
         r
     }
 
-    /// The body and headers as they go on the wire: a non-empty body gets `text/plain` unless the
-    /// reply already names a content type; an empty one gets `content-length: 0` on HTTP/1.1 and
-    /// no length at all on HTTP/2, as Envoy writes them.
-    pub fn render(&self, h2: bool) -> (StatusCode, HeaderMap, Bytes) {
+    /// The body and headers as the encoder filters see them: a non-empty body gets its length
+    /// and `text/plain` unless the reply already names a content type; an empty one gets no
+    /// length (the HTTP/1.1 codec writes `content-length: 0` except on 204 and 304, HTTP/2
+    /// none), as Envoy's local replies.
+    pub fn render(&self) -> (StatusCode, HeaderMap, Bytes) {
         let mut h = self.headers.clone();
-        if !self.body.is_empty() && !h.contains_key(CONTENT_TYPE) {
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        }
-        if !(h2 && self.body.is_empty()) {
+        if !self.body.is_empty() {
+            if !h.contains_key(CONTENT_TYPE) {
+                h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
             h.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
         }
         (self.status, h, self.body.clone())
@@ -253,13 +254,15 @@ mod tests {
 
     #[test]
     fn envoy_bodies() {
-        let (s, h, b) = LocalReply::no_healthy_upstream().render(false);
+        let (s, h, b) = LocalReply::no_healthy_upstream().render();
         assert_eq!(s, 503);
         assert_eq!(&b[..], b"no healthy upstream");
         assert_eq!(h[CONTENT_TYPE], "text/plain");
-        let (s, h, b) = LocalReply::route_not_found().render(false);
+        assert_eq!(h[CONTENT_LENGTH], "19");
+        let (s, h, b) = LocalReply::route_not_found().render();
         assert_eq!((s.as_u16(), b.len()), (404, 0));
-        assert!(!h.contains_key(CONTENT_TYPE));
+        // The codec, not the reply, says an empty body's length.
+        assert!(!h.contains_key(CONTENT_TYPE) && !h.contains_key(CONTENT_LENGTH));
         let r =
             LocalReply::upstream_reset(crate::upstream::pool::ResetReason::ConnectionFailure(111));
         assert_eq!(&r.body[..], b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure");

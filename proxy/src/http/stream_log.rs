@@ -18,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::conn_manager::ResponseBody;
 use crate::observe::access_log::{log_all, AccessLogs};
 use crate::observe::formatter::{RequestLine, StreamValues, UpstreamValues};
+use petrel_filters::http_filter::BodyEncoder;
 
 /// Facts about one stream that the connection manager and the router learn.
 #[derive(Default)]
@@ -114,13 +115,20 @@ pub struct PendingLog {
     pub reply: Option<ReplyFacts>,
 }
 
-/// The downstream response body: the stream's body, and its pending access log.
+/// The downstream response body: the stream's body as the encoder filters rewrite it, and its
+/// pending access log.
 pub struct StreamBody {
     inner: ResponseBody,
     log: Option<Box<PendingLog>>,
     sent: u64,
     ended: bool,
     failed: bool,
+    /// The encoder filters' body rewriters (compressors), in encoding order.
+    encoders: Vec<Box<dyn BodyEncoder>>,
+    /// Trailers held back while the encoders' last bytes go out.
+    held_trailers: Option<Frame<Bytes>>,
+    /// The encoders have had their last chunk.
+    encoders_done: bool,
 }
 
 impl StreamBody {
@@ -131,6 +139,52 @@ impl StreamBody {
             sent: 0,
             ended: false,
             failed: false,
+            encoders: Vec::new(),
+            held_trailers: None,
+            encoders_done: false,
+        }
+    }
+
+    /// Rewrites the body through these encoders (none: passes it as it is).
+    pub fn encode_with(&mut self, encoders: Vec<Box<dyn BodyEncoder>>) {
+        self.encoders = encoders;
+    }
+
+    fn encode(&mut self, data: Bytes, end: bool) -> Bytes {
+        self.encoders_done |= end;
+        self.encoders.iter_mut().fold(data, |d, e| e.encode(d, end))
+    }
+
+    /// The next frame as the encoders make it.
+    fn poll_encoded(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, <ResponseBody as Body>::Error>>> {
+        if self.encoders.is_empty() {
+            return Pin::new(&mut self.inner).poll_frame(cx);
+        }
+        if let Some(t) = self.held_trailers.take() {
+            return Poll::Ready(Some(Ok(t)));
+        }
+        if self.encoders_done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    let end = self.inner.is_end_stream();
+                    Poll::Ready(Some(Ok(Frame::data(self.encode(data, end)))))
+                }
+                Err(trailers) => {
+                    // Trailers end the stream: the encoders finish first.
+                    self.held_trailers = Some(trailers);
+                    Poll::Ready(Some(Ok(Frame::data(self.encode(Bytes::new(), true)))))
+                }
+            },
+            Poll::Ready(None) => {
+                Poll::Ready(Some(Ok(Frame::data(self.encode(Bytes::new(), true)))))
+            }
+            other => other,
         }
     }
 
@@ -148,7 +202,7 @@ impl Body for StreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = this.poll_encoded(cx);
         if this.log.is_some() {
             match &r {
                 Poll::Ready(Some(Ok(f))) => {
@@ -168,11 +222,19 @@ impl Body for StreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        if self.encoders.is_empty() {
+            self.inner.is_end_stream()
+        } else {
+            self.encoders_done && self.held_trailers.is_none()
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.encoders.is_empty() {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
     }
 }
 
