@@ -333,6 +333,20 @@ fn refresh(st: &AdminState) {
         .set(st.started.elapsed().as_secs() as i64);
 }
 
+/// What `stats_config` lets exist: not rejected by `stats_matcher`, and under deferred
+/// creation a cluster's traffic stats only once one of them was used.
+fn existing(st: &AdminState, snap: &crate::observe::stats::StatsSnapshot) -> impl Fn(&str) -> bool {
+    let config = st.current.load().stats_config.clone();
+    let used: std::collections::HashSet<String> = snap
+        .counters
+        .iter()
+        .chain(&snap.gauges)
+        .filter(|(_, _, used)| *used)
+        .filter_map(|(n, _, _)| config.deferred_cluster(n).map(str::to_string))
+        .collect();
+    move |n: &str| config.accepts(n) && config.deferred_cluster(n).is_none_or(|c| used.contains(c))
+}
+
 fn stats(
     st: &AdminState,
     used_only: bool,
@@ -345,8 +359,10 @@ fn stats(
         Err(body) => return text(StatusCode::BAD_REQUEST, body),
     };
     let snap = st.store.snapshot();
-    let keep =
-        |n: &str, used: bool| (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n));
+    let exists = existing(st, &snap);
+    let keep = |n: &str, used: bool| {
+        (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n)) && exists(n)
+    };
     let mut rows: Vec<(String, String, Value)> = Vec::new();
     for (n, v, used) in snap.counters {
         if keep(&n, used) {
@@ -399,8 +415,10 @@ fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Respo
         Err(body) => return text(StatusCode::BAD_REQUEST, body),
     };
     let snap = st.store.snapshot();
-    let body = prometheus::render(&snap, |n, used| {
-        (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n))
+    let exists = existing(st, &snap);
+    let config = st.current.load().stats_config.clone();
+    let body = prometheus::render(&snap, &config.tags, |n, used| {
+        (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n)) && exists(n)
     });
     text(StatusCode::OK, body)
 }

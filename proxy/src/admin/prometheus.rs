@@ -2,61 +2,20 @@
 //! gauges; families sorted by name, `{}` for untagged series).
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
-
-use regex::Regex;
 
 use crate::observe::stats::StatsSnapshot;
+use crate::observe::tag_producer::TagProducer;
 
-/// A tag extractor: a regex whose group 1 is removed from the name and whose group 2 is the
-/// tag's value (Envoy's `TagExtractorImpl` convention).
-struct Extractor {
-    tag: &'static str,
-    re: Regex,
+/// The Prometheus metric name and labels for an Envoy stat name: `envoy_` and the
+/// tag-extracted name, the tags as labels (names and metric sanitized as Envoy does).
+pub fn tagged_name(tags: &TagProducer, stat: &str) -> (String, Vec<(String, String)>) {
+    let (name, tags) = tags.produce(stat);
+    let labels = tags.into_iter().map(|(k, v)| (sanitize(&k), v)).collect();
+    (format!("envoy_{}", sanitize(&name)), labels)
 }
 
-/// Envoy's default extractors that apply to the stats Petrel has, in Envoy's order.
-fn extractors() -> &'static [Extractor] {
-    static E: OnceLock<Vec<Extractor>> = OnceLock::new();
-    E.get_or_init(|| {
-        let x = |tag, re: &str| Extractor {
-            tag,
-            re: Regex::new(re).expect("static regex"),
-        };
-        vec![
-            x("envoy_response_code", r"_rq(_(\d{3}))$"),
-            x("envoy_response_code_class", r"_rq_((\d))xx$"),
-            x(
-                "envoy_http_conn_manager_prefix",
-                r"^listener\..*?\.http\.((.*?)\.)",
-            ),
-            x("envoy_cluster_name", r"^cluster\.(([^.]*)\.)"),
-            x("envoy_http_conn_manager_prefix", r"^http\.(([^.]*)\.)"),
-            x(
-                "envoy_listener_address",
-                r"^listener\.(((?:[_.0-9]*|[_\[\]aAbBcCdDeEfF0-9]*))\.)",
-            ),
-        ]
-    })
-}
-
-/// The Prometheus metric name and tags for an Envoy stat name.
-pub fn tagged_name(stat: &str) -> (String, Vec<(&'static str, String)>) {
-    let mut name = stat.to_string();
-    let mut tags = Vec::new();
-    for e in extractors() {
-        if let Some(c) = e.re.captures(&name) {
-            let (Some(remove), Some(value)) = (c.get(1), c.get(2)) else {
-                continue;
-            };
-            let value = value.as_str().to_string();
-            let range = remove.range();
-            name.replace_range(range, "");
-            tags.push((e.tag, value));
-        }
-    }
-    let sanitized: String = name
-        .chars()
+fn sanitize(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
                 c
@@ -64,8 +23,7 @@ pub fn tagged_name(stat: &str) -> (String, Vec<(&'static str, String)>) {
                 '_'
             }
         })
-        .collect();
-    (format!("envoy_{sanitized}"), tags)
+        .collect()
 }
 
 fn escape(v: &str) -> String {
@@ -74,7 +32,11 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(snap: &StatsSnapshot, keep: impl Fn(&str, bool) -> bool) -> String {
+pub fn render(
+    snap: &StatsSnapshot,
+    producer: &TagProducer,
+    keep: impl Fn(&str, bool) -> bool,
+) -> String {
     let mut out = String::new();
     let counters = snap
         .counters
@@ -93,7 +55,7 @@ pub fn render(snap: &StatsSnapshot, keep: impl Fn(&str, bool) -> bool) -> String
             if !keep(stat, used) {
                 continue;
             }
-            let (name, tags) = tagged_name(stat);
+            let (name, tags) = tagged_name(producer, stat);
             let labels = tags
                 .iter()
                 .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
@@ -121,10 +83,19 @@ pub fn render(snap: &StatsSnapshot, keep: impl Fn(&str, bool) -> bool) -> String
 mod tests {
     use super::*;
 
+    fn tagged(stat: &str) -> (String, Vec<(&'static str, String)>) {
+        let (name, tags) = tagged_name(&TagProducer::default(), stat);
+        let tags = tags
+            .into_iter()
+            .map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v))
+            .collect();
+        (name, tags)
+    }
+
     #[test]
     fn envoy_default_tags() {
         assert_eq!(
-            tagged_name("cluster.up.upstream_rq_2xx"),
+            tagged("cluster.up.upstream_rq_2xx"),
             (
                 "envoy_cluster_upstream_rq_xx".into(),
                 vec![
@@ -134,7 +105,7 @@ mod tests {
             )
         );
         assert_eq!(
-            tagged_name("cluster.up.upstream_rq_503"),
+            tagged("cluster.up.upstream_rq_503"),
             (
                 "envoy_cluster_upstream_rq".into(),
                 vec![
@@ -144,7 +115,7 @@ mod tests {
             )
         );
         assert_eq!(
-            tagged_name("listener.127.0.0.1_19000.http.ingress.downstream_rq_1xx"),
+            tagged("listener.127.0.0.1_19000.http.ingress.downstream_rq_1xx"),
             (
                 "envoy_listener_http_downstream_rq_xx".into(),
                 vec![
@@ -155,12 +126,9 @@ mod tests {
             )
         );
         assert_eq!(
-            tagged_name("listener.admin.downstream_cx_total"),
+            tagged("listener.admin.downstream_cx_total"),
             ("envoy_listener_admin_downstream_cx_total".into(), vec![])
         );
-        assert_eq!(
-            tagged_name("server.live"),
-            ("envoy_server_live".into(), vec![])
-        );
+        assert_eq!(tagged("server.live"), ("envoy_server_live".into(), vec![]));
     }
 }

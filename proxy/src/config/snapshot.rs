@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub cluster_manager: super::cluster_manager::ClusterManagerConfig,
     /// `layered_runtime`.
     pub runtime: super::runtime::Runtime,
+    /// `stats_config` and `deferred_stat_options`: how stats are named, tagged and shown.
+    pub stats_config: Arc<crate::observe::stats_config::StatsConfig>,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -152,6 +154,11 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         Some(d) => super::dynamic::compile(&d, &clusters_pb)?,
         None => None,
     };
+    let stats_config = Arc::new(crate::observe::stats_config::StatsConfig::compile(
+        rest.stats_config.take().as_ref(),
+        rest.deferred_stat_options.take().as_ref(),
+    )?);
+    bootstrap_extensions(&std::mem::take(&mut rest.bootstrap_extensions))?;
     reject_unhandled(&rest, "(bootstrap)")?;
 
     let mut clusters = HashMap::new();
@@ -232,6 +239,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         log_format,
         cluster_manager,
         runtime,
+        stats_config,
     })
 }
 
@@ -265,4 +273,30 @@ fn application_log_format(
         ));
     }
     Ok(Some(text))
+}
+
+/// `bootstrap_extensions`: the internal-listener registry Istio always installs is accepted
+/// (it only enables internal listeners, which Petrel refuses one by one over LDS with #4); any
+/// other extension is refused by name.
+fn bootstrap_extensions(
+    exts: &[xds_client::pb::envoy::config::core::v3::TypedExtensionConfig],
+) -> Result<(), ConfigError> {
+    const INTERNAL_LISTENER: &str =
+        "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener";
+    for (i, e) in exts.iter().enumerate() {
+        let path = format!("bootstrap_extensions[{i}]");
+        let url = e
+            .typed_config
+            .as_ref()
+            .map(xds_client::TypeRegistry::effective_type_url)
+            .unwrap_or_default();
+        if url != INTERNAL_LISTENER {
+            return Err(ConfigError::UnsupportedExtension {
+                path: format!("{path} ('{}')", e.name),
+                why: petrel_filters::extensions::refusal(&url),
+                type_url: url,
+            });
+        }
+    }
+    Ok(())
 }

@@ -97,7 +97,6 @@ pub async fn serve(
 ) {
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
-    hcm.listener_stats.downstream_cx_total.inc();
     let tls = accepted.is_tls();
     if tls {
         hcm.stats.downstream_cx_ssl_total.inc();
@@ -240,7 +239,6 @@ pub fn codec_error_response(
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
     stats.downstream_rq_http1_total.inc();
-    hcm.listener_stats.downstream_rq_total.inc();
     let start_time = SystemTime::now();
     let form = ReplyForm {
         grpc: false,
@@ -425,7 +423,6 @@ pub async fn handle(
     let start_time = SystemTime::now();
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
-    hcm.listener_stats.downstream_rq_total.inc();
     stats.downstream_rq_active.inc();
     let h2 = req.version() == http::Version::HTTP_2;
     if h2 {

@@ -47,6 +47,29 @@ stat_struct!(HcmStats {
     counter rq_redirect,
 });
 
+// The connection manager's per-listener stats (`listener.<address>.http.<prefix>.`): Envoy's
+// `ALL_HTTP_CONN_MAN_LISTENER_STATS`, only these.
+stat_struct!(HcmListenerStats {
+    counter downstream_rq_completed,
+    counter downstream_rq_1xx,
+    counter downstream_rq_2xx,
+    counter downstream_rq_3xx,
+    counter downstream_rq_4xx,
+    counter downstream_rq_5xx,
+});
+
+impl HcmListenerStats {
+    pub fn response_class(&self, status: u16) {
+        match status / 100 {
+            1 => self.downstream_rq_1xx.inc(),
+            2 => self.downstream_rq_2xx.inc(),
+            3 => self.downstream_rq_3xx.inc(),
+            4 => self.downstream_rq_4xx.inc(),
+            _ => self.downstream_rq_5xx.inc(),
+        }
+    }
+}
+
 impl HcmStats {
     pub fn response_class(&self, status: u16) {
         match status / 100 {
@@ -128,7 +151,7 @@ pub struct HcmConfig {
     /// `access_log`: written when each stream ends.
     pub access_logs: crate::observe::access_log::AccessLogs,
     /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
-    pub listener_stats: HcmStats,
+    pub listener_stats: HcmListenerStats,
 }
 
 impl HcmConfig {
@@ -491,7 +514,7 @@ pub fn compile(
     reject_unhandled(&rest, path)?;
     let stats = HcmStats::new(store, &format!("http.{stat_prefix}."));
     let listener_stats =
-        HcmStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
+        HcmListenerStats::new(store, &format!("{listener_stat_prefix}http.{stat_prefix}."));
     Ok(HcmConfig {
         internal_cidrs,
         local_reply,

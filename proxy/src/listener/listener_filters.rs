@@ -179,12 +179,25 @@ impl ListenerFilters {
             None => Some(Duration::from_secs(15)),
         };
         let continue_on_timeout = std::mem::take(&mut rest.continue_on_listener_filters_timeout);
+        // An inspector's stats exist once a listener has it, as Envoy creates them with it.
+        let unlisted = Store::default();
+        let has = |k: Kind| filters.iter().any(|f| f.kind == k);
+        let tls_store = if has(Kind::TlsInspector) {
+            store
+        } else {
+            &unlisted
+        };
+        let http_store = if has(Kind::HttpInspector) {
+            store
+        } else {
+            &unlisted
+        };
         Ok(ListenerFilters {
+            tls_stats: TlsInspectorStats::new(tls_store, "tls_inspector."),
+            http_stats: HttpInspectorStats::new(http_store, "http_inspector."),
             filters,
             timeout,
             continue_on_timeout,
-            tls_stats: TlsInspectorStats::new(store, "tls_inspector."),
-            http_stats: HttpInspectorStats::new(store, "http_inspector."),
         })
     }
 

@@ -3,3 +3,5 @@ pub mod access_log;
 pub mod access_log_filter;
 pub mod formatter;
 pub mod stats;
+pub mod stats_config;
+pub mod tag_producer;

@@ -419,10 +419,10 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if continues {
         // Envoy charges the interim response like any other: 1xx and completed.
-        for s in [&f.hcm.stats, &f.hcm.listener_stats] {
-            s.downstream_rq_1xx.inc();
-            s.downstream_rq_completed.inc();
-        }
+        f.hcm.stats.downstream_rq_1xx.inc();
+        f.hcm.stats.downstream_rq_completed.inc();
+        f.hcm.listener_stats.downstream_rq_1xx.inc();
+        f.hcm.listener_stats.downstream_rq_completed.inc();
     }
     let mut headers = std::mem::take(req.headers_mut());
     if let Some(p) = rewrite_path(

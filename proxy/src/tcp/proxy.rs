@@ -261,6 +261,14 @@ async fn relay(
     host.stats
         .cx_active
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Envoy's TCP pool counts the proxied connection as a request on its upstream connection.
+    stats.upstream_rq_total.inc();
+    stats.upstream_rq_active.inc();
+    host.stats
+        .rq_total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    host.active_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let activity = Rc::new(Cell::new(tokio::time::Instant::now()));
     let (dr, dw) = downstream.into_split();
     let (ur, uw) = tokio::io::split(upstream);
@@ -295,6 +303,9 @@ async fn relay(
         // The drain time of a removed listener is over.
         _ = drain.finished() => {}
     }
+    stats.upstream_rq_active.dec();
+    host.active_requests
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     stats.upstream_cx_active.dec();
     stats.upstream_cx_destroy.inc();
     host.stats
