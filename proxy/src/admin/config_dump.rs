@@ -260,6 +260,21 @@ pub fn render(snap: &Snapshot, last_updated: &str, q: &Query) -> Result<Value, S
             })),
         }
     }
+    let statics = crate::tls::secrets::registry()
+        .dump_static()
+        .into_iter()
+        .map(|(name, r)| {
+            // Envoy's order for a static secret: its secret before the update time.
+            let mut v = json!({"name": name});
+            v["secret"] = typed(reg.to_json(&r.shown), SECRET);
+            v["last_updated"] = json!(r.last_updated);
+            v
+        })
+        .collect();
+    sections.push((
+        "SecretsConfigDump",
+        Some(("static_secrets", statics, "SecretsConfigDump.StaticSecret")),
+    ));
     sections.push((
         "SecretsConfigDump",
         Some((

@@ -135,6 +135,8 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let mut srest = statics.clone();
     let clusters_pb = std::mem::take(&mut srest.clusters);
     let listeners_pb = std::mem::take(&mut srest.listeners);
+    // Static secrets first: the contexts of static listeners and clusters name them.
+    crate::tls::secrets::registry().set_static(&std::mem::take(&mut srest.secrets))?;
     reject_unhandled(&srest, "static_resources")?;
     let log_format = application_log_format(rest.application_log_config.take(), opts)?;
     let runtime = match rest.layered_runtime.take() {

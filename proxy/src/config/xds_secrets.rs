@@ -92,6 +92,8 @@ pub async fn follow(
                 continue;
             }
             let client = match &source {
+                // Never wanted from xDS (`wanted` leaves them out).
+                SdsSource::Static => None,
                 SdsSource::Ads => ads.clone(),
                 SdsSource::Grpc { cluster, delta } => match streams.get(&source) {
                     Some(c) => Some(c.clone()),

@@ -4,6 +4,10 @@
 
 use std::sync::Arc;
 
+/// Envoy's errors for a static secret no `static_resources.secrets` entry has.
+const UNKNOWN_CERTIFICATE: &str = "Unknown static secret";
+const UNKNOWN_VALIDATION: &str = "Unknown static certificate validation context";
+
 use rustls::crypto::ring::{cipher_suite as cs, kx_group};
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
@@ -265,6 +269,7 @@ impl CommonTls {
             certificates.push(CertSource::Sds(sds_slot(
                 c,
                 &format!("{path}.tls_certificate_sds_secret_configs[{i}]"),
+                UNKNOWN_CERTIFICATE,
             )?));
         }
         let validation = match rest.validation_context_type.take() {
@@ -277,7 +282,11 @@ impl CommonTls {
             }
             Some(ValidationContextType::ValidationContextSdsSecretConfig(c)) => {
                 Some(ValidationSource::Sds {
-                    slot: sds_slot(&c, &format!("{path}.validation_context_sds_secret_config"))?,
+                    slot: sds_slot(
+                        &c,
+                        &format!("{path}.validation_context_sds_secret_config"),
+                        UNKNOWN_VALIDATION,
+                    )?,
                     default: None,
                     merged: ArcSwapOption::empty(),
                 })
@@ -298,7 +307,11 @@ impl CommonTls {
                             "value is required",
                         )
                     })?;
-                let slot = sds_slot(&sds, &format!("{cp}.validation_context_sds_secret_config"))?;
+                let slot = sds_slot(
+                    &sds,
+                    &format!("{cp}.validation_context_sds_secret_config"),
+                    UNKNOWN_VALIDATION,
+                )?;
                 reject_unhandled(&c, &cp)?;
                 Some(ValidationSource::Sds {
                     slot,

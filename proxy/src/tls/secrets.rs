@@ -23,6 +23,8 @@ pub enum SdsSource {
     Grpc { cluster: String, delta: bool },
     /// The ADS stream.
     Ads,
+    /// The bootstrap's `static_resources.secrets` (an `SdsSecretConfig` without `sds_config`).
+    Static,
 }
 
 #[derive(Debug)]
@@ -93,6 +95,8 @@ pub struct SecretRegistry {
     pub wanted_changed: tokio::sync::Notify,
     /// Where `sds.<name>.*` are counted (set once at start).
     store: std::sync::OnceLock<crate::observe::stats::Store>,
+    /// The bootstrap's static secrets in configuration order, for `/config_dump`.
+    statics: Mutex<Vec<(String, SecretRecord)>>,
 }
 
 crate::stat_struct!(SdsStats {
@@ -141,6 +145,9 @@ impl SecretRegistry {
         slots.retain(|_, w| w.strong_count() > 0);
         slots.insert(key, Arc::downgrade(&slot));
         drop(slots);
+        if slot.source == SdsSource::Static {
+            return slot;
+        }
         // A new subscription is an update attempt, as Envoy counts it.
         if let Some(s) = self.stats(name) {
             s.update_attempt.inc();
@@ -154,7 +161,7 @@ impl SecretRegistry {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: BTreeMap<SdsSource, BTreeSet<String>> = BTreeMap::new();
         for ((source, name), w) in slots.iter() {
-            if w.strong_count() > 0 {
+            if w.strong_count() > 0 && *source != SdsSource::Static {
                 out.entry(source.clone()).or_default().insert(name.clone());
             }
         }
@@ -218,12 +225,60 @@ impl SecretRegistry {
         (changed, result)
     }
 
+    /// Takes the bootstrap's `static_resources.secrets` (replacing any earlier set).
+    pub fn set_static(&self, secrets: &[Secret]) -> Result<(), ConfigError> {
+        let now = crate::http::date::rfc3339_millis(std::time::SystemTime::now());
+        let mut compiled = Vec::with_capacity(secrets.len());
+        for (i, secret) in secrets.iter().enumerate() {
+            if secrets[..i].iter().any(|o| o.name == secret.name) {
+                return Err(invalid(
+                    "static_resources.secrets",
+                    format!("Duplicate static secret name {}", secret.name),
+                ));
+            }
+            compiled.push((secret, compile(secret)?));
+        }
+        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        values.retain(|(source, _), _| *source != SdsSource::Static);
+        let mut statics = self.statics.lock().unwrap_or_else(|e| e.into_inner());
+        statics.clear();
+        for (secret, value) in compiled {
+            let record = SecretRecord {
+                version: String::new(),
+                last_updated: now.clone(),
+                shown: redacted(secret),
+            };
+            statics.push((secret.name.clone(), record.clone()));
+            values.insert(
+                (SdsSource::Static, secret.name.clone()),
+                (Arc::new(value), record),
+            );
+        }
+        Ok(())
+    }
+
+    fn has_static(&self, name: &str) -> bool {
+        self.values
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&(SdsSource::Static, name.to_string()))
+    }
+
+    /// The static secrets, in configuration order, as `/config_dump` lists them.
+    pub fn dump_static(&self) -> Vec<(String, SecretRecord)> {
+        self.statics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The secrets live contexts name, by name, as `/config_dump` lists them.
     pub fn dump(&self) -> Vec<DumpedSecret> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let values = self.values.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<(u64, DumpedSecret)> = slots
             .iter()
+            .filter(|(key, _)| key.0 != SdsSource::Static)
             .filter_map(|(key, w)| {
                 let slot = w.upgrade()?;
                 Some((
@@ -246,10 +301,14 @@ fn redacted(s: &Secret) -> Secret {
     use xds_client::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
     let mut s = s.clone();
     if let Some(secret::Type::TlsCertificate(c)) = &mut s.r#type {
-        // The redaction keeps the way the key was given (bytes or string).
+        // The redaction keeps the way the key was given (bytes, string, file, variable).
         if let Some(k) = &c.private_key {
             let specifier = match k.specifier {
                 Some(Specifier::InlineString(_)) => Specifier::InlineString("[redacted]".into()),
+                Some(Specifier::Filename(_)) => Specifier::Filename("[redacted]".into()),
+                Some(Specifier::EnvironmentVariable(_)) => {
+                    Specifier::EnvironmentVariable("[redacted]".into())
+                }
                 _ => Specifier::InlineBytes(b"[redacted]".to_vec()),
             };
             c.private_key = Some(DataSource {
@@ -285,8 +344,13 @@ pub fn compile(s: &Secret) -> Result<SecretValue, ConfigError> {
     Ok(value)
 }
 
-/// An `SdsSecretConfig`: the slot it names.
-pub fn sds_slot(c: &SdsSecretConfig, path: &str) -> Result<Arc<SecretSlot>, ConfigError> {
+/// An `SdsSecretConfig`: the slot it names. Without `sds_config` it names a static secret
+/// (`unknown` is Envoy's error when there is none of that name).
+pub fn sds_slot(
+    c: &SdsSecretConfig,
+    path: &str,
+    unknown: &str,
+) -> Result<Arc<SecretSlot>, ConfigError> {
     let mut rest = c.clone();
     let name = std::mem::take(&mut rest.name);
     if name.is_empty() {
@@ -297,12 +361,8 @@ pub fn sds_slot(c: &SdsSecretConfig, path: &str) -> Result<Arc<SecretSlot>, Conf
     }
     let source = match rest.sds_config.take() {
         Some(cs) => source(&cs, &format!("{path}.sds_config"))?,
-        None => {
-            return Err(ConfigError::Unsupported {
-                path: path.into(),
-                fields: "static secrets (an SdsSecretConfig without sds_config)".into(),
-            })
-        }
+        None if registry().has_static(&name) => SdsSource::Static,
+        None => return Err(invalid(path, format!("{unknown}: {name}"))),
     };
     reject_unhandled(&rest, path)?;
     Ok(registry().slot(source, &name))
