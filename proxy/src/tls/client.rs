@@ -38,6 +38,7 @@ pub struct ClientTls {
     sni: Option<ServerName<'static>>,
     common: Arc<CommonTls>,
     pub stats: SslStats,
+    factory: super::SocketFactoryStats,
 }
 
 #[derive(Debug)]
@@ -180,6 +181,9 @@ impl ClientTls {
             config.resumption = resumption.clone();
             Ok(Arc::new(config))
         };
+        let factory =
+            super::SocketFactoryStats::new(store, &format!("{scope}client_ssl_socket_factory."));
+        common.watch_updates(&factory.ssl_context_update_by_sds);
         Ok(ClientTls {
             h1: connector(&[b"http/1.1"])?,
             h2: connector(&[b"h2"])?,
@@ -187,6 +191,7 @@ impl ClientTls {
             sni,
             common,
             stats,
+            factory,
         })
     }
 
@@ -203,6 +208,13 @@ impl ClientTls {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        if !self.common.secrets_present() {
+            self.factory.upstream_context_secrets_not_ready.inc();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "Secret is not supplied by SDS",
+            ));
+        }
         let connector = tokio_rustls::TlsConnector::from(match alpn {
             Alpn::Http1 => self.h1.clone(),
             Alpn::Http2 => self.h2.clone(),

@@ -76,9 +76,13 @@ impl ValidationSource {
     }
 
     fn ready(&self) -> bool {
+        self.slot().is_none_or(|s| s.is_ready())
+    }
+
+    fn slot(&self) -> Option<&Arc<SecretSlot>> {
         match self {
-            ValidationSource::Static(_) => true,
-            ValidationSource::Sds { slot, .. } => slot.is_ready(),
+            ValidationSource::Static(_) => None,
+            ValidationSource::Sds { slot, .. } => Some(slot),
         }
     }
 }
@@ -105,7 +109,37 @@ impl CommonTls {
             .collect()
     }
 
-    /// Whether every secret the context names has arrived.
+    /// Counts every SDS update of the secrets this context names in `counter`
+    /// (`ssl_context_update_by_sds`).
+    pub fn watch_updates(&self, counter: &Arc<crate::observe::stats::Counter>) {
+        let slots = self
+            .certificates
+            .iter()
+            .filter_map(|c| match c {
+                CertSource::Sds(slot) => Some(slot),
+                CertSource::Static(_) => None,
+            })
+            .chain(self.validation.as_ref().and_then(ValidationSource::slot));
+        for slot in slots {
+            slot.watch(counter);
+        }
+    }
+
+    /// Whether every secret the context names has a value (else a connection gets Envoy's
+    /// `NotReadySslSocket`: closed at once).
+    pub fn secrets_present(&self) -> bool {
+        self.certificates.iter().all(|c| match c {
+            CertSource::Static(_) => true,
+            CertSource::Sds(slot) => slot.has_value(),
+        }) && self
+            .validation
+            .as_ref()
+            .and_then(ValidationSource::slot)
+            .is_none_or(|s| s.has_value())
+    }
+
+    /// Whether the context's listener or cluster may leave warming: every secret arrived or
+    /// its `initial_fetch_timeout` ran out.
     pub fn ready(&self) -> bool {
         self.certificates.iter().all(|c| match c {
             CertSource::Static(_) => true,

@@ -22,6 +22,14 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     P.clone()
 }
 
+// `<scope>{server,client}_ssl_socket_factory.`: SDS updates of a context and connections its
+// missing secrets turned away (Envoy's `NotReadySslSocket`).
+stat_struct!(SocketFactoryStats {
+    counter ssl_context_update_by_sds,
+    counter upstream_context_secrets_not_ready,
+    counter downstream_context_secrets_not_ready,
+});
+
 stat_struct!(SslCounters {
     counter connection_error,
     counter handshake,

@@ -43,6 +43,11 @@ pub struct SecretSlot {
     created: String,
     /// Order of first request (`/config_dump` lists secrets in it, as Envoy does).
     seq: u64,
+    /// When waiting ends without the secret (`initial_fetch_timeout`; None: never).
+    deadline: Option<std::time::Instant>,
+    timed_out: std::sync::atomic::AtomicBool,
+    /// The contexts' `ssl_context_update_by_sds` counters.
+    watchers: Mutex<Vec<Weak<crate::observe::stats::Counter>>>,
 }
 
 /// A secret as it arrived, for `/config_dump` (its private key redacted).
@@ -75,8 +80,29 @@ impl SecretSlot {
         }
     }
 
+    /// Arrived, or waited for as long as `initial_fetch_timeout` allows.
     pub fn is_ready(&self) -> bool {
+        self.has_value() || self.timed_out.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn has_value(&self) -> bool {
         self.value.load().is_some()
+    }
+
+    /// Counts this secret's updates in a context's counter.
+    pub fn watch(&self, counter: &Arc<crate::observe::stats::Counter>) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(counter));
+    }
+
+    fn updated(&self) {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        w.retain(|c| c.strong_count() > 0);
+        for c in w.iter().filter_map(Weak::upgrade) {
+            c.inc();
+        }
     }
 }
 
@@ -103,6 +129,7 @@ crate::stat_struct!(SdsStats {
     counter update_attempt,
     counter update_success,
     counter update_rejected,
+    counter init_fetch_timeout,
 });
 
 pub fn registry() -> &'static SecretRegistry {
@@ -122,8 +149,14 @@ impl SecretRegistry {
             .map(|s| SdsStats::new(s, &format!("sds.{name}.")))
     }
 
-    /// The slot for a name, shared with every other context naming it.
-    pub fn slot(&self, source: SdsSource, name: &str) -> Arc<SecretSlot> {
+    /// The slot for a name, shared with every other context naming it; `timeout` is how long
+    /// a new one waits for its secret.
+    pub fn slot(
+        &self,
+        source: SdsSource,
+        name: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Arc<SecretSlot> {
         let key = (source.clone(), name.to_string());
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slots.get(&key).and_then(Weak::upgrade) {
@@ -141,6 +174,9 @@ impl SecretRegistry {
             value: ArcSwapOption::new(known),
             created: crate::http::date::rfc3339_millis(std::time::SystemTime::now()),
             seq: NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            deadline: timeout.map(|t| std::time::Instant::now() + t),
+            timed_out: Default::default(),
+            watchers: Default::default(),
         });
         slots.retain(|_, w| w.strong_count() > 0);
         slots.insert(key, Arc::downgrade(&slot));
@@ -208,6 +244,7 @@ impl SecretRegistry {
             let value = Arc::new(value);
             if let Some(slot) = slots.get(&key).and_then(Weak::upgrade) {
                 slot.value.store(Some(value.clone()));
+                slot.updated();
                 changed = true;
             }
             let record = SecretRecord {
@@ -223,6 +260,36 @@ impl SecretRegistry {
             Err(errors.join("; "))
         };
         (changed, result)
+    }
+
+    /// The earliest `initial_fetch_timeout` still running.
+    pub fn next_deadline(&self) -> Option<std::time::Instant> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|s| !s.is_ready())
+            .filter_map(|s| s.deadline)
+            .min()
+    }
+
+    /// Ends the waits whose timeout ran out (counted in `sds.<name>.init_fetch_timeout`);
+    /// whether any did.
+    pub fn expire_due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut any = false;
+        for s in slots.values().filter_map(Weak::upgrade) {
+            if !s.is_ready() && s.deadline.is_some_and(|d| d <= now) {
+                s.timed_out
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(st) = self.stats(&s.name) {
+                    st.init_fetch_timeout.inc();
+                }
+                any = true;
+            }
+        }
+        any
     }
 
     /// Takes the bootstrap's `static_resources.secrets` (replacing any earlier set).
@@ -359,17 +426,21 @@ pub fn sds_slot(
             "value length must be at least 1 characters",
         ));
     }
-    let source = match rest.sds_config.take() {
+    let (source, timeout) = match rest.sds_config.take() {
         Some(cs) => source(&cs, &format!("{path}.sds_config"))?,
-        None if registry().has_static(&name) => SdsSource::Static,
+        None if registry().has_static(&name) => (SdsSource::Static, None),
         None => return Err(invalid(path, format!("{unknown}: {name}"))),
     };
     reject_unhandled(&rest, path)?;
-    Ok(registry().slot(source, &name))
+    Ok(registry().slot(source, &name, timeout))
 }
 
-/// An SDS `ConfigSource`: ADS, or a gRPC stream to a static cluster.
-fn source(c: &ConfigSource, path: &str) -> Result<SdsSource, ConfigError> {
+/// An SDS `ConfigSource`: ADS, or a gRPC stream to a static cluster; and how long a listener
+/// or cluster waits for the secret (`initial_fetch_timeout`: 15 s unless set, `0s` forever).
+fn source(
+    c: &ConfigSource,
+    path: &str,
+) -> Result<(SdsSource, Option<std::time::Duration>), ConfigError> {
     let mut rest = c.clone();
     if !matches!(std::mem::take(&mut rest.resource_api_version), 0 | 2) {
         return Err(invalid(
@@ -377,16 +448,15 @@ fn source(c: &ConfigSource, path: &str) -> Result<SdsSource, ConfigError> {
             "only V3 is supported",
         ));
     }
-    // Listeners and clusters warm until their secrets arrive. Istio sets `0s` (wait forever);
-    // a bounded wait (after which Envoy activates them without the secret) is not supported.
-    if let Some(t) = rest.initial_fetch_timeout.take() {
-        if t.seconds != 0 || t.nanos != 0 {
-            return Err(invalid(
-                format!("{path}.initial_fetch_timeout"),
-                "Petrel waits for SDS secrets without a timeout: only 0s is supported",
-            ));
+    // Listeners and clusters warm until their secrets arrive, or until this runs out: then
+    // they go active and their connections are turned away until the secret comes.
+    let timeout = match rest.initial_fetch_timeout.take() {
+        Some(t) => {
+            let d = crate::config::duration::to_std(&t, &format!("{path}.initial_fetch_timeout"))?;
+            (!d.is_zero()).then_some(d)
         }
-    }
+        None => Some(std::time::Duration::from_secs(15)),
+    };
     let src = match rest.config_source_specifier.take() {
         Some(ConfigSourceSpecifier::Ads(_)) => SdsSource::Ads,
         Some(ConfigSourceSpecifier::ApiConfigSource(a)) => {
@@ -408,5 +478,5 @@ fn source(c: &ConfigSource, path: &str) -> Result<SdsSource, ConfigError> {
         }
     };
     reject_unhandled(&rest, path)?;
-    Ok(src)
+    Ok((src, timeout))
 }

@@ -25,6 +25,7 @@ pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     common: Arc<CommonTls>,
     pub stats: SslStats,
+    factory: super::SocketFactoryStats,
 }
 
 /// The context's certificates as they stand (SDS ones read at each handshake).
@@ -188,10 +189,14 @@ impl ServerTls {
         };
         let mut config = builder.with_cert_resolver(Arc::new(Certificates(common.clone())));
         config.alpn_protocols = common.alpn.clone();
+        let factory =
+            super::SocketFactoryStats::new(store, &format!("{scope}server_ssl_socket_factory."));
+        common.watch_updates(&factory.ssl_context_update_by_sds);
         Ok(ServerTls {
             config: Arc::new(config),
             common,
             stats,
+            factory,
         })
     }
 
@@ -207,6 +212,14 @@ impl ServerTls {
         tcp: TcpStream,
         prefix: Bytes,
     ) -> std::io::Result<(TlsStream, Arc<super::info::TlsInfo>)> {
+        // Secrets that never came (their wait ran out): the connection is closed at once.
+        if !self.common.secrets_present() {
+            self.factory.downstream_context_secrets_not_ready.inc();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "Secret is not supplied by SDS",
+            ));
+        }
         // Bytes that are not a TLS handshake record (a plaintext request) are refused without an
         // alert, as BoringSSL does: the peer sees the connection close.
         let mut first = [0u8; 1];
