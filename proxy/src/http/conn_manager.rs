@@ -652,7 +652,7 @@ async fn process(
             );
         }
     }
-    headers.remove("x-envoy-internal");
+    crate::http::header_scan::remove_names(headers, &["x-envoy-internal"]);
     // Without use_remote_address Envoy takes the client address from x-forwarded-for, skipping
     // xff_num_trusted_hops entries from the right.
     let remote = if hcm.use_remote_address {
@@ -685,18 +685,14 @@ async fn process(
         );
     }
     if external {
-        for h in EDGE_ONLY {
-            headers.remove(*h);
-        }
+        crate::http::header_scan::remove_names(headers, EDGE_ONLY);
         if let Ok(v) = HeaderValue::from_str(&info.remote.ip().to_string()) {
             headers.insert(HeaderName::from_static("x-envoy-external-address"), v);
         }
     }
     // Whatever is not internal may not steer Envoy (retries, timeouts, tracing).
     if !internal {
-        for h in INTERNAL_ONLY {
-            headers.remove(*h);
-        }
+        crate::http::header_scan::remove_names(headers, INTERNAL_ONLY);
     }
     hcm.client_cert.apply(headers, info.tls.as_deref());
     let rid = HeaderName::from_static("x-request-id");

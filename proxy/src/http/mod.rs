@@ -5,6 +5,7 @@ pub mod conn_manager_config;
 pub mod date;
 pub mod forward_client_cert;
 pub mod h1;
+pub mod header_scan;
 pub mod istio_alpn;
 pub mod local_reply;
 pub mod local_reply_config;

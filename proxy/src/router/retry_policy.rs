@@ -417,8 +417,14 @@ impl RetryState {
     /// Envoy's `RetryStateImpl::create`: a state only when the route or the request asks for
     /// retries; the retry headers are removed either way.
     pub fn create(policy: &RetryPolicy, request: &mut HeaderMap) -> Option<RetryState> {
-        let header =
-            |h: &HeaderMap, n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        // Without any `x-envoy-*` header there is nothing to read (the common case).
+        let envoy_headers = crate::http::header_scan::any_with_prefix(request, "x-envoy-");
+        let header = |h: &HeaderMap, n: &str| {
+            if !envoy_headers {
+                return None;
+            }
+            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
         let retry_on_h = header(request, "x-envoy-retry-on");
         let grpc_on_h = header(request, "x-envoy-retry-grpc-on");
         let state = if retry_on_h.is_some() || grpc_on_h.is_some() || policy.retry_on != 0 {
@@ -473,9 +479,7 @@ impl RetryState {
         } else {
             None
         };
-        for h in RETRY_HEADERS {
-            request.remove(*h);
-        }
+        crate::http::header_scan::remove_names(request, RETRY_HEADERS);
         state
     }
 

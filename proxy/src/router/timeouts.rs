@@ -142,14 +142,21 @@ impl Timeouts {
             t.global = (!g.is_zero()).then_some(g);
             t.rewrite_grpc_timeout = true;
         }
-        if let Some(ms) = header_ms(headers, "x-envoy-upstream-rq-timeout-ms") {
-            t.global = (ms > 0).then(|| Duration::from_millis(ms));
+        if crate::http::header_scan::any_with_prefix(headers, "x-envoy-upstream-rq-") {
+            if let Some(ms) = header_ms(headers, "x-envoy-upstream-rq-timeout-ms") {
+                t.global = (ms > 0).then(|| Duration::from_millis(ms));
+            }
+            if let Some(ms) = header_ms(headers, "x-envoy-upstream-rq-per-try-timeout-ms") {
+                t.per_try = (ms > 0).then(|| Duration::from_millis(ms));
+            }
+            crate::http::header_scan::remove_names(
+                headers,
+                &[
+                    "x-envoy-upstream-rq-timeout-ms",
+                    "x-envoy-upstream-rq-per-try-timeout-ms",
+                ],
+            );
         }
-        headers.remove("x-envoy-upstream-rq-timeout-ms");
-        if let Some(ms) = header_ms(headers, "x-envoy-upstream-rq-per-try-timeout-ms") {
-            t.per_try = (ms > 0).then(|| Duration::from_millis(ms));
-        }
-        headers.remove("x-envoy-upstream-rq-per-try-timeout-ms");
         // A per-try timeout at or past the global one means nothing.
         if let (Some(p), Some(g)) = (t.per_try, t.global) {
             if p >= g {

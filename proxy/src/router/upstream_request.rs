@@ -437,22 +437,19 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         }
         path = p;
     }
-    for h in HOP_BY_HOP {
-        if f.upgrade && (*h == "connection" || *h == "upgrade") {
-            continue;
-        }
-        if *h == "te" {
-            // `te: trailers` is the one value that must survive (gRPC needs it).
-            let keep = headers
-                .get("te")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
-            if keep {
-                continue;
-            }
-        }
-        headers.remove(*h);
-    }
+    // `te: trailers` is the one value that must survive (gRPC needs it); an upgrade keeps its
+    // `connection` and `upgrade`.
+    let keep_te = headers
+        .get(http::header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
+    let hop_by_hop: Vec<&str> = HOP_BY_HOP
+        .iter()
+        .copied()
+        .filter(|h| !(f.upgrade && (*h == "connection" || *h == "upgrade")))
+        .filter(|h| !(keep_te && *h == "te"))
+        .collect();
+    crate::http::header_scan::remove_names(&mut headers, &hop_by_hop);
     let original_host = headers.get(http::header::HOST).cloned().or_else(|| {
         req.uri()
             .authority()
@@ -891,9 +888,7 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     cluster.charge_response(resp.status().as_u16());
     host.record_response(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    crate::http::header_scan::remove_names(&mut parts.headers, HOP_BY_HOP);
     router_response_headers(&f, attempts.count, &mut parts.headers);
     if let Some(c) = request_hash.set_cookie {
         parts.headers.append(http::header::SET_COOKIE, c);
