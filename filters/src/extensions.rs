@@ -148,10 +148,7 @@ pub const TABLE: &[(&str, Support)] = &[
         "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
         Support::Supported,
     ),
-    (
-        "envoy.config.trace.v3.ZipkinConfig",
-        Support::Refused(ISSUE_OBSERVE),
-    ),
+    ("envoy.config.trace.v3.ZipkinConfig", Support::Supported),
     (
         "envoy.config.metrics.v3.StatsdSink",
         Support::Refused(ISSUE_OBSERVE),

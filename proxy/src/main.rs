@@ -1,9 +1,5 @@
 use std::process::ExitCode;
 
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use petrel::cli::{self, Command, Mode};
 
 fn main() -> ExitCode {

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -258,25 +258,39 @@ fn announced_node(
     n
 }
 
-/// One task per DNS cluster re-resolves it every `dns_refresh_rate` and publishes a new
-/// snapshot when its addresses change.
+/// One task per DNS cluster re-resolves it every `dns_refresh_rate` (or, with
+/// `respect_dns_ttl`, when its records expire) and publishes a new snapshot when its addresses
+/// change.
 fn spawn_dns_refreshers(current: &Arc<ArcSwap<Snapshot>>) {
+    use crate::upstream::cluster::{refresh, Lookup};
     let snap = current.load();
     for (name, cluster) in &snap.clusters {
         let Some(every) = cluster.dns_refresh else {
             continue;
         };
+        let respect_ttl = cluster.respect_dns_ttl;
         let (name, current) = (name.clone(), current.clone());
         tokio::spawn(async move {
+            // The boot-time answer came without a TTL: learn it at once.
+            let mut wait = if respect_ttl { Duration::ZERO } else { every };
             loop {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(wait).await;
+                wait = every;
                 let Some(old) = current.load().clusters.get(&name).cloned() else {
                     return;
                 };
-                // Resolution blocks in getaddrinfo: keep it off the admin/main loop.
-                let refreshed =
-                    tokio::task::spawn_blocking(move || crate::upstream::cluster::refresh(&old))
-                        .await;
+                let refreshed = if respect_ttl {
+                    let r = crate::upstream::dns_ttl::resolve(&old.dns_names()).await;
+                    wait = r.ttl.unwrap_or(every);
+                    match r.answers {
+                        Some(a) => Ok(refresh(&old, Lookup::Answers(&a))),
+                        // A failed resolution keeps the hosts the cluster has, as in Envoy.
+                        None => Ok(Ok(None)),
+                    }
+                } else {
+                    // Resolution blocks in getaddrinfo: keep it off the admin/main loop.
+                    tokio::task::spawn_blocking(move || refresh(&old, Lookup::System)).await
+                };
                 match refreshed {
                     Ok(Ok(Some(new))) => {
                         let next = current.load().with_cluster(Arc::new(new));

@@ -2,6 +2,7 @@
 //! and a raw HTTP/1.1 client that can also send malformed bytes.
 
 pub mod ads_server;
+pub mod collector;
 pub mod netns;
 pub mod scripted;
 pub mod tls;

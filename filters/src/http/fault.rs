@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::fraction::Fraction;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use xds_client::pb::envoy::extensions::filters::common::fault::v3 as common;
 use xds_client::pb::envoy::extensions::filters::http::fault::v3 as pb;
-use xds_client::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, FractionalPercent};
 use xds_client::pb::google::protobuf::Any;
 
 use crate::http_filter::{
@@ -30,28 +30,12 @@ const ABORT_PERCENT_HEADER: &str = "x-envoy-fault-abort-request-percentage";
 const THROUGHPUT_HEADER: &str = "x-envoy-fault-throughput-response";
 const THROUGHPUT_PERCENT_HEADER: &str = "x-envoy-fault-throughput-response-percentage";
 
-/// A fraction as Envoy's runtime `featureEnabled` reads it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Fraction {
-    numerator: u64,
-    denominator: u64,
+/// A header may lower the configured percentage, never raise it.
+trait CappedByHeader {
+    fn capped_by_header(self, headers: &HeaderMap, name: &str) -> Fraction;
 }
 
-impl Fraction {
-    fn from_proto(p: Option<&FractionalPercent>) -> Fraction {
-        let p = p.cloned().unwrap_or_default();
-        let denominator = match DenominatorType::try_from(p.denominator) {
-            Ok(DenominatorType::TenThousand) => 10_000,
-            Ok(DenominatorType::Million) => 1_000_000,
-            _ => 100,
-        };
-        Fraction {
-            numerator: p.numerator as u64,
-            denominator,
-        }
-    }
-
-    /// A header may lower the configured percentage, never raise it.
+impl CappedByHeader for Fraction {
     fn capped_by_header(self, headers: &HeaderMap, name: &str) -> Fraction {
         match header_u64(headers, name) {
             Some(n) => Fraction {
@@ -60,10 +44,6 @@ impl Fraction {
             },
             None => self,
         }
-    }
-
-    fn hit(self) -> bool {
-        rand::random_range(0..self.denominator) < self.numerator
     }
 }
 
@@ -497,6 +477,7 @@ impl HttpFilter for Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xds_client::pb::envoy::r#type::v3::FractionalPercent;
 
     fn settings(yaml_like: pb::HttpFault) -> FaultSettings {
         let any = Any {

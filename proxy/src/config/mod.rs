@@ -84,19 +84,11 @@ const OBSERVE: &str = "comes with observability, issue #7";
 
 /// Fields Petrel refuses today that a later issue brings, by message: the refusal says which
 /// issue (as the extension table does for `@type`s).
-const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[
-    ("envoy.config.route.v3.Route", &["tracing"], OBSERVE),
-    (
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        &["tracing"],
-        OBSERVE,
-    ),
-    (
-        "envoy.config.listener.v3.Listener",
-        &["access_log"],
-        OBSERVE,
-    ),
-];
+const DEFERRED_FIELDS: &[(&str, &[&str], &str)] = &[(
+    "envoy.config.listener.v3.Listener",
+    &["access_log"],
+    OBSERVE,
+)];
 
 /// Which issue brings a field Petrel refuses today, if one does.
 fn deferred_field(message: &str, field: &str) -> Option<&'static str> {

@@ -51,6 +51,8 @@ pub struct Snapshot {
     pub runtime: super::runtime::Runtime,
     /// `stats_config` and `deferred_stat_options`: how stats are named, tagged and shown.
     pub stats_config: Arc<crate::observe::stats_config::StatsConfig>,
+    /// `tracing.http`: the tracer connection managers use unless they name their own.
+    pub tracing: Option<Arc<crate::observe::tracing::ZipkinDriver>>,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -161,6 +163,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         rest.deferred_stat_options.take().as_ref(),
     )?);
     bootstrap_extensions(&std::mem::take(&mut rest.bootstrap_extensions))?;
+    let tracing_pb = rest.tracing.take();
     reject_unhandled(&rest, "(bootstrap)")?;
 
     let mut clusters = HashMap::new();
@@ -184,10 +187,16 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     }
     let known: HashSet<String> = clusters.keys().cloned().collect();
     let local_address = crate::local_info::local_address(opts.local_address_ip_version);
+    let tracing = bootstrap_tracing(tracing_pb, &node, local_address, store)?;
+    let env = listener::ListenerEnv {
+        local_address,
+        tracing: tracing.as_ref(),
+        node: &node,
+    };
     let mut listeners = Vec::new();
     let mut names = HashSet::new();
     for l in &listeners_pb {
-        let compiled = listener::compile(local_address, l, &known, store)?;
+        let compiled = listener::compile(&env, l, &known, store)?;
         if !names.insert(compiled.name.clone()) {
             return Err(super::invalid(
                 "static_resources.listeners",
@@ -242,7 +251,35 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         cluster_manager,
         runtime,
         stats_config,
+        tracing,
     })
+}
+
+/// The bootstrap's `tracing`: its `http` provider, compiled once for every connection manager
+/// that traces without a provider of its own.
+fn bootstrap_tracing(
+    t: Option<xds_client::pb::envoy::config::trace::v3::Tracing>,
+    node: &Node,
+    local_address: std::net::IpAddr,
+    store: &Store,
+) -> Result<Option<Arc<crate::observe::tracing::ZipkinDriver>>, ConfigError> {
+    let Some(mut t) = t else { return Ok(None) };
+    let http = t.http.take();
+    reject_unhandled(&t, "tracing")?;
+    let Some(http) = http else { return Ok(None) };
+    let env = crate::observe::tracing::TracingEnv {
+        default_driver: None,
+        node: crate::observe::tracing::zipkin::LocalNode {
+            cluster: &node.cluster,
+            address: local_address,
+        },
+        node_id: &node.id,
+        // The collector cluster is checked by each connection manager that uses the tracer
+        // (it may come from CDS), as Envoy checks it when the tracer is first used.
+        known_clusters: &|_| true,
+        store,
+    };
+    crate::observe::tracing::compile_provider(&http, &env, "tracing.http").map(Some)
 }
 
 /// `application_log_config.log_format`: the text pattern Petrel's own log lines take. As in

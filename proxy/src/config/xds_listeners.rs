@@ -159,8 +159,17 @@ impl XdsState {
         let l = match (self.lds.accepted.get(name), self.lds.compiled.get(name)) {
             (Some((old, _)), Some(l)) if old == pb => l.clone(),
             _ => Arc::new(
-                listener::compile(local_address, pb, known, &self.store)
-                    .map_err(|e| e.to_string())?,
+                listener::compile(
+                    &listener::ListenerEnv {
+                        local_address,
+                        tracing: snap.tracing.as_ref(),
+                        node: &snap.node,
+                    },
+                    pb,
+                    known,
+                    &self.store,
+                )
+                .map_err(|e| e.to_string())?,
             ),
         };
         if l.bind_to_port {

@@ -20,6 +20,8 @@ pub enum RequestBody {
     H1(H1Body),
     /// Either, with the bytes read counted for the access log.
     Counted(Box<RequestBody>, Arc<AtomicU64>),
+    /// A whole body Petrel made itself (a tracer's report); taken when sent.
+    Full(Option<Bytes>),
 }
 
 impl RequestBody {
@@ -53,6 +55,7 @@ impl Body for RequestBody {
                 }
                 r
             }
+            RequestBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
     fn is_end_stream(&self) -> bool {
@@ -60,6 +63,7 @@ impl Body for RequestBody {
             RequestBody::H2(b) => b.is_end_stream(),
             RequestBody::H1(b) => b.is_end_stream(),
             RequestBody::Counted(b, _) => b.is_end_stream(),
+            RequestBody::Full(b) => b.is_none(),
         }
     }
     fn size_hint(&self) -> SizeHint {
@@ -67,6 +71,7 @@ impl Body for RequestBody {
             RequestBody::H2(b) => b.size_hint(),
             RequestBody::H1(b) => b.size_hint(),
             RequestBody::Counted(b, _) => b.size_hint(),
+            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }

@@ -256,10 +256,12 @@ pub fn codec_error_response(
     stats.downstream_rq_completed.inc();
     hcm.listener_stats.downstream_rq_completed.inc();
     let facts = (!hcm.access_logs.is_empty()).then(StreamFacts::default);
-    with_log(hcm, resp, facts, info, start, start_time, false)
+    with_log(hcm, resp, facts, info, start, start_time, false, None)
 }
 
-/// The response with its access log, when the connection manager has any.
+/// The response with its access log (when the connection manager has any) and its span (when
+/// it traces), both written once the stream ends.
+#[allow(clippy::too_many_arguments)]
 fn with_log(
     hcm: &HcmConfig,
     resp: Response<ResponseBody>,
@@ -268,9 +270,11 @@ fn with_log(
     start: Instant,
     start_time: SystemTime,
     h2: bool,
+    trace: Option<super::stream_log::PendingSpan>,
 ) -> Response<StreamBody> {
     let log = facts.map(|facts| {
         Box::new(PendingLog {
+            trace,
             logs: hcm.access_logs.clone(),
             facts,
             origin: StreamOrigin {
@@ -430,7 +434,7 @@ pub async fn handle(
     } else {
         stats.downstream_rq_http1_total.inc();
     }
-    let (req, facts) = if hcm.access_logs.is_empty() {
+    let (req, facts) = if hcm.access_logs.is_empty() && hcm.tracing.is_none() {
         (req, None)
     } else {
         let f = StreamFacts {
@@ -441,15 +445,16 @@ pub async fn handle(
         (req.map(|b| b.counted(received)), Some(RefCell::new(f)))
     };
     let mut encoders = Vec::new();
+    let mut trace = None;
     let resp = process(
         req,
         hcm,
         ctx,
         info,
-        start,
-        start_time,
+        Began { start, start_time },
         facts.as_ref(),
         &mut encoders,
+        &mut trace,
     )
     .await;
     let status = resp.status().as_u16();
@@ -459,7 +464,11 @@ pub async fn handle(
     hcm.listener_stats.downstream_rq_completed.inc();
     stats.downstream_rq_active.dec();
     let facts = facts.map(RefCell::into_inner);
-    let mut resp = with_log(hcm, resp, facts, info, start, start_time, h2);
+    let trace = trace.map(|t| super::stream_log::PendingSpan {
+        trace: t,
+        ctx: ctx.clone(),
+    });
+    let mut resp = with_log(hcm, resp, facts, info, start, start_time, h2, trace);
     resp.body_mut().encode_with(encoders);
     resp
 }
@@ -479,18 +488,26 @@ fn early_reply(
     resp
 }
 
-/// `encoders`: what the encoder filters ask to do to the response body, in encoding order.
+/// When a stream began.
+struct Began {
+    start: Instant,
+    start_time: SystemTime,
+}
+
+/// `encoders`: what the encoder filters ask to do to the response body, in encoding order;
+/// `trace`: the stream's span, to finish when the stream ends.
 #[allow(clippy::too_many_arguments)]
 async fn process(
     mut req: Request<RequestBody>,
     hcm: &HcmConfig,
     ctx: &Rc<WorkerCtx>,
     info: &ConnInfo,
-    start: Instant,
-    start_time: SystemTime,
+    began: Began,
     facts: Option<&RefCell<StreamFacts>>,
     encoders: &mut Vec<Box<dyn petrel_filters::http_filter::BodyEncoder>>,
+    trace: &mut Option<crate::observe::tracing::ActiveTrace>,
 ) -> Response<ResponseBody> {
+    let Began { start, start_time } = began;
     let h2 = req.version() == http::Version::HTTP_2;
     let mut form = ReplyForm {
         grpc: crate::http::local_reply::is_grpc(req.headers()),
@@ -703,7 +720,6 @@ async fn process(
             headers.insert(rid.clone(), v);
         }
     }
-    let request_id = headers.get(&rid).cloned();
 
     let snapshot = ctx.snapshot();
     let routes = hcm.route_table(&snapshot);
@@ -772,6 +788,26 @@ async fn process(
             .map(|(_, r)| r.name.clone())
             .filter(|n| !n.is_empty());
     }
+    // Tracing decides once the route is known (its `tracing` overrides the sampling).
+    let mut decorated = None;
+    if let Some(tc) = &hcm.tracing {
+        let route = selected.map(|(_, r)| r);
+        let reason = tc.decide(req.headers_mut(), route.and_then(|r| r.tracing.as_ref()));
+        let decorator = route.and_then(|r| r.decorator.as_ref());
+        let (span, op) = tc.start(req.headers_mut(), &host, reason, decorator, start_time);
+        decorated = op;
+        *trace = span.map(|span| crate::observe::tracing::ActiveTrace {
+            span,
+            config: tc.clone(),
+            route_tags: route
+                .and_then(|r| r.tracing.as_ref())
+                .map(|t| t.custom_tags.clone())
+                .unwrap_or_default(),
+        });
+    }
+    let request_id = req.headers().get(&rid).cloned();
+    // Envoy hands a forced trace's id back to the caller.
+    let force_trace = req.headers().contains_key("x-envoy-force-trace");
     // The HTTP filter chain: decoders in order, then the router (the route was chosen before the
     // chain ran, as Envoy caches it), then encoders in reverse order on whatever answers.
     let peer = info.tls.as_ref().and_then(|t| t.peer.as_ref());
@@ -855,6 +891,9 @@ async fn process(
             resp
         }
         (None, Some((vh, route))) => {
+            if let Some(t) = trace.as_ref() {
+                t.span.inject(req.headers_mut());
+            }
             let routed = Routed {
                 hcm,
                 ctx,
@@ -907,7 +946,14 @@ async fn process(
             body.throttle(bps);
         }
     }
-    if hcm.always_set_request_id_in_response {
+    if let Some(tc) = &hcm.tracing {
+        tc.on_response(
+            resp.headers_mut(),
+            trace.as_mut().map(|t| &mut t.span),
+            decorated.as_deref(),
+        );
+    }
+    if hcm.always_set_request_id_in_response || force_trace {
         if let Some(id) = request_id {
             resp.headers_mut().insert(rid, id);
         }

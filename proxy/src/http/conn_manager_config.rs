@@ -152,6 +152,8 @@ pub struct HcmConfig {
     pub access_logs: crate::observe::access_log::AccessLogs,
     /// Listener-scoped copies of the same stats (`listener.<addr>.http.<prefix>.*`).
     pub listener_stats: HcmListenerStats,
+    /// `tracing`: spans for streams, with the tracer they report to.
+    pub tracing: Option<Arc<crate::observe::tracing::TracingConfig>>,
 }
 
 impl HcmConfig {
@@ -186,7 +188,8 @@ impl HcmConfig {
 static EMPTY_ROUTES: std::sync::OnceLock<Arc<RouteTable>> = std::sync::OnceLock::new();
 
 pub fn compile(
-    local_address: std::net::IpAddr,
+    env: &crate::listener::ListenerEnv<'_>,
+    egress: bool,
     hcm: &pb::HttpConnectionManager,
     listener_stat_prefix: &str,
     known_clusters: &HashSet<String>,
@@ -511,6 +514,18 @@ pub fn compile(
         store,
         &format!("{path}.access_log"),
     )?;
+    let tracing = match rest.tracing.take() {
+        Some(t) => Some(Arc::new(compile_tracing(
+            &t,
+            egress,
+            env,
+            known_clusters,
+            store,
+            &stat_prefix,
+            path,
+        )?)),
+        None => None,
+    };
     reject_unhandled(&rest, path)?;
     let stats = HcmStats::new(store, &format!("http.{stat_prefix}."));
     let listener_stats =
@@ -522,7 +537,7 @@ pub fn compile(
         request_timeout,
         idle_timeout,
         websocket,
-        local_address,
+        local_address: env.local_address,
         stat_prefix,
         codec,
         routes,
@@ -544,5 +559,32 @@ pub fn compile(
         client_cert,
         access_logs,
         listener_stats,
+        tracing,
     })
+}
+
+/// `tracing`, with the bootstrap's tracer unless it names its own, and its collector cluster
+/// checked as Envoy checks it.
+fn compile_tracing(
+    t: &pb::http_connection_manager::Tracing,
+    egress: bool,
+    env: &crate::listener::ListenerEnv<'_>,
+    known_clusters: &HashSet<String>,
+    store: &Store,
+    stat_prefix: &str,
+    path: &str,
+) -> Result<crate::observe::tracing::TracingConfig, ConfigError> {
+    use crate::observe::tracing;
+    let path = format!("{path}.tracing");
+    let tenv = tracing::TracingEnv {
+        default_driver: env.tracing,
+        node: tracing::zipkin::LocalNode {
+            cluster: &env.node.cluster,
+            address: env.local_address,
+        },
+        node_id: &env.node.id,
+        known_clusters: &|c| known_clusters.contains(c),
+        store,
+    };
+    tracing::compile(t, egress, &tenv, stat_prefix, &path)
 }

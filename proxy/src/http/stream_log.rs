@@ -105,8 +105,15 @@ pub struct StreamOrigin {
     pub filter_state: Arc<petrel_filters::filter_state::FilterState>,
 }
 
-/// The access log still to be written for a stream.
+/// The span still to be finished for a stream, and the worker that reports it.
+pub struct PendingSpan {
+    pub trace: crate::observe::tracing::ActiveTrace,
+    pub ctx: std::rc::Rc<crate::worker::WorkerCtx>,
+}
+
+/// The access log still to be written (and span finished) for a stream.
 pub struct PendingLog {
+    pub trace: Option<PendingSpan>,
     pub logs: AccessLogs,
     pub facts: StreamFacts,
     pub origin: StreamOrigin,
@@ -256,11 +263,47 @@ impl Drop for StreamBody {
         } else if !complete {
             flags.push("DC");
         }
-        write(&log, &join_flags(flags), self.sent);
+        let flags = join_flags(flags);
+        write(&log, &flags, self.sent);
+        if let Some(t) = log.trace {
+            finish_span(t, &log.facts, &log.origin, log.status, &flags, self.sent);
+        }
+    }
+}
+
+fn finish_span(
+    t: PendingSpan,
+    f: &StreamFacts,
+    o: &StreamOrigin,
+    status: u16,
+    flags: &str,
+    sent: u64,
+) {
+    let end = crate::observe::tracing::StreamEnd {
+        request_headers: f.request_headers.as_ref(),
+        method: f.method.as_ref().map_or("", |m| m.as_str()),
+        authority: &f.authority,
+        path: &f.path,
+        protocol: o.protocol,
+        direct_remote: o.direct_remote.ip(),
+        status,
+        flags,
+        cluster: f.cluster.as_deref(),
+        received: f.received.load(Ordering::Relaxed),
+        sent,
+        metadata: &f.dynamic_metadata,
+    };
+    let PendingSpan { trace, ctx } = t;
+    let driver = trace.span.driver.clone();
+    if let Some(json) = trace.config.finish(trace.span, &end, &trace.route_tags) {
+        crate::observe::tracing::reporter::report(&ctx, &driver, json);
     }
 }
 
 fn write(log: &PendingLog, flags: &str, sent: u64) {
+    if log.logs.is_empty() {
+        return;
+    }
     let f = &log.facts;
     let o = &log.origin;
     let remote = f.downstream_remote.unwrap_or(o.remote);

@@ -192,7 +192,8 @@ impl Listener {
 
 #[allow(clippy::too_many_arguments)]
 fn compile_chain(
-    local_address: std::net::IpAddr,
+    env: &ListenerEnv<'_>,
+    egress: bool,
     fc: &pb::FilterChain,
     fcp: &str,
     lprefix: &str,
@@ -277,7 +278,8 @@ fn compile_chain(
         "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
             let hcm_pb = TypeRegistry::global().unpack(&any)?;
             Terminal::Http(Arc::new(conn_manager_config::compile(
-                local_address,
+                env,
+                egress,
                 &hcm_pb,
                 lprefix,
                 known_clusters,
@@ -312,8 +314,17 @@ fn compile_chain(
     ))
 }
 
+/// What compiling a listener needs beyond the listener itself.
+pub struct ListenerEnv<'a> {
+    /// The proxy's own address (`x-forwarded-for` for loopback peers, Zipkin endpoints).
+    pub local_address: std::net::IpAddr,
+    /// The bootstrap's tracer.
+    pub tracing: Option<&'a std::sync::Arc<crate::observe::tracing::ZipkinDriver>>,
+    pub node: &'a xds_client::pb::envoy::config::core::v3::Node,
+}
+
 pub fn compile(
-    local_address: std::net::IpAddr,
+    env: &ListenerEnv<'_>,
     l: &pb::Listener,
     known_clusters: &HashSet<String>,
     store: &Store,
@@ -338,7 +349,10 @@ pub fn compile(
     let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
     // Traffic direction decides what `/drain_listeners?inboundonly` drains (and, later, how
     // tracing and Istio telemetry label the traffic).
-    let inbound = std::mem::take(&mut rest.traffic_direction) == 1;
+    let direction = std::mem::take(&mut rest.traffic_direction);
+    let inbound = direction == 1;
+    // OUTBOUND connection managers make client spans (Envoy's egress operation).
+    let egress = direction == 2;
     let ignore_global_conn_limit = std::mem::take(&mut rest.ignore_global_conn_limit);
     // Overload actions are refused, so there is nothing for a listener to bypass.
     rest.bypass_overload_manager = false;
@@ -362,7 +376,8 @@ pub fn compile(
     let mut chains = Vec::with_capacity(chains_pb.len());
     for (i, fc) in chains_pb.iter().enumerate() {
         let (matcher, target) = compile_chain(
-            local_address,
+            env,
+            egress,
             fc,
             &format!("{path}.filter_chains[{i}]"),
             &lprefix,
@@ -380,7 +395,8 @@ pub fn compile(
     let default_chain = match default_pb {
         Some(fc) => Some(
             compile_chain(
-                local_address,
+                env,
+                egress,
                 &fc,
                 &format!("{path}.default_filter_chain"),
                 &lprefix,

@@ -5,3 +5,4 @@ pub mod formatter;
 pub mod stats;
 pub mod stats_config;
 pub mod tag_producer;
+pub mod tracing;

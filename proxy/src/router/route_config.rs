@@ -93,6 +93,10 @@ pub struct Route {
     pub per_filter: PerFilterConfigs,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    /// `decorator`: names the stream's span.
+    pub decorator: Option<crate::observe::tracing::Decorator>,
+    /// `tracing`: sampling and tags over the connection manager's.
+    pub tracing: Option<crate::observe::tracing::RouteTracing>,
 }
 
 #[derive(Debug)]
@@ -619,9 +623,16 @@ fn compile_route(
         .ok_or_else(|| invalid(path, "action is required"))?;
     // Route metadata is data for filters and loggers, never behaviour by itself.
     rest.metadata = None;
-    // A decorator only names the tracing span; tracing is refused at the connection manager
-    // until the observability issue lands, so there is nothing for it to change yet.
-    rest.decorator = None;
+    let decorator = rest
+        .decorator
+        .take()
+        .map(|d| crate::observe::tracing::compile_decorator(&d, &format!("{path}.decorator")))
+        .transpose()?;
+    let tracing = rest
+        .tracing
+        .take()
+        .map(|t| crate::observe::tracing::compile_route(&t, &format!("{path}.tracing")))
+        .transpose()?;
     let (request_headers, response_headers) = take_header_mutations!(rest, path);
     let buffer_limit = rest.per_request_buffer_limit_bytes.take().map(|v| v.value);
     let per_filter = per_filter_configs(&std::mem::take(&mut rest.typed_per_filter_config), path)?;
@@ -661,6 +672,8 @@ fn compile_route(
         per_filter,
         request_headers,
         response_headers,
+        decorator,
+        tracing,
     })
 }
 

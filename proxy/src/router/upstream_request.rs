@@ -23,6 +23,7 @@ use crate::http::conn_manager_config::HcmConfig;
 use crate::http::local_reply::LocalReply;
 use crate::http::replay::Recording;
 use crate::http::stream_timeouts::{DownstreamBody, IdleTimedBody, StreamActivity};
+use crate::upstream::async_client::{self, outlier_response, report_reset, Outgoing};
 use crate::upstream::circuit_breakers::Held;
 use crate::upstream::cluster::UpstreamProtocol;
 use crate::upstream::cluster::{Cluster, Host, LbPolicy, Pick};
@@ -963,64 +964,16 @@ async fn shadow(s: Shadow) {
         let Some(cluster) = s.snapshot.clusters.get(&s.cluster) else {
             return;
         };
-        let Some(host) =
-            s.ctx
-                .upstreams
-                .choose_host(cluster, None, Some(&s.headers), Default::default())
-        else {
-            cluster.stats.upstream_cx_none_healthy.inc();
-            return;
-        };
-        let h2 = cluster.protocol == UpstreamProtocol::Http2;
         let grpc = crate::http::local_reply::is_grpc(&s.headers);
-        let mut headers = s.headers;
-        let uri = if h2 {
-            headers.remove(http::header::HOST);
-            let auth = s
-                .authority
-                .as_ref()
-                .and_then(|a| a.to_str().ok())
-                .unwrap_or("localhost");
-            format!("http://{auth}{}", s.path)
-        } else {
-            if let Some(a) = s.authority {
-                headers.insert(http::header::HOST, a);
-            }
-            s.path
+        let out = Outgoing {
+            method: s.method,
+            path: s.path,
+            authority: s.authority,
+            headers: s.headers,
+            body: Either::Right(s.body.attempt()),
         };
-        let Ok(mut req) = Request::builder()
-            .method(s.method)
-            .uri(uri)
-            .version(if h2 {
-                http::Version::HTTP_2
-            } else {
-                http::Version::HTTP_11
-            })
-            .body(Either::Right(s.body.attempt()))
-        else {
-            return;
-        };
-        *req.headers_mut() = headers;
-        cluster.stats.upstream_rq_active.inc();
-        let sent = s
-            .ctx
-            .upstreams
-            .send(cluster, &host, h2, req, None, Default::default())
-            .await;
-        cluster.stats.upstream_rq_active.dec();
-        match sent {
-            Ok(resp) => {
-                cluster
-                    .report_outlier(&host, outlier_response(grpc, resp.headers(), resp.status()));
-                cluster.charge_response(resp.status().as_u16());
-                host.record_response(resp.status().as_u16());
-                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-            }
-            Err(reason) => {
-                report_reset(cluster, &host, &reason);
-                cluster.charge_response(503);
-                host.record_response(503);
-            }
+        if let Ok(resp) = async_client::send(&s.ctx, cluster, out, grpc).await {
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
         }
     };
     match s.deadline {
@@ -1104,32 +1057,5 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// What the outlier detector hears of an answer: the status, or for gRPC requests a
-/// `grpc-status` in the response headers mapped to HTTP (as Envoy, trailers are not consulted).
-fn outlier_response(grpc: bool, headers: &http::HeaderMap, status: http::StatusCode) -> Report {
-    let grpc_status = grpc
-        .then(|| {
-            headers
-                .get("grpc-status")?
-                .to_str()
-                .ok()?
-                .parse::<u64>()
-                .ok()
-        })
-        .flatten();
-    Report::Response(match grpc_status {
-        Some(g) => crate::http::local_reply::grpc_to_http_status(g),
-        None => status.as_u16(),
-    })
-}
-
-/// A reset attempt counts as a local-origin connect failure, except an overflow, which never
-/// reached a host (Envoy's pool fails it without one), and a downstream body error.
-fn report_reset(cluster: &Cluster, host: &Arc<Host>, reason: &ResetReason) {
-    if !matches!(reason, ResetReason::Overflow | ResetReason::DownstreamBody) {
-        cluster.report_outlier(host, Report::ConnectFailed);
     }
 }

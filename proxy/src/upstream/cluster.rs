@@ -1,6 +1,7 @@
 //! A cluster compiled from `envoy.config.cluster.v3.Cluster`: its hosts (with localities,
 //! priorities and weights), load-balancing policy, upstream protocol and stats.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -281,6 +282,8 @@ pub struct Cluster {
     pub source: ClusterSource,
     /// How often DNS clusters re-resolve (`dns_refresh_rate`, Envoy's default 5 s).
     pub dns_refresh: Option<Duration>,
+    /// `respect_dns_ttl`: the records' TTL, when they have one, replaces `dns_refresh`.
+    pub respect_dns_ttl: bool,
     /// The EDS resource name (`service_name`, else the cluster name) of an EDS cluster.
     pub eds_service: Option<String>,
     /// `eds_config.initial_fetch_timeout`: how long the cluster warms before it goes active
@@ -349,10 +352,20 @@ impl Family {
     }
 }
 
+/// Where DNS answers come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    /// The system resolver (getaddrinfo).
+    System,
+    /// Answers already looked up, by name (for `respect_dns_ttl`, which needs their TTLs).
+    Answers(&'a HashMap<String, Vec<std::net::IpAddr>>),
+}
+
 fn socket_address(
     a: &Address,
     path: &str,
     resolve: Resolve,
+    lookup: Lookup<'_>,
 ) -> Result<(Vec<HostAddress>, String), ConfigError> {
     match &a.address {
         Some(address::Address::SocketAddress(sa)) => {
@@ -398,10 +411,16 @@ fn socket_address(
             }
             // A name that does not resolve leaves the cluster without hosts until a later
             // resolution succeeds (the refresher retries), as in Envoy; it does not fail boot.
-            let mut addrs: Vec<SocketAddr> = (sa.address.as_str(), port)
-                .to_socket_addrs()
-                .map(|it| it.collect())
-                .unwrap_or_default();
+            let mut addrs: Vec<SocketAddr> = match lookup {
+                Lookup::System => (sa.address.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|it| it.collect())
+                    .unwrap_or_default(),
+                Lookup::Answers(a) => a
+                    .get(&sa.address)
+                    .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+                    .unwrap_or_default(),
+            };
             let mut seen = std::collections::HashSet::new();
             addrs.retain(|a| seen.insert(*a));
             let addrs = match resolve {
@@ -449,6 +468,7 @@ fn hosts_from(
     cla: &ClusterLoadAssignment,
     path: &str,
     resolve: Resolve,
+    lookup: Lookup<'_>,
 ) -> Result<(Vec<Arc<Host>>, u32), ConfigError> {
     let mut rest = cla.clone();
     rest.cluster_name.clear();
@@ -543,8 +563,12 @@ fn hosts_from(
             })?;
             let hostname = std::mem::take(&mut e_rest.hostname);
             reject_unhandled(&e_rest, &format!("{ep_path}.endpoint"))?;
-            let (addresses, name) =
-                socket_address(&addr, &format!("{ep_path}.endpoint.address"), resolve)?;
+            let (addresses, name) = socket_address(
+                &addr,
+                &format!("{ep_path}.endpoint.address"),
+                resolve,
+                lookup,
+            )?;
             for address in addresses {
                 hosts.push(Arc::new(Host {
                     address,
@@ -857,9 +881,14 @@ pub fn compile(
             &format!("{path}.dns_refresh_rate"),
         )?),
     };
+    let respect_dns_ttl = std::mem::take(&mut rest.respect_dns_ttl);
     let cla = rest.load_assignment.take().unwrap_or_default();
-    let (all_hosts, overprovisioning) =
-        hosts_from(&cla, &format!("{path}.load_assignment"), resolve)?;
+    let (all_hosts, overprovisioning) = hosts_from(
+        &cla,
+        &format!("{path}.load_assignment"),
+        resolve,
+        Lookup::System,
+    )?;
     if discovery == DiscoveryType::LogicalDns && all_hosts.len() > 1 {
         return Err(invalid(
             format!("{path}.load_assignment"),
@@ -974,6 +1003,7 @@ pub fn compile(
         stats,
         source: ClusterSource::encode(c),
         dns_refresh,
+        respect_dns_ttl,
         eds_service,
         eds_wait,
         original_dst,
@@ -1218,6 +1248,7 @@ pub fn with_assignment(
         cla,
         &format!("cluster '{}' assignment", base.name),
         Resolve::None,
+        Lookup::System,
     )?;
     let policy = Policy {
         overprovisioning,
@@ -1289,7 +1320,7 @@ fn with_hosts(
 
 /// Re-resolves a DNS cluster: `Ok(None)` when its addresses did not change, else the cluster
 /// with its new host set (hosts whose address stayed keep their stats).
-pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
+pub fn refresh(old: &Cluster, lookup: Lookup<'_>) -> Result<Option<Cluster>, ConfigError> {
     let source = old.source.decode();
     let resolve = match old.discovery {
         DiscoveryType::Static | DiscoveryType::Eds | DiscoveryType::OriginalDst => return Ok(None),
@@ -1305,6 +1336,7 @@ pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
         &cla,
         &format!("cluster '{}'.load_assignment", old.name),
         resolve,
+        lookup,
     )?;
     if old
         .host_set
@@ -1323,6 +1355,32 @@ pub fn refresh(old: &Cluster) -> Result<Option<Cluster>, ConfigError> {
 }
 
 impl Cluster {
+    /// The names a DNS cluster resolves (its endpoints that are not IP addresses).
+    pub fn dns_names(&self) -> Vec<String> {
+        let source = self.source.decode();
+        let mut names: Vec<String> = source
+            .load_assignment
+            .iter()
+            .flat_map(|cla| &cla.endpoints)
+            .flat_map(|le| &le.lb_endpoints)
+            .filter_map(|ep| match &ep.host_identifier {
+                Some(xds_client::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(e)) => {
+                    match e.address.as_ref()?.address.as_ref()? {
+                        address::Address::SocketAddress(sa)
+                            if sa.address.parse::<std::net::IpAddr>().is_err() =>
+                        {
+                            Some(sa.address.clone())
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect();
+        names.dedup();
+        names
+    }
+
     /// Envoy's `chargeResponseStat`: `upstream_rq_completed`, the class and the code.
     pub fn charge_response(&self, status: u16) {
         self.stats.upstream_rq_completed.inc();
@@ -1554,7 +1612,17 @@ mod tests {
                 && h.address.ip().is_some_and(|a| a.ip().is_loopback())));
         assert!(!c.host_set.hosts.is_empty());
         // Same answer: nothing to publish.
-        assert!(refresh(&c).unwrap().is_none());
+        assert!(refresh(&c, Lookup::System).unwrap().is_none());
+        // Answers looked up elsewhere (with their TTLs) replace the system resolver's.
+        let answers =
+            HashMap::from([("localhost".to_string(), vec!["127.0.0.9".parse().unwrap()])]);
+        let moved = refresh(&c, Lookup::Answers(&answers)).unwrap().unwrap();
+        assert_eq!(moved.dns_names(), ["localhost"]);
+        assert!(moved
+            .host_set
+            .hosts
+            .iter()
+            .all(|h| h.address.ip().map(|a| a.ip().to_string()) == Some("127.0.0.9".into())));
         // A name that does not resolve leaves the cluster empty instead of failing boot.
         let bad = cluster(json!({"name": "d", "type": "LOGICAL_DNS", "load_assignment": {"endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": "no-such-host.invalid", "port_value": 80}}}}]}]}}))
