@@ -29,6 +29,8 @@ taskset -c 1 wrk -t1 -c16 -d14s http://127.0.0.1:18000/ >"$work/wrk.txt" &
 sleep 2
 perf record -F 999 -g --call-graph dwarf,16384 -p "$proxy" -o "$work/perf.data" -- sleep 10 2>/dev/null
 wait %3 2>/dev/null || true
-perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "Petrel, HTTP/1.1 hop, wrk -c16" >"$out"
+perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf | tee "$work/folded.txt" | inferno-flamegraph --minwidth 0.25 --title "Petrel, HTTP/1.1 hop, wrk -c16" >"$out"
 grep Requests/sec "$work/wrk.txt" || true
+# The heaviest leaf frames, for the notes.
+awk '{n=$NF; $NF=""; k=split($0,f,";"); leaf[f[k]]+=n; t+=n} END {for (l in leaf) printf "%5.1f%% %s\n", 100*leaf[l]/t, l}' "$work/folded.txt" | sort -rn | head -15
 echo "wrote $out"

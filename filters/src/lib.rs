@@ -8,6 +8,7 @@ pub mod extensions;
 pub mod filter_state;
 pub mod fraction;
 pub mod header_formatter;
+pub mod histogram;
 pub mod http;
 pub mod http_filter;
 pub mod matcher;

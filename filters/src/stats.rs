@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub use crate::histogram::Histogram;
+
 #[derive(Debug, Default)]
 pub struct Counter {
     value: AtomicU64,
@@ -125,6 +127,7 @@ impl Ord for StatName {
 struct Maps {
     counters: BTreeMap<StatName, Arc<Counter>>,
     gauges: BTreeMap<StatName, Arc<Gauge>>,
+    histograms: BTreeMap<StatName, Arc<Histogram>>,
     text: BTreeMap<String, String>,
 }
 
@@ -154,6 +157,28 @@ impl Store {
     pub fn gauge_in(&self, prefix: &Arc<str>, field: &'static str) -> Arc<Gauge> {
         self.gauge_named(StatName::Split(prefix.clone(), field))
     }
+    pub fn histogram(&self, name: &str) -> Arc<Histogram> {
+        self.histogram_named(StatName::Whole(name.into()))
+    }
+    pub fn histogram_in(&self, prefix: &Arc<str>, field: &'static str) -> Arc<Histogram> {
+        self.histogram_named(StatName::Split(prefix.clone(), field))
+    }
+    fn histogram_named(&self, name: StatName) -> Arc<Histogram> {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        m.histograms.entry(name).or_default().clone()
+    }
+
+    /// The stats flush: every histogram's samples since the last one become its interval.
+    pub fn merge_histograms(&self) {
+        let all: Vec<Arc<Histogram>> = {
+            let m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+            m.histograms.values().cloned().collect()
+        };
+        for h in all {
+            h.merge();
+        }
+    }
+
     fn counter_named(&self, name: StatName) -> Arc<Counter> {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         m.counters.entry(name).or_default().clone()
@@ -183,6 +208,11 @@ impl Store {
                 .map(|(k, v)| (k.to_string(), v.value() as u64, v.used()))
                 .collect(),
             text: m.text.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            histograms: m
+                .histograms
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.merged(), v.used()))
+                .collect(),
         }
     }
 }
@@ -191,4 +221,6 @@ pub struct StatsSnapshot {
     pub counters: Vec<(String, u64, bool)>,
     pub gauges: Vec<(String, u64, bool)>,
     pub text: Vec<(String, String)>,
+    /// As of the last stats flush, as Envoy shows them.
+    pub histograms: Vec<(String, crate::histogram::Merged, bool)>,
 }

@@ -46,6 +46,7 @@ pub fn load(opts: &Options, store: &Store) -> Result<Snapshot, ConfigError> {
 
 /// Runs Petrel until shutdown. Returns once the process should exit.
 pub fn run(opts: Options) -> Result<(), ServerError> {
+    STARTED.get_or_init(Instant::now);
     let store = Store::default();
     crate::observe::access_log::set_flush_interval(std::time::Duration::from_millis(
         opts.file_flush_interval_msec.into(),
@@ -115,6 +116,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             m.start_workers(&current.load().listeners);
         }
         store.gauge("listener_manager.workers_started").set(1);
+        record_initialized(&store);
         server_stats.state.set(0);
         initialized.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -161,6 +163,17 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             });
         }
         spawn_dns_refreshers(&current);
+        // Envoy's stats flush (`stats_flush_interval`, 5 s): histograms merge what their workers
+        // recorded; the admin shows them as of the last flush.
+        let flushed = store.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                flushed.merge_histograms();
+            }
+        });
         let _ads = start_ads(&current, &store, &opts_for_ads, &manager, &initialized);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -256,6 +269,17 @@ fn announced_node(
         }),
     }));
     n
+}
+
+/// When the server began starting (Envoy's `server.initialization_time_ms` counts from here).
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// `server.initialization_time_ms`: from the start until the workers start.
+pub fn record_initialized(store: &Store) {
+    let since = *STARTED.get_or_init(Instant::now);
+    store
+        .histogram("server.initialization_time_ms")
+        .record(since.elapsed().as_millis() as u64);
 }
 
 /// One task per DNS cluster re-resolves it every `dns_refresh_rate` (or, with

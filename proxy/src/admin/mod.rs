@@ -375,6 +375,11 @@ fn stats(
         }
     }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let histograms: Vec<_> = snap
+        .histograms
+        .iter()
+        .filter(|(n, _, used)| keep(n, *used))
+        .collect();
     let mut texts: Vec<(String, String)> = snap
         .text
         .into_iter()
@@ -390,6 +395,9 @@ fn stats(
             rows.into_iter()
                 .map(|(n, _, v)| json!({"name": n, "value": v})),
         );
+        if !histograms.is_empty() {
+            out.push(histograms_json(&histograms));
+        }
         // Envoy prints stats JSON compact, unlike its other admin JSON.
         let mut r = text(StatusCode::OK, json!({"stats": out}).to_string());
         r.headers_mut().insert(
@@ -405,7 +413,62 @@ fn stats(
     for (n, v, _) in rows {
         s.push_str(&format!("{n}: {v}\n"));
     }
+    for (n, merged, used) in &histograms {
+        s.push_str(&format!("{n}: {}\n", histogram_summary(merged, *used)));
+    }
     text(StatusCode::OK, s)
+}
+
+/// Envoy's quantile labels (`P{:g}` of the supported quantiles).
+const QUANTILE_LABELS: [&str; 10] = [
+    "0", "25", "50", "75", "90", "95", "99", "99.5", "99.9", "100",
+];
+
+/// A double as Envoy's `fmt` `{}` writes it (shortest round trip; `nan`).
+fn fmt_double(v: f64) -> String {
+    if v.is_nan() {
+        "nan".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// A histogram's `/stats` line: `P0(interval,cumulative) …`, or "No recorded values".
+fn histogram_summary(m: &petrel_filters::histogram::Merged, used: bool) -> String {
+    use petrel_filters::histogram::quantiles;
+    if !used {
+        return "No recorded values".into();
+    }
+    let (i, c) = (quantiles(&m.interval), quantiles(&m.cumulative));
+    QUANTILE_LABELS
+        .iter()
+        .enumerate()
+        .map(|(k, l)| format!("P{l}({},{})", fmt_double(i[k]), fmt_double(c[k])))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The `histograms` element of `/stats?format=json`.
+fn histograms_json(hs: &[&(String, petrel_filters::histogram::Merged, bool)]) -> Value {
+    use petrel_filters::histogram::{quantiles, SUPPORTED_QUANTILES};
+    // Envoy's JSON writes whole numbers without a fraction.
+    let num = |v: f64| match v {
+        v if v.is_nan() => Value::Null,
+        v if v.fract() == 0.0 && v.abs() < 9e15 => json!(v as i64),
+        v => json!(v),
+    };
+    let computed: Vec<Value> = hs
+        .iter()
+        .map(|(n, m, _)| {
+            let (i, c) = (quantiles(&m.interval), quantiles(&m.cumulative));
+            let values: Vec<Value> = (0..10)
+                .map(|k| json!({"interval": num(i[k]), "cumulative": num(c[k])}))
+                .collect();
+            json!({"name": n, "values": values})
+        })
+        .collect();
+    let supported: Vec<Value> = SUPPORTED_QUANTILES.iter().map(|q| num(q * 100.0)).collect();
+    json!({"histograms": {"supported_quantiles": supported, "computed_quantiles": computed}})
 }
 
 fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Response<Full<Bytes>> {

@@ -76,7 +76,80 @@ pub fn render(
             }
         }
     }
+    render_histograms(&mut out, snap, producer, &keep);
     out
+}
+
+/// Histograms as Envoy writes them: cumulative buckets at its default bounds, `+Inf`, the
+/// (bin-midpoint) sum and the count, as of the last stats flush.
+fn render_histograms(
+    out: &mut String,
+    snap: &StatsSnapshot,
+    producer: &TagProducer,
+    keep: &impl Fn(&str, bool) -> bool,
+) {
+    use petrel_filters::histogram::{approx_sum, count, count_below, DEFAULT_BUCKETS};
+    let mut families: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (stat, merged, used) in &snap.histograms {
+        if !keep(stat, *used) {
+            continue;
+        }
+        let (name, tags) = tagged_name(producer, stat);
+        let labels: String = tags
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\",", escape(v)))
+            .collect();
+        let d = &merged.cumulative;
+        let mut series = String::new();
+        for b in DEFAULT_BUCKETS {
+            series.push_str(&format!(
+                "{name}_bucket{{{labels}le=\"{}\"}} {}\n",
+                fmt_g32(b),
+                count_below(d, b)
+            ));
+        }
+        let n = count(d);
+        series.push_str(&format!("{name}_bucket{{{labels}le=\"+Inf\"}} {n}\n"));
+        let plain = labels.trim_end_matches(',');
+        series.push_str(&format!(
+            "{name}_sum{{{plain}}} {}\n",
+            fmt_g32(approx_sum(d))
+        ));
+        series.push_str(&format!("{name}_count{{{plain}}} {n}\n"));
+        families
+            .entry(name)
+            .or_default()
+            .push((stat.clone(), series));
+    }
+    for (name, mut series) in families {
+        series.sort();
+        out.push_str(&format!("# TYPE {name} histogram\n"));
+        for (_, s) in series {
+            out.push_str(&s);
+        }
+    }
+}
+
+/// C's `%.32g`, as Envoy formats bucket bounds and sums.
+fn fmt_g32(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let sci = format!("{v:.31e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..32).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{}e{sign}{:02}", trim(mantissa), exp.abs());
+    }
+    trim(&format!("{v:.*}", (31 - exp).max(0) as usize))
 }
 
 #[cfg(test)]
@@ -90,6 +163,18 @@ mod tests {
             .map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v))
             .collect();
         (name, tags)
+    }
+
+    #[test]
+    fn g32_is_cs() {
+        assert_eq!(fmt_g32(0.5), "0.5");
+        assert_eq!(fmt_g32(3600000.0), "3600000");
+        assert_eq!(
+            fmt_g32(741.545_729_101_582_5),
+            "741.54572910158253762347158044577"
+        );
+        assert_eq!(fmt_g32(3.05), "3.049999999999999822364316059975");
+        assert_eq!(fmt_g32(1e40), "1.0000000000000000303786028427004e+40");
     }
 
     #[test]

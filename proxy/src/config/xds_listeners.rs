@@ -416,6 +416,7 @@ impl XdsState {
             m.start_workers(&snap.listeners);
         }
         self.store.gauge("listener_manager.workers_started").set(1);
+        crate::server::record_initialized(&self.store);
         self.store.gauge("server.state").set(0);
         self.initialized
             .store(true, std::sync::atomic::Ordering::Relaxed);

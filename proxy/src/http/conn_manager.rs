@@ -97,6 +97,7 @@ pub async fn serve(
 ) {
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
+    let opened = Instant::now();
     let tls = accepted.is_tls();
     if tls {
         hcm.stats.downstream_cx_ssl_total.inc();
@@ -116,6 +117,9 @@ pub async fn serve(
         } => {}
         _ = drain.finished() => {}
     }
+    hcm.stats
+        .downstream_cx_length_ms
+        .record(opened.elapsed().as_millis() as u64);
     hcm.stats.downstream_cx_active.dec();
     if tls {
         hcm.stats.downstream_cx_ssl_active.dec();
@@ -470,6 +474,8 @@ pub async fn handle(
     });
     let mut resp = with_log(hcm, resp, facts, info, start, start_time, h2, trace);
     resp.body_mut().encode_with(encoders);
+    resp.body_mut()
+        .time_with(start, hcm.stats.downstream_rq_time.clone());
     resp
 }
 

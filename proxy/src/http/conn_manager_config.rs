@@ -45,6 +45,8 @@ stat_struct!(HcmStats {
     counter no_cluster,
     counter rq_direct_response,
     counter rq_redirect,
+    histogram downstream_rq_time,
+    histogram downstream_cx_length_ms,
 });
 
 // The connection manager's per-listener stats (`listener.<address>.http.<prefix>.`): Envoy's

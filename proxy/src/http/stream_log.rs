@@ -136,6 +136,8 @@ pub struct StreamBody {
     held_trailers: Option<Frame<Bytes>>,
     /// The encoders have had their last chunk.
     encoders_done: bool,
+    /// `downstream_rq_time`: the milliseconds from the stream's start to its end.
+    rq_time: Option<(Instant, Arc<crate::observe::stats::Histogram>)>,
 }
 
 impl StreamBody {
@@ -149,7 +151,13 @@ impl StreamBody {
             encoders: Vec::new(),
             held_trailers: None,
             encoders_done: false,
+            rq_time: None,
         }
+    }
+
+    /// Records the stream's length in `histogram` when it ends.
+    pub fn time_with(&mut self, start: Instant, histogram: Arc<crate::observe::stats::Histogram>) {
+        self.rq_time = Some((start, histogram));
     }
 
     /// Rewrites the body through these encoders (none: passes it as it is).
@@ -247,6 +255,9 @@ impl Body for StreamBody {
 
 impl Drop for StreamBody {
     fn drop(&mut self) {
+        if let Some((start, h)) = self.rq_time.take() {
+            h.record(start.elapsed().as_millis() as u64);
+        }
         let Some(log) = self.log.take() else { return };
         let bodiless = matches!(log.status, 204 | 304)
             || log.facts.method.as_ref() == Some(&http::Method::HEAD);

@@ -15,23 +15,31 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::observe::stats::Counter;
+use crate::observe::stats::{Counter, Histogram};
 
 /// When the stream last moved a byte, and whether the request has been fully received.
 #[derive(Debug)]
 pub struct StreamActivity {
     last: Cell<Instant>,
     request_done: Cell<bool>,
+    /// When the whole request had been received (what `upstream_rq_time` counts from).
+    done_at: Cell<Option<Instant>>,
     completed: tokio::sync::Notify,
 }
 
 impl StreamActivity {
     pub fn new(request_done: bool) -> Rc<Self> {
+        let now = Instant::now();
         Rc::new(StreamActivity {
-            last: Cell::new(Instant::now()),
+            last: Cell::new(now),
             request_done: Cell::new(request_done),
+            done_at: Cell::new(request_done.then_some(now)),
             completed: tokio::sync::Notify::new(),
         })
+    }
+    /// When the request was complete (now, if it is not yet).
+    pub fn request_done_at(&self) -> Instant {
+        self.done_at.get().unwrap_or_else(Instant::now)
     }
     pub fn request_complete(&self) -> bool {
         self.request_done.get()
@@ -92,6 +100,9 @@ impl Body for DownstreamBody {
         if let Poll::Ready(frame) = &r {
             this.activity.touch();
             if frame.is_none() || this.inner.is_end_stream() {
+                if !this.activity.request_done.get() {
+                    this.activity.done_at.set(Some(Instant::now()));
+                }
                 this.activity.request_done.set(true);
                 this.activity.completed.notify_waiters();
             }
@@ -123,6 +134,8 @@ pub struct IdleTimedBody<B> {
     /// The route's `max_stream_duration`: the body is cut (the stream reset) at this instant,
     /// counted in `downstream_rq_max_duration_reached`.
     end: Option<(Pin<Box<Sleep>>, Arc<Counter>)>,
+    /// Histograms that get the milliseconds from this instant to the body's end.
+    timed: Option<(Instant, Vec<Arc<Histogram>>)>,
 }
 
 /// The fault filter's response rate limit: at most `per_tick` bytes every 50 ms (Envoy's
@@ -146,6 +159,22 @@ impl<B> IdleTimedBody<B> {
             per_try: None,
             throttle: None,
             end: None,
+            timed: None,
+        }
+    }
+
+    /// Records the milliseconds from `since` to the body's last frame in each of `histograms`.
+    pub fn timed(mut self, since: Instant, histograms: Vec<Arc<Histogram>>) -> Self {
+        self.timed = Some((since, histograms));
+        self
+    }
+
+    fn record_end(&mut self) {
+        if let Some((since, hs)) = self.timed.take() {
+            let ms = since.elapsed().as_millis() as u64;
+            for h in hs {
+                h.record(ms);
+            }
         }
     }
 
@@ -231,6 +260,9 @@ where
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }
+                }
+                if r.is_none() || this.inner.is_end_stream() {
+                    this.record_end();
                 }
                 Poll::Ready(r.map(|f| f.map_err(Into::into)))
             }

@@ -140,6 +140,7 @@ async fn serve(
         return;
     };
     l.stats.downstream_cx_active.inc();
+    let opened = std::time::Instant::now();
     let original_dst = d.restored.then_some(d.local);
     let accepted = Accepted {
         tcp: stream,
@@ -165,6 +166,9 @@ async fn serve(
             crate::tcp::proxy::serve(accepted, original_dst, sni, cfg, ctx, l.drain.clone()).await
         }
     }
+    l.stats
+        .downstream_cx_length_ms
+        .record(opened.elapsed().as_millis() as u64);
     l.stats.downstream_cx_active.dec();
     l.stats.downstream_cx_destroy.inc();
 }

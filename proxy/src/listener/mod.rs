@@ -33,6 +33,7 @@ stat_struct!(ListenerStats {
     counter downstream_pre_cx_timeout,
     counter downstream_listener_filter_remote_close,
     counter downstream_global_cx_overflow,
+    histogram downstream_cx_length_ms,
 });
 
 /// Downstream connections open on listeners that count toward the overload manager's global

@@ -28,8 +28,12 @@ macro_rules! stat_struct {
     (@make $store:ident, $prefix:ident, gauge, $field:ident) => {
         $store.gauge_in(&$prefix, stringify!($field))
     };
+    (@make $store:ident, $prefix:ident, histogram, $field:ident) => {
+        $store.histogram_in(&$prefix, stringify!($field))
+    };
     (@ty counter) => { std::sync::Arc<$crate::observe::stats::Counter> };
     (@ty gauge) => { std::sync::Arc<$crate::observe::stats::Gauge> };
+    (@ty histogram) => { std::sync::Arc<$crate::observe::stats::Histogram> };
 }
 
 #[cfg(test)]

@@ -563,6 +563,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     }
     let activity = StreamActivity::new(req.body().is_end_stream());
+    let internal_request = headers
+        .get("x-envoy-internal")
+        .is_some_and(|v| v.as_bytes() == b"true");
     let downstream = DownstreamBody::new(req.into_body(), activity.clone());
     // A request that may be retried keeps a copy of its body to replay.
     // Envoy 1.40 streams a mirror's body without bounding it; only retries are bounded (and a
@@ -910,10 +913,16 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
     }
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(ChosenHost(host.clone()));
-    let mut body = IdleTimedBody::new(body, idle_timeout).with_per_try_idle(
-        per_try_idle_timeout,
-        cluster.stats.upstream_rq_per_try_idle_timeout.clone(),
-    );
+    // Envoy's `upstream_rq_time`: from the whole request received to the response's end.
+    let mut body = IdleTimedBody::new(body, idle_timeout)
+        .with_per_try_idle(
+            per_try_idle_timeout,
+            cluster.stats.upstream_rq_per_try_idle_timeout.clone(),
+        )
+        .timed(
+            activity.request_done_at(),
+            cluster.rq_time.for_request(internal_request),
+        );
     // A stream past its max_stream_duration once the response has started is reset.
     if let Some(end) = stream_end {
         body.end_by(end, f.hcm.stats.downstream_rq_max_duration_reached.clone());

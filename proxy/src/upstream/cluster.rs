@@ -22,7 +22,7 @@ use super::consistent_hash::{HashLb, DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEF
 use super::host_set::{health_flag, HostGroup, HostSet, Level, Membership, Policy};
 use super::outlier_detection::{Detector, HostMonitor, Report};
 use crate::config::{duration, invalid, reject_unhandled, ConfigError};
-use crate::observe::stats::{Counter, Store};
+use crate::observe::stats::{Counter, Histogram, Store};
 use crate::stat_struct;
 
 stat_struct!(ClusterStats {
@@ -58,7 +58,52 @@ stat_struct!(ClusterStats {
     gauge membership_healthy,
     gauge membership_degraded,
     gauge membership_excluded,
+    histogram upstream_cx_connect_ms,
+    histogram upstream_cx_length_ms,
+    histogram upstream_rq_per_cx,
 });
+
+/// `upstream_rq_time`, and `internal.`/`external.upstream_rq_time` by the request's
+/// `x-envoy-internal`: made on first use, as Envoy's code stats make them.
+#[derive(Debug, Clone)]
+pub struct RqTime {
+    store: Store,
+    prefix: String,
+    all: OnceLock<Arc<Histogram>>,
+    internal: OnceLock<Arc<Histogram>>,
+    external: OnceLock<Arc<Histogram>>,
+}
+
+impl RqTime {
+    fn new(store: &Store, prefix: &str) -> Self {
+        RqTime {
+            store: store.clone(),
+            prefix: prefix.to_string(),
+            all: OnceLock::new(),
+            internal: OnceLock::new(),
+            external: OnceLock::new(),
+        }
+    }
+
+    /// The histograms a response's time goes to.
+    pub fn for_request(&self, internal: bool) -> Vec<Arc<Histogram>> {
+        let (cell, which) = if internal {
+            (&self.internal, "internal.")
+        } else {
+            (&self.external, "external.")
+        };
+        [(&self.all, ""), (cell, which)]
+            .into_iter()
+            .map(|(cell, which)| {
+                cell.get_or_init(|| {
+                    self.store
+                        .histogram(&format!("{}{which}upstream_rq_time", self.prefix))
+                })
+                .clone()
+            })
+            .collect()
+    }
+}
 
 /// `upstream_rq_<class>xx` and `upstream_rq_<code>`, created on first use as Envoy creates them
 /// (so an idle cluster carries none of them).
@@ -269,6 +314,7 @@ pub struct Cluster {
     pub host_set: Arc<HostSet>,
     pub outlier: Option<Arc<Detector>>,
     pub stats: ClusterStats,
+    pub rq_time: RqTime,
     pub codes: ResponseCodeStats,
     /// `retry.upstream_rq_*`: responses a retry replaced.
     pub retry_codes: ResponseCodeStats,
@@ -995,6 +1041,7 @@ pub fn compile(
         host_set,
         outlier,
         codes: ResponseCodeStats::new(store, &stat_prefix),
+        rq_time: RqTime::new(store, &stat_prefix),
         retry_codes: ResponseCodeStats::new(store, &format!("{stat_prefix}retry."))
             .with_completed(),
         resources: breakers.default,

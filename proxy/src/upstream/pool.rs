@@ -129,6 +129,14 @@ struct H2Conn {
 pub struct UpstreamConn {
     pub local: Option<SocketAddr>,
     pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
+    /// Requests sent on the connection (`upstream_rq_per_cx` when it closes).
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl UpstreamConn {
+    fn sent_one(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn with_local<B>(mut resp: Response<B>, conn: UpstreamConn) -> Response<B> {
@@ -422,7 +430,15 @@ impl WorkerUpstreams {
             .await
             .map_err(|_| ResetReason::ConnectionFailure(0))?;
         cluster.stats.upstream_cx_http1_total.inc();
-        track(&cluster.stats, host, conn.with_upgrades(), held, None);
+        local.sent_one();
+        track(
+            &cluster.stats,
+            host,
+            conn.with_upgrades(),
+            held,
+            None,
+            local.requests.clone(),
+        );
         // Envoy counts an upstream request once it has a connection to go on.
         let _request = attach(cluster, host);
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
@@ -467,6 +483,7 @@ impl WorkerUpstreams {
             if let Some(a) = attached {
                 a.notify_one();
             }
+            sender.local.sent_one();
             let resp = sender
                 .sender
                 .send_request(req)
@@ -493,6 +510,7 @@ impl WorkerUpstreams {
         if let Some(a) = attached {
             a.notify_one();
         }
+        local.sent_one();
         let resp = sender.send_request(req).await.map_err(|e| classify(&e))?;
         let used = used + 1;
         let reuse = cluster.max_requests_per_connection.is_none_or(|m| used < m);
@@ -594,11 +612,12 @@ impl HostStream {
         match self {
             HostStream::Tcp(t) => UpstreamConn {
                 local: t.local_addr().ok(),
-                tls: None,
+                ..Default::default()
             },
             HostStream::Tls(t, info) => UpstreamConn {
                 local: t.get_ref().0.local_addr().ok(),
                 tls: Some(info.clone()),
+                ..Default::default()
             },
             HostStream::Unix(_) => UpstreamConn::default(),
         }
@@ -712,8 +731,14 @@ pub async fn connect_host(
             (Connected::Unix(u), _) => Ok(HostStream::Unix(u)),
         }
     };
+    let started = Instant::now();
     match tokio::time::timeout(cluster.connect_timeout, connecting).await {
-        Ok(Ok(s)) => Ok((s, held)),
+        Ok(Ok(s)) => {
+            stats
+                .upstream_cx_connect_ms
+                .record(started.elapsed().as_millis() as u64);
+            Ok((s, held))
+        }
         Ok(Err(reason)) => failed(reason),
         Err(_) => {
             stats.upstream_cx_connect_timeout.inc();
@@ -730,13 +755,21 @@ fn track<F: std::future::Future + 'static>(
     conn: F,
     held: Held,
     pool: Option<Rc<HostPool>>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let stats = stats.clone();
     let host = host.clone();
     stats.upstream_cx_active.inc();
     host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
+    let opened = Instant::now();
     tokio::task::spawn_local(async move {
         let _ = conn.await;
+        stats
+            .upstream_cx_length_ms
+            .record(opened.elapsed().as_millis() as u64);
+        stats
+            .upstream_rq_per_cx
+            .record(requests.load(Ordering::Relaxed));
         stats.upstream_cx_active.dec();
         stats.upstream_cx_destroy.inc();
         host.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
@@ -786,7 +819,14 @@ where
     match opened {
         Ok((sender, conn, held, local)) => {
             total.inc();
-            track(&cluster.stats, host, conn, held, Some(pool.clone()));
+            track(
+                &cluster.stats,
+                host,
+                conn,
+                held,
+                Some(pool.clone()),
+                local.requests.clone(),
+            );
             Ok((sender, local))
         }
         Err(e) => {
