@@ -74,82 +74,66 @@ pub fn start_collector(tls: Option<&crate::tls::Pem>) -> Collector {
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
     let r = reports.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async move {
-            l.set_nonblocking(true).expect("nonblocking");
-            let l = tokio::net::TcpListener::from_std(l).expect("listener");
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let r = r.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let r = r.clone();
-                            async move {
-                                use http_body_util::BodyExt;
-                                let path = req
-                                    .uri()
-                                    .path_and_query()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_default();
-                                let headers = req
-                                    .headers()
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (
-                                            k.to_string(),
-                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                        )
-                                    })
-                                    .collect();
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                if let Ok(mut all) = r.lock() {
-                                    all.push(Report {
-                                        path,
-                                        headers,
-                                        body: String::from_utf8_lossy(&body).into_owned(),
-                                    });
-                                }
-                                let mut resp = http::Response::new(http_body_util::Full::new(
-                                    bytes::Bytes::new(),
-                                ));
-                                *resp.status_mut() = http::StatusCode::ACCEPTED;
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        },
-                    );
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    match acceptor {
-                        Some(a) => {
-                            if let Ok(t) = a.accept(s).await {
-                                let _ = builder
-                                    .serve_connection(hyper_util::rt::TokioIo::new(t), svc)
-                                    .await;
-                            }
+    crate::spawn_server(l, move |s| {
+        let r = r.clone();
+        let acceptor = acceptor.clone();
+        async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let r = r.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let path = req
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default();
+                        let headers = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if let Ok(mut all) = r.lock() {
+                            all.push(Report {
+                                path,
+                                headers,
+                                body: String::from_utf8_lossy(&body).into_owned(),
+                            });
                         }
-                        None => {
-                            let _ = builder
-                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                                .await;
-                        }
+                        let mut resp =
+                            http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                        *resp.status_mut() = http::StatusCode::ACCEPTED;
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            match acceptor {
+                Some(a) => {
+                    if let Ok(t) = a.accept(s).await {
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(t), svc)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                }
             }
-        });
+        }
     });
     Collector { port, reports }
 }

@@ -333,11 +333,13 @@ fn parse_complete(mut buf: &[u8], head_request: bool) -> Option<RawResponse> {
     }
 }
 
-/// An echo upstream: answers every request with JSON of what it received (method, path,
-/// headers), so a test sees exactly what the proxy sent upstream. `/slow` never answers.
-pub fn start_echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind echo");
-    let port = l.local_addr().expect("addr").port();
+/// Serves every connection accepted on `l` with `on_conn`, on a runtime of its own thread (the
+/// test upstreams' and collectors' accept loop).
+pub fn spawn_server<F, Fut>(l: TcpListener, on_conn: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -347,54 +349,87 @@ pub fn start_echo() -> u16 {
             l.set_nonblocking(true).expect("nonblocking");
             let l = tokio::net::TcpListener::from_std(l).expect("listener");
             loop {
-                let Ok((s, _)) = l.accept().await else { continue };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
-                        use http_body_util::BodyExt;
-                        if req.headers().get("upgrade").is_some() {
-                            // WebSocket-shaped upgrade: 101, then echo every byte back.
-                            let on = hyper::upgrade::on(&mut req);
-                            tokio::spawn(async move {
-                                if let Ok(up) = on.await {
-                                    let mut io = hyper_util::rt::TokioIo::new(up);
-                                    let (mut r, mut w) = tokio::io::split(&mut io);
-                                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                                }
-                            });
-                            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-                            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-                            resp.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
-                            resp.headers_mut().insert("upgrade", http::HeaderValue::from_static("websocket"));
-                            return Ok::<_, std::convert::Infallible>(resp);
-                        }
-                        let method = req.method().to_string();
-                        let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-                        if path.starts_with("/slow") {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                        }
-                        // `/delay/<ms>` answers after that many milliseconds.
-                        if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                        }
-                        let mut headers: Vec<(String, String)> = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-                            .collect();
-                        headers.sort();
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let json = serde_json::json!({"method": method, "path": path, "headers": headers, "body": String::from_utf8_lossy(&body)});
-                        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(json.to_string())));
-                        resp.headers_mut().insert("server", http::HeaderValue::from_static("echo"));
-                        resp.headers_mut().insert("x-upstream", http::HeaderValue::from_static("yes"));
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(on_conn(s));
             }
         });
+    });
+}
+
+/// An echo upstream: answers every request with JSON of what it received (method, path,
+/// headers), so a test sees exactly what the proxy sent upstream. `/slow` never answers.
+pub fn start_echo() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let port = l.local_addr().expect("addr").port();
+    spawn_server(l, |s| async move {
+        let svc = hyper::service::service_fn(
+            |mut req: http::Request<hyper::body::Incoming>| async move {
+                use http_body_util::BodyExt;
+                if req.headers().get("upgrade").is_some() {
+                    // WebSocket-shaped upgrade: 101, then echo every byte back.
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = on.await {
+                            let mut io = hyper_util::rt::TokioIo::new(up);
+                            let (mut r, mut w) = tokio::io::split(&mut io);
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        }
+                    });
+                    let mut resp =
+                        http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut()
+                        .insert("connection", http::HeaderValue::from_static("upgrade"));
+                    resp.headers_mut()
+                        .insert("upgrade", http::HeaderValue::from_static("websocket"));
+                    return Ok::<_, std::convert::Infallible>(resp);
+                }
+                let method = req.method().to_string();
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                if path.starts_with("/slow") {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                // `/delay/<ms>` answers after that many milliseconds.
+                if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let mut headers: Vec<(String, String)> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect();
+                headers.sort();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let json = serde_json::json!({"method": method, "path": path, "headers": headers, "body": String::from_utf8_lossy(&body)});
+                let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                    json.to_string(),
+                )));
+                resp.headers_mut()
+                    .insert("server", http::HeaderValue::from_static("echo"));
+                resp.headers_mut()
+                    .insert("x-upstream", http::HeaderValue::from_static("yes"));
+                Ok::<_, std::convert::Infallible>(resp)
+            },
+        );
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
+            .await;
     });
     port
 }

@@ -34,34 +34,19 @@ pub fn start_scripted(name: &'static str) -> (u16, Seen) {
     let port = l.local_addr().expect("addr").port();
     let seen: Seen = Arc::default();
     let state = seen.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async move {
-            l.set_nonblocking(true).expect("nonblocking");
-            let l = tokio::net::TcpListener::from_std(l).expect("listener");
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let state = state.clone();
-                            async move { answer(name, &state, req).await }
-                        },
-                    );
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
+    crate::spawn_server(l, move |s| {
+        let state = state.clone();
+        async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    async move { answer(name, &state, req).await }
+                });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
-                });
-            }
-        });
+        }
     });
     (port, seen)
 }
