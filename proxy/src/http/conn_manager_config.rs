@@ -60,29 +60,23 @@ stat_struct!(HcmListenerStats {
     counter downstream_rq_5xx,
 });
 
-impl HcmListenerStats {
-    pub fn response_class(&self, status: u16) {
-        match status / 100 {
-            1 => self.downstream_rq_1xx.inc(),
-            2 => self.downstream_rq_2xx.inc(),
-            3 => self.downstream_rq_3xx.inc(),
-            4 => self.downstream_rq_4xx.inc(),
-            _ => self.downstream_rq_5xx.inc(),
+/// `downstream_rq_<class>xx` for a response status, in both stat groups that keep them.
+macro_rules! response_class {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn response_class(&self, status: u16) {
+                match status / 100 {
+                    1 => self.downstream_rq_1xx.inc(),
+                    2 => self.downstream_rq_2xx.inc(),
+                    3 => self.downstream_rq_3xx.inc(),
+                    4 => self.downstream_rq_4xx.inc(),
+                    _ => self.downstream_rq_5xx.inc(),
+                }
+            }
         }
-    }
+    )*};
 }
-
-impl HcmStats {
-    pub fn response_class(&self, status: u16) {
-        match status / 100 {
-            1 => self.downstream_rq_1xx.inc(),
-            2 => self.downstream_rq_2xx.inc(),
-            3 => self.downstream_rq_3xx.inc(),
-            4 => self.downstream_rq_4xx.inc(),
-            _ => self.downstream_rq_5xx.inc(),
-        }
-    }
-}
+response_class!(HcmStats, HcmListenerStats);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Codec {
