@@ -166,8 +166,9 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         // Envoy's stats flush (`stats_flush_interval`, 5 s): histograms merge what their workers
         // recorded; the admin shows them as of the last flush.
         let flushed = store.clone();
+        let flush_every = current.load().stats_flush_interval;
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(5));
+            let mut every = tokio::time::interval(flush_every);
             every.tick().await;
             loop {
                 every.tick().await;

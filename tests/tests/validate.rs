@@ -87,6 +87,26 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>, &'static str)> {
             vec![],
             "max_active_downstream_connections",
         ),
+        ("stats flush interval", format!("stats_flush_interval: 10s\n{}", config("route: {cluster: c}")), vec![], ""),
+        ("stats flush interval too long", format!("stats_flush_interval: 300s\n{}", config("route: {cluster: c}")), vec![], "stats_flush_interval"),
+        (
+            "zipkin to a missing cluster",
+            format!(
+                "tracing: {{http: {{name: envoy.tracers.zipkin, typed_config: {{\"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: nowhere, collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON}}}}}}\n{}",
+                config("route: {cluster: c}").replace("stat_prefix: s\n", "stat_prefix: s\n          tracing: {}\n")
+            ),
+            vec![],
+            "unknown cluster 'nowhere'",
+        ),
+        (
+            "zipkin as pilot-agent renders it",
+            format!(
+                "tracing: {{http: {{name: envoy.tracers.zipkin, typed_config: {{\"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: c, collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON, trace_id_128bit: true, shared_span_context: false}}}}}}\n{}",
+                config("route: {cluster: c}").replace("stat_prefix: s\n", "stat_prefix: s\n          tracing: {random_sampling: {value: 1}}\n")
+            ),
+            vec![],
+            "",
+        ),
         ("unknown field", config("route: {cluster: c, bogus: 1}"), vec![], "bogus"),
         ("unknown field allowed", config("route: {cluster: c, bogus: 1}"), vec!["--allow-unknown-static-fields"], ""),
         ("bad regex", config("route: {cluster: c, regex_rewrite: {pattern: {regex: \"(\"}, substitution: x}}"), vec![], "regex"),

@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub stats_config: Arc<crate::observe::stats_config::StatsConfig>,
     /// `tracing.http`: the tracer connection managers use unless they name their own.
     pub tracing: Option<Arc<crate::observe::tracing::ZipkinDriver>>,
+    /// `stats_flush_interval` (5 s): how often histograms merge what was recorded.
+    pub stats_flush_interval: std::time::Duration,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -158,6 +160,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         Some(d) => super::dynamic::compile(&d, &clusters_pb)?,
         None => None,
     };
+    let stats_flush_interval = stats_flush_interval(&mut rest)?;
     let stats_config = Arc::new(crate::observe::stats_config::StatsConfig::compile(
         rest.stats_config.take().as_ref(),
         rest.deferred_stat_options.take().as_ref(),
@@ -252,7 +255,30 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         runtime,
         stats_config,
         tracing,
+        stats_flush_interval,
     })
+}
+
+/// `stats_flush_interval`, in Envoy's bounds [1 ms, 300 s); `stats_flush_on_admin` (histograms
+/// merged only when the admin asks) is refused.
+fn stats_flush_interval(rest: &mut Bootstrap) -> Result<std::time::Duration, ConfigError> {
+    use std::time::Duration;
+    if rest.stats_flush.take().is_some() {
+        return Err(ConfigError::Unsupported {
+            path: "(bootstrap)".into(),
+            fields: "'stats_flush_on_admin' (Petrel flushes on its interval)".into(),
+        });
+    }
+    let path = "stats_flush_interval";
+    let d = super::duration::or(
+        &rest.stats_flush_interval.take(),
+        Duration::from_secs(5),
+        path,
+    )?;
+    if d < Duration::from_millis(1) || d >= Duration::from_secs(300) {
+        return Err(invalid(path, "value must be inside range [1ms, 300s)"));
+    }
+    Ok(d)
 }
 
 /// The bootstrap's `tracing`: its `http` provider, compiled once for every connection manager
