@@ -88,16 +88,7 @@ pub fn start_collector(tls: Option<&crate::tls::Pem>) -> Collector {
                             .path_and_query()
                             .map(|p| p.to_string())
                             .unwrap_or_default();
-                        let headers = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| {
-                                (
-                                    k.to_string(),
-                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                )
-                            })
-                            .collect();
+                        let headers = crate::header_pairs(req.headers());
                         let body = req
                             .into_body()
                             .collect()

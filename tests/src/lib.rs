@@ -333,6 +333,18 @@ fn parse_complete(mut buf: &[u8], head_request: bool) -> Option<RawResponse> {
     }
 }
 
+/// Headers as (name, value) strings, in arrival order.
+pub fn header_pairs(h: &http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Serves every connection accepted on `l` with `on_conn`, on a runtime of its own thread (the
 /// test upstreams' and collectors' accept loop).
 pub fn spawn_server<F, Fut>(l: TcpListener, on_conn: F)
@@ -399,16 +411,7 @@ pub fn start_echo() -> u16 {
                 if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
-                let mut headers: Vec<(String, String)> = req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect();
+                let mut headers: Vec<(String, String)> = header_pairs(req.headers());
                 headers.sort();
                 let body = req
                     .into_body()
@@ -481,16 +484,7 @@ pub fn h2c(
             .map_err(|_| "timeout".to_string())?
             .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let mut hs: Vec<(String, String)> = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
+        let mut hs: Vec<(String, String)> = header_pairs(resp.headers());
         hs.sort();
         let body = resp
             .into_body()
