@@ -248,7 +248,12 @@ fn strip_file(file: &prost_types::FileDescriptorProto) -> prost_types::FileDescr
 }
 
 /// Files of `proto/istio` whose messages Petrel decodes (the `istio.alpn` filter).
-const ISTIO_SUPPORTED: &[&str] = &["alpn.proto", "authn.proto"];
+const ISTIO_SUPPORTED: &[&str] = &[
+    "alpn.proto",
+    "authn.proto",
+    "peer_metadata.proto",
+    "stats.proto",
+];
 
 /// The Istio-only extension messages Istio's configuration carries (`proto/istio`).
 fn istio_protos() -> FileDescriptorSet {

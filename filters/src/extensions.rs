@@ -165,11 +165,8 @@ pub const TABLE: &[(&str, Support)] = &[
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
         Support::Refused(ISSUE_OBSERVE),
     ),
-    ("stats.PluginConfig", Support::Refused(ISSUE_OBSERVE)),
-    (
-        "io.istio.http.peer_metadata.Config",
-        Support::Refused(ISSUE_OBSERVE),
-    ),
+    ("stats.PluginConfig", Support::Supported),
+    ("io.istio.http.peer_metadata.Config", Support::Supported),
     (
         "envoy.tcp.metadataexchange.config.MetadataExchange",
         Support::Refused(ISSUE_OBSERVE),

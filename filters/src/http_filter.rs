@@ -64,6 +64,8 @@ impl std::fmt::Debug for PerFilterConfigs {
 pub struct RouteInfo<'a> {
     /// The route's cluster when it names one.
     pub cluster: Option<&'a str>,
+    /// That cluster's Istio metadata, when the chain has a filter that reads it.
+    pub cluster_istio: Option<&'a crate::workload_metadata::IstioClusterMetadata>,
     /// Per-filter configs, most specific first (route, then virtual host).
     pub configs: [&'a PerFilterConfigs; 2],
 }
@@ -115,6 +117,14 @@ pub struct UpstreamAlpn {
 pub type DynamicMetadata =
     std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>>;
 
+/// The peers Istio's peer-metadata filter discovered for one stream (Envoy keeps them as the
+/// stream's `downstream_peer`/`upstream_peer` filter state), for the stats filter to read.
+#[derive(Debug, Clone, Default)]
+pub struct StreamPeers {
+    pub downstream: Option<std::sync::Arc<crate::workload_metadata::WorkloadMetadata>>,
+    pub upstream: Option<std::sync::Arc<crate::workload_metadata::WorkloadMetadata>>,
+}
+
 /// Request-side view a decoder filter gets.
 pub struct RequestHead<'a> {
     pub method: &'a http::Method,
@@ -127,6 +137,7 @@ pub struct RequestHead<'a> {
     pub upstream_alpn: &'a mut Option<std::sync::Arc<UpstreamAlpn>>,
     /// The stream's dynamic metadata, for filters to write.
     pub dynamic_metadata: &'a mut DynamicMetadata,
+    pub peers: &'a mut StreamPeers,
 }
 
 /// Response-side view an encoder filter gets.
@@ -136,6 +147,10 @@ pub struct ResponseHead<'a> {
     pub info: &'a StreamInfo<'a>,
     /// The response has no body.
     pub end_stream: bool,
+    pub peers: &'a mut StreamPeers,
+    /// The cluster the request went to, with its Istio metadata when it has any.
+    pub cluster: Option<&'a str>,
+    pub cluster_istio: Option<&'a crate::workload_metadata::IstioClusterMetadata>,
 }
 
 /// Rewrites a response body chunk by chunk (a compressor): what `encodeData` does to it.

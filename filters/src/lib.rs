@@ -15,6 +15,7 @@ pub mod matcher;
 pub mod stats;
 pub mod substitution;
 pub mod time;
+pub mod workload_metadata;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum FilterConfigError {

@@ -81,6 +81,36 @@ impl Gauge {
 enum StatName {
     Split(Arc<str>, &'static str),
     Whole(Box<str>),
+    Tagged(Arc<TaggedName>),
+}
+
+/// A stat made with explicit tags (Istio's telemetry makes them so): its name is the
+/// tag-extracted name followed by each tag's name and value, and tag extraction leaves it alone.
+#[derive(Debug)]
+struct TaggedName {
+    full: String,
+    extracted: String,
+    tags: Vec<(String, String)>,
+}
+
+impl TaggedName {
+    fn new(extracted: &str, tags: &[(&str, &str)]) -> TaggedName {
+        let mut full = extracted.to_string();
+        for (k, v) in tags {
+            full.push('.');
+            full.push_str(k);
+            full.push('.');
+            full.push_str(v);
+        }
+        TaggedName {
+            full,
+            extracted: extracted.to_string(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
 }
 
 impl StatName {
@@ -88,6 +118,7 @@ impl StatName {
         match self {
             StatName::Split(p, s) => (p, s),
             StatName::Whole(w) => (w, ""),
+            StatName::Tagged(t) => (&t.full, ""),
         }
     }
     fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
@@ -129,6 +160,11 @@ struct Maps {
     gauges: BTreeMap<StatName, Arc<Gauge>>,
     histograms: BTreeMap<StatName, Arc<Histogram>>,
     text: BTreeMap<String, String>,
+    /// The names and tags of the stats made with explicit tags, by full name.
+    tagged: BTreeMap<String, Arc<TaggedName>>,
+    /// Envoy's custom stat namespaces: shown in Prometheus without the namespace and without
+    /// `envoy_` (Istio's `istiocustom`).
+    custom_namespaces: Vec<String>,
 }
 
 /// The process's stat store.
@@ -162,6 +198,35 @@ impl Store {
     }
     pub fn histogram_in(&self, prefix: &Arc<str>, field: &'static str) -> Arc<Histogram> {
         self.histogram_named(StatName::Split(prefix.clone(), field))
+    }
+    /// A counter with explicit tags (see [`TaggedName`]).
+    pub fn counter_tagged(&self, extracted: &str, tags: &[(&str, &str)]) -> Arc<Counter> {
+        let name = self.tagged_name(extracted, tags);
+        self.counter_named(name)
+    }
+    pub fn gauge_tagged(&self, extracted: &str, tags: &[(&str, &str)]) -> Arc<Gauge> {
+        let name = self.tagged_name(extracted, tags);
+        self.gauge_named(name)
+    }
+    pub fn histogram_tagged(&self, extracted: &str, tags: &[(&str, &str)]) -> Arc<Histogram> {
+        let name = self.tagged_name(extracted, tags);
+        self.histogram_named(name)
+    }
+    fn tagged_name(&self, extracted: &str, tags: &[(&str, &str)]) -> StatName {
+        let t = TaggedName::new(extracted, tags);
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let t = m
+            .tagged
+            .entry(t.full.clone())
+            .or_insert_with(|| Arc::new(t));
+        StatName::Tagged(t.clone())
+    }
+    /// Registers an Envoy custom stat namespace (`istiocustom`).
+    pub fn register_custom_namespace(&self, ns: &str) {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if !m.custom_namespaces.iter().any(|n| n == ns) {
+            m.custom_namespaces.push(ns.to_string());
+        }
     }
     fn histogram_named(&self, name: StatName) -> Arc<Histogram> {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,6 +278,12 @@ impl Store {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.merged(), v.used()))
                 .collect(),
+            tagged: m
+                .tagged
+                .iter()
+                .map(|(k, t)| (k.clone(), (t.extracted.clone(), t.tags.clone())))
+                .collect(),
+            custom_namespaces: m.custom_namespaces.clone(),
         }
     }
 }
@@ -223,4 +294,7 @@ pub struct StatsSnapshot {
     pub text: Vec<(String, String)>,
     /// As of the last stats flush, as Envoy shows them.
     pub histograms: Vec<(String, crate::histogram::Merged, bool)>,
+    /// Stats made with explicit tags: full name → (tag-extracted name, tags).
+    pub tagged: std::collections::HashMap<String, (String, Vec<(String, String)>)>,
+    pub custom_namespaces: Vec<String>,
 }

@@ -3,6 +3,7 @@
 
 pub mod ads_server;
 pub mod collector;
+pub mod gotmpl;
 pub mod netns;
 pub mod scripted;
 pub mod tls;

@@ -120,6 +120,14 @@ impl TypeRegistry {
             .get_message_by_name(full_name)
             .ok_or_else(|| DecodeError::UnknownType(full_name.to_string()))?;
         let opts = DeserializeOptions::new().deny_unknown_fields(!allow_unknown_fields);
+        let coerced;
+        let value = match legacy_bools(&self.pool, &desc, value) {
+            Some(v) => {
+                coerced = v;
+                &coerced
+            }
+            None => value,
+        };
         let mut track = serde_path_to_error::Track::new();
         let de = serde_path_to_error::Deserializer::new(value, &mut track);
         match DynamicMessage::deserialize_with_options(desc, de, &opts) {
@@ -200,6 +208,11 @@ impl TypeRegistry {
     pub fn effective_type_url(any: &Any) -> String {
         if TYPED_STRUCT_URLS.contains(&any.type_url.as_str()) {
             if let Ok(ts) = TypedStructWire::decode(any.value.as_slice()) {
+                // Envoy reads a TypedStruct's type by its last segment: a bare message name
+                // (as istio/proxy's fixtures write them) is the same type.
+                if !ts.type_url.contains('/') {
+                    return format!("type.googleapis.com/{}", ts.type_url);
+                }
                 return ts.type_url;
             }
         }
@@ -232,6 +245,90 @@ impl TypeRegistry {
         let bytes = self.json_to_wire(type_name(&ts.type_url), &json, false)?;
         Ok((ts.type_url, bytes))
     }
+}
+
+/// protobuf's JSON parser (Envoy's, in its legacy mode) takes a string for a bool field the way
+/// `safe_strtob` reads it ("true"/"t"/"yes"/"y"/"1" and their opposites, any case); Istio's
+/// configs rely on it. A copy of `value` with those strings made booleans, when it has any.
+fn legacy_bools(
+    pool: &DescriptorPool,
+    desc: &prost_reflect::MessageDescriptor,
+    value: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    use prost_reflect::{Kind as FieldKind, MessageDescriptor};
+    fn strtob(s: &str) -> Option<bool> {
+        match s.to_ascii_lowercase().as_str() {
+            "true" | "t" | "yes" | "y" | "1" => Some(true),
+            "false" | "f" | "no" | "n" | "0" => Some(false),
+            _ => None,
+        }
+    }
+    fn walk(pool: &DescriptorPool, desc: &MessageDescriptor, v: &mut serde_json::Value) -> bool {
+        let Some(obj) = v.as_object_mut() else {
+            return false;
+        };
+        if desc.full_name() == "google.protobuf.Any" {
+            let inner = obj
+                .get("@type")
+                .and_then(|t| t.as_str())
+                .and_then(|t| pool.get_message_by_name(type_name(t)));
+            return inner.is_some_and(|d| walk(pool, &d, v));
+        }
+        let mut changed = false;
+        for (k, fv) in obj.iter_mut() {
+            let Some(field) = desc
+                .get_field_by_json_name(k)
+                .or_else(|| desc.get_field_by_name(k))
+            else {
+                continue;
+            };
+            let one = |x: &mut serde_json::Value| -> bool {
+                let boolean = match field.kind() {
+                    FieldKind::Bool => true,
+                    FieldKind::Message(m) => m.full_name() == "google.protobuf.BoolValue",
+                    _ => false,
+                };
+                match field.kind() {
+                    _ if boolean => match x.as_str().and_then(strtob) {
+                        Some(b) => {
+                            *x = serde_json::Value::Bool(b);
+                            true
+                        }
+                        None => false,
+                    },
+                    FieldKind::Message(m)
+                        if !m.full_name().starts_with("google.protobuf.")
+                            || m.full_name() == "google.protobuf.Any" =>
+                    {
+                        walk(pool, &m, x)
+                    }
+                    _ => false,
+                }
+            };
+            if field.is_map() {
+                let FieldKind::Message(entry) = field.kind() else {
+                    continue;
+                };
+                let vf = entry.map_entry_value_field();
+                if let (FieldKind::Message(m), Some(map)) = (vf.kind(), fv.as_object_mut()) {
+                    for x in map.values_mut() {
+                        changed |= walk(pool, &m, x);
+                    }
+                }
+            } else if field.is_list() {
+                if let Some(list) = fv.as_array_mut() {
+                    for x in list {
+                        changed |= one(x);
+                    }
+                }
+            } else {
+                changed |= one(fv);
+            }
+        }
+        changed
+    }
+    let mut copy = value.clone();
+    walk(pool, desc, &mut copy).then_some(copy)
 }
 
 /// Neither `TypedStruct` (udpa.type.v1, xds.type.v3) is in envoy-types' descriptor set, yet Istio
@@ -340,6 +437,34 @@ mod tests {
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
     use serde_json::json;
+
+    #[test]
+    #[allow(deprecated)]
+    fn bool_fields_take_legacy_strings() {
+        let v = json!({"static_resources": {"clusters": [
+            {"name": "a", "respect_dns_ttl": "true"},
+            {"name": "b", "respectDnsTtl": "NO"},
+        ], "listeners": [{"name": "l", "filter_chains": [{"filters": [{"name": "h",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "s", "normalize_path": "y"}}]}]}]}});
+        let b: Bootstrap = TypeRegistry::global().from_json(&v, false).unwrap();
+        let s = b.static_resources.unwrap();
+        assert!(s.clusters[0].respect_dns_ttl);
+        assert!(!s.clusters[1].respect_dns_ttl);
+        let hcm: HttpConnectionManager = TypeRegistry::global()
+            .unpack(s.listeners[0].filter_chains[0].filters[0].config_type.as_ref().map(|c| match c {
+                envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(a) => a,
+                _ => unreachable!(),
+            }).unwrap())
+            .unwrap();
+        assert_eq!(hcm.normalize_path.map(|b| b.value), Some(true));
+        // Anything else is still an error.
+        let bad =
+            json!({"static_resources": {"clusters": [{"name": "a", "respect_dns_ttl": "maybe"}]}});
+        assert!(TypeRegistry::global()
+            .from_json::<Bootstrap>(&bad, false)
+            .is_err());
+    }
 
     #[test]
     fn decodes_typed_config_any() {

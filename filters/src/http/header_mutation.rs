@@ -196,6 +196,7 @@ mod tests {
             route: None,
             upstream_alpn: &mut alpn,
             dynamic_metadata: &mut Default::default(),
+            peers: &mut Default::default(),
         };
         assert_eq!(
             filter.decode_headers(&mut head, true),
@@ -210,6 +211,9 @@ mod tests {
             headers: &mut rh,
             info: &info,
             end_stream: false,
+            peers: &mut Default::default(),
+            cluster: None,
+            cluster_istio: None,
         });
         assert_eq!(rh["x-seen"], "v");
     }

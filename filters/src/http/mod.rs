@@ -4,6 +4,7 @@ pub mod compressor;
 pub mod cors;
 pub mod fault;
 pub mod header_mutation;
+pub mod peer_metadata;
 
 use std::sync::Arc;
 

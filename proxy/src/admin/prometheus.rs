@@ -7,11 +7,27 @@ use crate::observe::stats::StatsSnapshot;
 use crate::observe::tag_producer::TagProducer;
 
 /// The Prometheus metric name and labels for an Envoy stat name: `envoy_` and the
-/// tag-extracted name, the tags as labels (names and metric sanitized as Envoy does).
-pub fn tagged_name(tags: &TagProducer, stat: &str) -> (String, Vec<(String, String)>) {
-    let (name, tags) = tags.produce(stat);
+/// tag-extracted name, the tags as labels (names and metric sanitized as Envoy does). A stat
+/// made with explicit tags keeps them; one in a custom namespace loses the namespace and the
+/// `envoy_` prefix (Istio's `istio_requests_total`).
+pub fn tagged_name(
+    tags: &TagProducer,
+    snap: &StatsSnapshot,
+    stat: &str,
+) -> (String, Vec<(String, String)>) {
+    let (name, tags) = match snap.tagged.get(stat) {
+        Some((extracted, tags)) => (extracted.clone(), tags.clone()),
+        None => tags.produce(stat),
+    };
     let labels = tags.into_iter().map(|(k, v)| (sanitize(&k), v)).collect();
-    (format!("envoy_{}", sanitize(&name)), labels)
+    let custom = snap.custom_namespaces.iter().find_map(|ns| {
+        name.strip_prefix(ns.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+    });
+    match custom {
+        Some(rest) => (sanitize(rest), labels),
+        None => (format!("envoy_{}", sanitize(&name)), labels),
+    }
 }
 
 fn sanitize(name: &str) -> String {
@@ -55,7 +71,7 @@ pub fn render(
             if !keep(stat, used) {
                 continue;
             }
-            let (name, tags) = tagged_name(producer, stat);
+            let (name, tags) = tagged_name(producer, snap, stat);
             let labels = tags
                 .iter()
                 .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
@@ -94,7 +110,7 @@ fn render_histograms(
         if !keep(stat, *used) {
             continue;
         }
-        let (name, tags) = tagged_name(producer, stat);
+        let (name, tags) = tagged_name(producer, snap, stat);
         let labels: String = tags
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\",", escape(v)))
@@ -157,7 +173,8 @@ mod tests {
     use super::*;
 
     fn tagged(stat: &str) -> (String, Vec<(&'static str, String)>) {
-        let (name, tags) = tagged_name(&TagProducer::default(), stat);
+        let snap = crate::observe::stats::Store::default().snapshot();
+        let (name, tags) = tagged_name(&TagProducer::default(), &snap, stat);
         let tags = tags
             .into_iter()
             .map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v))
@@ -215,5 +232,38 @@ mod tests {
             ("envoy_listener_admin_downstream_cx_total".into(), vec![])
         );
         assert_eq!(tagged("server.live"), ("envoy_server_live".into(), vec![]));
+    }
+
+    #[test]
+    fn explicit_tags_and_custom_namespaces() {
+        let store = crate::observe::stats::Store::default();
+        store.register_custom_namespace("istiocustom");
+        store
+            .counter_tagged(
+                "istiocustom.istio_requests_total",
+                &[("reporter", "source"), ("response_code", "200")],
+            )
+            .add(3);
+        // An explicit tag set is not run through extraction, even where a default regex matches.
+        store
+            .counter_tagged("cluster.up.upstream_rq_200", &[("k", "v")])
+            .inc();
+        let snap = store.snapshot();
+        let names: Vec<&str> = snap.counters.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cluster.up.upstream_rq_200.k.v",
+                "istiocustom.istio_requests_total.reporter.source.response_code.200"
+            ]
+        );
+        let text = render(&snap, &TagProducer::default(), |_, _| true);
+        assert!(text.contains(
+            "# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source\",response_code=\"200\"} 3\n"
+        ), "{text}");
+        assert!(
+            text.contains("envoy_cluster_up_upstream_rq_200{k=\"v\"} 1\n"),
+            "{text}"
+        );
     }
 }

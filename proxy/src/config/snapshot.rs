@@ -121,11 +121,15 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let admin = match rest.admin.take() {
         Some(a) => {
             let mut arest = a.clone();
-            admin_access_logs = crate::observe::access_log::compile_all(
-                &std::mem::take(&mut arest.access_log),
-                store,
-                "admin.access_log",
-            )?;
+            let mut logs = std::mem::take(&mut arest.access_log);
+            // The deprecated `access_log_path` is a file log in the default format, after the
+            // others (as Envoy adds it).
+            let legacy = std::mem::take(&mut arest.access_log_path);
+            if !legacy.is_empty() {
+                logs.push(legacy_admin_log(&legacy));
+            }
+            admin_access_logs =
+                crate::observe::access_log::compile_all(&logs, store, "admin.access_log")?;
             let addr = listener::socket_addr(&arest.address.take(), "admin.address")?;
             // Where `/cpuprofiler` would write: Petrel has no profiler endpoints (they answer
             // 404), so nothing is ever written there.
@@ -338,6 +342,30 @@ fn application_log_format(
         ));
     }
     Ok(Some(text))
+}
+
+/// `admin.access_log_path` as the file access log it stands for.
+fn legacy_admin_log(path: &str) -> xds_client::pb::envoy::config::accesslog::v3::AccessLog {
+    use prost::Message;
+    use xds_client::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
+    let file = FileAccessLog {
+        path: path.to_string(),
+        ..Default::default()
+    };
+    xds_client::pb::envoy::config::accesslog::v3::AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(
+            xds_client::pb::envoy::config::accesslog::v3::access_log::ConfigType::TypedConfig(
+                xds_client::pb::google::protobuf::Any {
+                    type_url:
+                        "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+                            .into(),
+                    value: file.encode_to_vec(),
+                },
+            ),
+        ),
+        ..Default::default()
+    }
 }
 
 /// `bootstrap_extensions`: the internal-listener registry Istio always installs is accepted

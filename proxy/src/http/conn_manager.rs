@@ -259,7 +259,7 @@ pub fn codec_error_response(
     hcm.listener_stats.response_class(resp.status().as_u16());
     stats.downstream_rq_completed.inc();
     hcm.listener_stats.downstream_rq_completed.inc();
-    let facts = (!hcm.access_logs.is_empty()).then(StreamFacts::default);
+    let facts = hcm.observes_streams().then(StreamFacts::default);
     with_log(hcm, resp, facts, info, start, start_time, false, None)
 }
 
@@ -280,6 +280,7 @@ fn with_log(
         Box::new(PendingLog {
             trace,
             logs: hcm.access_logs.clone(),
+            istio_stats: hcm.istio_stats.clone(),
             facts,
             origin: StreamOrigin {
                 start,
@@ -390,7 +391,7 @@ pub fn local_response(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     apply_server_header(hcm, resp.headers_mut());
-    if !hcm.access_logs.is_empty() {
+    if hcm.observes_streams() {
         resp.extensions_mut().insert(ReplyFacts {
             flag: reply.flag,
             details: reply.details,
@@ -438,7 +439,7 @@ pub async fn handle(
     } else {
         stats.downstream_rq_http1_total.inc();
     }
-    let (req, facts) = if hcm.access_logs.is_empty() && hcm.tracing.is_none() {
+    let (req, facts) = if !hcm.observes_streams() {
         (req, None)
     } else {
         let f = StreamFacts {
@@ -842,12 +843,21 @@ async fn process(
     // `upstream_cluster` sees it), as Envoy's route entry does.
     let weighted_draw = rand::random::<u64>();
     let header_cluster = selected.and_then(|(_, route)| route.header_cluster(req.headers()));
-    let route_info = selected.map(|(vh, route)| petrel_filters::http_filter::RouteInfo {
-        cluster: header_cluster
+    let route_cluster = selected.and_then(|(_, route)| {
+        header_cluster
             .as_deref()
-            .or_else(|| route.cluster_name(weighted_draw)),
+            .or_else(|| route.cluster_name(weighted_draw))
+    });
+    let cluster_istio = route_cluster
+        .filter(|_| hcm.reads_cluster_istio)
+        .and_then(|c| snapshot.clusters.get(c))
+        .and_then(|c| c.istio.as_deref());
+    let route_info = selected.map(|(vh, route)| petrel_filters::http_filter::RouteInfo {
+        cluster: route_cluster,
+        cluster_istio,
         configs: [&route.per_filter, &vh.per_filter],
     });
+    let mut peers = petrel_filters::http_filter::StreamPeers::default();
     for filter in chain.iter_mut() {
         let mut head = RequestHead {
             method: &method,
@@ -857,6 +867,7 @@ async fn process(
             route: route_info,
             upstream_alpn: &mut upstream_alpn,
             dynamic_metadata: &mut dynamic_metadata,
+            peers: &mut peers,
         };
         let mut status = filter.decode_headers(&mut head, end_stream);
         // A fault delay holds the request, then the filter says how it goes on.
@@ -930,12 +941,18 @@ async fn process(
             headers: resp.headers_mut(),
             info: &stream_info,
             end_stream,
+            peers: &mut peers,
+            cluster: route_cluster,
+            cluster_istio,
         };
         if let FilterStatus::LocalReply(r) = filter.encode_headers(&mut head) {
             resp = local_response(hcm, &LocalReply::from(*r), form, None);
             break;
         }
         *resp.status_mut() = status;
+    }
+    if let Some(f) = facts {
+        f.borrow_mut().peers = peers;
     }
     encoders.extend(
         chain

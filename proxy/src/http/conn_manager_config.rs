@@ -150,9 +150,19 @@ pub struct HcmConfig {
     pub listener_stats: HcmListenerStats,
     /// `tracing`: spans for streams, with the tracer they report to.
     pub tracing: Option<Arc<crate::observe::tracing::TracingConfig>>,
+    /// Istio's stats filters: they report each stream when it ends.
+    pub istio_stats: Arc<[Arc<crate::observe::istio_stats::IstioStats>]>,
+    /// A filter reads the route's cluster's Istio metadata (the peer metadata filter).
+    pub reads_cluster_istio: bool,
 }
 
 impl HcmConfig {
+    /// Something reads how each stream went (access logs, tracing, Istio's stats): the stream's
+    /// facts are gathered for it.
+    pub fn observes_streams(&self) -> bool {
+        !self.access_logs.is_empty() || self.tracing.is_some() || !self.istio_stats.is_empty()
+    }
+
     /// The route table a request starts with.
     pub fn route_table(&self, snap: &crate::config::snapshot::Snapshot) -> Arc<RouteTable> {
         match &self.routes {
@@ -185,7 +195,7 @@ static EMPTY_ROUTES: std::sync::OnceLock<Arc<RouteTable>> = std::sync::OnceLock:
 
 pub fn compile(
     env: &crate::listener::ListenerEnv<'_>,
-    egress: bool,
+    direction: crate::listener::TrafficDirection,
     hcm: &pb::HttpConnectionManager,
     listener_stat_prefix: &str,
     known_clusters: &HashSet<String>,
@@ -247,6 +257,8 @@ pub fn compile(
     let mut filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
     let filters_pb = std::mem::take(&mut rest.http_filters);
     let mut saw_router = false;
+    let mut reads_cluster_istio = false;
+    let mut istio_stats = Vec::new();
     // The chain's compressors choose an encoding together: each needs all of them.
     let mut compressors = Vec::new();
     for (i, f) in filters_pb.iter().enumerate() {
@@ -293,6 +305,29 @@ pub fn compile(
             filters.push(Arc::new(super::istio_alpn::Factory::compile(
                 &f.name,
                 &any,
+                &format!("{fp}.typed_config"),
+            )?));
+            continue;
+        }
+        if url == petrel_filters::http::peer_metadata::TYPE_URL {
+            filters.push(Arc::new(
+                petrel_filters::http::peer_metadata::Factory::compile(
+                    &f.name,
+                    &any,
+                    env.node,
+                    &format!("{fp}.typed_config"),
+                )?,
+            ));
+            reads_cluster_istio = true;
+            continue;
+        }
+        if url == crate::observe::istio_stats::TYPE_URL {
+            // It reports when the stream ends, as the access log it is in Envoy.
+            istio_stats.push(Arc::new(crate::observe::istio_stats::IstioStats::compile(
+                &any,
+                env.node,
+                direction,
+                store,
                 &format!("{fp}.typed_config"),
             )?));
             continue;
@@ -513,7 +548,7 @@ pub fn compile(
     let tracing = match rest.tracing.take() {
         Some(t) => Some(Arc::new(compile_tracing(
             &t,
-            egress,
+            direction.egress(),
             env,
             known_clusters,
             store,
@@ -556,6 +591,8 @@ pub fn compile(
         access_logs,
         listener_stats,
         tracing,
+        istio_stats: istio_stats.into(),
+        reads_cluster_istio,
     })
 }
 

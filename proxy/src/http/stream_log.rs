@@ -47,6 +47,12 @@ pub struct StreamFacts {
     pub flags: Vec<&'static str>,
     /// Request body bytes read from downstream.
     pub received: Arc<AtomicU64>,
+    /// The route's cluster's Istio metadata.
+    pub cluster_istio: Option<Arc<petrel_filters::workload_metadata::IstioClusterMetadata>>,
+    /// The chosen endpoint's `istio.workload`.
+    pub upstream_workload: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
+    /// The peers the peer metadata filter found.
+    pub peers: petrel_filters::http_filter::StreamPeers,
 }
 
 impl StreamFacts {
@@ -115,6 +121,7 @@ pub struct PendingSpan {
 pub struct PendingLog {
     pub trace: Option<PendingSpan>,
     pub logs: AccessLogs,
+    pub istio_stats: Arc<[Arc<crate::observe::istio_stats::IstioStats>]>,
     pub facts: StreamFacts,
     pub origin: StreamOrigin,
     pub response_headers: HeaderMap,
@@ -138,6 +145,8 @@ pub struct StreamBody {
     encoders_done: bool,
     /// `downstream_rq_time`: the milliseconds from the stream's start to its end.
     rq_time: Option<(Instant, Arc<crate::observe::stats::Histogram>)>,
+    /// `grpc-status` of the response trailers (Istio's stats read it).
+    trailer_grpc_status: Option<u32>,
 }
 
 impl StreamBody {
@@ -152,6 +161,7 @@ impl StreamBody {
             held_trailers: None,
             encoders_done: false,
             rq_time: None,
+            trailer_grpc_status: None,
         }
     }
 
@@ -224,8 +234,9 @@ impl Body for StreamBody {
                     if let Some(d) = f.data_ref() {
                         this.sent += d.len() as u64;
                     }
-                    if f.is_trailers() {
+                    if let Some(t) = f.trailers_ref() {
                         this.ended = true;
+                        this.trailer_grpc_status = grpc_status(t);
                     }
                 }
                 Poll::Ready(Some(Err(_))) => this.failed = true,
@@ -276,6 +287,9 @@ impl Drop for StreamBody {
         }
         let flags = join_flags(flags);
         write(&log, &flags, self.sent);
+        if !log.istio_stats.is_empty() {
+            report_istio_stats(&log, &flags, self.sent, self.trailer_grpc_status);
+        }
         if let Some(t) = log.trace {
             finish_span(t, &log.facts, &log.origin, log.status, &flags, self.sent);
         }
@@ -309,6 +323,73 @@ fn finish_span(
     if let Some(json) = trace.config.finish(trace.span, &end, &trace.route_tags) {
         crate::observe::tracing::reporter::report(&ctx, &driver, json);
     }
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Istio's stats filters, which Envoy runs as access logs.
+fn report_istio_stats(log: &PendingLog, flags: &str, sent: u64, trailer_grpc: Option<u32>) {
+    use crate::observe::istio_stats::{HttpOutcome, PeerFacts};
+    let f = &log.facts;
+    let o = &log.origin;
+    let grpc = f
+        .request_headers
+        .as_ref()
+        .is_some_and(super::local_reply::is_grpc);
+    let facts = PeerFacts {
+        host: Some(f.authority.as_str()).filter(|a| !a.is_empty()),
+        route_name: f.route_name.as_deref().unwrap_or(""),
+        cluster: f.cluster.as_deref(),
+        cluster_istio: f.cluster_istio.as_deref(),
+        upstream_workload: f.upstream_workload.as_deref(),
+        upstream_tls: f.upstream_tls.as_deref(),
+        downstream_tls: o.tls.as_deref(),
+        filter_state: &o.filter_state,
+        downstream_peer: f.peers.downstream.as_deref(),
+        upstream_peer: f.peers.upstream.as_deref(),
+        flags,
+    };
+    let outcome = HttpOutcome {
+        grpc,
+        status: log.status,
+        grpc_status: trailer_grpc
+            .or_else(|| grpc_status(&log.response_headers))
+            .or(Some(super::local_reply::http_to_grpc_status(log.status))),
+        duration: o.start.elapsed(),
+        request_bytes: wire_request_bytes(f),
+        response_bytes: wire_response_bytes(log, sent),
+    };
+    for s in log.istio_stats.iter() {
+        s.report_http(&facts, &outcome);
+    }
+}
+
+/// The request as an HTTP/1.1 message: request line, headers and body (Envoy's downstream
+/// bytes meter counts wire bytes; for HTTP/2 this is the uncompressed equivalent).
+fn wire_request_bytes(f: &StreamFacts) -> u64 {
+    let method = f.method.as_ref().map_or(0, |m| m.as_str().len());
+    // `METHOD PATH HTTP/1.1\r\n`, the headers, the blank line.
+    let line = method + 1 + f.path.len() + 11;
+    (line + f.request_headers.as_ref().map_or(0, header_block_len) + 2) as u64
+        + f.received.load(Ordering::Relaxed)
+}
+
+fn wire_response_bytes(log: &PendingLog, sent: u64) -> u64 {
+    // `HTTP/1.1 200 OK\r\n` with its reason phrase, the headers, the blank line.
+    let reason = http::StatusCode::from_u16(log.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .map_or(0, str::len);
+    (13 + reason + 2 + header_block_len(&log.response_headers) + 2) as u64 + sent
+}
+
+/// `name: value\r\n` for every header.
+fn header_block_len(h: &HeaderMap) -> usize {
+    h.iter()
+        .map(|(k, v)| k.as_str().len() + 2 + v.len() + 2)
+        .sum()
 }
 
 fn write(log: &PendingLog, flags: &str, sent: u64) {

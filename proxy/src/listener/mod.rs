@@ -194,7 +194,7 @@ impl Listener {
 #[allow(clippy::too_many_arguments)]
 fn compile_chain(
     env: &ListenerEnv<'_>,
-    egress: bool,
+    direction: TrafficDirection,
     fc: &pb::FilterChain,
     fcp: &str,
     lprefix: &str,
@@ -260,6 +260,8 @@ fn compile_chain(
         if let Some(filter) = crate::network::compile(
             &url,
             &any,
+            env,
+            direction,
             store,
             &format!("{fcp}.filters[{i}].typed_config"),
         )? {
@@ -277,10 +279,21 @@ fn compile_chain(
     let (url, any) = url_of(last, i)?;
     let terminal = match url.as_str() {
         "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
+            // Istio puts its network stats filter in TCP chains only (HTTP chains have the HTTP
+            // one); Petrel reports connections from tcp_proxy.
+            if let Some(i) = network_filters
+                .iter()
+                .position(|f| matches!(f, crate::network::NetworkFilter::IstioStats(_)))
+            {
+                return Err(ConfigError::Unsupported {
+                    path: format!("{fcp}.filters[{i}]"),
+                    fields: "'istio.stats' network filter ahead of http_connection_manager".into(),
+                });
+            }
             let hcm_pb = TypeRegistry::global().unpack(&any)?;
             Terminal::Http(Arc::new(conn_manager_config::compile(
                 env,
-                egress,
+                direction,
                 &hcm_pb,
                 lprefix,
                 known_clusters,
@@ -313,6 +326,28 @@ fn compile_chain(
             terminal,
         },
     ))
+}
+
+/// A listener's `traffic_direction`: tracing and Istio's telemetry tell client from server by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficDirection {
+    Unspecified,
+    Inbound,
+    Outbound,
+}
+
+impl TrafficDirection {
+    fn of(v: i32) -> TrafficDirection {
+        match v {
+            1 => TrafficDirection::Inbound,
+            2 => TrafficDirection::Outbound,
+            _ => TrafficDirection::Unspecified,
+        }
+    }
+    /// OUTBOUND connection managers make client spans (Envoy's egress operation).
+    pub fn egress(self) -> bool {
+        self == TrafficDirection::Outbound
+    }
 }
 
 /// What compiling a listener needs beyond the listener itself.
@@ -350,10 +385,8 @@ pub fn compile(
     let stat_prefix_field = std::mem::take(&mut rest.stat_prefix);
     // Traffic direction decides what `/drain_listeners?inboundonly` drains (and, later, how
     // tracing and Istio telemetry label the traffic).
-    let direction = std::mem::take(&mut rest.traffic_direction);
-    let inbound = direction == 1;
-    // OUTBOUND connection managers make client spans (Envoy's egress operation).
-    let egress = direction == 2;
+    let direction = TrafficDirection::of(std::mem::take(&mut rest.traffic_direction));
+    let inbound = direction == TrafficDirection::Inbound;
     let ignore_global_conn_limit = std::mem::take(&mut rest.ignore_global_conn_limit);
     // Overload actions are refused, so there is nothing for a listener to bypass.
     rest.bypass_overload_manager = false;
@@ -378,7 +411,7 @@ pub fn compile(
     for (i, fc) in chains_pb.iter().enumerate() {
         let (matcher, target) = compile_chain(
             env,
-            egress,
+            direction,
             fc,
             &format!("{path}.filter_chains[{i}]"),
             &lprefix,
@@ -397,7 +430,7 @@ pub fn compile(
         Some(fc) => Some(
             compile_chain(
                 env,
-                egress,
+                direction,
                 &fc,
                 &format!("{path}.default_filter_chain"),
                 &lprefix,

@@ -101,7 +101,7 @@ mod tests {
             Ok(true)
         );
         assert!(compile(&any(serde_json::json!({"other": 1})), "f").is_err());
-        assert!(compile(&any(serde_json::json!({"shared": "yes"})), "f").is_err());
+        assert!(compile(&any(serde_json::json!({"shared": "maybe"})), "f").is_err());
         let binary = Any {
             type_url: TYPE_URL.into(),
             value: Config { shared: true }.encode_to_vec(),

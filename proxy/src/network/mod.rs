@@ -22,12 +22,16 @@ pub enum NetworkFilter {
         shared: bool,
     },
     SetFilterState(Arc<set_filter_state::SetFilterState>),
+    /// Istio's stats filter: reports the connection when it closes.
+    IstioStats(Arc<crate::observe::istio_stats::IstioStats>),
 }
 
 /// Compiles a filter by its type URL; None when it is not one of these.
 pub fn compile(
     url: &str,
     any: &Any,
+    env: &crate::listener::ListenerEnv<'_>,
+    direction: crate::listener::TrafficDirection,
     store: &Store,
     path: &str,
 ) -> Result<Option<NetworkFilter>, ConfigError> {
@@ -40,6 +44,11 @@ pub fn compile(
         },
         set_filter_state::TYPE_URL => {
             NetworkFilter::SetFilterState(Arc::new(set_filter_state::compile(any, path)?))
+        }
+        crate::observe::istio_stats::TYPE_URL => {
+            NetworkFilter::IstioStats(Arc::new(crate::observe::istio_stats::IstioStats::compile(
+                any, env.node, direction, store, path,
+            )?))
         }
         _ => return Ok(None),
     }))
@@ -75,9 +84,19 @@ pub fn on_connected(filters: &[NetworkFilter], conn: &Connection<'_>, state: &mu
         match f {
             NetworkFilter::IstioAuthn { shared } => istio_authn::populate(conn.tls, *shared, state),
             NetworkFilter::SetFilterState(s) => s.on_downstream_tls_handshake(conn, state),
-            NetworkFilter::Rbac(_) => {}
+            NetworkFilter::Rbac(_) | NetworkFilter::IstioStats(_) => {}
         }
     }
+}
+
+/// The Istio stats filters, in order.
+pub fn istio_stats(
+    filters: &[NetworkFilter],
+) -> impl Iterator<Item = &crate::observe::istio_stats::IstioStats> {
+    filters.iter().filter_map(|f| match f {
+        NetworkFilter::IstioStats(s) => Some(s.as_ref()),
+        _ => None,
+    })
 }
 
 /// The RBAC filters, in order.

@@ -2,6 +2,7 @@
 pub mod access_log;
 pub mod access_log_filter;
 pub mod formatter;
+pub mod istio_stats;
 pub mod stats;
 pub mod stats_config;
 pub mod tag_producer;

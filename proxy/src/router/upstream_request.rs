@@ -297,6 +297,7 @@ impl Attempts<'_> {
             let mut f = f.borrow_mut();
             f.attempts = self.count;
             f.upstream_host = Some(host.address.clone());
+            f.upstream_workload = host.istio_workload.clone();
         }
         Some(host)
     }
@@ -380,7 +381,9 @@ pub async fn forward(mut req: Request<RequestBody>, f: Forward<'_>) -> Response<
         _ => RequestHash::default(),
     };
     if let Some(facts) = f.facts {
-        facts.borrow_mut().cluster = Some(cluster_name.clone());
+        let mut facts = facts.borrow_mut();
+        facts.cluster = Some(cluster_name.clone());
+        facts.cluster_istio = cluster.istio.clone();
     }
     let mut attempts = Attempts {
         facts: f.facts,

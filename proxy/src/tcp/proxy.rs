@@ -136,6 +136,8 @@ struct TcpFacts {
     filter_state: Arc<petrel_filters::filter_state::FilterState>,
     received: Cell<u64>,
     sent: Cell<u64>,
+    cluster_istio: Option<Arc<petrel_filters::workload_metadata::IstioClusterMetadata>>,
+    upstream_workload: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
 }
 
 /// Proxies one connection once its transport socket is up.
@@ -160,6 +162,7 @@ pub async fn serve(
         (unknown, unknown)
     };
     let mut facts = TcpFacts::default();
+    let filters = accepted.filters.clone();
     let (up, allowed) = match accepted.establish().await {
         Some(Outcome::Up(up)) => (Some(up), true),
         Some(Outcome::Denied(up)) => (Some(up), false),
@@ -182,6 +185,7 @@ pub async fn serve(
             .await;
         }
     }
+    report_istio_stats(&filters, &facts);
     if !logged {
         return;
     }
@@ -199,6 +203,29 @@ pub async fn serve(
     v.filter_state = Some(&facts.filter_state);
     v.requested_server_name = server_name.as_deref().unwrap_or("");
     crate::observe::access_log::log_all(&cfg.access_logs, &v);
+}
+
+fn report_istio_stats(filters: &[crate::network::NetworkFilter], facts: &TcpFacts) {
+    let mut stats = crate::network::istio_stats(filters).peekable();
+    if stats.peek().is_none() {
+        return;
+    }
+    let peer = crate::observe::istio_stats::PeerFacts {
+        host: None,
+        route_name: "",
+        cluster: facts.cluster.as_deref(),
+        cluster_istio: facts.cluster_istio.as_deref(),
+        upstream_workload: facts.upstream_workload.as_deref(),
+        upstream_tls: facts.upstream_tls.as_deref(),
+        downstream_tls: facts.downstream_tls.as_deref(),
+        filter_state: &facts.filter_state,
+        downstream_peer: None,
+        upstream_peer: None,
+        flags: facts.flag,
+    };
+    for s in stats {
+        s.report_tcp_close(&peer, facts.sent.get(), facts.received.get());
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,6 +247,7 @@ async fn relay(
         return;
     };
     facts.cluster = Some(cluster.name.clone());
+    facts.cluster_istio = cluster.istio.clone();
     let mut upstream = None;
     for _ in 0..cfg.max_connect_attempts {
         let Some(host) =
@@ -232,6 +260,7 @@ async fn relay(
             return;
         };
         facts.host = Some(host.address.clone());
+        facts.upstream_workload = host.istio_workload.clone();
         match crate::upstream::pool::connect_tcp(&cluster, &host).await {
             Ok((s, held)) => {
                 let conn = s.facts();

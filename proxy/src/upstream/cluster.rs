@@ -247,6 +247,8 @@ pub struct Host {
     pub active_requests: AtomicU64,
     /// `metadata.filter_metadata` as JSON, for `%UPSTREAM_METADATA(…)%`.
     pub metadata: Option<serde_json::Value>,
+    /// `filter_metadata.istio.workload`: who the endpoint is, for Istio's telemetry.
+    pub istio_workload: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
     pub stats: HostStats,
     /// `host_set::health_flag` bits; 0 is healthy.
     pub health: AtomicU8,
@@ -267,6 +269,7 @@ impl Host {
             locality_weight: 0,
             active_requests: AtomicU64::new(0),
             metadata: None,
+            istio_workload: None,
             stats: HostStats::default(),
             health: AtomicU8::new(0),
             eds_status: AtomicU8::new(0),
@@ -342,6 +345,8 @@ pub struct Cluster {
     pub tcp_keepalive: Option<socket2::TcpKeepalive>,
     /// `transport_socket` and `transport_socket_matches`: TLS per host, or plaintext.
     pub transport: Arc<super::transport_socket::TransportSockets>,
+    /// `metadata.filter_metadata.istio`, as Istio's telemetry and peer metadata filters read it.
+    pub istio: Option<Arc<petrel_filters::workload_metadata::IstioClusterMetadata>>,
 }
 
 /// How endpoint names are turned into addresses.
@@ -581,6 +586,14 @@ fn hosts_from(
                         .collect(),
                 )
             });
+            let istio_workload = metadata
+                .as_ref()
+                .and_then(|m| m.pointer("/istio/workload"))
+                .and_then(|w| w.as_str())
+                .and_then(
+                    petrel_filters::workload_metadata::WorkloadMetadata::from_endpoint_encoding,
+                )
+                .map(Arc::new);
             let ident = erest.host_identifier.take();
             // UNHEALTHY and TIMEOUT leave the balancer's healthy set, DRAINING leaves the
             // balancer altogether, as in Envoy.
@@ -631,6 +644,7 @@ fn hosts_from(
                     locality_weight,
                     active_requests: AtomicU64::new(0),
                     metadata: metadata.clone(),
+                    istio_workload: istio_workload.clone(),
                     stats: HostStats::default(),
                     health: AtomicU8::new(health),
                     eds_status: AtomicU8::new(eds_status as u8),
@@ -757,6 +771,18 @@ pub fn compile(
     let mut protocol = UpstreamProtocol::Http1;
     let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_requests_per_connection = rest.max_requests_per_connection.take().map(|v| v.value);
+    // The deprecated cluster-level `http2_protocol_options` (Istio's test bootstraps use it): the
+    // explicit HTTP/2 config of `HttpProtocolOptions`; Envoy refuses it beside those options.
+    if let Some(h2) = rest.http2_protocol_options.take() {
+        if !rest.typed_extension_protocol_options.is_empty() {
+            return Err(invalid(
+                &path,
+                "cannot specify both HttpProtocolOptions and deprecated http2_protocol_options",
+            ));
+        }
+        reject_unhandled(&h2, &format!("{path}.http2_protocol_options"))?;
+        protocol = UpstreamProtocol::Http2;
+    }
     for (key, any) in std::mem::take(&mut rest.typed_extension_protocol_options) {
         let p = format!("{path}.typed_extension_protocol_options['{key}']");
         if TypeRegistry::effective_type_url(&any)
@@ -945,8 +971,17 @@ pub fn compile(
     // `refresh`); a dns_lookup_family on a STATIC or EDS cluster stays in `rest` and is refused.
     let transport_pb = rest.transport_socket.take();
     let matches_pb = std::mem::take(&mut rest.transport_socket_matches);
-    // Cluster metadata is data for filters and loggers (Istio's telemetry reads it).
-    rest.metadata = None;
+    // Cluster metadata is data for filters and loggers: Istio's telemetry reads `istio`.
+    let istio = rest
+        .metadata
+        .take()
+        .and_then(|mut m| m.filter_metadata.remove("istio"))
+        .and_then(|s| {
+            petrel_filters::workload_metadata::IstioClusterMetadata::from_json(
+                &xds_client::type_registry::struct_to_json(s),
+            )
+        })
+        .map(Arc::new);
     let mut lb_policy = Policy {
         overprovisioning,
         hash: hash_lb(&mut rest, lb_pb, &path)?,
@@ -1057,6 +1092,7 @@ pub fn compile(
         upstream_bind,
         tcp_keepalive,
         transport,
+        istio,
     })
 }
 
