@@ -251,6 +251,7 @@ fn strip_file(file: &prost_types::FileDescriptorProto) -> prost_types::FileDescr
 const ISTIO_SUPPORTED: &[&str] = &[
     "alpn.proto",
     "authn.proto",
+    "metadata_exchange.proto",
     "peer_metadata.proto",
     "stats.proto",
 ];

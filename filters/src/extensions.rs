@@ -169,7 +169,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ("io.istio.http.peer_metadata.Config", Support::Supported),
     (
         "envoy.tcp.metadataexchange.config.MetadataExchange",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
     ),
     (
         "envoy.extensions.network_filters.peer_metadata.Config",

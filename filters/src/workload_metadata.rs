@@ -202,7 +202,7 @@ impl WorkloadMetadata {
     /// `x-envoy-peer-metadata`: the `Struct` serialized deterministically (map entries by key, as
     /// protobuf's deterministic mode writes them), base64 with padding.
     pub fn to_header_value(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(deterministic_struct(&self.to_struct()))
+        base64::engine::general_purpose::STANDARD.encode(deterministic(&self.to_struct()))
     }
 
     /// Reads `x-envoy-peer-metadata` (padding optional); `None` when it is not a `Struct`.
@@ -256,7 +256,7 @@ impl IstioClusterMetadata {
 }
 
 /// Protobuf's deterministic encoding of a `Struct`: map entries sorted by key, recursively.
-fn deterministic_struct(s: &Struct) -> Vec<u8> {
+pub fn deterministic(s: &Struct) -> Vec<u8> {
     let mut keys: Vec<&String> = s.fields.keys().collect();
     keys.sort();
     let mut out = Vec::new();
@@ -277,7 +277,7 @@ fn deterministic_struct(s: &Struct) -> Vec<u8> {
 fn deterministic_value(v: &Value) -> Vec<u8> {
     match &v.kind {
         Some(Kind::StructValue(s)) => {
-            let inner = deterministic_struct(s);
+            let inner = deterministic(s);
             let mut out = Vec::new();
             prost::encoding::encode_key(5, prost::encoding::WireType::LengthDelimited, &mut out);
             prost::encoding::encode_varint(inner.len() as u64, &mut out);
@@ -371,9 +371,9 @@ mod tests {
     #[test]
     fn encoding_is_deterministic_and_protobuf() {
         let m = WorkloadMetadata::from_struct(&node(), &[]);
-        let a = deterministic_struct(&m.to_struct());
+        let a = deterministic(&m.to_struct());
         for _ in 0..5 {
-            assert_eq!(deterministic_struct(&m.to_struct()), a);
+            assert_eq!(deterministic(&m.to_struct()), a);
         }
         assert_eq!(Struct::decode(a.as_slice()).unwrap(), m.to_struct());
     }

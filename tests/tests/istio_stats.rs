@@ -149,7 +149,7 @@ fn expected(p: &Params, metric: &str) -> (String, String, Vec<Series>) {
         .map(|s| {
             let labels = s["label"]
                 .as_array()
-                .expect("labels")
+                .map_or(&[][..], Vec::as_slice)
                 .iter()
                 .map(|l| {
                     let v = &l["value"];
@@ -278,27 +278,29 @@ fn host_header_fallback_can_be_disabled() {
     });
 }
 
-/// An echo server: each connection gets back what it sent, then closed.
-fn tcp_echo(addr: &str) {
+/// istio/proxy's `TCPServer{Prefix: "hello"}`: answers each line with `hello <line>`.
+fn tcp_hello_server(addr: &str) {
     let l = std::net::TcpListener::bind(addr).expect("bind backend");
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut s = s;
-                let mut buf = Vec::new();
-                let _ = s.read_to_end(&mut buf);
-                let _ = s.write_all(&buf);
+                use std::io::{BufRead, Write};
+                let mut w = s.try_clone().expect("clone");
+                let mut r = std::io::BufReader::new(s);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let _ = w.write_all(format!("hello {line}").as_bytes());
+                    line.clear();
+                }
             });
         }
     });
 }
 
-/// Istio's TCP telemetry without metadata exchange, over mTLS with the fixtures' certificates:
-/// the server knows the client by its certificate only (istio/proxy's "without MX" metric);
-/// the client knows the server by its certificate and the cluster's service.
-#[test]
-fn tcp_stats_over_mtls_without_metadata_exchange() {
+/// istio/proxy's TCP scenario: the fixtures' TCP listeners and clusters with mTLS, the network
+/// filters the variables name (`(var, proxy-testdata file)`), ten connections that each send
+/// `world\n` and read `hello world\n`.
+fn tcp_scenario(vars: &[(&str, &str)], files: &[(&str, &str)]) -> (Params, Proxy, Proxy) {
     let mut p = Params::default();
     for name in [
         "ClientPort",
@@ -310,21 +312,15 @@ fn tcp_stats_over_mtls_without_metadata_exchange() {
     ] {
         p = p.port(name, free_port());
     }
-    // Istio's test loads these with `params.LoadTestData`: rendered once with the ports.
-    let load = |path: &str, p: &Params| render(&fixture(&format!("proxy-testdata/{path}")), p);
-    let mut p = p.var("DisableDirectResponse", "true");
-    for (var, path) in [
+    p = p.var("DisableDirectResponse", "true");
+    for (k, v) in vars {
+        p = p.var(k, *v);
+    }
+    // Istio's test loads these with `params.LoadTestData`: rendered once with the variables.
+    let common = [
         ("StatsConfig", "bootstrap/stats.yaml.tmpl"),
         ("ClientMetadata", "client_node_metadata.json.tmpl"),
         ("ServerMetadata", "server_node_metadata.json.tmpl"),
-        (
-            "ServerNetworkFilters",
-            "filters/server_stats_network_filter.yaml.tmpl",
-        ),
-        (
-            "ClientNetworkFilters",
-            "filters/client_stats_network_filter.yaml.tmpl",
-        ),
         (
             "ClientClusterTLSContext",
             "transport_socket/client.yaml.tmpl",
@@ -333,11 +329,20 @@ fn tcp_stats_over_mtls_without_metadata_exchange() {
             "ServerListenerTLSContext",
             "transport_socket/server.yaml.tmpl",
         ),
-    ] {
-        let v = load(path, &p);
+    ];
+    for (var, paths) in common.iter().map(|(v, f)| (*v, vec![*f])).chain(
+        files
+            .iter()
+            .map(|(v, f)| (*v, f.split('+').collect::<Vec<_>>())),
+    ) {
+        let v = paths
+            .iter()
+            .map(|f| render(&fixture(&format!("proxy-testdata/{f}")), &p))
+            .collect::<Vec<_>>()
+            .join("\n");
         p = p.var(var, v);
     }
-    tcp_echo(&format!("127.0.0.3:{}", p.ports["BackendPort"]));
+    tcp_hello_server(&format!("127.0.0.3:{}", p.ports["BackendPort"]));
     let server = bootstrap(
         &p,
         "server.yaml.tmpl",
@@ -350,28 +355,39 @@ fn tcp_stats_over_mtls_without_metadata_exchange() {
         "tcp_client.yaml.tmpl",
         &["tcp_client.yaml.tmpl"],
     );
-    let _server = start("petrel", &server, p.ports["ServerAdmin"]);
-    let _client = start("petrel", &client, p.ports["ClientAdmin"]);
+    let server = start("petrel", &server, p.ports["ServerAdmin"]);
+    let client = start("petrel", &client, p.ports["ClientAdmin"]);
     for _ in 0..10 {
         use std::io::{Read, Write};
         let mut s =
             std::net::TcpStream::connect(("127.0.0.1", p.ports["ClientPort"])).expect("connect");
-        s.write_all(b"world \n").expect("write");
-        s.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).expect("read");
-        assert_eq!(back, b"world \n");
+        s.write_all(b"world\n").expect("write");
+        let mut back = [0u8; 12];
+        s.read_exact(&mut back).expect("read");
+        assert_eq!(&back, b"hello world\n");
     }
-    // Connections are reported as they close, which the proxies see a moment after the client.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let text = prometheus(p.ports["ServerAdmin"]);
-        let closed = family(&text, "istio_tcp_connections_closed_total");
-        if closed.first().is_some_and(|s| s.1 == "10") || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    (p, server, client)
+}
+
+/// Istio's TCP telemetry without metadata exchange, over mTLS with the fixtures' certificates:
+/// the server knows the client by its certificate only (istio/proxy's "without MX" metric);
+/// the client knows the server by its certificate and the cluster's service.
+#[test]
+fn tcp_stats_over_mtls_without_metadata_exchange() {
+    let (p, _server, _client) = tcp_scenario(
+        &[],
+        &[
+            (
+                "ServerNetworkFilters",
+                "filters/server_stats_network_filter.yaml.tmpl",
+            ),
+            (
+                "ClientNetworkFilters",
+                "filters/client_stats_network_filter.yaml.tmpl",
+            ),
+        ],
+    );
+    // Without a peer, a connection is reported when it closes.
     check(
         &p,
         p.ports["ServerAdmin"],
@@ -381,18 +397,16 @@ fn tcp_stats_over_mtls_without_metadata_exchange() {
         )],
     );
     let server_text = prometheus(p.ports["ServerAdmin"]);
+    let opened = family(&server_text, "istio_tcp_connections_opened_total");
     for (fam, value) in [
         ("istio_tcp_connections_closed_total", "10"),
-        ("istio_tcp_received_bytes_total", "70"),
-        ("istio_tcp_sent_bytes_total", "70"),
+        ("istio_tcp_received_bytes_total", "60"),
+        ("istio_tcp_sent_bytes_total", "120"),
     ] {
-        let series = family(&server_text, fam);
-        assert_eq!(series.len(), 1, "{fam}:\n{server_text}");
-        assert_eq!(series[0].1, value, "{fam}");
-        // The same labels as the opened connections.
         assert_eq!(
-            series[0].0,
-            family(&server_text, "istio_tcp_connections_opened_total")[0].0
+            family(&server_text, fam),
+            vec![(opened[0].0.clone(), value.to_string())],
+            "{fam}"
         );
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -429,4 +443,79 @@ fn tcp_stats_over_mtls_without_metadata_exchange() {
         assert_eq!(labels[k], v, "{k}");
     }
     assert_eq!(opened[0].1, "10");
+}
+
+/// istio/proxy's `TestTCPMetadataExchange`: both sides exchange metadata under the ALPN the
+/// TLS contexts negotiate, and each side's metrics carry the other's workload.
+#[test]
+fn tcp_metadata_exchange_matches_istio_e2e() {
+    let (p, _server, _client) = tcp_scenario(
+        &[("AlpnProtocol", "mx-protocol")],
+        &[
+            (
+                "ServerNetworkFilters",
+                "filters/server_mx_network_filter.yaml.tmpl+filters/server_stats_network_filter.yaml.tmpl",
+            ),
+            (
+                "ClientUpstreamFilters",
+                "filters/client_mx_network_filter.yaml.tmpl",
+            ),
+            (
+                "ClientNetworkFilters",
+                "filters/client_stats_network_filter.yaml.tmpl",
+            ),
+        ],
+    );
+    check(
+        &p,
+        p.ports["ClientAdmin"],
+        &[
+            (
+                "istio_tcp_connections_closed_total",
+                "tcp_client_connection_close.yaml.tmpl",
+            ),
+            (
+                "istio_tcp_connections_opened_total",
+                "tcp_client_connection_open.yaml.tmpl",
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "tcp_client_received_bytes.yaml.tmpl",
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "tcp_client_sent_bytes.yaml.tmpl",
+            ),
+        ],
+    );
+    check(
+        &p,
+        p.ports["ServerAdmin"],
+        &[
+            (
+                "istio_tcp_connections_closed_total",
+                "tcp_server_connection_close.yaml.tmpl",
+            ),
+            (
+                "istio_tcp_connections_opened_total",
+                "tcp_server_connection_open.yaml.tmpl",
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "tcp_server_received_bytes.yaml.tmpl",
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "tcp_server_sent_bytes.yaml.tmpl",
+            ),
+            (
+                "envoy_metadata_exchange_metadata_added",
+                "tcp_server_mx_stats_metadata_added.yaml.tmpl",
+            ),
+            (
+                "envoy_metadata_exchange_alpn_protocol_found",
+                "tcp_server_mx_stats_alpn_found.yaml.tmpl",
+            ),
+        ],
+    );
 }

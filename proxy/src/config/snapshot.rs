@@ -176,7 +176,14 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
     let mut clusters = HashMap::new();
     let mut cluster_order = Vec::new();
     for c in &clusters_pb {
-        let compiled = cluster::compile(c, store, cluster_manager.outlier_event_log.as_ref())?;
+        let compiled = cluster::compile(
+            c,
+            store,
+            cluster::ClusterEnv {
+                event_log: cluster_manager.outlier_event_log.as_ref(),
+                node: &node,
+            },
+        )?;
         if compiled.eds_service.is_some() {
             return Err(ConfigError::Unsupported {
                 path: format!("cluster '{}'", compiled.name),

@@ -394,7 +394,10 @@ impl XdsState {
                     _ => cluster::compile_source(
                         pb,
                         &self.store,
-                        snap.cluster_manager.outlier_event_log.as_ref(),
+                        cluster::ClusterEnv {
+                            event_log: snap.cluster_manager.outlier_event_log.as_ref(),
+                            node: &snap.node,
+                        },
                     )
                     .map(Arc::new)
                     .map_err(|e| e.to_string()),

@@ -3,6 +3,7 @@
 //! `istio_authn` write the connection's filter state, then the RBAC filters decide on it.
 
 pub mod istio_authn;
+pub mod metadata_exchange;
 pub mod set_filter_state;
 
 use std::sync::Arc;
@@ -22,8 +23,10 @@ pub enum NetworkFilter {
         shared: bool,
     },
     SetFilterState(Arc<set_filter_state::SetFilterState>),
-    /// Istio's stats filter: reports the connection when it closes.
+    /// Istio's stats filter: reports the connection when its peer is known and when it closes.
     IstioStats(Arc<crate::observe::istio_stats::IstioStats>),
+    /// Istio's TCP metadata exchange with the downstream peer.
+    MetadataExchange(Arc<metadata_exchange::MetadataExchange>),
 }
 
 /// Compiles a filter by its type URL; None when it is not one of these.
@@ -45,6 +48,9 @@ pub fn compile(
         set_filter_state::TYPE_URL => {
             NetworkFilter::SetFilterState(Arc::new(set_filter_state::compile(any, path)?))
         }
+        metadata_exchange::TYPE_URL => NetworkFilter::MetadataExchange(Arc::new(
+            metadata_exchange::MetadataExchange::compile(any, env.node, store, path)?,
+        )),
         crate::observe::istio_stats::TYPE_URL => {
             NetworkFilter::IstioStats(Arc::new(crate::observe::istio_stats::IstioStats::compile(
                 any, env.node, direction, store, path,
@@ -84,7 +90,9 @@ pub fn on_connected(filters: &[NetworkFilter], conn: &Connection<'_>, state: &mu
         match f {
             NetworkFilter::IstioAuthn { shared } => istio_authn::populate(conn.tls, *shared, state),
             NetworkFilter::SetFilterState(s) => s.on_downstream_tls_handshake(conn, state),
-            NetworkFilter::Rbac(_) | NetworkFilter::IstioStats(_) => {}
+            NetworkFilter::Rbac(_)
+            | NetworkFilter::IstioStats(_)
+            | NetworkFilter::MetadataExchange(_) => {}
         }
     }
 }
@@ -95,6 +103,16 @@ pub fn istio_stats(
 ) -> impl Iterator<Item = &crate::observe::istio_stats::IstioStats> {
     filters.iter().filter_map(|f| match f {
         NetworkFilter::IstioStats(s) => Some(s.as_ref()),
+        _ => None,
+    })
+}
+
+/// The chain's TCP metadata exchange with the downstream peer (the first, when several).
+pub fn metadata_exchange(
+    filters: &[NetworkFilter],
+) -> Option<&metadata_exchange::MetadataExchange> {
+    filters.iter().find_map(|f| match f {
+        NetworkFilter::MetadataExchange(m) => Some(m.as_ref()),
         _ => None,
     })
 }

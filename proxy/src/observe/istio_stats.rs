@@ -675,38 +675,74 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
+/// What one connection has reported to one stats filter so far.
+#[derive(Default)]
+pub struct TcpReport {
+    series: Option<Arc<TcpSeries>>,
+    sent: u64,
+    received: u64,
+}
+
 impl IstioStats {
-    /// Records a closed TCP connection. Istio reports a connection once its peer is known from
-    /// TCP metadata exchange, else when it closes; Petrel has no TCP metadata exchange, so every
-    /// connection is reported at close: opened, its bytes (downstream, both ways) and closed.
-    pub fn report_tcp_close(&self, f: &PeerFacts<'_>, sent: u64, received: u64) {
-        let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(24);
-        tags.push(("reporter", self.reporter.label().to_string()));
-        let mutual_tls = self.peer_tags(f, &mut tags);
-        tags.push(("request_protocol", "tcp".into()));
-        Self::flag_tags(&mut tags, f.flags, mutual_tls);
-        let key = series_key(self.id, &tags);
-        let series = TCP_SERIES.with(|m| {
-            if let Some(s) = m.borrow().get(&key) {
-                return s.clone();
+    /// Reports a TCP connection as Istio does: nothing until its peer is known from metadata
+    /// exchange (`down_read`/`up_read`: the exchange with that side is over, found or not) or
+    /// the connection ends; then it is opened, and its downstream bytes (both ways) are added
+    /// at each report; at the end it is closed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn report_tcp(
+        &self,
+        r: &mut TcpReport,
+        f: &PeerFacts<'_>,
+        down_read: bool,
+        up_read: bool,
+        sent: u64,
+        received: u64,
+        end: bool,
+    ) {
+        let peer_read = if self.reporter.is_server() {
+            down_read
+        } else {
+            up_read
+        };
+        if r.series.is_none() {
+            if !peer_read && !end {
+                return;
             }
-            let s = Arc::new(TcpSeries {
-                opened: self.counter(Metric::TcpOpened, &tags),
-                closed: self.counter(Metric::TcpClosed, &tags),
-                sent: self.counter(Metric::TcpSent, &tags),
-                received: self.counter(Metric::TcpReceived, &tags),
+            let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(24);
+            tags.push(("reporter", self.reporter.label().to_string()));
+            let mutual_tls = self.peer_tags(f, &mut tags);
+            tags.push(("request_protocol", "tcp".into()));
+            Self::flag_tags(&mut tags, f.flags, mutual_tls);
+            let key = series_key(self.id, &tags);
+            let series = TCP_SERIES.with(|m| {
+                if let Some(s) = m.borrow().get(&key) {
+                    return s.clone();
+                }
+                let s = Arc::new(TcpSeries {
+                    opened: self.counter(Metric::TcpOpened, &tags),
+                    closed: self.counter(Metric::TcpClosed, &tags),
+                    sent: self.counter(Metric::TcpSent, &tags),
+                    received: self.counter(Metric::TcpReceived, &tags),
+                });
+                m.borrow_mut().insert(key, s.clone());
+                s
             });
-            m.borrow_mut().insert(key, s.clone());
-            s
-        });
-        for (c, n) in [
-            (&series.opened, 1),
-            (&series.sent, sent),
-            (&series.received, received),
-            (&series.closed, 1),
-        ] {
-            if let Some(c) = c {
-                c.add(n);
+            if let Some(c) = &series.opened {
+                c.inc();
+            }
+            r.series = Some(series);
+        }
+        let Some(series) = &r.series else { return };
+        if let Some(c) = &series.sent {
+            c.add(sent.saturating_sub(r.sent));
+        }
+        if let Some(c) = &series.received {
+            c.add(received.saturating_sub(r.received));
+        }
+        (r.sent, r.received) = (sent, received);
+        if end {
+            if let Some(c) = &series.closed {
+                c.inc();
             }
         }
     }

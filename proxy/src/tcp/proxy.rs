@@ -2,7 +2,7 @@
 //! (or a weighted choice of clusters) and copies bytes both ways, half-closes included, until
 //! both sides are done or the connection is idle for `idle_timeout`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -138,7 +138,15 @@ struct TcpFacts {
     sent: Cell<u64>,
     cluster_istio: Option<Arc<petrel_filters::workload_metadata::IstioClusterMetadata>>,
     upstream_workload: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
+    /// What TCP metadata exchange learnt of each side (None inside: the exchange is over and
+    /// the peer unknown).
+    down_peer: RefCell<Option<Peer>>,
+    up_peer: RefCell<Option<Peer>>,
+    /// One per Istio stats filter of the chain.
+    reports: RefCell<Vec<crate::observe::istio_stats::TcpReport>>,
 }
+
+type Peer = Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>;
 
 /// Proxies one connection once its transport socket is up.
 pub async fn serve(
@@ -168,6 +176,11 @@ pub async fn serve(
         Some(Outcome::Denied(up)) => (Some(up), false),
         None => (None, false),
     };
+    facts.reports = RefCell::new(
+        crate::network::istio_stats(&filters)
+            .map(|_| Default::default())
+            .collect(),
+    );
     if let Some(up) = up {
         facts.downstream_tls = up.tls;
         facts.dynamic_metadata = up.dynamic_metadata;
@@ -178,6 +191,7 @@ pub async fn serve(
                 up.initial,
                 original_dst,
                 &cfg,
+                &filters,
                 ctx,
                 drain,
                 &mut facts,
@@ -185,7 +199,7 @@ pub async fn serve(
             .await;
         }
     }
-    report_istio_stats(&filters, &facts);
+    report_istio_stats(&filters, &facts, true);
     if !logged {
         return;
     }
@@ -205,11 +219,13 @@ pub async fn serve(
     crate::observe::access_log::log_all(&cfg.access_logs, &v);
 }
 
-fn report_istio_stats(filters: &[crate::network::NetworkFilter], facts: &TcpFacts) {
-    let mut stats = crate::network::istio_stats(filters).peekable();
-    if stats.peek().is_none() {
+/// Istio's stats filters report the connection (see `IstioStats::report_tcp`).
+fn report_istio_stats(filters: &[crate::network::NetworkFilter], facts: &TcpFacts, end: bool) {
+    let mut reports = facts.reports.borrow_mut();
+    if reports.is_empty() {
         return;
     }
+    let (down, up) = (facts.down_peer.borrow(), facts.up_peer.borrow());
     let peer = crate::observe::istio_stats::PeerFacts {
         host: None,
         route_name: "",
@@ -219,12 +235,35 @@ fn report_istio_stats(filters: &[crate::network::NetworkFilter], facts: &TcpFact
         upstream_tls: facts.upstream_tls.as_deref(),
         downstream_tls: facts.downstream_tls.as_deref(),
         filter_state: &facts.filter_state,
-        downstream_peer: None,
-        upstream_peer: None,
+        downstream_peer: down.as_ref().and_then(|p| p.as_deref()),
+        upstream_peer: up.as_ref().and_then(|p| p.as_deref()),
         flags: facts.flag,
     };
-    for s in stats {
-        s.report_tcp_close(&peer, facts.sent.get(), facts.received.get());
+    for (s, r) in crate::network::istio_stats(filters).zip(reports.iter_mut()) {
+        s.report_tcp(
+            r,
+            &peer,
+            down.is_some(),
+            up.is_some(),
+            facts.sent.get(),
+            facts.received.get(),
+            end,
+        );
+    }
+}
+
+/// Reports every `tcp_reporting_duration` (the shortest of the chain's stats filters).
+async fn report_periodically(filters: &[crate::network::NetworkFilter], facts: &TcpFacts) {
+    let Some(every) = crate::network::istio_stats(filters)
+        .map(|s| s.tcp_reporting_duration)
+        .filter(|d| !d.is_zero())
+        .min()
+    else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        report_istio_stats(filters, facts, false);
     }
 }
 
@@ -234,6 +273,7 @@ async fn relay(
     initial: BytesMut,
     original_dst: Option<SocketAddr>,
     cfg: &TcpProxyConfig,
+    filters: &[crate::network::NetworkFilter],
     ctx: Rc<WorkerCtx>,
     drain: Drain,
     facts: &mut TcpFacts,
@@ -299,8 +339,40 @@ async fn relay(
     host.active_requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let activity = Rc::new(Cell::new(tokio::time::Instant::now()));
-    let (dr, dw) = downstream.into_split();
-    let (ur, uw) = tokio::io::split(upstream);
+    let (dr, mut dw) = downstream.into_split();
+    let (ur, mut uw) = tokio::io::split(upstream);
+    let facts: &TcpFacts = facts;
+    // Istio's TCP metadata exchange: each side's frame goes first; the peer's is read off the
+    // front of what that side sends.
+    let down_mx = crate::network::metadata_exchange(filters).and_then(|mx| {
+        let alpn = facts
+            .downstream_tls
+            .as_ref()
+            .map_or("", |t| t.alpn.as_str());
+        match mx.start(alpn) {
+            Some(frame) => Some((mx, frame)),
+            None => {
+                *facts.down_peer.borrow_mut() = Some(None);
+                None
+            }
+        }
+    });
+    let up_mx = cluster.upstream_mx.as_deref().and_then(|mx| {
+        let alpn = facts.upstream_tls.as_ref().map_or("", |t| t.alpn.as_str());
+        match mx.start(alpn) {
+            Some(frame) => Some((mx, frame)),
+            None => {
+                *facts.up_peer.borrow_mut() = Some(None);
+                None
+            }
+        }
+    });
+    if let Some((_, frame)) = &down_mx {
+        let _ = dw.write_all(frame).await;
+    }
+    if let Some((_, frame)) = &up_mx {
+        let _ = uw.write_all(frame).await;
+    }
     let up = pump(
         dr,
         uw,
@@ -308,6 +380,7 @@ async fn relay(
         &activity,
         &cfg.stats.downstream_cx_rx_bytes_total,
         &facts.received,
+        down_mx.map(|(mx, _)| (mx, &facts.down_peer)),
     );
     let down = pump(
         ur,
@@ -316,8 +389,10 @@ async fn relay(
         &activity,
         &cfg.stats.downstream_cx_tx_bytes_total,
         &facts.sent,
+        up_mx.map(|(mx, _)| (mx, &facts.up_peer)),
     );
     let both = async { tokio::join!(up, down) };
+    let reporting = report_periodically(filters, facts);
     let idle = idle_watch(cfg.idle_timeout, &activity);
     let lifetime = async {
         match cfg.max_duration {
@@ -331,6 +406,7 @@ async fn relay(
         _ = lifetime => cfg.stats.max_downstream_connection_duration.inc(),
         // The drain time of a removed listener is over.
         _ = drain.finished() => {}
+        _ = reporting => {}
     }
     stats.upstream_rq_active.dec();
     host.active_requests
@@ -342,15 +418,36 @@ async fn relay(
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Copies `from` to `to` (after `first`), then half-closes `to` when `from` ends.
+/// Copies `from` to `to` (after `first`), then half-closes `to` when `from` ends. With a
+/// metadata exchange, the peer's frame is first read off the front and kept in `peer`.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    first: BytesMut,
+    mut first: BytesMut,
     activity: &Cell<tokio::time::Instant>,
     bytes: &crate::observe::stats::Counter,
     moved: &Cell<u64>,
+    peer: Option<(
+        &crate::network::metadata_exchange::MetadataExchange,
+        &RefCell<Option<Peer>>,
+    )>,
 ) {
+    if let Some((mx, slot)) = peer {
+        use crate::network::metadata_exchange::PeerRead;
+        let mut eof = false;
+        let found = loop {
+            match mx.read_peer(&mut first, eof) {
+                PeerRead::NeedMore => {}
+                PeerRead::Unknown => break None,
+                PeerRead::Found(p) => break Some(p),
+            }
+            match from.read_buf(&mut first).await {
+                Ok(0) | Err(_) => eof = true,
+                Ok(_) => activity.set(tokio::time::Instant::now()),
+            }
+        };
+        *slot.borrow_mut() = Some(found);
+    }
     if !first.is_empty() {
         bytes.add(first.len() as u64);
         moved.set(moved.get() + first.len() as u64);

@@ -78,6 +78,8 @@ pub struct TlsInfo {
     pub local: Option<CertNames>,
     /// The peer's certificates (DER), its own first (XFCC `Cert` and `Chain`).
     pub peer_chain: Vec<Vec<u8>>,
+    /// The negotiated ALPN protocol (empty when none).
+    pub alpn: String,
 }
 
 impl TlsInfo {
@@ -99,6 +101,10 @@ impl TlsInfo {
             peer_chain: conn
                 .peer_certificates()
                 .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
+                .unwrap_or_default(),
+            alpn: conn
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default(),
         }
     }

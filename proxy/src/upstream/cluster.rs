@@ -347,6 +347,8 @@ pub struct Cluster {
     pub transport: Arc<super::transport_socket::TransportSockets>,
     /// `metadata.filter_metadata.istio`, as Istio's telemetry and peer metadata filters read it.
     pub istio: Option<Arc<petrel_filters::workload_metadata::IstioClusterMetadata>>,
+    /// `filters`: Istio's TCP metadata exchange on connections to this cluster.
+    pub upstream_mx: Option<Arc<crate::network::metadata_exchange::MetadataExchange>>,
 }
 
 /// How endpoint names are turned into addresses.
@@ -673,13 +675,22 @@ impl ClusterSource {
 }
 
 /// Compiles an encoded cluster (from xDS), sharing its bytes as the cluster's `source`.
+/// What compiling a cluster needs beyond the cluster itself.
+#[derive(Clone, Copy)]
+pub struct ClusterEnv<'a> {
+    /// `cluster_manager.outlier_detection.event_log_path`, opened.
+    pub event_log: Option<&'a Arc<std::fs::File>>,
+    /// The node (Istio's upstream metadata exchange sends its metadata).
+    pub node: &'a xds_client::pb::envoy::config::core::v3::Node,
+}
+
 pub fn compile_source(
     source: &ClusterSource,
     store: &Store,
-    event_log: Option<&Arc<std::fs::File>>,
+    env: ClusterEnv<'_>,
 ) -> Result<Cluster, ConfigError> {
     let c = source.decode();
-    let mut compiled = compile(&c, store, event_log)?;
+    let mut compiled = compile(&c, store, env)?;
     compiled.source = source.clone();
     Ok(compiled)
 }
@@ -688,8 +699,9 @@ pub fn compile_source(
 pub fn compile(
     c: &pb::Cluster,
     store: &Store,
-    event_log: Option<&Arc<std::fs::File>>,
+    env: ClusterEnv<'_>,
 ) -> Result<Cluster, ConfigError> {
+    let event_log = env.event_log;
     let path = format!("cluster '{}'", c.name);
     let mut rest = c.clone();
     let name = std::mem::take(&mut rest.name);
@@ -971,6 +983,7 @@ pub fn compile(
     // `refresh`); a dns_lookup_family on a STATIC or EDS cluster stays in `rest` and is refused.
     let transport_pb = rest.transport_socket.take();
     let matches_pb = std::mem::take(&mut rest.transport_socket_matches);
+    let upstream_mx = upstream_filters(&std::mem::take(&mut rest.filters), env, store, &path)?;
     // Cluster metadata is data for filters and loggers: Istio's telemetry reads `istio`.
     let istio = rest
         .metadata
@@ -1093,7 +1106,43 @@ pub fn compile(
         tcp_keepalive,
         transport,
         istio,
+        upstream_mx,
     })
+}
+
+/// `filters` (upstream network filters): Istio's TCP metadata exchange is the one Petrel runs
+/// (on connections tcp_proxy makes); any other is refused by name.
+fn upstream_filters(
+    filters: &[pb::Filter],
+    env: ClusterEnv<'_>,
+    store: &Store,
+    path: &str,
+) -> Result<Option<Arc<crate::network::metadata_exchange::MetadataExchange>>, ConfigError> {
+    let mut mx = None;
+    for (i, f) in filters.iter().enumerate() {
+        let fp = format!("{path}.filters[{i}]");
+        let any = f
+            .typed_config
+            .as_ref()
+            .ok_or_else(|| invalid(&fp, "typed_config is required"))?;
+        let url = TypeRegistry::effective_type_url(any);
+        if url != crate::network::metadata_exchange::TYPE_URL || mx.is_some() {
+            return Err(ConfigError::UnsupportedExtension {
+                path: format!("{fp} ('{}')", f.name),
+                why: petrel_filters::extensions::refusal(&url),
+                type_url: url,
+            });
+        }
+        mx = Some(Arc::new(
+            crate::network::metadata_exchange::MetadataExchange::compile(
+                any,
+                env.node,
+                store,
+                &format!("{fp}.typed_config"),
+            )?,
+        ));
+    }
+    Ok(mx)
 }
 
 /// `least_request_lb_config.choice_count` (at least 2); the rest of it is refused.
@@ -1576,7 +1625,14 @@ mod tests {
 
     fn cluster(v: serde_json::Value) -> Result<Cluster, ConfigError> {
         let c: pb::Cluster = TypeRegistry::global().from_json(&v, false)?;
-        compile(&c, &Store::default(), None)
+        compile(
+            &c,
+            &Store::default(),
+            ClusterEnv {
+                event_log: None,
+                node: &Default::default(),
+            },
+        )
     }
 
     fn ep(port: u16, weight: u32) -> serde_json::Value {
