@@ -23,6 +23,8 @@ struct Case {
     server_config: &'static str,
     server_cluster_name: &'static str,
     elide_server_metadata: bool,
+    /// `ServerNetworkFilters`, a proxy-testdata file.
+    server_network_filters: Option<&'static str>,
     client_expect: Vec<(&'static str, &'static str)>,
     server_expect: Vec<(&'static str, &'static str)>,
 }
@@ -53,6 +55,12 @@ fn params(case: &Case) -> Params {
         .var(
             "ElideServerMetadata",
             case.elide_server_metadata.to_string(),
+        )
+        .var(
+            "ServerNetworkFilters",
+            case.server_network_filters
+                .map(|f| fixture(&format!("proxy-testdata/{f}")))
+                .unwrap_or_default(),
         )
         .var(
             "ClientMetadata",
@@ -205,7 +213,7 @@ fn check(p: &Params, admin: u16, expect: &[(&str, &str)]) {
     }
 }
 
-fn run(case: Case) {
+fn run(case: Case) -> (Params, Proxy, Proxy) {
     let p = params(&case);
     let port = |n: &str| p.ports[n];
     let server = bootstrap(&p, "server.yaml.tmpl", "server.yaml.tmpl", &[]);
@@ -215,8 +223,8 @@ fn run(case: Case) {
         "client.yaml.tmpl",
         &["server.yaml.tmpl"],
     );
-    let _server = start("petrel", &server, port("ServerAdmin"));
-    let _client = start("petrel", &client, port("ClientAdmin"));
+    let server_proxy = start("petrel", &server, port("ServerAdmin"));
+    let client_proxy = start("petrel", &client, port("ClientAdmin"));
     let client_port = port("ClientPort");
     for _ in 0..10 {
         let req = format!(
@@ -231,6 +239,7 @@ fn run(case: Case) {
     }
     check(&p, port("ClientAdmin"), &case.client_expect);
     check(&p, port("ServerAdmin"), &case.server_expect);
+    (p, server_proxy, client_proxy)
 }
 
 #[test]
@@ -240,12 +249,39 @@ fn default_stats_match_istio_e2e() {
         server_config: "stats/server_config.yaml",
         server_cluster_name: "",
         elide_server_metadata: false,
+        server_network_filters: None,
         client_expect: vec![("istio_requests_total", "client_request_total.yaml.tmpl")],
         server_expect: vec![
             ("istio_requests_total", "server_request_total.yaml.tmpl"),
             ("istio_build", "istio_build.yaml"),
         ],
     });
+}
+
+/// Istio's inbound HTTP chains have the TCP metadata exchange ahead of the connection manager:
+/// plaintext has no ALPN to exchange under, so each connection counts as not found and the
+/// headers' exchange makes the metrics.
+#[test]
+fn tcp_exchange_ahead_of_http_stays_out_of_the_way() {
+    let (p, _server, _client) = run(Case {
+        client_config: "stats/client_config.yaml",
+        server_config: "stats/server_config.yaml",
+        server_cluster_name: "",
+        elide_server_metadata: false,
+        server_network_filters: Some("filters/server_mx_network_filter.yaml.tmpl"),
+        client_expect: vec![("istio_requests_total", "client_request_total.yaml.tmpl")],
+        server_expect: vec![("istio_requests_total", "server_request_total.yaml.tmpl")],
+    });
+    // The client sidecar's one pooled HTTP/2 connection.
+    let text = prometheus(p.ports["ServerAdmin"]);
+    assert_eq!(
+        family(&text, "envoy_metadata_exchange_alpn_protocol_not_found"),
+        vec![(vec![], "1".to_string())]
+    );
+    assert_eq!(
+        family(&text, "envoy_metadata_exchange_metadata_added"),
+        vec![(vec![], "0".to_string())]
+    );
 }
 
 #[test]
@@ -255,6 +291,7 @@ fn host_header_is_the_service_without_cluster_metadata() {
         server_config: "stats/server_config.yaml",
         server_cluster_name: "host_header",
         elide_server_metadata: false,
+        server_network_filters: None,
         client_expect: vec![("istio_requests_total", "host_header_fallback.yaml.tmpl")],
         server_expect: vec![],
     });
@@ -267,6 +304,7 @@ fn host_header_fallback_can_be_disabled() {
         server_config: "stats/server_config_disable_header_fallback.yaml",
         server_cluster_name: "host_header",
         elide_server_metadata: true,
+        server_network_filters: None,
         client_expect: vec![(
             "istio_requests_total",
             "client_disable_host_header_fallback.yaml.tmpl",

@@ -72,6 +72,8 @@ pub struct ConnInfo {
     pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
     /// What the network filters set.
     pub filter_state: Arc<petrel_filters::filter_state::FilterState>,
+    /// The downstream peer TCP metadata exchange found.
+    pub mx_peer: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
 }
 
 impl ConnInfo {
@@ -104,12 +106,23 @@ pub async fn serve(
         hcm.stats.downstream_cx_ssl_active.inc();
     }
     // Connections still open when the listener's drain time is over are closed.
+    let filters = accepted.filters.clone();
     tokio::select! {
         _ = async {
-            if let Some(crate::listener::stream::Outcome::Up(up)) = accepted.establish().await {
+            if let Some(crate::listener::stream::Outcome::Up(mut up)) = accepted.establish().await {
+                // Istio's TCP metadata exchange ahead of the connection manager: the peer it
+                // learns is every stream's downstream peer unless headers say otherwise.
+                let mx_peer = match crate::network::metadata_exchange(&filters) {
+                    Some(mx) => {
+                        let alpn = up.tls.as_ref().map_or("", |t| t.alpn.as_str());
+                        mx.exchange(&mut up.stream, &mut up.initial, alpn).await
+                    }
+                    None => None,
+                };
                 let info = ConnInfo {
                     tls: up.tls,
                     filter_state: up.filter_state,
+                    mx_peer,
                     ..info
                 };
                 serve_codec(up.stream, up.initial, info, &hcm, ctx, &drain).await;
@@ -857,7 +870,10 @@ async fn process(
         cluster_istio,
         configs: [&route.per_filter, &vh.per_filter],
     });
-    let mut peers = petrel_filters::http_filter::StreamPeers::default();
+    let mut peers = petrel_filters::http_filter::StreamPeers {
+        downstream: info.mx_peer.clone(),
+        upstream: None,
+    };
     for filter in chain.iter_mut() {
         let mut head = RequestHead {
             method: &method,

@@ -158,6 +158,7 @@ async fn serve(
                 server_name: d.server_name.as_deref().map(Arc::from),
                 tls: None,
                 filter_state: Default::default(),
+                mx_peer: None,
             };
             conn_manager::serve(accepted, info, hcm, ctx, l.drain.for_connection()).await
         }

@@ -279,19 +279,15 @@ fn compile_chain(
     let (url, any) = url_of(last, i)?;
     let terminal = match url.as_str() {
         "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
-            // Istio puts its network stats and metadata exchange filters in TCP chains only
-            // (HTTP chains have the HTTP ones); Petrel runs them in tcp_proxy.
-            if let Some(i) = network_filters.iter().position(|f| {
-                matches!(
-                    f,
-                    crate::network::NetworkFilter::IstioStats(_)
-                        | crate::network::NetworkFilter::MetadataExchange(_)
-                )
-            }) {
+            // Istio puts its network stats filter in TCP chains only (HTTP chains have the HTTP
+            // one); Petrel reports connections from tcp_proxy.
+            if let Some(i) = network_filters
+                .iter()
+                .position(|f| matches!(f, crate::network::NetworkFilter::IstioStats(_)))
+            {
                 return Err(ConfigError::Unsupported {
                     path: format!("{fcp}.filters[{i}]"),
-                    fields: "Istio's TCP telemetry filters ahead of http_connection_manager"
-                        .into(),
+                    fields: "'istio.stats' network filter ahead of http_connection_manager".into(),
                 });
             }
             let hcm_pb = TypeRegistry::global().unpack(&any)?;

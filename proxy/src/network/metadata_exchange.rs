@@ -18,6 +18,7 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use petrel_filters::workload_metadata::WorkloadMetadata;
 use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xds_client::pb::envoy::config::core::v3::Node;
 use xds_client::pb::google::protobuf::{value::Kind, Any, Struct, Value};
 
@@ -108,6 +109,40 @@ impl MetadataExchange {
         self.stats.alpn_protocol_found.inc();
         self.stats.metadata_added.inc();
         Some(self.frame.clone())
+    }
+
+    /// Reads the peer's frame off the front of what `from` sends, starting with `buf`; the bytes
+    /// past the frame (or all of them, when there is none) stay in `buf`.
+    pub async fn read_peer_from<R: AsyncRead + Unpin>(
+        &self,
+        from: &mut R,
+        buf: &mut BytesMut,
+    ) -> Option<Arc<WorkloadMetadata>> {
+        let mut eof = false;
+        loop {
+            match self.read_peer(buf, eof) {
+                PeerRead::NeedMore => {}
+                PeerRead::Unknown => return None,
+                PeerRead::Found(p) => return Some(p),
+            }
+            match from.read_buf(buf).await {
+                Ok(0) | Err(_) => eof = true,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The whole exchange with a downstream that has not spoken yet (ahead of the connection
+    /// manager): our frame out, the peer's in. `None`: no exchange, or no frame from the peer.
+    pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        alpn: &str,
+    ) -> Option<Arc<WorkloadMetadata>> {
+        let frame = self.start(alpn)?;
+        stream.write_all(&frame).await.ok()?;
+        self.read_peer_from(stream, buf).await
     }
 
     /// Reads the peer's frame off the front of `buf`. `eof`: nothing more will come.

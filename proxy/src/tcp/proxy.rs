@@ -433,19 +433,8 @@ async fn pump(
     )>,
 ) {
     if let Some((mx, slot)) = peer {
-        use crate::network::metadata_exchange::PeerRead;
-        let mut eof = false;
-        let found = loop {
-            match mx.read_peer(&mut first, eof) {
-                PeerRead::NeedMore => {}
-                PeerRead::Unknown => break None,
-                PeerRead::Found(p) => break Some(p),
-            }
-            match from.read_buf(&mut first).await {
-                Ok(0) | Err(_) => eof = true,
-                Ok(_) => activity.set(tokio::time::Instant::now()),
-            }
-        };
+        let found = mx.read_peer_from(&mut from, &mut first).await;
+        activity.set(tokio::time::Instant::now());
         *slot.borrow_mut() = Some(found);
     }
     if !first.is_empty() {

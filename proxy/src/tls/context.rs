@@ -169,6 +169,24 @@ fn cipher(name: &str) -> Option<rustls::SupportedCipherSuite> {
     })
 }
 
+/// TLS 1.2 suites BoringSSL (and so Envoy) accepts that rustls does not implement.
+const BORINGSSL_ONLY: &[&str] = &[
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "DES-CBC3-SHA",
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "ECDHE-PSK-AES128-CBC-SHA",
+    "ECDHE-PSK-AES256-CBC-SHA",
+    "ECDHE-PSK-CHACHA20-POLY1305",
+    "PSK-AES128-CBC-SHA",
+    "PSK-AES256-CBC-SHA",
+];
+
 /// The TLS 1.3 suites, which `cipher_suites` does not configure (as in Envoy), in BoringSSL's
 /// order of preference.
 const TLS13: [rustls::SupportedCipherSuite; 3] = [
@@ -236,19 +254,42 @@ fn params(
             cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
         ]);
     }
+    // Suites BoringSSL has and rustls does not (RSA key exchange, CBC, PSK): Istio lists the
+    // first two as fallbacks after its ECDHE ones. A list keeps what rustls has, the others are
+    // named in a warning; a list of nothing rustls has is refused, as no handshake could use it.
+    let mut missing = Vec::new();
+    let mut first_missing = None;
     for (i, n) in names.iter().enumerate() {
         // `[A|B]` is an equal-preference group in BoringSSL; rustls keeps the listed order.
         for name in n.trim_matches(|c| c == '[' || c == ']').split('|') {
             match cipher(name) {
                 Some(s) => suites.push(s),
+                None if BORINGSSL_ONLY.contains(&name) => {
+                    first_missing.get_or_insert((i, name));
+                    missing.push(name);
+                }
                 None => {
                     return Err(invalid(
                         format!("{path}.cipher_suites[{i}]"),
-                        format!("cipher suite '{name}' is not supported by Petrel (rustls offers ECDHE with AES-GCM or CHACHA20-POLY1305)"),
+                        format!("unknown cipher suite '{name}'"),
                     ))
                 }
             }
         }
+    }
+    if let Some((i, name)) = first_missing {
+        if suites.len() == TLS13.len() {
+            return Err(invalid(
+                format!("{path}.cipher_suites[{i}]"),
+                format!("cipher suite '{name}' is not supported by Petrel (rustls offers ECDHE with AES-GCM or CHACHA20-POLY1305)"),
+            ));
+        }
+        crate::plog!(
+            warn,
+            "config",
+            "{path}.cipher_suites: {} not available in rustls; TLS 1.2 handshakes use the others",
+            missing.join(", ")
+        );
     }
     provider.cipher_suites = suites;
     let curves = std::mem::take(&mut rest.ecdh_curves);
@@ -372,5 +413,49 @@ impl CommonTls {
             versions,
             provider: Arc::new(provider),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(ciphers: &[&str]) -> Result<Vec<rustls::SupportedCipherSuite>, ConfigError> {
+        let p = TlsParameters {
+            cipher_suites: ciphers.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        params(&p, Side::Server, "p").map(|(_, provider)| provider.cipher_suites)
+    }
+
+    #[test]
+    fn istio_inbound_cipher_list_keeps_what_rustls_has() {
+        // Istio's default inbound list.
+        let suites = with(&[
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-AES256-GCM-SHA384",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+            "AES256-GCM-SHA384",
+            "AES128-GCM-SHA256",
+        ])
+        .unwrap();
+        assert_eq!(suites.len(), TLS13.len() + 4);
+        assert_eq!(
+            suites[TLS13.len()].suite(),
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384.suite()
+        );
+    }
+
+    #[test]
+    fn lists_rustls_cannot_serve_are_refused() {
+        let e = with(&["AES256-GCM-SHA384", "AES128-SHA"]).unwrap_err();
+        assert!(e.to_string().contains("cipher_suites[0]"), "{e}");
+        let e = with(&["ECDHE-RSA-AES128-GCM-SHA256", "NOT-A-CIPHER"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unknown cipher suite 'NOT-A-CIPHER'"),
+            "{e}"
+        );
     }
 }
