@@ -163,7 +163,7 @@ pub const TABLE: &[(&str, Support)] = &[
     ),
     (
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
-        Support::Refused(ISSUE_OBSERVE),
+        Support::Supported,
     ),
     ("stats.PluginConfig", Support::Supported),
     ("io.istio.http.peer_metadata.Config", Support::Supported),

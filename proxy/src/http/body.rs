@@ -22,6 +22,8 @@ pub enum RequestBody {
     Counted(Box<RequestBody>, Arc<AtomicU64>),
     /// A whole body Petrel made itself (a tracer's report); taken when sent.
     Full(Option<Bytes>),
+    /// Either, with its gRPC messages counted (`grpc_stats`).
+    GrpcCounted(Box<RequestBody>, super::grpc_stats::FrameInspector),
 }
 
 impl RequestBody {
@@ -56,13 +58,22 @@ impl Body for RequestBody {
                 r
             }
             RequestBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            RequestBody::GrpcCounted(b, i) => {
+                let r = Pin::new(b.as_mut()).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &r {
+                    if let Some(d) = f.data_ref() {
+                        i.inspect(d);
+                    }
+                }
+                r
+            }
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::H2(b) => b.is_end_stream(),
             RequestBody::H1(b) => b.is_end_stream(),
-            RequestBody::Counted(b, _) => b.is_end_stream(),
+            RequestBody::Counted(b, _) | RequestBody::GrpcCounted(b, _) => b.is_end_stream(),
             RequestBody::Full(b) => b.is_none(),
         }
     }
@@ -70,7 +81,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::H2(b) => b.size_hint(),
             RequestBody::H1(b) => b.size_hint(),
-            RequestBody::Counted(b, _) => b.size_hint(),
+            RequestBody::Counted(b, _) | RequestBody::GrpcCounted(b, _) => b.size_hint(),
             RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }

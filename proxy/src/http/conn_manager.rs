@@ -294,6 +294,7 @@ fn with_log(
             trace,
             logs: hcm.access_logs.clone(),
             istio_stats: hcm.istio_stats.clone(),
+            grpc_stats: hcm.grpc_stats.clone(),
             facts,
             origin: StreamOrigin {
                 start,
@@ -455,12 +456,20 @@ pub async fn handle(
     let (req, facts) = if !hcm.observes_streams() {
         (req, None)
     } else {
-        let f = StreamFacts {
+        let mut f = StreamFacts {
             method: Some(req.method().clone()),
             ..Default::default()
         };
         let received = f.received.clone();
-        (req.map(|b| b.counted(received)), Some(RefCell::new(f)))
+        let mut req = req.map(|b| b.counted(received));
+        if let Some(gs) = &hcm.grpc_stats {
+            f.grpc = gs.start(req.headers(), req.uri().path());
+            if let Some(g) = &f.grpc {
+                let inspector = super::grpc_stats::FrameInspector::new(g.request.clone());
+                req = req.map(|b| super::body::RequestBody::GrpcCounted(Box::new(b), inspector));
+            }
+        }
+        (req, Some(RefCell::new(f)))
     };
     let mut encoders = Vec::new();
     let mut trace = None;
@@ -482,6 +491,12 @@ pub async fn handle(
     hcm.listener_stats.downstream_rq_completed.inc();
     stats.downstream_rq_active.dec();
     let facts = facts.map(RefCell::into_inner);
+    if let Some(g) = facts.as_ref().and_then(|f| f.grpc.as_ref()) {
+        // Sees the response body as it leaves, after the other encoders.
+        encoders.push(Box::new(super::grpc_stats::FrameInspector::new(
+            g.response.clone(),
+        )));
+    }
     let trace = trace.map(|t| super::stream_log::PendingSpan {
         trace: t,
         ctx: ctx.clone(),

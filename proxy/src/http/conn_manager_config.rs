@@ -154,13 +154,18 @@ pub struct HcmConfig {
     pub istio_stats: Arc<[Arc<crate::observe::istio_stats::IstioStats>]>,
     /// A filter reads the route's cluster's Istio metadata (the peer metadata filter).
     pub reads_cluster_istio: bool,
+    /// `envoy.filters.http.grpc_stats`.
+    pub grpc_stats: Option<Arc<super::grpc_stats::GrpcStatsConfig>>,
 }
 
 impl HcmConfig {
     /// Something reads how each stream went (access logs, tracing, Istio's stats): the stream's
     /// facts are gathered for it.
     pub fn observes_streams(&self) -> bool {
-        !self.access_logs.is_empty() || self.tracing.is_some() || !self.istio_stats.is_empty()
+        !self.access_logs.is_empty()
+            || self.tracing.is_some()
+            || !self.istio_stats.is_empty()
+            || self.grpc_stats.is_some()
     }
 
     /// The route table a request starts with.
@@ -259,6 +264,7 @@ pub fn compile(
     let mut saw_router = false;
     let mut reads_cluster_istio = false;
     let mut istio_stats = Vec::new();
+    let mut grpc_stats = None;
     // The chain's compressors choose an encoding together: each needs all of them.
     let mut compressors = Vec::new();
     for (i, f) in filters_pb.iter().enumerate() {
@@ -319,6 +325,21 @@ pub fn compile(
                 )?,
             ));
             reads_cluster_istio = true;
+            continue;
+        }
+        if url == super::grpc_stats::TYPE_URL {
+            if grpc_stats.is_some() {
+                return Err(invalid(
+                    &fp,
+                    "a second grpc_stats filter in one chain is not supported",
+                ));
+            }
+            // It counts the stream's messages and charges the cluster when the stream ends.
+            grpc_stats = Some(Arc::new(super::grpc_stats::GrpcStatsConfig::compile(
+                &any,
+                store,
+                &format!("{fp}.typed_config"),
+            )?));
             continue;
         }
         if url == crate::observe::istio_stats::TYPE_URL {
@@ -593,6 +614,7 @@ pub fn compile(
         tracing,
         istio_stats: istio_stats.into(),
         reads_cluster_istio,
+        grpc_stats,
     })
 }
 

@@ -4,6 +4,7 @@ pub mod conn_manager;
 pub mod conn_manager_config;
 pub mod date;
 pub mod forward_client_cert;
+pub mod grpc_stats;
 pub mod h1;
 pub mod header_scan;
 pub mod istio_alpn;

@@ -53,6 +53,8 @@ pub struct StreamFacts {
     pub upstream_workload: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
     /// The peers the peer metadata filter found.
     pub peers: petrel_filters::http_filter::StreamPeers,
+    /// A gRPC request's message counts (`grpc_stats`).
+    pub grpc: Option<super::grpc_stats::GrpcStream>,
 }
 
 impl StreamFacts {
@@ -122,6 +124,7 @@ pub struct PendingLog {
     pub trace: Option<PendingSpan>,
     pub logs: AccessLogs,
     pub istio_stats: Arc<[Arc<crate::observe::istio_stats::IstioStats>]>,
+    pub grpc_stats: Option<Arc<super::grpc_stats::GrpcStatsConfig>>,
     pub facts: StreamFacts,
     pub origin: StreamOrigin,
     pub response_headers: HeaderMap,
@@ -287,8 +290,17 @@ impl Drop for StreamBody {
         }
         let flags = join_flags(flags);
         write(&log, &flags, self.sent);
+        let grpc_status = self
+            .trailer_grpc_status
+            .or_else(|| grpc_status(&log.response_headers))
+            .unwrap_or_else(|| super::local_reply::http_to_grpc_status(log.status));
         if !log.istio_stats.is_empty() {
-            report_istio_stats(&log, &flags, self.sent, self.trailer_grpc_status);
+            report_istio_stats(&log, &flags, self.sent, grpc_status);
+        }
+        if let (Some(gs), Some(g), Some(cluster)) =
+            (&log.grpc_stats, &log.facts.grpc, &log.facts.cluster)
+        {
+            gs.charge(cluster, g, Some(grpc_status));
         }
         if let Some(t) = log.trace {
             finish_span(t, &log.facts, &log.origin, log.status, &flags, self.sent);
@@ -330,7 +342,7 @@ fn grpc_status(h: &HeaderMap) -> Option<u32> {
 }
 
 /// Istio's stats filters, which Envoy runs as access logs.
-fn report_istio_stats(log: &PendingLog, flags: &str, sent: u64, trailer_grpc: Option<u32>) {
+fn report_istio_stats(log: &PendingLog, flags: &str, sent: u64, grpc_status: u32) {
     use crate::observe::istio_stats::{HttpOutcome, PeerFacts};
     let f = &log.facts;
     let o = &log.origin;
@@ -354,9 +366,13 @@ fn report_istio_stats(log: &PendingLog, flags: &str, sent: u64, trailer_grpc: Op
     let outcome = HttpOutcome {
         grpc,
         status: log.status,
-        grpc_status: trailer_grpc
-            .or_else(|| grpc_status(&log.response_headers))
-            .or(Some(super::local_reply::http_to_grpc_status(log.status))),
+        grpc_status: Some(grpc_status),
+        // `grpc_stats`' filter state, when it keeps one.
+        messages: f
+            .grpc
+            .as_ref()
+            .filter(|_| log.grpc_stats.as_ref().is_some_and(|g| g.emit_filter_state))
+            .map(|g| (g.request.get(), g.response.get())),
         duration: o.start.elapsed(),
         request_bytes: wire_request_bytes(f),
         response_bytes: wire_response_bytes(log, sent),

@@ -589,6 +589,8 @@ pub struct HttpOutcome {
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// gRPC messages each way, from `grpc_stats`' filter state.
+    pub messages: Option<(u64, u64)>,
 }
 
 /// The HTTP metrics of one label set.
@@ -599,19 +601,50 @@ struct HttpSeries {
     response_bytes: Option<Arc<Histogram>>,
 }
 
+/// A worker's resolved metrics, by filter, metric (or series kind) and label values.
+type Cache<T> = RefCell<HashMap<(usize, u8, String), T>>;
+
 thread_local! {
-    static HTTP_SERIES: RefCell<HashMap<(usize, String), Arc<HttpSeries>>> =
-        RefCell::new(HashMap::new());
+    static HTTP_SERIES: Cache<Arc<HttpSeries>> = RefCell::new(HashMap::new());
+    static TCP_SERIES: Cache<Arc<TcpSeries>> = RefCell::new(HashMap::new());
+    static MESSAGE_COUNTERS: Cache<Option<Arc<Counter>>> = RefCell::new(HashMap::new());
 }
 
-/// The map key of a label set: the values, which the label names follow from.
-fn series_key(id: usize, tags: &[(&'static str, String)]) -> (usize, String) {
-    let mut key = String::with_capacity(tags.iter().map(|(_, v)| v.len() + 1).sum());
+/// The cached entry for `tags`, made by `make` the first time this worker sees them.
+fn cached<T: Clone>(
+    cache: &'static std::thread::LocalKey<Cache<T>>,
+    id: usize,
+    kind: u8,
+    tags: &[(&'static str, String)],
+    make: impl FnOnce() -> T,
+) -> T {
+    let mut values = String::with_capacity(tags.iter().map(|(_, v)| v.len() + 1).sum());
     for (_, v) in tags {
-        key.push_str(v);
-        key.push('\u{0}');
+        values.push_str(v);
+        values.push('\u{0}');
     }
-    (id, key)
+    let key = (id, kind, values);
+    cache.with(|m| {
+        if let Some(s) = m.borrow().get(&key) {
+            return s.clone();
+        }
+        let s = make();
+        m.borrow_mut().insert(key, s.clone());
+        s
+    })
+}
+
+impl IstioStats {
+    /// A counter of `tags` for `metric`, resolved once per worker.
+    fn cached_counter(
+        &self,
+        metric: Metric,
+        tags: &[(&'static str, String)],
+    ) -> Option<Arc<Counter>> {
+        cached(&MESSAGE_COUNTERS, self.id, metric as u8, tags, || {
+            self.counter(metric, tags)
+        })
+    }
 }
 
 impl IstioStats {
@@ -620,6 +653,17 @@ impl IstioStats {
         let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(25);
         tags.push(("reporter", self.reporter.label().to_string()));
         let mutual_tls = self.peer_tags(f, &mut tags);
+        // Istio counts a gRPC stream's messages with the peer labels only.
+        if let (true, Some((requests, responses))) = (o.grpc, o.messages) {
+            for (metric, n) in [
+                (Metric::RequestMessages, requests),
+                (Metric::ResponseMessages, responses),
+            ] {
+                if let Some(c) = self.cached_counter(metric, &tags) {
+                    c.add(n);
+                }
+            }
+        }
         tags.push((
             "request_protocol",
             if o.grpc { "grpc" } else { "http" }.into(),
@@ -633,19 +677,13 @@ impl IstioStats {
             },
         ));
         Self::flag_tags(&mut tags, f.flags, mutual_tls);
-        let key = series_key(self.id, &tags);
-        let series = HTTP_SERIES.with(|m| {
-            if let Some(s) = m.borrow().get(&key) {
-                return s.clone();
-            }
-            let s = Arc::new(HttpSeries {
+        let series = cached(&HTTP_SERIES, self.id, 0, &tags, || {
+            Arc::new(HttpSeries {
                 requests: self.counter(Metric::RequestsTotal, &tags),
                 duration: self.histogram(Metric::RequestDuration, &tags),
                 request_bytes: self.histogram(Metric::RequestBytes, &tags),
                 response_bytes: self.histogram(Metric::ResponseBytes, &tags),
-            });
-            m.borrow_mut().insert(key, s.clone());
-            s
+            })
         });
         if let Some(c) = &series.requests {
             c.inc();
@@ -668,11 +706,6 @@ struct TcpSeries {
     closed: Option<Arc<Counter>>,
     sent: Option<Arc<Counter>>,
     received: Option<Arc<Counter>>,
-}
-
-thread_local! {
-    static TCP_SERIES: RefCell<HashMap<(usize, String), Arc<TcpSeries>>> =
-        RefCell::new(HashMap::new());
 }
 
 /// What one connection has reported to one stats filter so far.
@@ -713,19 +746,13 @@ impl IstioStats {
             let mutual_tls = self.peer_tags(f, &mut tags);
             tags.push(("request_protocol", "tcp".into()));
             Self::flag_tags(&mut tags, f.flags, mutual_tls);
-            let key = series_key(self.id, &tags);
-            let series = TCP_SERIES.with(|m| {
-                if let Some(s) = m.borrow().get(&key) {
-                    return s.clone();
-                }
-                let s = Arc::new(TcpSeries {
+            let series = cached(&TCP_SERIES, self.id, 0, &tags, || {
+                Arc::new(TcpSeries {
                     opened: self.counter(Metric::TcpOpened, &tags),
                     closed: self.counter(Metric::TcpClosed, &tags),
                     sent: self.counter(Metric::TcpSent, &tags),
                     received: self.counter(Metric::TcpReceived, &tags),
-                });
-                m.borrow_mut().insert(key, s.clone());
-                s
+                })
             });
             if let Some(c) = &series.opened {
                 c.inc();
@@ -805,6 +832,7 @@ mod tests {
             duration: Duration::from_millis(3),
             request_bytes: 10,
             response_bytes: 20,
+            messages: None,
         }
     }
 
