@@ -24,6 +24,7 @@ const ROOTS: &[&str] = &[
     "envoy.config.accesslog.v3.AccessLog",
     "envoy.extensions.access_loggers.file.v3.FileAccessLog",
     "envoy.config.trace.v3.ZipkinConfig",
+    "envoy.config.metrics.v3.StatsdSink",
     "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
     "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",

@@ -149,10 +149,7 @@ pub const TABLE: &[(&str, Support)] = &[
         Support::Supported,
     ),
     ("envoy.config.trace.v3.ZipkinConfig", Support::Supported),
-    (
-        "envoy.config.metrics.v3.StatsdSink",
-        Support::Refused(ISSUE_OBSERVE),
-    ),
+    ("envoy.config.metrics.v3.StatsdSink", Support::Supported),
     (
         "envoy.config.metrics.v3.MetricsServiceConfig",
         Support::Refused(ISSUE_OBSERVE),

@@ -86,6 +86,14 @@ pub struct Histogram {
     used: AtomicBool,
     /// Touched only by the stats flush and the admin handlers.
     merged: Mutex<(Distribution, Merged)>,
+    /// A stats sink that takes every sample as it is recorded (statsd's timers), with this
+    /// histogram's name.
+    sink: OnceLock<(std::sync::Arc<str>, std::sync::Arc<dyn SampleSink>)>,
+}
+
+/// Where a histogram's samples go as they are recorded.
+pub trait SampleSink: Send + Sync + std::fmt::Debug {
+    fn sample(&self, name: &str, value: u64);
 }
 
 impl Histogram {
@@ -100,6 +108,14 @@ impl Histogram {
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
         }
+        if let Some((name, sink)) = self.sink.get() {
+            sink.sample(name, value);
+        }
+    }
+
+    /// Sends this histogram's samples to `sink` from now on (a second sink is not taken).
+    pub fn send_samples_to(&self, name: &str, sink: std::sync::Arc<dyn SampleSink>) {
+        let _ = self.sink.set((name.into(), sink));
     }
 
     pub fn used(&self) -> bool {

@@ -165,6 +165,7 @@ struct Maps {
     /// Envoy's custom stat namespaces: shown in Prometheus without the namespace and without
     /// `envoy_` (Istio's `istiocustom`).
     custom_namespaces: Vec<String>,
+    sample_sink: Option<Arc<dyn crate::histogram::SampleSink>>,
 }
 
 /// The process's stat store.
@@ -230,7 +231,26 @@ impl Store {
     }
     fn histogram_named(&self, name: StatName) -> Arc<Histogram> {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        m.histograms.entry(name).or_default().clone()
+        let sink = m.sample_sink.clone();
+        m.histograms
+            .entry(name)
+            .or_insert_with_key(|n| {
+                let h = Arc::new(Histogram::default());
+                if let Some(s) = sink {
+                    h.send_samples_to(&n.to_string(), s);
+                }
+                h
+            })
+            .clone()
+    }
+
+    /// Every histogram, those made later too, sends its samples to `sink` as they are recorded.
+    pub fn set_sample_sink(&self, sink: Arc<dyn crate::histogram::SampleSink>) {
+        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, h) in &m.histograms {
+            h.send_samples_to(&name.to_string(), sink.clone());
+        }
+        m.sample_sink = Some(sink);
     }
 
     /// The stats flush: every histogram's samples since the last one become its interval.

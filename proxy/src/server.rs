@@ -167,12 +167,24 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         // recorded; the admin shows them as of the last flush.
         let flushed = store.clone();
         let flush_every = current.load().stats_flush_interval;
+        let sinks = current.load().stats_sinks.clone();
+        if !sinks.is_empty() {
+            store.set_sample_sink(Arc::new(crate::observe::stats_sink::AllSinks(
+                sinks.clone(),
+            )));
+        }
         tokio::spawn(async move {
             let mut every = tokio::time::interval(flush_every);
             every.tick().await;
             loop {
                 every.tick().await;
                 flushed.merge_histograms();
+                if !sinks.is_empty() {
+                    let snap = flushed.snapshot();
+                    for s in &sinks {
+                        s.flush(&snap);
+                    }
+                }
             }
         });
         let _ads = start_ads(&current, &store, &opts_for_ads, &manager, &initialized);

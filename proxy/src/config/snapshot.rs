@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub tracing: Option<Arc<crate::observe::tracing::ZipkinDriver>>,
     /// `stats_flush_interval` (5 s): how often histograms merge what was recorded.
     pub stats_flush_interval: std::time::Duration,
+    /// `stats_sinks`: where each stats flush goes.
+    pub stats_sinks: Vec<Arc<crate::observe::stats_sink::Statsd>>,
 }
 
 /// A route configuration from RDS: compiled, its source, and what `/config_dump` shows.
@@ -165,6 +167,8 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         None => None,
     };
     let stats_flush_interval = stats_flush_interval(&mut rest)?;
+    let stats_sinks =
+        crate::observe::stats_sink::compile(&std::mem::take(&mut rest.stats_sinks), "stats_sinks")?;
     let stats_config = Arc::new(crate::observe::stats_config::StatsConfig::compile(
         rest.stats_config.take().as_ref(),
         rest.deferred_stat_options.take().as_ref(),
@@ -267,6 +271,7 @@ pub fn compile(b: &Bootstrap, opts: &Options, store: &Store) -> Result<Snapshot,
         stats_config,
         tracing,
         stats_flush_interval,
+        stats_sinks,
     })
 }
 

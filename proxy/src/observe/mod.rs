@@ -5,5 +5,6 @@ pub mod formatter;
 pub mod istio_stats;
 pub mod stats;
 pub mod stats_config;
+pub mod stats_sink;
 pub mod tag_producer;
 pub mod tracing;
