@@ -93,6 +93,7 @@ static_resources:
   listeners:
   - name: main
     address: {{socket_address: {{address: 127.0.0.1, port_value: MAIN}}}}
+    access_log:{listener_log}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -123,8 +124,21 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  - name: nochain
+    address: {{socket_address: {{address: 127.0.0.1, port_value: NOCHAIN}}}}
+    access_log:{nr_log}
+      filter: {{response_flag_filter: {{flags: [NR]}}}}
+    filter_chains:
+    - filter_chain_match: {{destination_port: 1}}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: never
+          cluster: echo
   - name: tcp
     address: {{socket_address: {{address: 127.0.0.1, port_value: TCP}}}}
+    access_log:{listener_tcp_log}
     filter_chains:
     - filters:
       - name: envoy.filters.network.tcp_proxy
@@ -151,6 +165,30 @@ static_resources:
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: SCRIPTED}}}}}}}}]}}]
 "#,
         admin_log = dir.join("admin.log").display(),
+        listener_log = file_log(
+            "listener.log",
+            &format!(
+                "log_format: {{text_format_source: {{inline_string: \"{}\"}}}}",
+                ISTIO_TEXT.replace('\n', "\\n")
+            )
+        )
+        .replace("\n          ", "\n    "),
+        listener_tcp_log = file_log(
+            "listener_tcp.log",
+            &format!(
+                "log_format: {{text_format_source: {{inline_string: \"{}\"}}}}",
+                ISTIO_TEXT.replace('\n', "\\n")
+            )
+        )
+        .replace("\n          ", "\n    "),
+        nr_log = file_log(
+            "nr.log",
+            &format!(
+                "log_format: {{text_format_source: {{inline_string: \"{}\"}}}}",
+                ISTIO_TEXT.replace('\n', "\\n")
+            )
+        )
+        .replace("\n          ", "\n    "),
         tcp_log = file_log(
             "tcp.log",
             &format!(
@@ -257,9 +295,11 @@ fn scenario(name: &'static str, bin: &Path, echo: u16, scripted: u16) -> Vec<Str
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let (admin, main, tcp, dead) = (free_port(), free_port(), free_port(), free_port());
+    let nochain = free_port();
     let ports = [
         ("ADMIN", admin),
         ("MAIN", main),
+        ("NOCHAIN", nochain),
         ("TCP", tcp),
         ("ECHO", echo),
         ("DEAD", dead),
@@ -268,7 +308,8 @@ fn scenario(name: &'static str, bin: &Path, echo: u16, scripted: u16) -> Vec<Str
     let proxy = start_logged(name, bin, &dir, bootstrap(&dir), &ports);
     for (case, req) in REQUESTS {
         // The scripted upstream counts attempts per id: each proxy has its own.
-        let req = req.replace("x-id: ", &format!("x-id: {name}-"));
+        // (An id as long for both, so that the connections' bytes compare.)
+        let req = req.replace("x-id: ", &format!("x-id: {}-", &name[..1]));
         let r = http_raw(main, req.as_bytes());
         assert!(r.is_ok(), "{name} {case}: {r:?}");
     }
@@ -287,8 +328,18 @@ fn scenario(name: &'static str, bin: &Path, echo: u16, scripted: u16) -> Vec<Str
         b"GET /tcp HTTP/1.1\r\nhost: t\r\nx-request-id: id-tcp\r\nconnection: close\r\n\r\n",
     );
     assert!(r.is_ok(), "{name} tcp: {r:?}");
+    // A connection no filter chain takes: reset, logged with NR by the listener.
+    let r = http_raw(
+        nochain,
+        b"GET /nr HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    );
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|r| r.status == 0),
+        "{name} nochain: {r:?}"
+    );
     let ports = [
         (main, "MAIN"),
+        (nochain, "NOCHAIN"),
         (tcp, "TCP"),
         (echo, "ECHO"),
         (dead, "DEAD"),
@@ -312,6 +363,25 @@ fn scenario(name: &'static str, bin: &Path, echo: u16, scripted: u16) -> Vec<Str
     }
     for l in read_lines(&dir.join("tcp.log"), 1) {
         t.push(format!("tcp: {}", mask(&l, &ports)));
+    }
+    // The listeners' own logs: one line per connection (the HTTP ones with their bytes), and
+    // the connection no chain took.
+    // Bytes sent on the wire differ where framing is the codec's choice: HTTP/2's own frames
+    // (hyper's settings and window updates are not oghttp2's), the last line.
+    let reframed = |i: usize| i >= REQUESTS.len();
+    let sent = regex::Regex::new(r#"" (\d+) \d+ D "#).expect("re");
+    for (i, l) in read_lines(&dir.join("listener.log"), n).iter().enumerate() {
+        let mut line = mask(l, &ports);
+        if reframed(i) {
+            line = sent.replace(&line, "\" $1 SENT D ").into_owned();
+        }
+        t.push(format!("listener: {line}"));
+    }
+    for l in read_lines(&dir.join("listener_tcp.log"), 1) {
+        t.push(format!("listener tcp: {}", mask(&l, &ports)));
+    }
+    for l in read_lines(&dir.join("nr.log"), 1) {
+        t.push(format!("nr: {}", mask(&l, &ports)));
     }
     // The admin log: a request, then a reopen after the file was moved away.
     let _ = http_raw(
@@ -375,6 +445,7 @@ fn full_disk(name: &'static str, bin: &Path, echo: u16) -> Vec<String> {
     let ports = [
         ("ADMIN", admin),
         ("MAIN", main),
+        ("NOCHAIN", free_port()),
         ("TCP", free_port()),
         ("ECHO", echo),
         ("DEAD", free_port()),

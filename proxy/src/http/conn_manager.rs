@@ -74,6 +74,8 @@ pub struct ConnInfo {
     pub filter_state: Arc<petrel_filters::filter_state::FilterState>,
     /// The downstream peer TCP metadata exchange found.
     pub mx_peer: Option<Arc<petrel_filters::workload_metadata::WorkloadMetadata>>,
+    /// The codec answered a protocol error (the connection's `DPE`, for listener logs).
+    pub codec_error: Cell<bool>,
 }
 
 impl ConnInfo {
@@ -90,13 +92,26 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves one accepted connection until it closes: HTTP/1.1 with Petrel's codec, HTTP/2 with
 /// hyper's, chosen by the codec setting (AUTO looks for the HTTP/2 preface, as Envoy does).
+/// What a listener's access log reads of a finished connection.
+#[derive(Default)]
+pub struct ConnEnd {
+    /// `HTTP/1.1` or `HTTP/2` once the codec is known (empty before, and after a protocol
+    /// error, as Envoy's connection shows it).
+    pub protocol: &'static str,
+    /// `DPE` after a protocol error.
+    pub flags: &'static str,
+    pub tls: Option<Arc<crate::tls::info::TlsInfo>>,
+    pub filter_state: Option<Arc<petrel_filters::filter_state::FilterState>>,
+}
+
 pub async fn serve(
     accepted: Accepted,
     info: ConnInfo,
     hcm: Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
     drain: ConnDrain,
-) {
+) -> ConnEnd {
+    let mut end = ConnEnd::default();
     hcm.stats.downstream_cx_total.inc();
     hcm.stats.downstream_cx_active.inc();
     let opened = Instant::now();
@@ -119,13 +134,21 @@ pub async fn serve(
                     }
                     None => None,
                 };
+                end.tls = up.tls.clone();
+                end.filter_state = Some(up.filter_state.clone());
                 let info = ConnInfo {
                     tls: up.tls,
                     filter_state: up.filter_state,
                     mx_peer,
                     ..info
                 };
-                serve_codec(up.stream, up.initial, info, &hcm, ctx, &drain).await;
+                let (protocol, codec_error) =
+                    serve_codec(up.stream, up.initial, info, &hcm, ctx, &drain).await;
+                (end.protocol, end.flags) = if codec_error {
+                    ("", "DPE")
+                } else {
+                    (protocol, "")
+                };
             }
         } => {}
         _ = drain.finished() => {}
@@ -137,8 +160,10 @@ pub async fn serve(
     if tls {
         hcm.stats.downstream_cx_ssl_active.dec();
     }
+    end
 }
 
+/// Serves the connection with the codec it speaks; returns Envoy's name for that protocol.
 async fn serve_codec(
     mut stream: Downstream,
     mut initial: bytes::BytesMut,
@@ -146,10 +171,11 @@ async fn serve_codec(
     hcm: &Arc<HcmConfig>,
     ctx: Rc<WorkerCtx>,
     drain: &ConnDrain,
-) {
+) -> (&'static str, bool) {
     use tokio::io::AsyncReadExt;
     let _ = stream.tcp().set_nodelay(true);
     let info = Rc::new(info);
+    let conn = info.clone();
     initial.reserve(16 * 1024);
     let h2 = match hcm.codec {
         Codec::Http2 => true,
@@ -165,7 +191,7 @@ async fn serve_codec(
                     break true;
                 }
                 match stream.read_buf(&mut initial).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return ("", false),
                     Ok(_) => {}
                 }
             }
@@ -181,9 +207,11 @@ async fn serve_codec(
             drain,
         )
         .await;
+        ("HTTP/2", conn.codec_error.get())
     } else {
         hcm.stats.downstream_cx_http1_total.inc();
         super::h1::conn::serve(stream, initial, info, hcm.clone(), ctx, drain).await;
+        ("HTTP/1.1", conn.codec_error.get())
     }
 }
 
@@ -252,6 +280,7 @@ pub fn codec_error_response(
     e: &super::h1::head::HeadError,
 ) -> Response<StreamBody> {
     let (status, body, details) = e.reply();
+    info.codec_error.set(true);
     let start = Instant::now();
     let stats = &hcm.stats;
     stats.downstream_rq_total.inc();
@@ -1067,12 +1096,18 @@ impl Routed<'_> {
             }
             RouteAction::Direct { status, body } => {
                 hcm.stats.rq_direct_response.inc();
-                let r = LocalReply::new(
+                let mut r = LocalReply::new(
                     *status,
                     body.clone().unwrap_or_default(),
                     "",
                     "direct_response",
                 );
+                // Envoy says where a 201 created the resource: the request's own URL.
+                if *status == StatusCode::CREATED {
+                    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}")) {
+                        r.headers.insert(http::header::LOCATION, v);
+                    }
+                }
                 local_response(hcm, &r, form, Some(req.headers()))
             }
             RouteAction::Redirect(rd) => {

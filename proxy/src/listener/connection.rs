@@ -123,6 +123,7 @@ async fn serve(
     ctx: Rc<WorkerCtx>,
 ) {
     l.stats.downstream_cx_total.inc();
+    let start_time = std::time::SystemTime::now();
     let facts = ConnectionFacts {
         destination: d.local,
         source: remote,
@@ -137,6 +138,14 @@ async fn serve(
         let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         l.stats.no_filter_chain_match.inc();
         l.stats.downstream_cx_destroy.inc();
+        if !l.access_logs.is_empty() {
+            let mut v = crate::observe::formatter::StreamValues::new(start_time, remote, d.local);
+            v.response_flags = "NR";
+            v.response_code_details = "filter_chain_not_found";
+            v.requested_server_name = d.server_name.as_deref().unwrap_or("");
+            v.duration = Some(std::time::Duration::ZERO);
+            crate::observe::access_log::log_all(&l.access_logs, &v);
+        }
         return;
     };
     l.stats.downstream_cx_active.inc();
@@ -159,12 +168,34 @@ async fn serve(
                 tls: None,
                 filter_state: Default::default(),
                 mx_peer: None,
+                codec_error: Default::default(),
             };
-            conn_manager::serve(accepted, info, hcm, ctx, l.drain.for_connection()).await
+            let wire = if l.access_logs.is_empty() {
+                None
+            } else {
+                super::wire_bytes::WireBytes::of(&accepted.tcp)
+            };
+            let end = conn_manager::serve(accepted, info, hcm, ctx, l.drain.for_connection()).await;
+            if let Some(w) = wire {
+                let (received, sent) = w.read();
+                let mut v =
+                    crate::observe::formatter::StreamValues::new(start_time, remote, d.local);
+                v.protocol = end.protocol;
+                v.response_flags = end.flags;
+                v.bytes_received = received;
+                v.bytes_sent = sent;
+                v.duration = Some(opened.elapsed());
+                v.requested_server_name = d.server_name.as_deref().unwrap_or("");
+                v.downstream_tls = end.tls.as_deref();
+                v.filter_state = end.filter_state.as_deref();
+                crate::observe::access_log::log_all(&l.access_logs, &v);
+            }
         }
         Terminal::Tcp(cfg) => {
             let sni = d.server_name.as_deref().map(Arc::from);
-            crate::tcp::proxy::serve(accepted, original_dst, sni, cfg, ctx, l.drain.clone()).await
+            let logs = l.access_logs.clone();
+            crate::tcp::proxy::serve(accepted, original_dst, sni, cfg, logs, ctx, l.drain.clone())
+                .await
         }
     }
     l.stats

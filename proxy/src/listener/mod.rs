@@ -17,6 +17,7 @@ pub mod listener_filters;
 pub mod manager;
 pub mod stream;
 pub mod tls_inspector;
+pub mod wire_bytes;
 
 use filter_chain_match::{ChainMatch, ConnectionFacts};
 
@@ -64,6 +65,9 @@ pub struct Listener {
     /// listener warms until all are known.
     pub rds: BTreeMap<String, crate::config::dynamic::Wait>,
     pub drain: drain::Drain,
+    /// `access_log`: one line per connection when it closes (and for a connection no chain
+    /// takes, with flag `NR`).
+    pub access_logs: crate::observe::access_log::AccessLogs,
 }
 
 /// The active listeners of a snapshot, by name and by address (for `use_original_dst`).
@@ -394,6 +398,11 @@ pub fn compile(
     let use_original_dst = rest.use_original_dst.take().is_some_and(|b| b.value);
     let listener_filters =
         listener_filters::ListenerFilters::compile(&mut rest, use_original_dst, store, &path)?;
+    let access_logs = crate::observe::access_log::compile_all(
+        &std::mem::take(&mut rest.access_log),
+        store,
+        &format!("{path}.access_log"),
+    )?;
     reject_unhandled(&rest, &path)?;
     if chains_pb.is_empty() && default_pb.is_none() {
         return Err(invalid(
@@ -470,6 +479,7 @@ pub fn compile(
         source: l.clone(),
         rds,
         drain: drain::Drain::default(),
+        access_logs,
     })
 }
 

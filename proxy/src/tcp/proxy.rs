@@ -154,10 +154,12 @@ pub async fn serve(
     original_dst: Option<SocketAddr>,
     server_name: Option<Arc<str>>,
     cfg: Arc<TcpProxyConfig>,
+    listener_logs: crate::observe::access_log::AccessLogs,
     ctx: Rc<WorkerCtx>,
     drain: Drain,
 ) {
-    let logged = !cfg.access_logs.is_empty();
+    // The listener's access log sees the connection as tcp_proxy's does.
+    let logged = !cfg.access_logs.is_empty() || !listener_logs.is_empty();
     let start = std::time::Instant::now();
     let start_time = std::time::SystemTime::now();
     let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
@@ -217,6 +219,7 @@ pub async fn serve(
     v.filter_state = Some(&facts.filter_state);
     v.requested_server_name = server_name.as_deref().unwrap_or("");
     crate::observe::access_log::log_all(&cfg.access_logs, &v);
+    crate::observe::access_log::log_all(&listener_logs, &v);
 }
 
 /// Istio's stats filters report the connection (see `IstioStats::report_tcp`).
