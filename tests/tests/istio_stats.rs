@@ -29,19 +29,24 @@ struct Case {
     server_expect: Vec<(&'static str, &'static str)>,
 }
 
-fn params(case: &Case) -> Params {
-    let ports = [
+/// The ports istio/proxy's fixtures name, each a free one.
+fn fixture_ports() -> Params {
+    let mut p = Params::default();
+    for name in [
         "ClientPort",
         "ServerPort",
         "BackendPort",
         "ClientAdmin",
         "ServerAdmin",
         "XDSPort",
-    ];
-    let mut p = Params::default();
-    for name in ports {
+    ] {
         p = p.port(name, free_port());
     }
+    p
+}
+
+fn params(case: &Case) -> Params {
+    let p = fixture_ports();
     let stats_json =
         |path: &str| yaml_json(&fixture(&format!("proxy-testdata/{path}"))).to_string();
     p.var("RequestCount", "10")
@@ -339,18 +344,7 @@ fn tcp_hello_server(addr: &str) {
 /// filters the variables name (`(var, proxy-testdata file)`), ten connections that each send
 /// `world\n` and read `hello world\n`.
 fn tcp_scenario(vars: &[(&str, &str)], files: &[(&str, &str)]) -> (Params, Proxy, Proxy) {
-    let mut p = Params::default();
-    for name in [
-        "ClientPort",
-        "ServerPort",
-        "BackendPort",
-        "ClientAdmin",
-        "ServerAdmin",
-        "XDSPort",
-    ] {
-        p = p.port(name, free_port());
-    }
-    p = p.var("DisableDirectResponse", "true");
+    let mut p = fixture_ports().var("DisableDirectResponse", "true");
     for (k, v) in vars {
         p = p.var(k, *v);
     }

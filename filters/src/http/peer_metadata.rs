@@ -387,6 +387,21 @@ mod tests {
         Factory::compile("mx", &any, &node(workload), "f")
     }
 
+    fn stream_info(state: &crate::filter_state::FilterState) -> StreamInfo<'_> {
+        StreamInfo {
+            downstream_remote: "127.0.0.1:1".parse().unwrap(),
+            downstream_local: "127.0.0.1:2".parse().unwrap(),
+            protocol: "HTTP/1.1",
+            start_time: std::time::SystemTime::now(),
+            downstream_direct_remote: "127.0.0.1:1".parse().unwrap(),
+            requested_server_name: "",
+            peer: None,
+            scheme: "http",
+            authority: "a",
+            filter_state: state,
+        }
+    }
+
     struct Stream {
         info_state: crate::filter_state::FilterState,
         peers: StreamPeers,
@@ -405,18 +420,7 @@ mod tests {
             h: &mut HeaderMap,
             cluster: Option<(&str, Option<&IstioClusterMetadata>)>,
         ) {
-            let info = StreamInfo {
-                downstream_remote: "127.0.0.1:1".parse().unwrap(),
-                downstream_local: "127.0.0.1:2".parse().unwrap(),
-                protocol: "HTTP/1.1",
-                start_time: std::time::SystemTime::now(),
-                downstream_direct_remote: "127.0.0.1:1".parse().unwrap(),
-                requested_server_name: "",
-                peer: None,
-                scheme: "http",
-                authority: "a",
-                filter_state: &self.info_state,
-            };
+            let info = stream_info(&self.info_state);
             let configs = Default::default();
             let route = cluster.map(|(c, m)| RouteInfo {
                 cluster: Some(c),
@@ -440,18 +444,7 @@ mod tests {
             );
         }
         fn response(&mut self, f: &mut dyn HttpFilter, h: &mut HeaderMap) {
-            let info = StreamInfo {
-                downstream_remote: "127.0.0.1:1".parse().unwrap(),
-                downstream_local: "127.0.0.1:2".parse().unwrap(),
-                protocol: "HTTP/1.1",
-                start_time: std::time::SystemTime::now(),
-                downstream_direct_remote: "127.0.0.1:1".parse().unwrap(),
-                requested_server_name: "",
-                peer: None,
-                scheme: "http",
-                authority: "a",
-                filter_state: &self.info_state,
-            };
+            let info = stream_info(&self.info_state);
             let mut status = http::StatusCode::OK;
             f.encode_headers(&mut ResponseHead {
                 status: &mut status,

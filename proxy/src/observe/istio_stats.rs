@@ -566,6 +566,17 @@ impl IstioStats {
         mutual_tls
     }
 
+    /// `reporter` and the peer labels, every metric's first ones.
+    fn reporter_and_peer_tags(
+        &self,
+        f: &PeerFacts<'_>,
+    ) -> (Vec<(&'static str, String)>, Option<bool>) {
+        let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(25);
+        tags.push(("reporter", self.reporter.label().to_string()));
+        let mutual_tls = self.peer_tags(f, &mut tags);
+        (tags, mutual_tls)
+    }
+
     fn flag_tags(tags: &mut Vec<(&'static str, String)>, flags: &str, mutual_tls: Option<bool>) {
         tags.push(("response_flags", or(flags, "-").to_string()));
         tags.push((
@@ -650,9 +661,7 @@ impl IstioStats {
 impl IstioStats {
     /// Records one finished HTTP stream.
     pub fn report_http(&self, f: &PeerFacts<'_>, o: &HttpOutcome) {
-        let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(25);
-        tags.push(("reporter", self.reporter.label().to_string()));
-        let mutual_tls = self.peer_tags(f, &mut tags);
+        let (mut tags, mutual_tls) = self.reporter_and_peer_tags(f);
         // Istio counts a gRPC stream's messages with the peer labels only.
         if let (true, Some((requests, responses))) = (o.grpc, o.messages) {
             for (metric, n) in [
@@ -741,9 +750,7 @@ impl IstioStats {
             if !peer_read && !end {
                 return;
             }
-            let mut tags: Vec<(&'static str, String)> = Vec::with_capacity(24);
-            tags.push(("reporter", self.reporter.label().to_string()));
-            let mutual_tls = self.peer_tags(f, &mut tags);
+            let (mut tags, mutual_tls) = self.reporter_and_peer_tags(f);
             tags.push(("request_protocol", "tcp".into()));
             Self::flag_tags(&mut tags, f.flags, mutual_tls);
             let series = cached(&TCP_SERIES, self.id, 0, &tags, || {
