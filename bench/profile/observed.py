@@ -6,6 +6,12 @@ count them as dropped reports). Usage, as a compare.sh candidate:
 
   "envoy-obs=bench/profile/observed.py $ENVOY -c {config} --concurrency 1 --disable-hot-restart"
 
+With `--istio-telemetry` first, the connection manager also runs Istio's outbound telemetry
+filters as istiod renders them (`istio.metadata_exchange` peer metadata and `istio.stats`), with
+pilot-agent's node metadata (Petrel only: Envoy's PyPI build has neither filter):
+
+  "petrel-istio=bench/profile/observed.py --istio-telemetry target/release/petrel -c {config} ..."
+
 The proxy replaces this process (exec), so compare.sh measures the proxy itself.
 """
 import os
@@ -24,8 +30,46 @@ ISTIO_FORMAT = (
 )
 
 
+def istio_telemetry(b, hcm):
+    """Istio's sidecar outbound telemetry: node metadata, peer metadata exchange, istio.stats."""
+    b["node"]["metadata"] = {
+        "WORKLOAD_NAME": "bench-v1",
+        "NAMESPACE": "ns",
+        "CLUSTER_ID": "Kubernetes",
+        "ISTIO_VERSION": "1.28.0",
+        "LABELS": {
+            "app": "bench",
+            "version": "v1",
+            "service.istio.io/canonical-name": "bench",
+            "service.istio.io/canonical-revision": "v1",
+        },
+    }
+    typed = "type.googleapis.com/udpa.type.v1.TypedStruct"
+    filters = [
+        {
+            "name": "istio.metadata_exchange",
+            "typed_config": {
+                "@type": typed,
+                "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config",
+                "value": {
+                    "upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}],
+                    "upstream_propagation": [{"istio_headers": {}}],
+                },
+            },
+        },
+        {
+            "name": "istio.stats",
+            "typed_config": {"@type": typed, "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}},
+        },
+    ]
+    hcm["http_filters"] = filters + hcm["http_filters"]
+
+
 def main():
     args = sys.argv[1:]
+    telemetry = args[0] == "--istio-telemetry"
+    if telemetry:
+        args = args[1:]
     i = args.index("-c")
     with open(args[i + 1]) as f:
         b = yaml.safe_load(f)
@@ -59,7 +103,9 @@ def main():
             },
         }
     ]
-    out = args[i + 1] + ".observed.yaml"
+    if telemetry:
+        istio_telemetry(b, hcm)
+    out = args[i + 1] + (".istio.yaml" if telemetry else ".observed.yaml")
     with open(out, "w") as f:
         yaml.safe_dump(b, f)
     args[i + 1] = out
