@@ -58,7 +58,7 @@ impl GrpcStatsConfig {
 
     /// The counters of one stream, when the request is gRPC (`None` otherwise).
     pub fn start(&self, headers: &http::HeaderMap, path: &str) -> Option<GrpcStream> {
-        if !is_grpc_request(headers) {
+        if !super::local_reply::is_grpc(headers) {
             return None;
         }
         let method = if self.stats_for_all_methods {
@@ -109,14 +109,6 @@ impl GrpcStatsConfig {
 
 thread_local! {
     static COUNTERS: RefCell<HashMap<String, Arc<Counter>>> = RefCell::new(HashMap::new());
-}
-
-/// gRPC proper: `application/grpc`, or with a `+codec` or `;parameters` (not gRPC-Web).
-pub fn is_grpc_request(h: &http::HeaderMap) -> bool {
-    h.get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("application/grpc"))
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
 }
 
 /// `/pkg.Service/Method` as `pkg.Service.Method` (None for any other path shape).
@@ -238,10 +230,11 @@ mod tests {
             ("application/grpc+proto", true),
             ("application/grpc;x=y", true),
             ("application/grpc-web", false),
+            ("application/grpcx", false),
             ("text/plain", false),
         ] {
             h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
-            assert_eq!(is_grpc_request(&h), grpc, "{ct}");
+            assert_eq!(super::super::local_reply::is_grpc(&h), grpc, "{ct}");
         }
         assert_eq!(
             service_method("/pkg.Svc/Get").as_deref(),

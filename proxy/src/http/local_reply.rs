@@ -174,11 +174,14 @@ impl LocalReply {
     }
 }
 
-/// Whether a request is gRPC (its local replies then take gRPC form).
+/// Whether a request is gRPC (its local replies then take gRPC form; `grpc_stats` and Istio's
+/// stats count it): `application/grpc`, or with a `+codec` or `;parameters` — not gRPC-Web, and
+/// not `application/grpcx` (Envoy answers those a plain 404).
 pub fn is_grpc(h: &HeaderMap) -> bool {
     h.get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
 }
 
 /// Envoy's `Grpc::Utility::httpToGrpcStatus`.

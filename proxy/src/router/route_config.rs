@@ -397,15 +397,8 @@ impl RouteMatcher {
                 return false;
             }
         }
-        if self.grpc {
-            let grpc = input
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.starts_with("application/grpc"));
-            if !grpc {
-                return false;
-            }
+        if self.grpc && !crate::http::local_reply::is_grpc(input.headers) {
+            return false;
         }
         for h in &self.headers {
             if !h.matches(header_value(h.name.as_str(), input).as_deref()) {
