@@ -4,6 +4,7 @@
 #![allow(deprecated)]
 
 pub mod admin;
+pub mod append_file;
 pub mod cli;
 pub mod config;
 pub mod http;

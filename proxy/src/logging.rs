@@ -100,12 +100,7 @@ pub fn init(
         }
     }
     let sink: Box<dyn Write + Send> = match path {
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)?,
-        ),
+        Some(p) => Box::new(crate::append_file::open_append(p)?),
         None => Box::new(std::io::stderr()),
     };
     let _ = LOGGER.set(Logger {

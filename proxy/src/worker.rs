@@ -98,6 +98,7 @@ async fn accept_loop(name: String, socket: tokio::net::TcpListener, ctx: Rc<Work
         };
         let snap = ctx.snapshot();
         let Some(l) = snap.listeners.get(&name).cloned() else {
+            crate::plog!(debug, "conn_handler", "{name}: no such listener in this worker's configuration; closing the connection from {remote}");
             continue;
         };
         crate::listener::connection::accept(stream, remote, l, &snap, &ctx);

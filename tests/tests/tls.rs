@@ -259,6 +259,12 @@ fn scenario(name: &'static str, bin: &Path, dir: &Path, c: &Certs, echo: u16) ->
         "tls, no alpn",
         https_get(tls, "server.test", &[], None, "/"),
     );
+    // What Istio's clients offer (`istio.alpn`) to Istio's inbound contexts (`h2, http/1.1`):
+    // no protocol in common, the handshake goes on without ALPN.
+    case(
+        "tls, alpn in common with none",
+        https_get(tls, "server.test", &["istio-http/1.1", "istio"], None, "/"),
+    );
     case(
         "mtls, good client",
         https_get(mtls, "server.test", &["http/1.1"], Some(&c.client), "/"),

@@ -31,16 +31,12 @@ pub fn compile(c: &ClusterManager) -> Result<ClusterManagerConfig, ConfigError> 
         let log = std::mem::take(&mut orest.event_log_path);
         reject_unhandled(&orest, &op)?;
         if !log.is_empty() {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .map_err(|e| {
-                    invalid(
-                        format!("{op}.event_log_path"),
-                        format!("cannot open '{log}': {e}"),
-                    )
-                })?;
+            let f = crate::append_file::open_append(&log).map_err(|e| {
+                invalid(
+                    format!("{op}.event_log_path"),
+                    format!("cannot open '{log}': {e}"),
+                )
+            })?;
             out.outlier_event_log = Some(Arc::new(f));
         }
     }

@@ -36,11 +36,12 @@ pub fn accept(
             listener.stats.downstream_global_cx_overflow.inc();
             return;
         }
-        super::GLOBAL_DOWNSTREAM_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     }
+    // `then`, not `then_some`: an uncounted connection must not make (and drop) a guard.
+    let count = counted.then(GlobalConnection::acquire);
     let (snap, ctx) = (snap.clone(), ctx.clone());
     tokio::task::spawn_local(async move {
-        let _count = counted.then_some(GlobalConnection);
+        let _count = count;
         let mut stream = stream;
         let local = stream.local_addr().unwrap_or(listener.address);
         let mut buf = BytesMut::new();
@@ -60,8 +61,16 @@ pub fn accept(
     });
 }
 
-/// Counts a connection toward the global limit until it ends.
-struct GlobalConnection;
+/// Counts a connection toward the global limit until it ends; only [`GlobalConnection::acquire`]
+/// makes one, so every decrement has its increment.
+struct GlobalConnection(());
+
+impl GlobalConnection {
+    fn acquire() -> GlobalConnection {
+        super::GLOBAL_DOWNSTREAM_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        GlobalConnection(())
+    }
+}
 
 impl Drop for GlobalConnection {
     fn drop(&mut self) {

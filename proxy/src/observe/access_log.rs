@@ -7,6 +7,7 @@
 //! writer sleeps until the flush interval or until 64 KiB are queued: a line does not wake it
 //! (a wakeup per line cost a context switch per request).
 
+use crate::append_file::open_append;
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -248,13 +249,6 @@ static FLUSH_INTERVAL: OnceLock<Duration> = OnceLock::new();
 
 pub fn set_flush_interval(d: Duration) {
     let _ = FLUSH_INTERVAL.set(d);
-}
-
-fn open_append(path: &str) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
 }
 
 thread_local! {

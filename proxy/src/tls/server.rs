@@ -23,6 +23,8 @@ use arc_swap::ArcSwapOption;
 #[derive(Debug)]
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
+    /// The same with no ALPN, for clients offering none of `config`'s protocols.
+    config_without_alpn: Arc<rustls::ServerConfig>,
     common: Arc<CommonTls>,
     pub stats: SslStats,
     factory: super::SocketFactoryStats,
@@ -192,12 +194,34 @@ impl ServerTls {
         let factory =
             super::SocketFactoryStats::new(store, &format!("{scope}server_ssl_socket_factory."));
         common.watch_updates(&factory.ssl_context_update_by_sds);
+        let mut without_alpn = config.clone();
+        without_alpn.alpn_protocols.clear();
         Ok(ServerTls {
             config: Arc::new(config),
+            config_without_alpn: Arc::new(without_alpn),
             common,
             stats,
             factory,
         })
+    }
+
+    /// The configuration for a ClientHello offering `offered`: Envoy (BoringSSL) goes on
+    /// without ALPN when the client offers no protocol this side has, where rustls would
+    /// refuse the handshake (Istio's clients offer `istio-http/1.1` to contexts with `h2,
+    /// http/1.1`).
+    fn config_for<'a>(
+        &self,
+        offered: Option<impl Iterator<Item = &'a [u8]>>,
+    ) -> Arc<rustls::ServerConfig> {
+        let mut offered = match offered {
+            Some(o) if !self.config.alpn_protocols.is_empty() => o,
+            _ => return self.config.clone(),
+        };
+        if offered.any(|p| self.config.alpn_protocols.iter().any(|ours| ours == p)) {
+            self.config.clone()
+        } else {
+            self.config_without_alpn.clone()
+        }
     }
 
     /// Whether every secret the context names has arrived (else its listener warms).
@@ -241,8 +265,19 @@ impl ServerTls {
                 "not a TLS handshake",
             ));
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
-        match acceptor.accept(Prefixed::new(tcp, prefix)).await {
+        let start = tokio_rustls::LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            Prefixed::new(tcp, prefix),
+        )
+        .await;
+        let handshake = match start {
+            Ok(start) => {
+                let config = self.config_for(start.client_hello().alpn());
+                start.into_stream(config).await
+            }
+            Err(e) => Err(e),
+        };
+        match handshake {
             Ok(s) => {
                 let conn = s.get_ref().1;
                 self.stats.handshake(conn);
