@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use petrel_tests::mesh::istiod::Flavor;
-use petrel_tests::mesh::{istio_file, Answers, Bookinfo};
+use petrel_tests::mesh::{istio_file, Answers, Bookinfo, CLIENT, EXTERNAL_IP};
 use petrel_tests::netns::missing_prerequisite;
 use petrel_tests::{envoy_bin, petrel_bin};
 use serde_json::Value;
@@ -153,9 +153,351 @@ fn tasks(mesh: &Bookinfo) -> Vec<(String, String)> {
     );
     row("reviews-50-v3", "v1 and v3 within 30..70 of 100".into());
 
+    rows.extend(rewrite_and_timeout(mesh));
+    rows.extend(circuit_breaking_and_mirroring(mesh));
+    rows.extend(mtls(mesh));
+    rows.extend(egress(mesh));
     assert!(mesh.cp.nacks().is_empty(), "NACKs: {:?}", mesh.cp.nacks());
     rows
 }
+
+/// Records a task's outcome (and shows it as the test goes).
+fn record(mesh: &Bookinfo, rows: &mut Vec<(String, String)>, task: &str, outcome: String) {
+    eprintln!("[{:?}] {task}: {outcome}", mesh.flavor);
+    rows.push((task.to_string(), outcome));
+}
+
+/// A URI rewrite at the gateway (`/products` → `/productpage`), and the request-timeouts task:
+/// reviews v2 with a 0.5 s timeout while ratings answers after 2 s.
+fn rewrite_and_timeout(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    mesh.apply(REWRITE);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut a = mesh.through_gateway("/products", 1, &[]);
+    while a.codes.get("200") != Some(&1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        a = mesh.through_gateway("/products", 1, &[]);
+    }
+    let served = a.by(|v| v["served_by"].as_str().unwrap_or("?").to_string());
+    assert!(only(&served, "productpage-v1-0"), "{a:?}");
+    record(
+        mesh,
+        &mut rows,
+        "rewrite /products -> /productpage",
+        format!("{served:?}"),
+    );
+
+    mesh.apply(TIMEOUT);
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let timed_out = mesh.through_gateway("/productpage", 1, &[]).by(reviews_of);
+    let took = started.elapsed();
+    assert!(
+        only(
+            &timed_out,
+            "Sorry, product reviews are currently unavailable for this book."
+        ),
+        "timeout: {timed_out:?}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    record(
+        mesh,
+        &mut rows,
+        "reviews timeout 0.5 s, ratings delay 2 s",
+        format!("{timed_out:?}"),
+    );
+    mesh.apply(&networking("virtual-service-all-v1.yaml"));
+    rows
+}
+
+/// The circuit-breaking task (fortio `-c 2 -n 20`, then `-c 3 -n 30`, against httpbin with one
+/// connection and one pending request allowed) and the mirroring task (v1 answers, v2 sees
+/// every request as `httpbin-shadow`).
+fn circuit_breaking_and_mirroring(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let fortio = &mesh.pods["fortio-deploy"];
+    // Each answer takes 200 ms, so that `-c` requests are in flight together: two fit (one
+    // connection, one pending), a third overflows.
+    let url = "http://httpbin:8000/delay/0.2";
+    mesh.apply(CIRCUIT_BREAKER);
+    std::thread::sleep(Duration::from_secs(1));
+    let first = mesh.load(fortio, url, 1, 1, &[]);
+    assert_eq!(
+        first.codes.get("200"),
+        Some(&1),
+        "{first:?}\n{}",
+        mesh.diagnose()
+    );
+    let two = mesh.load(fortio, url, 2, 20, &[]);
+    assert!(
+        two.codes.keys().all(|c| c == "200" || c == "503"),
+        "{two:?}"
+    );
+    assert!(two.codes.get("200").copied().unwrap_or(0) >= 1, "{two:?}");
+    let three = mesh.load(fortio, url, 3, 30, &[]);
+    assert!(
+        three.codes.keys().all(|c| c == "200" || c == "503"),
+        "{three:?}"
+    );
+    assert!(
+        three.codes.get("503").copied().unwrap_or(0) >= 1,
+        "{three:?}"
+    );
+    let overflow = mesh.stats("fortio-deploy", "httpbin.*upstream_rq_pending_overflow");
+    let counted: u64 = overflow
+        .values()
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    assert!(counted >= 1, "{overflow:?}");
+    let refused: Vec<String> = three
+        .bodies
+        .keys()
+        .filter(|b| !b.starts_with('{'))
+        .cloned()
+        .collect();
+    record(
+        mesh,
+        &mut rows,
+        "circuit breaking -c 2 -n 20 / -c 3 -n 30",
+        format!("only 200 and 503; 503s at -c 3; upstream_rq_pending_overflow counted; 503 bodies {refused:?}"),
+    );
+
+    mesh.apply(MIRROR);
+    let sleep = &mesh.pods["sleep"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut served;
+    loop {
+        served = mesh
+            .get_in(sleep, "http://httpbin:8000/headers", 5, &[])
+            .by(|v| v["served_by"].as_str().unwrap_or("?").to_string());
+        if only(&served, "httpbin-v1-0") || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(only(&served, "httpbin-v1-0"), "{served:?}");
+    // What v2 sees from now on: the mirrored copies only.
+    std::thread::sleep(Duration::from_millis(500));
+    let seen_before = mesh.log("httpbin-v2", "app.log").lines().count();
+    let served = mesh
+        .get_in(sleep, "http://httpbin:8000/headers", 5, &[])
+        .by(|v| v["served_by"].as_str().unwrap_or("?").to_string());
+    assert!(only(&served, "httpbin-v1-0"), "{served:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let mirrored: std::collections::BTreeSet<String> = mesh
+        .log("httpbin-v2", "app.log")
+        .lines()
+        .skip(seen_before)
+        .filter(|l| l.ends_with("/headers"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        mirrored.iter().collect::<Vec<_>>(),
+        ["GET httpbin-shadow:8000 /headers"],
+        "{}",
+        mesh.diagnose()
+    );
+    record(
+        mesh,
+        &mut rows,
+        "mirroring v1 -> v2",
+        format!("{served:?}, v2 saw {mirrored:?}"),
+    );
+    rows
+}
+
+/// Mutual TLS: the caller's SPIFFE identity in `x-forwarded-client-cert`; a client without a
+/// sidecar is served under PERMISSIVE and refused under STRICT.
+fn mtls(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let sleep = &mesh.pods["sleep"];
+    let a = mesh.get_in(sleep, "http://httpbin:8000/headers", 1, &[]);
+    let xfcc = a.by(|v| {
+        let x = v["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .unwrap_or("none");
+        // The hash is the certificate's, different in each run.
+        regex::Regex::new("Hash=[0-9a-f]{64}")
+            .map(|r| r.replace(x, "Hash=<sha256>").into_owned())
+            .unwrap_or_default()
+    });
+    assert!(
+        xfcc.keys()
+            .all(|x| x.contains("URI=spiffe://cluster.local/ns/default/sa/sleep")),
+        "{xfcc:?}"
+    );
+    record(
+        mesh,
+        &mut rows,
+        "x-forwarded-client-cert at httpbin",
+        format!("{xfcc:?}"),
+    );
+
+    let client = &mesh.pods[CLIENT];
+    let direct = format!("http://{}:8080/get", mesh.pods["httpbin-v1"].ip);
+    let permissive = mesh.get_in(client, &direct, 1, &[]);
+    assert_eq!(permissive.codes.get("200"), Some(&1), "{permissive:?}");
+    mesh.apply(STRICT);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut strict = mesh.get_in(client, &direct, 1, &[]);
+    while strict.codes.contains_key("200") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        strict = mesh.get_in(client, &direct, 1, &[]);
+    }
+    assert!(!strict.codes.contains_key("200"), "{strict:?}");
+    let inside = mesh.get_in(sleep, "http://httpbin:8000/get", 3, &[]);
+    assert_eq!(inside.codes.get("200"), Some(&3), "{inside:?}");
+    mesh.cp.update(|m| m.config.delete(STRICT));
+    record(
+        mesh,
+        &mut rows,
+        "PERMISSIVE then STRICT, client without sidecar",
+        format!(
+            "{:?} then {:?}; sidecar to sidecar {:?}",
+            permissive.codes, strict.codes, inside.codes
+        ),
+    );
+    rows
+}
+
+/// Egress: `ALLOW_ANY` passes a host outside the mesh through, `REGISTRY_ONLY` sends it to
+/// the black hole, and a ServiceEntry opens that one host (others on its port get 502).
+fn egress(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let sleep = &mesh.pods["sleep"];
+    let url = format!("http://{EXTERNAL_IP}/get");
+    let host = "host: external.test";
+    let allow = mesh.get_in(sleep, &url, 1, &[host]);
+    assert_eq!(allow.codes.get("200"), Some(&1), "{allow:?}");
+    mesh.cp.update(|m| m.config.registry_only = true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut blocked = mesh.get_in(sleep, &url, 1, &[host]);
+    while blocked.codes.contains_key("200") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        blocked = mesh.get_in(sleep, &url, 1, &[host]);
+    }
+    assert!(!blocked.codes.contains_key("200"), "{blocked:?}");
+    mesh.apply(SERVICE_ENTRY);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut opened = mesh.get_in(sleep, &url, 1, &[host]);
+    while !opened.codes.contains_key("200") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        opened = mesh.get_in(sleep, &url, 1, &[host]);
+    }
+    assert_eq!(opened.codes.get("200"), Some(&1), "{opened:?}");
+    let other = mesh.get_in(sleep, &url, 1, &["host: other.test"]);
+    assert_eq!(other.codes.get("502"), Some(&1), "{other:?}");
+    mesh.cp.update(|m| {
+        m.config.registry_only = false;
+        m.config.delete(SERVICE_ENTRY);
+    });
+    record(
+        mesh,
+        &mut rows,
+        "egress ALLOW_ANY / REGISTRY_ONLY / ServiceEntry",
+        format!(
+            "{:?} / {:?} / {:?}, other host {:?}",
+            allow.codes, blocked.codes, opened.codes, other.codes
+        ),
+    );
+    rows
+}
+
+const REWRITE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo-products}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - match: [{uri: {prefix: /products}}]
+    rewrite: {uri: /productpage}
+    route: [{destination: {host: productpage, port: {number: 9080}}}]
+"#;
+
+/// The request-timeouts task: reviews to v2 with a 0.5 s timeout, ratings delayed 2 s.
+const TIMEOUT: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v2}}]
+    timeout: 0.5s
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - fault: {delay: {percentage: {value: 100}, fixedDelay: 2s}}
+    route: [{destination: {host: ratings, subset: v1}}]
+"#;
+
+/// The task's DestinationRule. The task has one httpbin pod: its traffic goes to v1 here, as
+/// connection pools (and the first connection each may always open) are per host.
+const CIRCUIT_BREAKER: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin}
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m, maxEjectionPercent: 100}
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin}
+spec:
+  hosts: [httpbin]
+  http:
+  - route: [{destination: {host: httpbin, subset: v1}}]
+"#;
+
+const MIRROR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin}
+spec:
+  host: httpbin
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin}
+spec:
+  hosts: [httpbin]
+  http:
+  - route: [{destination: {host: httpbin, subset: v1}, weight: 100}]
+    mirror: {host: httpbin, subset: v2}
+    mirrorPercentage: {value: 100.0}
+"#;
+
+const STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+const SERVICE_ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external-test}
+spec:
+  hosts: [external.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{address: 10.250.3.10}]
+"#;
 
 #[test]
 fn bookinfo_tasks_petrel_and_envoy() {

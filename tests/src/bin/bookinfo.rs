@@ -8,7 +8,7 @@
 //!                                                               reviews-v2|reviews-v3|ratings|httpbin
 //! bookinfo agent                                                pilot-agent's 15020 readiness
 //! bookinfo get URL [-n N] [-c C] [-H name:value ...]            a fortio-like client: prints a
-//!                                                               JSON summary of the answers
+//!           [--resolve name=ip ...]                             JSON summary of the answers
 //! ```
 //!
 //! productpage calls details and reviews (twice, 3 s each, as the real one does), reviews v2/v3
@@ -270,6 +270,13 @@ impl App {
 /// httpbin's endpoints the tasks use: `/get`, `/headers`, `/status/N`, `/delay/N`.
 async fn httpbin(pod: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    // The request log the mirroring task reads.
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    println!("{} {host} {path}", req.method());
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
@@ -333,6 +340,7 @@ async fn agent() {
 async fn get(url: &str, rest: &[String]) {
     let (mut n, mut c) = (1usize, 1usize);
     let mut headers = Vec::new();
+    let mut resolve = HashMap::new();
     let mut it = rest.iter();
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| usage());
@@ -343,10 +351,26 @@ async fn get(url: &str, rest: &[String]) {
                 let (k, v) = value.split_once(':').unwrap_or_else(|| usage());
                 headers.push((k.trim().to_string(), v.trim().to_string()));
             }
+            "--resolve" => {
+                let (name, ip) = value.split_once('=').unwrap_or_else(|| usage());
+                resolve.insert(name.to_string(), ip.to_string());
+            }
             _ => usage(),
         }
     }
-    let uri: http::Uri = url.parse().unwrap_or_else(|_| usage());
+    let mut uri: http::Uri = url.parse().unwrap_or_else(|_| usage());
+    // A service name goes to its cluster IP (the pod's DNS), the name staying in `host`.
+    if let Some(ip) = uri.host().and_then(|h| resolve.get(h)) {
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            headers.push(("host".into(), authority));
+        }
+        let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        uri = format!("http://{ip}{port}{path}")
+            .parse()
+            .unwrap_or_else(|_| usage());
+    }
     let http = client();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let results = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -42,11 +42,36 @@ pub struct Service {
     pub cluster_ip: String,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    /// A ServiceEntry's endpoints (its `name` is then the host itself).
+    pub entry_endpoints: Option<Vec<Workload>>,
 }
 
 impl Service {
     pub fn fqdn(&self) -> String {
-        format!("{}.{NAMESPACE}.{DOMAIN}", self.name)
+        match self.entry_endpoints {
+            Some(_) => self.name.clone(),
+            None => format!("{}.{NAMESPACE}.{DOMAIN}", self.name),
+        }
+    }
+
+    /// The host names a request may carry for this service (without ports).
+    fn hosts(&self) -> Vec<String> {
+        if self.entry_endpoints.is_some() {
+            return vec![self.name.clone()];
+        }
+        let short = &self.name;
+        vec![
+            self.fqdn(),
+            short.clone(),
+            format!("{short}.{NAMESPACE}.svc"),
+            format!("{short}.{NAMESPACE}"),
+            self.cluster_ip.clone(),
+        ]
+    }
+
+    /// Whether a VirtualService/DestinationRule `host` names this service.
+    fn named_by(&self, host: &str) -> bool {
+        self.hosts().iter().any(|h| h == host)
     }
 }
 
@@ -97,6 +122,7 @@ pub struct IstioConfig {
     pub virtual_services: Vec<Value>,
     pub destination_rules: Vec<Value>,
     pub gateways: Vec<Value>,
+    pub service_entries: Vec<Value>,
     /// Mesh-wide PeerAuthentication mode: `PERMISSIVE` (default) or `STRICT`.
     pub mtls_strict: bool,
     /// Mesh config `outboundTrafficPolicy.mode: REGISTRY_ONLY`.
@@ -114,6 +140,7 @@ impl IstioConfig {
                 "VirtualService" => &mut self.virtual_services,
                 "DestinationRule" => &mut self.destination_rules,
                 "Gateway" => &mut self.gateways,
+                "ServiceEntry" => &mut self.service_entries,
                 "PeerAuthentication" => {
                     let mode = doc["spec"]["mtls"]["mode"].as_str().unwrap_or("PERMISSIVE");
                     self.mtls_strict = mode == "STRICT";
@@ -130,10 +157,14 @@ impl IstioConfig {
     pub fn delete(&mut self, yaml: &str) {
         for doc in yaml_docs(yaml) {
             let name = doc["metadata"]["name"].clone();
+            if doc["kind"] == "PeerAuthentication" {
+                self.mtls_strict = false;
+            }
             for list in [
                 &mut self.virtual_services,
                 &mut self.destination_rules,
                 &mut self.gateways,
+                &mut self.service_entries,
             ] {
                 list.retain(|r| r["metadata"]["name"] != name || r["kind"] != doc["kind"]);
             }
@@ -196,6 +227,7 @@ impl Mesh {
                         })
                         .collect(),
                     selector: string_map(&doc["spec"]["selector"]),
+                    entry_endpoints: None,
                 }),
                 Some("Deployment") => {
                     let spec = &doc["spec"]["template"]["spec"];
@@ -224,11 +256,68 @@ impl Mesh {
         }
     }
 
-    fn service(&self, host: &str) -> &Service {
-        let short = host.split('.').next().unwrap_or(host);
-        self.services
-            .iter()
-            .find(|s| s.name == short)
+    /// The Kubernetes services and the ServiceEntries' hosts.
+    fn all_services(&self) -> Vec<Service> {
+        let mut all = self.services.clone();
+        for se in &self.config.service_entries {
+            let spec = &se["spec"];
+            check_keys(
+                spec,
+                &["hosts", "ports", "resolution", "location", "endpoints"],
+                "ServiceEntry.spec",
+            );
+            assert_eq!(
+                spec["resolution"], "STATIC",
+                "the control-plane stand-in translates STATIC ServiceEntries only"
+            );
+            let ports: Vec<ServicePort> = spec["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    let port = p["number"].as_u64().unwrap_or(0) as u16;
+                    ServicePort {
+                        name: p["name"].as_str().unwrap_or("http").into(),
+                        port,
+                        target_port: port,
+                    }
+                })
+                .collect();
+            for host in spec["hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let endpoints = spec["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| Workload {
+                        deployment: host.to_string(),
+                        namespace: NAMESPACE.into(),
+                        labels: BTreeMap::new(),
+                        service_account: String::new(),
+                        ip: e["address"].as_str().unwrap_or_default().to_string(),
+                        sidecar: false,
+                    })
+                    .collect();
+                all.push(Service {
+                    name: host.to_string(),
+                    cluster_ip: String::new(),
+                    ports: ports.clone(),
+                    selector: BTreeMap::new(),
+                    entry_endpoints: Some(endpoints),
+                });
+            }
+        }
+        all
+    }
+
+    fn service(&self, host: &str) -> Service {
+        self.all_services()
+            .into_iter()
+            .find(|s| s.named_by(host))
             .unwrap_or_else(|| panic!("no Service for host {host:?}"))
     }
 
@@ -236,11 +325,14 @@ impl Mesh {
         self.config
             .destination_rules
             .iter()
-            .find(|d| self.service(d["spec"]["host"].as_str().unwrap_or("")).name == service.name)
+            .find(|d| service.named_by(d["spec"]["host"].as_str().unwrap_or("")))
     }
 
     /// The pods behind a service (and subset labels).
-    fn endpoints(&self, service: &Service, subset: &BTreeMap<String, String>) -> Vec<&Workload> {
+    fn endpoints(&self, service: &Service, subset: &BTreeMap<String, String>) -> Vec<Workload> {
+        if let Some(e) = &service.entry_endpoints {
+            return e.clone();
+        }
         self.workloads
             .iter()
             .filter(|w| {
@@ -250,6 +342,7 @@ impl Mesh {
                     .chain(subset.iter())
                     .all(|(k, v)| w.labels.get(k) == Some(v))
             })
+            .cloned()
             .collect()
     }
 
@@ -286,7 +379,7 @@ impl Mesh {
 
     fn service_ports(&self) -> Vec<u16> {
         let mut ports: Vec<u16> = self
-            .services
+            .all_services()
             .iter()
             .flat_map(|s| s.ports.iter().map(|p| p.port))
             .collect();
@@ -303,7 +396,7 @@ impl Mesh {
     ) -> (BTreeMap<String, Value>, BTreeMap<String, Value>) {
         let mut clusters = BTreeMap::new();
         let mut assignments = BTreeMap::new();
-        for s in &self.services {
+        for s in &self.all_services() {
             let dr = self.destination_rule(s);
             let mut subsets = vec![(String::new(), BTreeMap::new(), None)];
             for sub in dr
@@ -401,20 +494,13 @@ impl Mesh {
     fn outbound_routes(&self, port: u16) -> Value {
         let mut hosts = Vec::new();
         for s in self
-            .services
+            .all_services()
             .iter()
             .filter(|s| s.ports.iter().any(|p| p.port == port))
         {
             let fqdn = s.fqdn();
-            let short = &s.name;
             let mut domains = Vec::new();
-            for d in [
-                fqdn.clone(),
-                short.clone(),
-                format!("{short}.{NAMESPACE}.svc"),
-                format!("{short}.{NAMESPACE}"),
-                s.cluster_ip.clone(),
-            ] {
+            for d in s.hosts() {
                 domains.push(json!(d));
                 domains.push(json!(format!("{d}:{port}")));
             }
@@ -427,7 +513,7 @@ impl Mesh {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .any(|h| self.service(h.as_str().unwrap_or("")).name == s.name)
+                        .any(|h| s.named_by(h.as_str().unwrap_or("")))
             });
             let routes = match vs {
                 Some(vs) => self.http_routes(vs, port),
@@ -524,15 +610,16 @@ impl Mesh {
                 .collect();
             json!({"weighted_clusters": {"clusters": clusters}})
         };
-        action["timeout"] = json!(rule["timeout"].as_str().unwrap_or("0s"));
-        action["max_grpc_timeout"] = json!(rule["timeout"].as_str().unwrap_or("0s"));
+        let timeout = rule.get("timeout").map_or(json!("0s"), duration);
+        action["timeout"] = timeout.clone();
+        action["max_grpc_timeout"] = timeout;
         action["retry_policy"] = match rule.get("retries") {
             Some(r) => {
                 check_keys(r, &["attempts", "perTryTimeout", "retryOn"], "retries");
                 let mut p = istio_retry_policy();
                 p["num_retries"] = json!(r["attempts"].as_u64().unwrap_or(2));
-                if let Some(t) = r["perTryTimeout"].as_str() {
-                    p["per_try_timeout"] = json!(t);
+                if let Some(t) = r.get("perTryTimeout") {
+                    p["per_try_timeout"] = duration(t);
                 }
                 if let Some(on) = r["retryOn"].as_str() {
                     p["retry_on"] = json!(on);
@@ -668,6 +755,26 @@ fn check_keys(v: &Value, known: &[&str], what: &str) {
     }
 }
 
+/// A Go duration as Istio writes them (`3m`, `1.5s`, `500ms`, `1h`) in proto3 JSON (`180s`).
+fn duration(v: &Value) -> Value {
+    let text = v.as_str().unwrap_or_else(|| panic!("not a duration: {v}"));
+    let (number, unit) = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| text.split_at(i))
+        .unwrap_or_else(|| panic!("duration without a unit: {text}"));
+    let n: f64 = number
+        .parse()
+        .unwrap_or_else(|_| panic!("bad duration {text}"));
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => panic!("the control-plane stand-in does not translate duration {text}"),
+    };
+    json!(format!("{seconds}s"))
+}
+
 fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
@@ -742,7 +849,7 @@ fn fault_config(f: &Value) -> Value {
     let mut out =
         json!({"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"});
     if let Some(d) = f.get("delay") {
-        out["delay"] = json!({"fixed_delay": d["fixedDelay"], "percentage": percent(d)});
+        out["delay"] = json!({"fixed_delay": duration(&d["fixedDelay"]), "percentage": percent(d)});
     }
     if let Some(a) = f.get("abort") {
         out["abort"] = json!({"http_status": a["httpStatus"], "percentage": percent(a)});
@@ -810,8 +917,8 @@ fn outbound_cluster(
                 ("interval", "interval"),
                 ("baseEjectionTime", "base_ejection_time"),
             ] {
-                if let Some(v) = o[from].as_str() {
-                    od[to] = json!(v);
+                if let Some(v) = o.get(from) {
+                    od[to] = duration(v);
                 }
             }
             if let Some(n) = o["maxEjectionPercent"].as_u64() {
@@ -855,7 +962,7 @@ fn outbound_cluster(
 }
 
 /// A cluster's assignment: the pods with Istio's endpoint metadata.
-fn assignment(name: &str, pods: &[&Workload], port: u16) -> Value {
+fn assignment(name: &str, pods: &[Workload], port: u16) -> Value {
     let endpoints: Vec<Value> = pods
         .iter()
         .map(|w| {
@@ -1059,6 +1166,39 @@ mod tests {
             w.node_id(false),
             "sidecar~10.0.0.1~productpage-v1-0.default~default.svc.cluster.local"
         );
+    }
+
+    #[test]
+    fn a_service_entry_opens_its_host_under_registry_only() {
+        let mut mesh = bookinfo();
+        mesh.config.registry_only = true;
+        mesh.config.apply("kind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [external.test], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, location: MESH_EXTERNAL, endpoints: [{address: 10.9.9.9}]}");
+        let w = mesh.workloads[0].clone();
+        let r = mesh.resources(&w, false, Flavor::IstioProxy);
+        let hosts: Vec<&Value> = r[ROUTES]["80"]["virtual_hosts"]
+            .as_array()
+            .expect("vhosts")
+            .iter()
+            .map(|v| &v["domains"])
+            .collect();
+        assert_eq!(
+            hosts,
+            [&json!(["external.test", "external.test:80"]), &json!(["*"])]
+        );
+        assert_eq!(
+            r[ENDPOINTS]["outbound|80||external.test"]["endpoints"][0]["lb_endpoints"][0]
+                ["endpoint"]["address"]["socket_address"]["address"],
+            "10.9.9.9"
+        );
+        assert!(r[LISTENER].contains_key("0.0.0.0_80"));
+    }
+
+    #[test]
+    fn go_durations_become_proto_durations() {
+        assert_eq!(duration(&json!("3m")), json!("180s"));
+        assert_eq!(duration(&json!("0.5s")), json!("0.5s"));
+        assert_eq!(duration(&json!("500ms")), json!("0.5s"));
+        assert_eq!(duration(&json!("1h")), json!("3600s"));
     }
 
     #[test]

@@ -26,6 +26,52 @@ const PROXY_UID: u32 = 1337;
 /// The uid the apps run as.
 const APP_UID: u32 = 1000;
 pub const GATEWAY: &str = "istio-ingressgateway";
+/// A host outside the mesh (no sidecar, not in the registry) for the egress tasks.
+pub const EXTERNAL: &str = "external";
+pub const EXTERNAL_IP: &str = "10.250.3.10";
+
+/// The other samples Istio's tasks use, as in `samples/httpbin`, `samples/sleep` and the
+/// fortio client of the circuit-breaking task (whose stats matcher adds `cluster.outbound`).
+const MORE_APPS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, labels: {app: httpbin}}
+spec:
+  ports: [{name: http, port: 8000, targetPort: 8080}]
+  selector: {app: httpbin}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpbin-v1}
+spec:
+  template:
+    metadata: {labels: {app: httpbin, version: v1}}
+    spec: {serviceAccountName: httpbin}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpbin-v2}
+spec:
+  template:
+    metadata: {labels: {app: httpbin, version: v2}}
+    spec: {serviceAccountName: httpbin}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sleep}
+spec:
+  template:
+    metadata: {labels: {app: sleep}}
+    spec: {serviceAccountName: sleep}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: fortio-deploy}
+spec:
+  template:
+    metadata: {labels: {app: fortio}}
+    spec: {serviceAccountName: default}
+"#;
 pub const CLIENT: &str = "client";
 
 /// A file of `../shared/istio/`.
@@ -48,6 +94,8 @@ pub struct Bookinfo {
     pub flavor: Flavor,
     pub dir: PathBuf,
     pub ca: Ca,
+    /// `--resolve name=ip` for every service: the pods' DNS.
+    resolve: Vec<String>,
     secrets: BTreeMap<String, watch::Sender<Secrets>>,
     /// Runs the control plane while the test blocks on its clients.
     _rt: tokio::runtime::Runtime,
@@ -68,7 +116,8 @@ impl Bookinfo {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mesh dir");
         open_dir(&dir);
-        let kube = istio_file("samples/bookinfo/platform/kube/bookinfo.yaml");
+        let kube =
+            istio_file("samples/bookinfo/platform/kube/bookinfo.yaml") + "\n---\n" + MORE_APPS;
         let service_names: Vec<String> = istiod::yaml_docs(&kube)
             .iter()
             .filter(|d| d["kind"] == "Service")
@@ -153,18 +202,25 @@ impl Bookinfo {
             if !gateway {
                 pod.istio_iptables();
                 let role = match w.app() {
-                    "reviews" => format!("reviews-{}", w.version()),
-                    app => app.to_string(),
+                    "reviews" => Some(format!("reviews-{}", w.version())),
+                    // Clients only.
+                    "sleep" | "fortio" => None,
+                    app => Some(app.to_string()),
                 };
-                let mut cmd = vec![
-                    bookinfo_bin().display().to_string(),
-                    "serve".into(),
-                    role,
-                    w.pod(),
-                ];
-                cmd.extend(resolve.iter().cloned());
-                let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-                pod.spawn_logged(APP_UID, &pod_dir, &cmd, &pod_dir.join("app.log"));
+                if let Some(role) = role {
+                    let port = if role == "httpbin" { "8080" } else { "9080" };
+                    let mut cmd = vec![
+                        bookinfo_bin().display().to_string(),
+                        "serve".into(),
+                        role,
+                        w.pod(),
+                        "--port".into(),
+                        port.into(),
+                    ];
+                    cmd.extend(resolve.iter().cloned());
+                    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                    pod.spawn_logged(APP_UID, &pod_dir, &cmd, &pod_dir.join("app.log"));
+                }
             }
             let agent = bookinfo_bin().display().to_string();
             pod.spawn_logged(
@@ -206,12 +262,26 @@ impl Bookinfo {
         }
         let client = Pod::on_hub(&hub, CLIENT, "10.250.0.2", mesh.workloads.len());
         pods.insert(CLIENT.into(), client);
+        // A host outside the mesh: httpbin's endpoints on port 80, no sidecar.
+        let mut external = Pod::on_hub(&hub, EXTERNAL, EXTERNAL_IP, mesh.workloads.len() + 1);
+        let ext_dir = dir.join(EXTERNAL);
+        std::fs::create_dir_all(&ext_dir).expect("external dir");
+        let bin = bookinfo_bin().display().to_string();
+        // Root: port 80 is privileged.
+        external.spawn_logged(
+            0,
+            &ext_dir,
+            &[&bin, "serve", "httpbin", "external-0", "--port", "80"],
+            &ext_dir.join("app.log"),
+        );
+        pods.insert(EXTERNAL.into(), external);
         let mesh = Bookinfo {
             pods,
             cp,
             flavor,
             dir,
             ca,
+            resolve,
             secrets,
             _rt: rt,
             _hub: hub,
@@ -223,7 +293,11 @@ impl Bookinfo {
     /// Waits until every proxy answers pilot-agent's readiness probe (15021 `/healthz/ready`).
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        for (name, pod) in self.pods.iter().filter(|(n, _)| n.as_str() != CLIENT) {
+        for (name, pod) in self
+            .pods
+            .iter()
+            .filter(|(n, _)| ![CLIENT, EXTERNAL].contains(&n.as_str()))
+        {
             loop {
                 let r = self.get_in(pod, "http://127.0.0.1:15021/healthz/ready", 1, &[]);
                 if r.codes.get("200") == Some(&1) {
@@ -266,9 +340,15 @@ impl Bookinfo {
 
     /// Runs the `bookinfo get` client in `pod`.
     pub fn get_in(&self, pod: &Pod, url: &str, n: usize, headers: &[&str]) -> Answers {
+        self.load(pod, url, 1, n, headers)
+    }
+
+    /// `n` requests over `c` concurrent connections from `pod` (fortio's `-c C -n N`).
+    pub fn load(&self, pod: &Pod, url: &str, c: usize, n: usize, headers: &[&str]) -> Answers {
         let bin = bookinfo_bin().display().to_string();
-        let n = n.to_string();
-        let mut cmd = vec![bin.as_str(), "get", url, "-n", &n];
+        let (n, c) = (n.to_string(), c.to_string());
+        let mut cmd = vec![bin.as_str(), "get", url, "-n", &n, "-c", &c];
+        cmd.extend(self.resolve.iter().map(String::as_str));
         for h in headers {
             cmd.extend(["-H", h]);
         }
@@ -280,6 +360,24 @@ impl Bookinfo {
             codes: serde_json::from_value(v["codes"].clone()).unwrap_or_default(),
             bodies: serde_json::from_value(v["bodies"].clone()).unwrap_or_default(),
         }
+    }
+
+    /// The proxy's `/stats` lines in `pod` matching `filter` (as `pilot-agent request GET stats`).
+    pub fn stats(&self, pod: &str, filter: &str) -> BTreeMap<String, String> {
+        let a = self.get_in(
+            &self.pods[pod],
+            &format!("http://127.0.0.1:15000/stats?filter={filter}"),
+            1,
+            &[],
+        );
+        a.bodies
+            .keys()
+            .flat_map(|b| b.lines().map(String::from).collect::<Vec<_>>())
+            .filter_map(|l| {
+                l.split_once(": ")
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect()
     }
 
     /// `n` requests for `path` from the client through the ingress gateway.
@@ -380,6 +478,14 @@ fn render_bootstrap(template: &Value, w: &Workload, gateway: bool) -> Value {
             "PILOT_SAN": ["istiod.istio-system.svc"], "APP_CONTAINERS": w.app(),
         }
     });
+    // The fortio sample's `proxyStatsMatcher: {inclusionPrefixes: [cluster.outbound]}`.
+    if w.app() == "fortio" {
+        if let Some(p) =
+            b["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"].as_array_mut()
+        {
+            p.push(json!({"prefix": "cluster.outbound"}));
+        }
+    }
     for c in b["static_resources"]["clusters"]
         .as_array_mut()
         .into_iter()
