@@ -158,6 +158,7 @@ fn tasks(mesh: &Bookinfo) -> Vec<(String, String)> {
     rows.extend(circuit_breaking_and_mirroring(mesh));
     rows.extend(mtls(mesh));
     rows.extend(egress(mesh));
+    rows.extend(authorization(mesh));
     assert!(mesh.cp.nacks().is_empty(), "NACKs: {:?}", mesh.cp.nacks());
     rows
 }
@@ -210,18 +211,33 @@ fn telemetry(mesh: &Bookinfo) -> Vec<(String, String)> {
             .into_owned()
     };
     let mut lines = BTreeMap::new();
-    for pod in [GATEWAY, "productpage-v1", "details-v1", "reviews-v3", "ratings-v1"] {
+    for pod in [
+        GATEWAY,
+        "productpage-v1",
+        "details-v1",
+        "reviews-v3",
+        "ratings-v1",
+    ] {
         let mine: Vec<String> = mesh
             .log(pod, "proxy.log")
             .lines()
             .filter(|l| l.contains(&id))
             .map(mask)
             .collect();
-        assert!(!mine.is_empty(), "{pod} logged nothing for {id}\n{}", mesh.diagnose());
+        assert!(
+            !mine.is_empty(),
+            "{pod} logged nothing for {id}\n{}",
+            mesh.diagnose()
+        );
         lines.insert(pod, mine);
     }
     for (pod, l) in &lines {
-        record(mesh, &mut rows, &format!("access log of {pod}"), l.join("\n"));
+        record(
+            mesh,
+            &mut rows,
+            &format!("access log of {pod}"),
+            l.join("\n"),
+        );
     }
 
     if mesh.flavor == Flavor::IstioProxy {
@@ -234,7 +250,9 @@ fn telemetry(mesh: &Bookinfo) -> Vec<(String, String)> {
         let text = metrics.bodies.keys().next().cloned().unwrap_or_default();
         let line = text
             .lines()
-            .find(|l| l.starts_with("istio_requests_total{") && l.contains(r#"reporter="destination""#))
+            .find(|l| {
+                l.starts_with("istio_requests_total{") && l.contains(r#"reporter="destination""#)
+            })
             .unwrap_or_else(|| panic!("no istio_requests_total on reviews-v1's 15090:\n{text}"));
         for want in [
             r#"source_workload="productpage-v1""#,
@@ -484,6 +502,156 @@ fn egress(mesh: &Bookinfo) -> Vec<(String, String)> {
     );
     rows
 }
+
+/// Istio's HTTP authorization task: allow nothing (403 `RBAC: access denied` at productpage),
+/// then let the gateway view productpage, productpage view details and reviews, reviews view
+/// ratings; then a DENY policy on reviews for productpage's identity.
+fn authorization(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let page = |want: &dyn Fn(&Answers) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let a = mesh.through_gateway("/productpage", 3, &[]);
+            if want(&a) || Instant::now() > deadline {
+                return a;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let summary = |a: &Answers| {
+        a.by(|v| match v {
+            Value::String(s) => s.clone(),
+            v => format!("details: {} / reviews: {}", v["details"], reviews_of(v)),
+        })
+    };
+    mesh.apply(&networking("virtual-service-reviews-v3.yaml"));
+    mesh.apply(ALLOW_NOTHING);
+    let denied = page(&|a| a.codes.get("403") == Some(&3));
+    assert_eq!(denied.codes.get("403"), Some(&3), "{denied:?}");
+    assert!(
+        denied.bodies.contains_key("RBAC: access denied"),
+        "{denied:?}"
+    );
+    record(
+        mesh,
+        &mut rows,
+        "allow-nothing",
+        format!("{:?} {:?}", denied.codes, denied.bodies),
+    );
+
+    mesh.apply(PRODUCTPAGE_VIEWER);
+    let partial = page(&|a| a.codes.get("200") == Some(&3));
+    let seen = summary(&partial);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["details: \"Sorry, product details are currently unavailable for this book.\" / reviews: Sorry, product reviews are currently unavailable for this book."],
+        "{partial:?}"
+    );
+    record(mesh, &mut rows, "productpage-viewer", format!("{seen:?}"));
+
+    mesh.apply(DETAILS_REVIEWS_VIEWERS);
+    let want_v3 = "details: \"details-v1-0\" / reviews: reviews-v3-0 Ratings service is currently unavailable";
+    let partial = page(&|a| summary(a).contains_key(want_v3) && summary(a).len() == 1);
+    let seen = summary(&partial);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), [want_v3], "{partial:?}");
+    record(
+        mesh,
+        &mut rows,
+        "details-viewer, reviews-viewer",
+        format!("{seen:?}"),
+    );
+
+    mesh.apply(RATINGS_VIEWER);
+    let full = "details: \"details-v1-0\" / reviews: reviews-v3-0 red";
+    let all = page(&|a| summary(a).contains_key(full) && summary(a).len() == 1);
+    assert_eq!(summary(&all).keys().collect::<Vec<_>>(), [full], "{all:?}");
+    record(
+        mesh,
+        &mut rows,
+        "ratings-viewer",
+        format!("{:?}", summary(&all)),
+    );
+
+    mesh.apply(DENY_REVIEWS);
+    let unavailable = "details: \"details-v1-0\" / reviews: Sorry, product reviews are currently unavailable for this book.";
+    let denied = page(&|a| summary(a).contains_key(unavailable) && summary(a).len() == 1);
+    assert_eq!(
+        summary(&denied).keys().collect::<Vec<_>>(),
+        [unavailable],
+        "{denied:?}"
+    );
+    record(
+        mesh,
+        &mut rows,
+        "DENY reviews to productpage",
+        format!("{:?}", summary(&denied)),
+    );
+    mesh.cp.update(|m| m.config.authorization_policies.clear());
+    rows
+}
+
+const ALLOW_NOTHING: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing}
+spec: {}
+"#;
+
+const PRODUCTPAGE_VIEWER: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-viewer}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#;
+
+const DETAILS_REVIEWS_VIEWERS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: details-viewer}
+spec:
+  selector: {matchLabels: {app: details}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]
+    to: [{operation: {methods: [GET]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-viewer}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]
+    to: [{operation: {methods: [GET]}}]
+"#;
+
+const RATINGS_VIEWER: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-viewer}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-reviews]}}]
+    to: [{operation: {methods: [GET]}}]
+"#;
+
+const DENY_REVIEWS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-reviews}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: [default]}}]
+    to: [{operation: {paths: [/reviews/*]}}]
+"#;
 
 const REWRITE: &str = r#"
 apiVersion: networking.istio.io/v1

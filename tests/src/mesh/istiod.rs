@@ -123,6 +123,7 @@ pub struct IstioConfig {
     pub destination_rules: Vec<Value>,
     pub gateways: Vec<Value>,
     pub service_entries: Vec<Value>,
+    pub authorization_policies: Vec<Value>,
     /// Mesh-wide PeerAuthentication mode: `PERMISSIVE` (default) or `STRICT`.
     pub mtls_strict: bool,
     /// Mesh config `outboundTrafficPolicy.mode: REGISTRY_ONLY`.
@@ -141,6 +142,7 @@ impl IstioConfig {
                 "DestinationRule" => &mut self.destination_rules,
                 "Gateway" => &mut self.gateways,
                 "ServiceEntry" => &mut self.service_entries,
+                "AuthorizationPolicy" => &mut self.authorization_policies,
                 "PeerAuthentication" => {
                     let mode = doc["spec"]["mtls"]["mode"].as_str().unwrap_or("PERMISSIVE");
                     self.mtls_strict = mode == "STRICT";
@@ -165,6 +167,7 @@ impl IstioConfig {
                 &mut self.destination_rules,
                 &mut self.gateways,
                 &mut self.service_entries,
+                &mut self.authorization_policies,
             ] {
                 list.retain(|r| r["metadata"]["name"] != name || r["kind"] != doc["kind"]);
             }
@@ -639,6 +642,54 @@ impl Mesh {
 
     /// The inbound listener: a filter chain per inbound port (mTLS, and plaintext unless
     /// STRICT), and the passthrough chains for other ports.
+    /// The RBAC filters for the AuthorizationPolicies selecting `w`: DENY ones first, then
+    /// ALLOW ones, as istiod orders them (Istio's policy names, `RBAC: access denied` from
+    /// Envoy's filter).
+    fn rbac_filters(&self, w: &Workload) -> Vec<Value> {
+        let mut by_action: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
+        for p in &self.config.authorization_policies {
+            let spec = &p["spec"];
+            check_keys(
+                spec,
+                &["selector", "action", "rules"],
+                "AuthorizationPolicy.spec",
+            );
+            let selected = string_map(&spec["selector"]["matchLabels"])
+                .iter()
+                .all(|(k, v)| w.labels.get(k) == Some(v));
+            if !selected {
+                continue;
+            }
+            let action = spec["action"].as_str().unwrap_or("ALLOW");
+            assert!(
+                action == "ALLOW" || action == "DENY",
+                "the control-plane stand-in does not translate action {action}"
+            );
+            let policies = by_action.entry(action).or_default();
+            let name = p["metadata"]["name"].as_str().unwrap_or_default();
+            for (i, rule) in spec["rules"].as_array().into_iter().flatten().enumerate() {
+                policies.insert(
+                    format!("ns[{NAMESPACE}]-policy[{name}]-rule[{i}]"),
+                    rbac_policy(rule),
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for action in ["DENY", "ALLOW"] {
+            let Some(policies) = by_action.remove(action) else {
+                continue;
+            };
+            let mut rules = json!({"policies": policies});
+            if action == "DENY" {
+                rules["action"] = json!("DENY");
+            }
+            out.push(json!({"name": "envoy.filters.http.rbac", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": rules, "shadow_rules_stat_prefix": "istio_dry_run_allow_"}}));
+        }
+        out
+    }
+
     fn virtual_inbound(&self, w: &Workload, flavor: Flavor) -> Value {
         let mut chains = vec![json!({"name": "virtualInbound-blackhole",
             "filter_chain_match": {"destination_port": 15006},
@@ -654,7 +705,7 @@ impl Mesh {
                     "routes": [{"name": "default", "match": {"prefix": "/"},
                         "route": {"cluster": cluster, "timeout": "0s", "max_grpc_timeout": "0s"},
                         "decorator": {"operation": format!("{}.{NAMESPACE}.{DOMAIN}:{port}/*", w.app())}}]}]},
-                "http_filters": http_filters(flavor, true),
+                "http_filters": with_rbac(http_filters(flavor, true), self.rbac_filters(w)),
                 "server_name": "istio-envoy", "use_remote_address": false,
                 "forward_client_cert_details": "APPEND_FORWARD",
                 "set_current_client_cert_details": {"subject": true, "dns": true, "uri": true},
@@ -1033,6 +1084,91 @@ fn http_filters(flavor: Flavor, inbound: bool) -> Vec<Value> {
     f
 }
 
+/// The inbound HTTP filters with the RBAC ones after metadata exchange (Istio's order).
+fn with_rbac(mut filters: Vec<Value>, rbac: Vec<Value>) -> Vec<Value> {
+    let at = filters
+        .iter()
+        .position(|f| f["name"] != "istio.metadata_exchange")
+        .unwrap_or(0);
+    filters.splice(at..at, rbac);
+    filters
+}
+
+/// One AuthorizationPolicy rule as an RBAC policy: `to.operation` (methods, paths) as
+/// permissions, `from.source` (principals, namespaces) as principals; absent parts match all.
+fn rbac_policy(rule: &Value) -> Value {
+    check_keys(rule, &["from", "to"], "AuthorizationPolicy.spec.rules[]");
+    let mut permissions = Vec::new();
+    for to in rule["to"].as_array().into_iter().flatten() {
+        let op = &to["operation"];
+        check_keys(op, &["methods", "paths"], "to.operation");
+        let mut and = Vec::new();
+        if let Some(m) = op["methods"].as_array() {
+            let any: Vec<Value> = m
+                .iter()
+                .map(|m| json!({"header": {"name": ":method", "string_match": {"exact": m}}}))
+                .collect();
+            and.push(json!({"or_rules": {"rules": any}}));
+        }
+        if let Some(paths) = op["paths"].as_array() {
+            let any: Vec<Value> = paths
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|p| {
+                    let m = if p == "*" {
+                        json!({"safe_regex": {"regex": ".+"}})
+                    } else if let Some(prefix) = p.strip_suffix('*') {
+                        json!({"prefix": prefix})
+                    } else if let Some(suffix) = p.strip_prefix('*') {
+                        json!({"suffix": suffix})
+                    } else {
+                        json!({"exact": p})
+                    };
+                    json!({"url_path": {"path": m}})
+                })
+                .collect();
+            and.push(json!({"or_rules": {"rules": any}}));
+        }
+        if and.is_empty() {
+            and.push(json!({"any": true}));
+        }
+        permissions.push(json!({"and_rules": {"rules": and}}));
+    }
+    if permissions.is_empty() {
+        permissions.push(json!({"and_rules": {"rules": [{"any": true}]}}));
+    }
+    let mut principals = Vec::new();
+    for from in rule["from"].as_array().into_iter().flatten() {
+        let source = &from["source"];
+        check_keys(source, &["principals", "namespaces"], "from.source");
+        let mut and = Vec::new();
+        if let Some(ps) = source["principals"].as_array() {
+            let any: Vec<Value> = ps
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|p| json!({"authenticated": {"principal_name": {"exact": format!("spiffe://{p}")}}}))
+                .collect();
+            and.push(json!({"or_ids": {"ids": any}}));
+        }
+        if let Some(ns) = source["namespaces"].as_array() {
+            let any: Vec<Value> = ns
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|n| json!({"authenticated": {"principal_name": {"safe_regex": {"regex": format!(".*/ns/{n}/.*")}}}}))
+                .collect();
+            and.push(json!({"or_ids": {"ids": any}}));
+        }
+        if and.is_empty() {
+            and.push(json!({"any": true}));
+        }
+        principals.push(json!({"and_ids": {"ids": and}}));
+    }
+    if principals.is_empty() {
+        principals.push(json!({"and_ids": {"ids": [{"any": true}]}}));
+    }
+    json!({"permissions": permissions, "principals": principals})
+}
+
 /// Network filters ahead of an inbound chain's terminal filter.
 fn inbound_network_filters(flavor: Flavor) -> Vec<Value> {
     if flavor == Flavor::IstioProxy {
@@ -1191,6 +1327,41 @@ mod tests {
             "10.9.9.9"
         );
         assert!(r[LISTENER].contains_key("0.0.0.0_80"));
+    }
+
+    #[test]
+    fn authorization_policies_become_istio_rbac_filters() {
+        let mut mesh = bookinfo();
+        mesh.config.apply("kind: AuthorizationPolicy\nmetadata: {name: deny-all}\nspec: {action: DENY, rules: [{}]}\n---\nkind: AuthorizationPolicy\nmetadata: {name: viewer}\nspec: {selector: {matchLabels: {app: details}}, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}], to: [{operation: {methods: [GET]}}]}]}");
+        let w = mesh
+            .workloads
+            .iter()
+            .find(|w| w.deployment == "details-v1")
+            .expect("details")
+            .clone();
+        let f = mesh.rbac_filters(&w);
+        // Istio's golden for a DENY policy with an empty rule (xds/authz/http/deny-empty-rule-out.yaml).
+        assert_eq!(
+            f[0]["typed_config"]["rules"],
+            json!({"action": "DENY", "policies": {"ns[default]-policy[deny-all]-rule[0]": {
+            "permissions": [{"and_rules": {"rules": [{"any": true}]}}], "principals": [{"and_ids": {"ids": [{"any": true}]}}]}}})
+        );
+        assert_eq!(
+            f[1]["typed_config"]["rules"]["policies"]["ns[default]-policy[viewer]-rule[0]"]
+                ["principals"][0]["and_ids"]["ids"][0]["or_ids"]["ids"][0],
+            json!({"authenticated": {"principal_name": {"exact": "spiffe://cluster.local/ns/default/sa/sleep"}}})
+        );
+        let other = mesh
+            .workloads
+            .iter()
+            .find(|w| w.deployment == "ratings-v1")
+            .expect("ratings")
+            .clone();
+        assert_eq!(
+            mesh.rbac_filters(&other).len(),
+            1,
+            "the viewer policy selects details only"
+        );
     }
 
     #[test]
