@@ -15,16 +15,17 @@ use xds_client::pb::envoy::config::cluster::v3::Cluster;
 use xds_client::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use xds_client::pb::envoy::config::listener::v3::Listener;
 use xds_client::pb::envoy::config::route::v3::RouteConfiguration;
+use xds_client::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use xds_client::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
 use xds_client::pb::google::protobuf::Any;
 
-use super::istiod::{Flavor, Mesh, Workload, CLUSTER, ENDPOINTS, LISTENER, ROUTES};
+use super::istiod::{Flavor, Mesh, Workload, CLUSTER, ENDPOINTS, LISTENER, ROUTES, SECRETS};
 use crate::ads_server::{serve_sds_unix, serve_unix, DeltaSession};
 use crate::sds::{sds_responder, Secrets};
 use crate::xds::any;
 
 /// The order istiod pushes types in, so that what a resource refers to arrives first.
-const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINTS, LISTENER, ROUTES];
+const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINTS, SECRETS, LISTENER, ROUTES];
 
 /// The control plane: the mesh as the tests change it, and what proxies refused.
 pub struct ControlPlane {
@@ -129,6 +130,7 @@ fn pack(type_url: &str, v: &Value) -> Any {
         ENDPOINTS => any::<ClusterLoadAssignment>(v),
         LISTENER => any::<Listener>(v),
         ROUTES => any::<RouteConfiguration>(v),
+        SECRETS => any::<Secret>(v),
         other => panic!("no resources of type {other}"),
     }
 }

@@ -124,6 +124,9 @@ pub struct IstioConfig {
     pub gateways: Vec<Value>,
     pub service_entries: Vec<Value>,
     pub authorization_policies: Vec<Value>,
+    /// Kubernetes TLS secrets by name, as the gateway's `credentialName` finds them (Secret
+    /// resources in proto3 JSON without their name).
+    pub credentials: BTreeMap<String, Value>,
     /// Mesh-wide PeerAuthentication mode: `PERMISSIVE` (default) or `STRICT`.
     pub mtls_strict: bool,
     /// Mesh config `outboundTrafficPolicy.mode: REGISTRY_ONLY`.
@@ -199,6 +202,7 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRETS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 impl Mesh {
     /// Services and Deployments from Kubernetes YAML (`bookinfo.yaml`): cluster IPs from
@@ -363,6 +367,19 @@ impl Mesh {
                 listeners.insert(name.clone(), l);
                 routes.insert(rc["name"].as_str().unwrap_or_default().to_string(), rc);
             }
+            // istiod serves the gateway's credentials over ADS as `kubernetes://<name>`.
+            let secrets = self
+                .config
+                .credentials
+                .iter()
+                .map(|(name, secret)| {
+                    let name = format!("kubernetes://{name}");
+                    let mut secret = secret.clone();
+                    secret["name"] = json!(name);
+                    (name, secret)
+                })
+                .collect();
+            r.insert(SECRETS, secrets);
         } else {
             for (name, value) in self.sidecar_clusters(w) {
                 r.get_mut(CLUSTER).expect("inserted").insert(name, value);
@@ -753,9 +770,36 @@ impl Mesh {
             let gw_name = gw["metadata"]["name"].as_str().unwrap_or_default();
             check_keys(&gw["spec"], &["selector", "servers"], "Gateway.spec");
             for server in gw["spec"]["servers"].as_array().into_iter().flatten() {
-                check_keys(server, &["port", "hosts"], "Gateway.spec.servers[]");
+                check_keys(server, &["port", "hosts", "tls"], "Gateway.spec.servers[]");
                 let port = server["port"]["number"].as_u64().unwrap_or(0) as u16;
-                let rc_name = format!("http.{port}");
+                let hosts: Vec<Value> = server["hosts"].as_array().cloned().unwrap_or_default();
+                let mut chain = json!({});
+                let rc_name = match server.get("tls") {
+                    None => format!("http.{port}"),
+                    Some(tls) => {
+                        check_keys(
+                            tls,
+                            &["mode", "credentialName"],
+                            "Gateway.spec.servers[].tls",
+                        );
+                        assert_eq!(
+                            tls["mode"], "SIMPLE",
+                            "the control-plane stand-in translates SIMPLE gateway TLS only"
+                        );
+                        let credential = tls["credentialName"].as_str().unwrap_or_default();
+                        chain["filter_chain_match"] = json!({"server_names": hosts});
+                        chain["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                            "common_tls_context": {"alpn_protocols": ["h2", "http/1.1"],
+                                "tls_certificate_sds_secret_configs": [{"name": format!("kubernetes://{credential}"),
+                                    "sds_config": {"ads": {}, "resource_api_version": "V3"}}]},
+                            "require_client_certificate": false}});
+                        format!(
+                            "https.{port}.{}.{gw_name}.{NAMESPACE}",
+                            server["port"]["name"].as_str().unwrap_or("https")
+                        )
+                    }
+                };
                 let mut routes = Vec::new();
                 for vs in self.config.virtual_services.iter().filter(|v| {
                     v["spec"]["gateways"]
@@ -764,12 +808,18 @@ impl Mesh {
                 }) {
                     routes.extend(self.http_routes(vs, 9080));
                 }
+                let domains: Vec<Value> = hosts
+                    .iter()
+                    .flat_map(|h| match h.as_str() {
+                        Some("*") | None => vec![json!("*")],
+                        Some(h) => vec![json!(h), json!(format!("{h}:*"))],
+                    })
+                    .collect();
                 let rc = json!({"name": rc_name, "validate_clusters": false, "ignore_port_in_host_matching": true,
-                    "virtual_hosts": [{"name": format!("*:{port}"), "domains": ["*"], "routes": routes,
-                        "include_request_attempt_count": true}]});
+                    "virtual_hosts": [{"name": format!("{}:{port}", hosts.first().and_then(Value::as_str).unwrap_or("*")),
+                        "domains": domains, "routes": routes, "include_request_attempt_count": true}]});
                 let name = format!("0.0.0.0_{port}");
-                let listener = json!({"name": name, "address": socket("0.0.0.0", port),
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                chain["filters"] = json!([{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": format!("outbound_0.0.0.0_{port}"),
                         "rds": {"config_source": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}, "route_config_name": rc_name},
@@ -779,8 +829,13 @@ impl Mesh {
                         "upgrade_configs": [{"upgrade_type": "websocket"}], "stream_idle_timeout": "0s",
                         "normalize_path": true, "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
                         "request_id_extension": {"typed_config": {"@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", "use_request_id_for_trace_sampling": true}},
-                        "access_log": [istio_access_log()]}}]}],
-                    "traffic_direction": "OUTBOUND"});
+                        "access_log": [istio_access_log()]}}]);
+                let mut listener = json!({"name": name, "address": socket("0.0.0.0", port),
+                    "filter_chains": [chain], "traffic_direction": "OUTBOUND"});
+                if server.get("tls").is_some() {
+                    listener["listener_filters"] = json!([{"name": "envoy.filters.listener.tls_inspector",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
+                }
                 out.push((name, listener, rc));
             }
         }
