@@ -242,6 +242,8 @@ fn telemetry(mesh: &Bookinfo) -> Vec<(String, String)> {
         );
     }
 
+    rows.extend(zipkin_trace(mesh));
+
     if mesh.flavor == Flavor::IstioProxy {
         let metrics = mesh.get_in(
             &mesh.pods["reviews-v1"],
@@ -266,6 +268,86 @@ fn telemetry(mesh: &Bookinfo) -> Vec<(String, String)> {
             assert!(line.contains(want), "{want} not in {line}");
         }
     }
+    rows
+}
+
+/// Istio's distributed-tracing task: one request through the gateway gives one Zipkin trace
+/// with a span from every proxy it crossed (gateway, productpage, details, reviews, ratings),
+/// each span's parent in the trace. Compared as (service, kind, name) with Envoy's.
+fn zipkin_trace(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let a = mesh.through_gateway("/productpage?trace=zipkin", 1, &[]);
+    assert_eq!(a.codes.get("200"), Some(&1), "{a:?}");
+    let services = |spans: &[&Value]| -> std::collections::BTreeSet<String> {
+        spans
+            .iter()
+            .filter_map(|s| s["localEndpoint"]["serviceName"].as_str().map(String::from))
+            .collect()
+    };
+    let want: std::collections::BTreeSet<String> = [
+        "istio-ingressgateway.istio-system",
+        "productpage.default",
+        "details.default",
+        "reviews.default",
+        "ratings.default",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    // Each proxy reports every 5 s (or sooner with enough spans).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (trace, all) = loop {
+        let all = mesh.spans();
+        let root = all.iter().find(|s| {
+            s["tags"]["http.url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("/productpage?trace=zipkin"))
+        });
+        let trace = root
+            .and_then(|r| r["traceId"].as_str())
+            .unwrap_or("")
+            .to_string();
+        let in_trace: Vec<&Value> = all
+            .iter()
+            .filter(|s| s["traceId"] == trace.as_str())
+            .collect();
+        if services(&in_trace) == want || Instant::now() > deadline {
+            break (trace, all.clone());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let spans: Vec<&Value> = all
+        .iter()
+        .filter(|s| s["traceId"] == trace.as_str())
+        .collect();
+    assert_eq!(services(&spans), want, "trace {trace}: {spans:#?}");
+    let ids: std::collections::BTreeSet<&str> =
+        spans.iter().filter_map(|s| s["id"].as_str()).collect();
+    let roots = spans.iter().filter(|s| s.get("parentId").is_none()).count();
+    assert_eq!(roots, 1, "one root span: {spans:#?}");
+    for s in &spans {
+        if let Some(p) = s["parentId"].as_str() {
+            assert!(ids.contains(p), "parent {p} of {s} is not in the trace");
+        }
+    }
+    let mut shape: Vec<String> = spans
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {}",
+                s["localEndpoint"]["serviceName"].as_str().unwrap_or("?"),
+                s["kind"].as_str().unwrap_or("?"),
+                s["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    shape.sort();
+    record(
+        mesh,
+        &mut rows,
+        "zipkin trace through the mesh",
+        shape.join("\n"),
+    );
     rows
 }
 
@@ -863,5 +945,9 @@ fn bookinfo_tasks_petrel_and_envoy() {
         .filter(|(p, e)| p != e)
         .map(|((task, p), (_, e))| format!("{task}:\n  Petrel: {p}\n  Envoy:  {e}"))
         .collect();
-    assert!(differences.is_empty() && petrel.len() == envoy.len(), "{}", differences.join("\n"));
+    assert!(
+        differences.is_empty() && petrel.len() == envoy.len(),
+        "{}",
+        differences.join("\n")
+    );
 }

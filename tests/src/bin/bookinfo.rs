@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! bookinfo serve ROLE POD [--port P] [--resolve name=ip ...]   productpage|details|reviews-v1|
-//!                                                               reviews-v2|reviews-v3|ratings|httpbin
+//!                                                               reviews-v2|reviews-v3|ratings|httpbin|
+//!                                                               zipkin (a collector)
 //! bookinfo agent                                                pilot-agent's 15020 readiness
 //! bookinfo get URL [-n N] [-c C] [-H name:value ...]            a fortio-like client: prints a
 //!           [--resolve name=ip ...]                             JSON summary of the answers
@@ -56,6 +57,8 @@ struct Ratings<'a> {
 }
 
 struct App {
+    /// Spans a `zipkin` role was sent.
+    spans: std::sync::Mutex<Vec<serde_json::Value>>,
     role: String,
     pod: String,
     resolve: HashMap<String, String>,
@@ -98,6 +101,7 @@ async fn serve(role: &str, pod: &str, rest: &[String]) {
         }
     }
     let app = Arc::new(App {
+        spans: Default::default(),
         role: role.to_string(),
         pod: pod.to_string(),
         resolve,
@@ -171,6 +175,28 @@ impl App {
                 json!({"id": 0, "ratings": {"Reviewer1": 5, "Reviewer2": 4}, "served_by": self.pod}),
             ),
             ("httpbin", _) => httpbin(&self.pod, req).await,
+            // A Zipkin collector: spans POSTed as JSON arrays, all of them at `/spans`.
+            ("zipkin", "/api/v2/spans") => {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let posted: Vec<serde_json::Value> =
+                    serde_json::from_slice(&body).unwrap_or_default();
+                self.spans
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(posted);
+                let mut r = reply(202, json!({}));
+                *r.body_mut() = Full::new(Bytes::new());
+                r
+            }
+            ("zipkin", "/spans") => reply(
+                200,
+                json!(*self.spans.lock().unwrap_or_else(|e| e.into_inner())),
+            ),
             _ => reply(404, json!({"error": "not found", "served_by": self.pod})),
         }
     }

@@ -729,7 +729,7 @@ impl Mesh {
                 "upgrade_configs": [{"upgrade_type": "websocket"}], "stream_idle_timeout": "0s",
                 "normalize_path": true, "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
                 "request_id_extension": {"typed_config": {"@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", "use_request_id_for_trace_sampling": true}},
-                "access_log": [istio_access_log()]}})
+                "access_log": [istio_access_log()], "tracing": hcm_tracing()}})
             };
             let mut network = inbound_network_filters(flavor);
             network.push(hcm());
@@ -829,7 +829,7 @@ impl Mesh {
                         "upgrade_configs": [{"upgrade_type": "websocket"}], "stream_idle_timeout": "0s",
                         "normalize_path": true, "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
                         "request_id_extension": {"typed_config": {"@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", "use_request_id_for_trace_sampling": true}},
-                        "access_log": [istio_access_log()]}}]);
+                        "access_log": [istio_access_log()], "tracing": hcm_tracing()}}]);
                 let mut listener = json!({"name": name, "address": socket("0.0.0.0", port),
                     "filter_chains": [chain], "traffic_direction": "OUTBOUND"});
                 if server.get("tls").is_some() {
@@ -1094,6 +1094,13 @@ fn inbound_original_dst(name: &str) -> Value {
         "metadata": {"filter_metadata": {"istio": {"services": []}}}})
 }
 
+/// Istio's HCM tracing with mesh config `defaultConfig.tracing.sampling: 100` (what the tracing
+/// task sets), reported by the bootstrap's Zipkin tracer.
+fn hcm_tracing() -> Value {
+    json!({"client_sampling": {"value": 100}, "random_sampling": {"value": 100}, "overall_sampling": {"value": 100},
+        "custom_tags": [{"tag": "istio.mesh_id", "literal": {"value": "cluster.local"}}]})
+}
+
 /// Istio's text access log on the proxy's standard output.
 fn istio_access_log() -> Value {
     json!({"name": "envoy.access_loggers.file", "typed_config": {
@@ -1295,7 +1302,7 @@ fn outbound_listener(name: &str, port: u16, flavor: Flavor) -> Value {
                 "use_remote_address": false, "upgrade_configs": [{"upgrade_type": "websocket"}], "stream_idle_timeout": "0s",
                 "normalize_path": true, "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
                 "request_id_extension": {"typed_config": {"@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", "use_request_id_for_trace_sampling": true}},
-                "access_log": [istio_access_log()]}}]}],
+                "access_log": [istio_access_log()], "tracing": hcm_tracing()}}]}],
         "default_filter_chain": {"name": "PassthroughFilterChain", "filters": passthrough}})
 }
 

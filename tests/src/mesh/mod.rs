@@ -1,7 +1,7 @@
 //! Bookinfo in a box: a network namespace per pod on a private bridge, Istio's sidecar iptables
 //! rules in each app pod, the Bookinfo-shaped services (`bookinfo` binary), a pilot-agent
 //! stand-in for readiness, and the proxy (Petrel or Envoy) started in each pod with pilot-agent's
-//! command line on the bootstrap pilot-agent renders (`../shared/istio/bootstrap/default.json`
+//! command line on the bootstrap pilot-agent renders (`../shared/istio/bootstrap/tracing_zipkin.json`
 //! with the pod's node identity), fed by [`control_plane::ControlPlane`] over the pod's Unix
 //! sockets. Nothing outside the namespaces it makes is touched; they go when it is dropped.
 
@@ -29,6 +29,9 @@ pub const GATEWAY: &str = "istio-ingressgateway";
 /// A host outside the mesh (no sidecar, not in the registry) for the egress tasks.
 pub const EXTERNAL: &str = "external";
 pub const EXTERNAL_IP: &str = "10.250.3.10";
+/// The Zipkin collector every proxy reports to (pilot-agent's `zipkin` cluster).
+pub const ZIPKIN: &str = "zipkin";
+pub const ZIPKIN_IP: &str = "10.250.3.11";
 
 /// The other samples Istio's tasks use, as in `samples/httpbin`, `samples/sleep` and the
 /// fortio client of the circuit-breaking task (whose stats matcher adds `cluster.outbound`).
@@ -177,7 +180,7 @@ impl Bookinfo {
         let mut pods = BTreeMap::new();
         let mut secrets = BTreeMap::new();
         let template: Value =
-            serde_json::from_str(&istio_file("bootstrap/default.json")).expect("bootstrap");
+            serde_json::from_str(&istio_file("bootstrap/tracing_zipkin.json")).expect("bootstrap");
         for (i, w) in mesh.workloads.iter().enumerate() {
             let gateway = w.deployment == GATEWAY;
             let mut pod = Pod::on_hub(&hub, &w.deployment, &w.ip, i);
@@ -275,6 +278,16 @@ impl Bookinfo {
             &ext_dir.join("app.log"),
         );
         pods.insert(EXTERNAL.into(), external);
+        let mut zipkin = Pod::on_hub(&hub, ZIPKIN, ZIPKIN_IP, mesh.workloads.len() + 2);
+        let zipkin_dir = dir.join(ZIPKIN);
+        std::fs::create_dir_all(&zipkin_dir).expect("zipkin dir");
+        zipkin.spawn_logged(
+            APP_UID,
+            &zipkin_dir,
+            &[&bin, "serve", "zipkin", "zipkin-0", "--port", "9411"],
+            &zipkin_dir.join("app.log"),
+        );
+        pods.insert(ZIPKIN.into(), zipkin);
         let mesh = Bookinfo {
             pods,
             cp,
@@ -296,7 +309,7 @@ impl Bookinfo {
         for (name, pod) in self
             .pods
             .iter()
-            .filter(|(n, _)| ![CLIENT, EXTERNAL].contains(&n.as_str()))
+            .filter(|(n, _)| ![CLIENT, EXTERNAL, ZIPKIN].contains(&n.as_str()))
         {
             loop {
                 let r = self.get_in(pod, "http://127.0.0.1:15021/healthz/ready", 1, &[]);
@@ -378,6 +391,21 @@ impl Bookinfo {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect()
+    }
+
+    /// Every span the collector has.
+    pub fn spans(&self) -> Vec<Value> {
+        let a = self.get_in(
+            &self.pods[CLIENT],
+            &format!("http://{ZIPKIN_IP}:9411/spans"),
+            1,
+            &[],
+        );
+        a.bodies
+            .keys()
+            .next()
+            .and_then(|b| serde_json::from_str(b).ok())
+            .unwrap_or_default()
     }
 
     /// `n` requests for `path` from the client through the ingress gateway.
@@ -494,6 +522,12 @@ fn render_bootstrap(template: &Value, w: &Workload, gateway: bool) -> Value {
         let path = match c["name"].as_str() {
             Some("xds-grpc") => "./etc/istio/proxy/XDS",
             Some("sds-grpc") => "./var/run/secrets/workload-spiffe-uds/socket",
+            Some("zipkin") => {
+                // `zipkin.istio-system:9411` in a cluster; no DNS here.
+                c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] =
+                    json!({"socket_address": {"address": ZIPKIN_IP, "port_value": 9411}});
+                continue;
+            }
             _ => continue,
         };
         c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] =
