@@ -122,14 +122,14 @@ impl Pod {
     }
 
     /// Starts a process in the pod as `uid`, in `cwd`, with its output in `log`; it is killed
-    /// when the pod is dropped.
+    /// when the pod is dropped. Returns its pid (`ip netns exec` and `setpriv` exec it).
     pub fn spawn_logged(
         &mut self,
         uid: u32,
         cwd: &std::path::Path,
         cmd: &[&str],
         log: &std::path::Path,
-    ) {
+    ) -> u32 {
         let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         // The process's own file, as a container's streams are: proxies open `/dev/stdout` by
         // path for their access logs.
@@ -146,7 +146,9 @@ impl Pod {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let pid = child.id();
         self.children.push(child);
+        pid
     }
 
     /// Istio's sidecar rules (istio-iptables): outbound TCP to 15001 except the proxy's own

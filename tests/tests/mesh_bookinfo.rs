@@ -161,6 +161,7 @@ fn tasks(mesh: &Bookinfo) -> Vec<(String, String)> {
     rows.extend(egress(mesh));
     rows.extend(authorization(mesh));
     rows.extend(gateway_tls(mesh));
+    rows.extend(lifecycle(mesh));
     assert!(mesh.cp.nacks().is_empty(), "NACKs: {:?}", mesh.cp.nacks());
     rows
 }
@@ -294,7 +295,18 @@ fn zipkin_trace(mesh: &Bookinfo) -> Vec<(String, String)> {
     .into_iter()
     .map(String::from)
     .collect();
-    // Each proxy reports every 5 s (or sooner with enough spans).
+    // Every span's parent is in the trace, and one span has none.
+    let linked = |spans: &[&Value]| {
+        let ids: std::collections::BTreeSet<&str> =
+            spans.iter().filter_map(|s| s["id"].as_str()).collect();
+        let roots = spans.iter().filter(|s| s.get("parentId").is_none()).count();
+        roots == 1
+            && spans
+                .iter()
+                .filter_map(|s| s["parentId"].as_str())
+                .all(|p| ids.contains(p))
+    };
+    // Each proxy (each of its workers) reports every 5 s or sooner with enough spans.
     let deadline = Instant::now() + Duration::from_secs(15);
     let (trace, all) = loop {
         let all = mesh.spans();
@@ -311,7 +323,7 @@ fn zipkin_trace(mesh: &Bookinfo) -> Vec<(String, String)> {
             .iter()
             .filter(|s| s["traceId"] == trace.as_str())
             .collect();
-        if services(&in_trace) == want || Instant::now() > deadline {
+        if (services(&in_trace) == want && linked(&in_trace)) || Instant::now() > deadline {
             break (trace, all.clone());
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -321,15 +333,10 @@ fn zipkin_trace(mesh: &Bookinfo) -> Vec<(String, String)> {
         .filter(|s| s["traceId"] == trace.as_str())
         .collect();
     assert_eq!(services(&spans), want, "trace {trace}: {spans:#?}");
-    let ids: std::collections::BTreeSet<&str> =
-        spans.iter().filter_map(|s| s["id"].as_str()).collect();
-    let roots = spans.iter().filter(|s| s.get("parentId").is_none()).count();
-    assert_eq!(roots, 1, "one root span: {spans:#?}");
-    for s in &spans {
-        if let Some(p) = s["parentId"].as_str() {
-            assert!(ids.contains(p), "parent {p} of {s} is not in the trace");
-        }
-    }
+    assert!(
+        linked(&spans),
+        "a span's parent is missing, or not one root: {spans:#?}"
+    );
     let mut shape: Vec<String> = spans
         .iter()
         .map(|s| {
@@ -731,6 +738,86 @@ fn gateway_tls(mesh: &Bookinfo) -> Vec<(String, String)> {
         format!(
             "bookinfo.example.com: {ok}; other.example.com: {}",
             other.split(' ').next().unwrap_or("")
+        ),
+    );
+    rows
+}
+
+/// pilot-agent's part while one replica of reviews goes away under load: istiod drops its
+/// endpoint, pilot-agent drains the inbound listeners gracefully (readiness goes down), then
+/// sends SIGTERM; no request fails and every page has its reviews. Then `/quitquitquit`
+/// stops another proxy, as pilot-agent does when its pod ends.
+fn lifecycle(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    mesh.cp.update(|m| {
+        m.config
+            .virtual_services
+            .retain(|v| v["metadata"]["name"] != "reviews")
+    });
+    let all = settle(mesh, 30, &[], |s| s.len() == 3);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let client = &mesh.pods[CLIENT];
+    let url = format!("http://{}:8080/productpage", mesh.pods[GATEWAY].ip);
+    let (answers, steps) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| mesh.load(client, &url, 2, 300, &[]));
+        std::thread::sleep(Duration::from_millis(500));
+        mesh.cp
+            .update(|m| m.workloads.retain(|w| w.deployment != "reviews-v1"));
+        let drained = mesh.admin(
+            "reviews-v1",
+            "POST",
+            "/drain_listeners?inboundonly&graceful",
+        );
+        // A drain leaves the server LIVE; a failed health check makes it DRAINING.
+        let ready = |m: &Bookinfo| {
+            m.get_in(
+                &m.pods["reviews-v1"],
+                "http://127.0.0.1:15021/healthz/ready",
+                1,
+                &[],
+            )
+            .codes
+        };
+        let live = ready(mesh);
+        let failed = mesh.admin("reviews-v1", "POST", "/healthcheck/fail");
+        let not_ready = ready(mesh);
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill(2) with a pid this test started.
+        unsafe { libc::kill(mesh.proxies["reviews-v1"] as i32, libc::SIGTERM) };
+        let steps = format!("drain {drained}, readiness {live:?}; healthcheck/fail {failed}, readiness {not_ready:?}");
+        (load.join().expect("load"), steps)
+    });
+    assert_eq!(
+        steps,
+        r#"drain OK 200, readiness {"200": 1}; healthcheck/fail OK 200, readiness {"503": 1}"#
+    );
+    assert_eq!(answers.codes.get("200"), Some(&300), "{:?}", answers.codes);
+    let pages = answers.by(reviews_of);
+    assert!(pages.keys().all(|k| k.starts_with("reviews-")), "{pages:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mesh.proxy_running("reviews-v1") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !mesh.proxy_running("reviews-v1"),
+        "the proxy outlived SIGTERM"
+    );
+    let quit = mesh.admin("sleep", "POST", "/quitquitquit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mesh.proxy_running("sleep") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !mesh.proxy_running("sleep"),
+        "the proxy outlived /quitquitquit"
+    );
+    record(
+        mesh,
+        &mut rows,
+        "reviews-v1 drained and stopped under load; /quitquitquit",
+        format!(
+            "{steps}; {:?} of 300 answered with reviews, proxy exited; quit {quit}, proxy exited",
+            answers.codes
         ),
     );
     rows

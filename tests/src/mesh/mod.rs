@@ -97,6 +97,8 @@ pub struct Bookinfo {
     pub flavor: Flavor,
     pub dir: PathBuf,
     pub ca: Ca,
+    /// Each pod's proxy process.
+    pub proxies: BTreeMap<String, u32>,
     /// `--resolve name=ip` for every service: the pods' DNS.
     resolve: Vec<String>,
     secrets: BTreeMap<String, watch::Sender<Secrets>>,
@@ -179,6 +181,7 @@ impl Bookinfo {
             .collect();
         let mut pods = BTreeMap::new();
         let mut secrets = BTreeMap::new();
+        let mut proxies = BTreeMap::new();
         let template: Value =
             serde_json::from_str(&istio_file("bootstrap/tracing_zipkin.json")).expect("bootstrap");
         for (i, w) in mesh.workloads.iter().enumerate() {
@@ -235,7 +238,7 @@ impl Bookinfo {
             let bin = proxy.display().to_string();
             // pilot-agent's default level; `PETREL_MESH_LOG_LEVEL` raises it when debugging.
             let level = std::env::var("PETREL_MESH_LOG_LEVEL").unwrap_or_else(|_| "warning".into());
-            pod.spawn_logged(
+            let pid = pod.spawn_logged(
                 PROXY_UID,
                 &pod_dir,
                 &[
@@ -261,6 +264,7 @@ impl Bookinfo {
                 ],
                 &pod_dir.join("proxy.log"),
             );
+            proxies.insert(w.deployment.clone(), pid);
             pods.insert(w.deployment.clone(), pod);
         }
         let client = Pod::on_hub(&hub, CLIENT, "10.250.0.2", mesh.workloads.len());
@@ -295,6 +299,7 @@ impl Bookinfo {
             dir,
             ca,
             resolve,
+            proxies,
             secrets,
             _rt: rt,
             _hub: hub,
@@ -391,6 +396,23 @@ impl Bookinfo {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect()
+    }
+
+    /// An admin request to the proxy of `pod` with curl (`POST` for the mutating endpoints, as
+    /// pilot-agent sends them): the status code and body.
+    pub fn admin(&self, pod: &str, method: &str, path: &str) -> String {
+        let url = format!("http://127.0.0.1:15000{path}");
+        self.pods[pod]
+            .try_run(&["curl", "-s", "-X", method, "-w", " %{http_code}", &url])
+            .map(|out| out.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|e| format!("failed {e}"))
+    }
+
+    /// Whether the proxy of `pod` is still running.
+    pub fn proxy_running(&self, pod: &str) -> bool {
+        std::path::Path::new(&format!("/proc/{}", self.proxies[pod])).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.proxies[pod]))
+                .is_ok_and(|s| s.contains(") Z "))
     }
 
     /// Every span the collector has.
