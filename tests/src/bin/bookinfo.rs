@@ -8,6 +8,9 @@
 //!                                                               reviews-v2|reviews-v3|ratings|httpbin|
 //!                                                               zipkin (a collector)
 //! bookinfo agent                                                pilot-agent's 15020 readiness
+//! bookinfo raw HOST:PORT                                        sends standard input as is and
+//!                                                               prints the answer's first line
+//!                                                               (or how the connection ended)
 //! bookinfo get URL [-n N] [-c C] [-H name:value ...]            a fortio-like client: prints a
 //!           [--resolve name=ip ...]                             JSON summary of the answers
 //! ```
@@ -77,6 +80,7 @@ async fn main() {
         Some("serve") if args.len() >= 3 => serve(&args[1], &args[2], &args[3..]).await,
         Some("agent") => agent().await,
         Some("get") if args.len() >= 2 => get(&args[1], &args[2..]).await,
+        Some("raw") if args.len() == 2 => raw(&args[1]).await,
         _ => usage(),
     }
 }
@@ -324,6 +328,46 @@ async fn httpbin(pod: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return reply(200, echo);
     }
     reply(404, json!({"error": "not found", "served_by": pod}))
+}
+
+/// Bad input at the edge: standard input's bytes to `addr`, and what came back.
+async fn raw(addr: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut input = Vec::new();
+    if std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).is_err() {
+        usage();
+    }
+    let mut s = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("connect failed: {e}");
+            return;
+        }
+    };
+    let _ = s.write_all(&input).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return "closed",
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => return "reset",
+            }
+        }
+    })
+    .await
+    .unwrap_or("open after 5 s");
+    let first = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    if first.is_empty() {
+        println!("no answer, {read}");
+    } else {
+        println!("{first}");
+    }
 }
 
 /// pilot-agent's status port: `/healthz/ready` is 200 when the proxy's admin `/ready` says

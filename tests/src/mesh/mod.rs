@@ -415,6 +415,25 @@ impl Bookinfo {
                 .is_ok_and(|s| s.contains(") Z "))
     }
 
+    /// Sends `bytes` from the client to `port` of the gateway as they are: the answer's first
+    /// line, or how the connection ended.
+    pub fn raw_to_gateway(&self, port: u16, bytes: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.pods[CLIENT].name])
+            .arg(bookinfo_bin())
+            .args(["raw", &format!("{}:{port}", self.pods[GATEWAY].ip)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("raw client");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(bytes);
+        }
+        let out = child.wait_with_output().expect("raw client");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Every span the collector has.
     pub fn spans(&self) -> Vec<Value> {
         let a = self.get_in(
