@@ -22,7 +22,24 @@ pub mod tls;
 pub mod upstream;
 pub mod worker;
 
-/// `--version` as Envoy prints it (pilot-agent parses `version: <sha>/<x.y.z>/...`).
+/// `--version` as Envoy prints it, `<sha>/<x.y.z>/<status>/<build>/<ssl>` (the form tools
+/// reading Envoy's version expect: the commit, then the version).
 pub fn version_string() -> String {
-    format!("petrel/{}/Clean/RELEASE/rustls", env!("CARGO_PKG_VERSION"))
+    format!(
+        "{}/{}/Clean/RELEASE/rustls",
+        env!("PETREL_GIT_SHA"),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn version_has_envoys_fields() {
+        let v = super::version_string();
+        let fields: Vec<&str> = v.split('/').collect();
+        assert_eq!(fields.len(), 5, "{v}");
+        assert!(fields[0].len() == 40 && fields[0].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
+        assert!(fields[1].split('.').all(|n| n.parse::<u32>().is_ok()), "{v}");
+    }
 }
