@@ -156,6 +156,7 @@ fn tasks(mesh: &Bookinfo) -> Vec<(String, String)> {
 
     rows.extend(telemetry(mesh));
     rows.extend(rewrite_and_timeout(mesh));
+    rows.extend(kubernetes_ingress(mesh));
     rows.extend(circuit_breaking_and_mirroring(mesh));
     rows.extend(mtls(mesh));
     rows.extend(egress(mesh));
@@ -356,6 +357,65 @@ fn zipkin_trace(mesh: &Bookinfo) -> Vec<(String, String)> {
         &mut rows,
         "zipkin trace through the mesh",
         shape.join("\n"),
+    );
+    rows
+}
+
+/// Bookinfo's plain Kubernetes Ingress (`platform/kube/bookinfo-ingress.yaml`) in place of its
+/// Gateway: productpage's paths reach productpage, others get the gateway's 404.
+fn kubernetes_ingress(mesh: &Bookinfo) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let gateway = networking("bookinfo-gateway.yaml");
+    let ingress = istio_file("samples/bookinfo/platform/kube/bookinfo-ingress.yaml");
+    mesh.cp.update(|m| {
+        m.config.delete(&gateway);
+        m.config.delete(REWRITE);
+        m.config.apply(&ingress);
+    });
+    let served = |path: &str| {
+        mesh.through_gateway(path, 1, &[])
+            .by(|v| format!("{}", v["served_by"]))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served("/productpage") != "\"productpage-v1-0\"" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let outcome: Vec<String> = [
+        "/productpage",
+        "/static/style.css",
+        "/login",
+        "/api/v1/products/0",
+        "/details/0",
+    ]
+    .iter()
+    .map(|p| {
+        let a = mesh.through_gateway(p, 1, &[]);
+        format!("{p} {:?} {}", a.codes.keys().collect::<Vec<_>>(), served(p))
+    })
+    .collect();
+    assert!(outcome[0].ends_with("\"productpage-v1-0\""), "{outcome:?}");
+    assert!(outcome[1].ends_with("\"productpage-v1-0\""), "{outcome:?}");
+    assert!(
+        outcome[4].starts_with("/details/0 [\"404\"] null"),
+        "{outcome:?}"
+    );
+    mesh.cp.update(|m| {
+        m.config.delete(&ingress);
+        m.config.apply(&gateway);
+    });
+    let back = settle(mesh, 3, &[], |s| {
+        !s.is_empty() && s.keys().all(|k| k.starts_with("reviews"))
+    });
+    assert!(!back.is_empty(), "{back:?}");
+    record(
+        mesh,
+        &mut rows,
+        "Kubernetes Ingress in place of the Gateway",
+        outcome.join("; "),
     );
     rows
 }
