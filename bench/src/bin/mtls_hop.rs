@@ -14,19 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use petrel_bench::{arg, cpu_ticks, median, TICK_MS};
 use petrel_tests::tls::{mtls_pair_bootstrap, Ca, Pem, CLIENT_ID, SERVER_ID};
 use petrel_tests::{envoy_bin, free_port, petrel_bin, start_with, Ready};
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name: utime and stime are the 12th and 13th.
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
 
 struct Run {
     p50_ms: f64,
@@ -108,26 +98,11 @@ fn run(
         "{name}: non-200 answers: {}",
         v["statusCodeDistribution"]
     );
-    let tick_ms = 1000.0 / 100.0;
     Run {
         p50_ms: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1000.0,
         p99_ms: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1000.0,
-        cpu_ms_per_1k: ticks as f64 * tick_ms * 1000.0 / ok as f64,
+        cpu_ms_per_1k: ticks as f64 * TICK_MS * 1000.0 / ok as f64,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use petrel_bench::median;
 use petrel_tests::ads_server::serve_tcp;
 use petrel_tests::xds::*;
 use serde_json::json;
@@ -131,11 +132,6 @@ async fn run(name: &'static str, n: usize) -> Run {
         rss_before_kb,
         rss_after_kb,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
