@@ -39,7 +39,13 @@ mod version_tests {
         let v = super::version_string();
         let fields: Vec<&str> = v.split('/').collect();
         assert_eq!(fields.len(), 5, "{v}");
-        assert!(fields[0].len() == 40 && fields[0].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
-        assert!(fields[1].split('.').all(|n| n.parse::<u32>().is_ok()), "{v}");
+        assert!(
+            fields[0].len() == 40 && fields[0].chars().all(|c| c.is_ascii_hexdigit()),
+            "{v}"
+        );
+        assert!(
+            fields[1].split('.').all(|n| n.parse::<u32>().is_ok()),
+            "{v}"
+        );
     }
 }

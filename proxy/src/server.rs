@@ -173,12 +173,25 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
                 sinks.clone(),
             )));
         }
+        let flush_state = state.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(flush_every);
             every.tick().await;
             loop {
                 every.tick().await;
                 flushed.merge_histograms();
+                // Envoy's server stats update: once initialized, `server.state` is DRAINING (1)
+                // while the health check is failed, else LIVE (0) — what pilot-agent's
+                // readiness probe reads.
+                if flush_state
+                    .initialized
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    let failed = flush_state
+                        .healthcheck_failed
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    flushed.gauge("server.state").set(i64::from(failed));
+                }
                 if !sinks.is_empty() {
                     let snap = flushed.snapshot();
                     for s in &sinks {

@@ -375,8 +375,7 @@ fn kubernetes_ingress(mesh: &Bookinfo) -> Vec<(String, String)> {
     let served = |path: &str| {
         mesh.through_gateway(path, 1, &[])
             .by(|v| format!("{}", v["served_by"]))
-            .into_iter()
-            .map(|(k, _)| k)
+            .into_keys()
             .collect::<Vec<_>>()
             .join(",")
     };
@@ -810,6 +809,8 @@ fn gateway_tls(mesh: &Bookinfo) -> Vec<(String, String)> {
 /// sends SIGTERM; no request fails and every page has its reviews. Then `/quitquitquit`
 /// stops another proxy, as pilot-agent does when its pod ends.
 fn lifecycle(mesh: &Bookinfo) -> Vec<(String, String)> {
+    // Enough requests to last through the drain, the health check's effect and SIGTERM.
+    const LOAD: usize = 1500;
     let mut rows = Vec::new();
     mesh.cp.update(|m| {
         m.config
@@ -821,7 +822,7 @@ fn lifecycle(mesh: &Bookinfo) -> Vec<(String, String)> {
     let client = &mesh.pods[CLIENT];
     let url = format!("http://{}:8080/productpage", mesh.pods[GATEWAY].ip);
     let (answers, steps) = std::thread::scope(|scope| {
-        let load = scope.spawn(|| mesh.load(client, &url, 2, 300, &[]));
+        let load = scope.spawn(|| mesh.load(client, &url, 2, LOAD, &[]));
         std::thread::sleep(Duration::from_millis(500));
         mesh.cp
             .update(|m| m.workloads.retain(|w| w.deployment != "reviews-v1"));
@@ -842,7 +843,13 @@ fn lifecycle(mesh: &Bookinfo) -> Vec<(String, String)> {
         };
         let live = ready(mesh);
         let failed = mesh.admin("reviews-v1", "POST", "/healthcheck/fail");
-        let not_ready = ready(mesh);
+        // pilot-agent reads `server.state`, which follows at the next stats flush (5 s).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut not_ready = ready(mesh);
+        while not_ready.contains_key("200") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            not_ready = ready(mesh);
+        }
         std::thread::sleep(Duration::from_millis(1500));
         // SAFETY: kill(2) with a pid this test started.
         unsafe { libc::kill(mesh.proxies["reviews-v1"] as i32, libc::SIGTERM) };
@@ -853,7 +860,7 @@ fn lifecycle(mesh: &Bookinfo) -> Vec<(String, String)> {
         steps,
         r#"drain OK 200, readiness {"200": 1}; healthcheck/fail OK 200, readiness {"503": 1}"#
     );
-    assert_eq!(answers.codes.get("200"), Some(&300), "{:?}", answers.codes);
+    assert_eq!(answers.codes.get("200"), Some(&LOAD), "{:?}", answers.codes);
     let pages = answers.by(reviews_of);
     assert!(pages.keys().all(|k| k.starts_with("reviews-")), "{pages:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -878,7 +885,7 @@ fn lifecycle(mesh: &Bookinfo) -> Vec<(String, String)> {
         &mut rows,
         "reviews-v1 drained and stopped under load; /quitquitquit",
         format!(
-            "{steps}; {:?} of 300 answered with reviews, proxy exited; quit {quit}, proxy exited",
+            "{steps}; {:?} of {LOAD} answered with reviews, proxy exited; quit {quit}, proxy exited",
             answers.codes
         ),
     );

@@ -222,12 +222,11 @@ pub async fn handle(
             }
         }
         "/logging" => logging_endpoint(&params),
-        "/healthcheck/fail" => {
-            st.healthcheck_failed.store(true, Ordering::Relaxed);
-            text(StatusCode::OK, "OK\n")
-        }
-        "/healthcheck/ok" => {
-            st.healthcheck_failed.store(false, Ordering::Relaxed);
+        "/healthcheck/fail" | "/healthcheck/ok" => {
+            // Envoy sets `server.live` at once; `server.state` follows at the next stats flush.
+            let fail = path == "/healthcheck/fail";
+            st.healthcheck_failed.store(fail, Ordering::Relaxed);
+            st.store.gauge("server.live").set(i64::from(!fail));
             text(StatusCode::OK, "OK\n")
         }
         "/quitquitquit" => {

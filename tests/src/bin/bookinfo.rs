@@ -8,6 +8,7 @@
 //!                                                               reviews-v2|reviews-v3|ratings|httpbin|
 //!                                                               zipkin (a collector)
 //! bookinfo agent                                                pilot-agent's 15020 readiness
+//!                                                               (its checks of /stats)
 //! bookinfo raw HOST:PORT                                        sends standard input as is and
 //!                                                               prints the answer's first line
 //!                                                               (or how the connection ended)
@@ -370,8 +371,60 @@ async fn raw(addr: &str) {
     }
 }
 
-/// pilot-agent's status port: `/healthz/ready` is 200 when the proxy's admin `/ready` says
-/// LIVE (what the 15021 listener's route asks through the `agent` cluster).
+/// The proxy's admin stats `path` as name → value.
+async fn admin_stats(http: &HttpClient, path: &str) -> Option<HashMap<String, u64>> {
+    let req = Request::get(format!("http://127.0.0.1:15000{path}"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = http.request(req).await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect(),
+    )
+}
+
+/// Whether the proxy is ready as pilot-agent's probe decides it: `server.state` LIVE (0) and
+/// the workers started, and configuration received from the control plane (CDS and LDS
+/// updates succeeded), read from `/stats?usedonly` as pilot-agent reads them.
+async fn proxy_ready(http: &HttpClient) -> Result<(), String> {
+    let state = admin_stats(
+        http,
+        // `^(server\.state|listener_manager\.workers_started)$`, percent-encoded as Go's client sends it.
+        "/stats?usedonly&filter=%5E%28server%5C.state%7Clistener_manager%5C.workers_started%29%24",
+    )
+    .await
+    .ok_or("admin not reachable")?;
+    if state.get("server.state") != Some(&0) {
+        return Err(format!("server.state is {:?}", state.get("server.state")));
+    }
+    if state.get("listener_manager.workers_started") != Some(&1) {
+        return Err("workers have not started".into());
+    }
+    let xds = admin_stats(
+        http,
+        // `^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$`.
+        "/stats?usedonly&filter=%5E%28cluster_manager%5C.cds%7Clistener_manager%5C.lds%29%5C.%28update_success%7Cupdate_rejected%29%24",
+    )
+    .await
+    .ok_or("admin not reachable")?;
+    let success = |k: &str| xds.get(k).copied().unwrap_or(0);
+    if success("cluster_manager.cds.update_success") == 0
+        || success("listener_manager.lds.update_success") == 0
+    {
+        return Err("config not received from the control plane".into());
+    }
+    Ok(())
+}
+
+/// pilot-agent's status port: `/healthz/ready` answers 200 when [`proxy_ready`] holds (what
+/// the 15021 listener's route asks through the `agent` cluster).
 async fn agent() {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15020))
         .await
@@ -387,15 +440,14 @@ async fn agent() {
                 let http = http.clone();
                 async move {
                     let ready = if req.uri().path() == "/healthz/ready" {
-                        let probe = Request::get("http://127.0.0.1:15000/ready")
-                            .body(Full::new(Bytes::new()))
-                            .expect("static request");
-                        matches!(http.request(probe).await, Ok(r) if r.status() == 200)
+                        proxy_ready(&http).await
                     } else {
-                        false
+                        Err("not found".to_string())
                     };
-                    let status = if ready { 200 } else { 503 };
-                    Ok::<_, Infallible>(reply(status, json!({"ready": ready})))
+                    Ok::<_, Infallible>(match ready {
+                        Ok(()) => reply(200, json!({"ready": true})),
+                        Err(why) => reply(503, json!({"ready": false, "why": why})),
+                    })
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
