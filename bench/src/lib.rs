@@ -1,4 +1,8 @@
-//! What the benchmark binaries share: a process's CPU time from `/proc` and medians.
+//! What the benchmark binaries share: a process's CPU time from `/proc` and medians, the
+//! fortio-style load runner and the backend it loads.
+
+pub mod backend;
+pub mod load;
 
 /// User plus system CPU of `pid` so far, in clock ticks (100 per second on Linux).
 pub fn cpu_ticks(pid: u32) -> u64 {
