@@ -16,6 +16,14 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
+/// Pins every thread of `pid` to `cpu` (`taskset -a`: a proxy's workers are threads of their
+/// own, which `taskset -p` alone would leave free).
+pub fn pin(pid: u32, cpu: u32) {
+    let _ = std::process::Command::new("taskset")
+        .args(["-a", "-cp", &cpu.to_string(), &pid.to_string()])
+        .output();
+}
+
 /// Milliseconds in one clock tick.
 pub const TICK_MS: f64 = 10.0;
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use petrel_bench::{arg, cpu_ticks, median, TICK_MS};
+use petrel_bench::{arg, cpu_ticks, median, pin, TICK_MS};
 use petrel_tests::tls::{mtls_pair_bootstrap, Ca, Pem, CLIENT_ID, SERVER_ID};
 use petrel_tests::{envoy_bin, free_port, petrel_bin, start_with, Ready};
 
@@ -46,9 +46,7 @@ fn run(
         Ready::Live,
         &[],
     );
-    let _ = Command::new("taskset")
-        .args(["-p", "-c", "0", &proxy.pid().to_string()])
-        .output();
+    pin(proxy.pid(), 0);
     let url = format!("http://127.0.0.1:{outbound}/");
     // Warm the connections, then measure.
     let _ = Command::new("taskset")
