@@ -235,7 +235,7 @@ async fn serve_h2(
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (hcm, ctx, info, idle) = (h.clone(), ctx.clone(), info.clone(), idle_svc.clone());
         let (goaway, drain) = (goaway_svc.clone(), drain_svc.clone());
-        async move {
+        let fut = async move {
             idle.active.set(idle.active.get() + 1);
             let resp = handle(req.map(RequestBody::H2), &hcm, &ctx, &info).await;
             idle.active.set(idle.active.get() - 1);
@@ -244,7 +244,10 @@ async fn serve_h2(
                 goaway.notify_one();
             }
             Ok::<_, Infallible>(resp)
-        }
+        };
+        // The request's future is ~11 KB; boxed once, hyper's per-stream task holds a pointer
+        // instead of copying the whole state into and out of the task cell.
+        Box::pin(fut)
     });
     let conn = hyper::server::conn::http2::Builder::new(LocalExec)
         .max_header_list_size(hcm.max_request_headers_kb * 1024)

@@ -476,7 +476,8 @@ impl WorkerUpstreams {
                     }
                     // The request waits for a new connection: Envoy counts it as pending.
                     let _pending = Pending::start(cluster);
-                    h2_connection(cluster, host, &pool).await?
+                    // Boxed: the connect path is rare and would otherwise size every send().
+                    Box::pin(h2_connection(cluster, host, &pool)).await?
                 }
             };
             let request = attach(cluster, host);
@@ -503,7 +504,7 @@ impl WorkerUpstreams {
                     return Err(overflowed(cluster));
                 }
                 let _pending = Pending::start(cluster);
-                self.wait_for_h1(cluster, host, &pool).await?
+                Box::pin(self.wait_for_h1(cluster, host, &pool)).await?
             }
         };
         let request = attach(cluster, host);
