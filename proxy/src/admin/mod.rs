@@ -479,7 +479,7 @@ fn prometheus(st: &AdminState, used_only: bool, filter: Option<String>) -> Respo
     let snap = st.store.snapshot();
     let exists = existing(st, &snap);
     let config = st.current.load().stats_config.clone();
-    let body = prometheus::render(&snap, &config.tags, |n, used| {
+    let body = prometheus::render(&snap, &config, |n, used| {
         (!used_only || used) && re.as_ref().is_none_or(|r| r.is_match(n)) && exists(n)
     });
     text(StatusCode::OK, body)

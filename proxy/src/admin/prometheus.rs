@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::observe::stats::StatsSnapshot;
+use crate::observe::stats_config::StatsConfig;
 use crate::observe::tag_producer::TagProducer;
 
 /// The Prometheus metric name and labels for an Envoy stat name: `envoy_` and the
@@ -50,9 +51,10 @@ fn escape(v: &str) -> String {
 
 pub fn render(
     snap: &StatsSnapshot,
-    producer: &TagProducer,
+    config: &StatsConfig,
     keep: impl Fn(&str, bool) -> bool,
 ) -> String {
+    let producer = &config.tags;
     let mut out = String::new();
     let counters = snap
         .counters
@@ -92,32 +94,33 @@ pub fn render(
             }
         }
     }
-    render_histograms(&mut out, snap, producer, &keep);
+    render_histograms(&mut out, snap, config, &keep);
     out
 }
 
-/// Histograms as Envoy writes them: cumulative buckets at its default bounds, `+Inf`, the
+/// Histograms as Envoy writes them: cumulative buckets at the bounds `stats_config` gives the
+/// stat (Envoy's defaults unless `histogram_bucket_settings` says otherwise), `+Inf`, the
 /// (bin-midpoint) sum and the count, as of the last stats flush.
 fn render_histograms(
     out: &mut String,
     snap: &StatsSnapshot,
-    producer: &TagProducer,
+    config: &StatsConfig,
     keep: &impl Fn(&str, bool) -> bool,
 ) {
-    use petrel_filters::histogram::{approx_sum, count, count_below, DEFAULT_BUCKETS};
+    use petrel_filters::histogram::{approx_sum, count, count_below};
     let mut families: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for (stat, merged, used) in &snap.histograms {
         if !keep(stat, *used) {
             continue;
         }
-        let (name, tags) = tagged_name(producer, snap, stat);
+        let (name, tags) = tagged_name(&config.tags, snap, stat);
         let labels: String = tags
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\",", escape(v)))
             .collect();
         let d = &merged.cumulative;
         let mut series = String::new();
-        for b in DEFAULT_BUCKETS {
+        for &b in config.buckets(stat) {
             series.push_str(&format!(
                 "{name}_bucket{{{labels}le=\"{}\"}} {}\n",
                 fmt_g32(b),
@@ -257,7 +260,7 @@ mod tests {
                 "istiocustom.istio_requests_total.reporter.source.response_code.200"
             ]
         );
-        let text = render(&snap, &TagProducer::default(), |_, _| true);
+        let text = render(&snap, &StatsConfig::default(), |_, _| true);
         assert!(text.contains(
             "# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source\",response_code=\"200\"} 3\n"
         ), "{text}");

@@ -1,12 +1,14 @@
 //! The bootstrap's `stats_config` and `deferred_stat_options`: how stat names become
 //! Prometheus names and tags, which stats exist at all (`stats_matcher`: a rejected stat is
 //! neither in `/stats` nor in `/stats/prometheus`, as Envoy creates it as a null stat), and
-//! whether a cluster's traffic stats appear only once the cluster is used.
+//! whether a cluster's traffic stats appear only once the cluster is used, and the bucket
+//! bounds each histogram is exposed with (`histogram_bucket_settings`).
 
+use petrel_filters::histogram::DEFAULT_BUCKETS;
 use petrel_filters::matcher::StringMatcher;
 use xds_client::pb::envoy::config::bootstrap::v3::bootstrap::DeferredStatOptions;
 use xds_client::pb::envoy::config::metrics::v3::{
-    stats_matcher::StatsMatcher as Kind, StatsConfig as Pb,
+    stats_matcher::StatsMatcher as Kind, HistogramBucketSettings, StatsConfig as Pb,
 };
 
 use super::tag_producer::TagProducer;
@@ -89,6 +91,9 @@ pub struct StatsConfig {
     matcher: Matcher,
     /// `deferred_stat_options.enable_deferred_creation_stats`.
     deferred: bool,
+    /// `histogram_bucket_settings`: the first whose matcher takes a histogram's full name
+    /// gives its bounds (sorted); none, Envoy's defaults.
+    buckets: Vec<(StringMatcher, Vec<f64>)>,
 }
 
 impl Default for StatsConfig {
@@ -97,6 +102,7 @@ impl Default for StatsConfig {
             tags: TagProducer::default(),
             matcher: Matcher::All,
             deferred: false,
+            buckets: Vec::new(),
         }
     }
 }
@@ -113,6 +119,45 @@ fn patterns(
                 .map_err(|e| invalid(path, e.to_string()))
         })
         .collect()
+}
+
+/// One `HistogramBucketSettings`, validated as Envoy's proto rules do (a matcher; bounds
+/// positive and unique) and sorted, as Envoy sorts them.
+fn bucket_setting(
+    b: &HistogramBucketSettings,
+    path: &str,
+) -> Result<(StringMatcher, Vec<f64>), ConfigError> {
+    let m = b
+        .r#match
+        .as_ref()
+        .ok_or_else(|| invalid(format!("{path}.match"), "is required"))?;
+    let matcher = StringMatcher::from_proto(m, &format!("{path}.match"))
+        .map_err(|e| invalid(path, e.to_string()))?;
+    let mut bounds = b.buckets.clone();
+    if let Some(v) = bounds.iter().find(|v| !(**v > 0.0)) {
+        return Err(invalid(
+            format!("{path}.buckets"),
+            format!("bucket {v} is not greater than 0"),
+        ));
+    }
+    bounds.sort_by(f64::total_cmp);
+    if let Some(w) = bounds.windows(2).find(|w| w[0] == w[1]) {
+        return Err(invalid(
+            format!("{path}.buckets"),
+            format!("bucket {} appears twice", w[0]),
+        ));
+    }
+    // `bins` sizes circllhist's initial bin array in Envoy, an allocation hint with nothing
+    // to size here (bins are per-decade arrays made on first use); its bounds are still Envoy's.
+    if let Some(n) = b.bins.as_ref().map(|v| v.value) {
+        if n == 0 || n > 46082 {
+            return Err(invalid(
+                format!("{path}.bins"),
+                format!("{n} is not in 1..=46082"),
+            ));
+        }
+    }
+    Ok((matcher, bounds))
 }
 
 impl StatsConfig {
@@ -137,14 +182,11 @@ impl StatsConfig {
         };
         let path = "stats_config";
         let mut rest = pb.clone();
-        if !rest.histogram_bucket_settings.is_empty() {
-            return Err(ConfigError::Unsupported {
-                path: path.into(),
-                fields:
-                    "'histogram_bucket_settings' (histograms come with observability, issue #7)"
-                        .into(),
-            });
-        }
+        let buckets = std::mem::take(&mut rest.histogram_bucket_settings)
+            .iter()
+            .enumerate()
+            .map(|(i, b)| bucket_setting(b, &format!("{path}.histogram_bucket_settings[{i}]")))
+            .collect::<Result<_, _>>()?;
         let tags = TagProducer::compile(pb, path)?;
         rest.stats_tags.clear();
         rest.use_all_default_tags = None;
@@ -166,7 +208,17 @@ impl StatsConfig {
             tags,
             matcher,
             deferred,
+            buckets,
         })
+    }
+
+    /// The bucket bounds `/stats/prometheus` shows a histogram with, by its full stat name
+    /// (before tag extraction, as Envoy matches it).
+    pub fn buckets(&self, stat: &str) -> &[f64] {
+        self.buckets
+            .iter()
+            .find(|(m, _)| m.matches(stat))
+            .map_or(&DEFAULT_BUCKETS[..], |(_, b)| b)
     }
 
     /// Whether a stat exists (is not rejected by `stats_matcher`).
@@ -240,6 +292,55 @@ mod tests {
                 )
             ]
         );
+    }
+
+    #[test]
+    fn histogram_buckets_first_match_sorted_else_default() {
+        let c = cfg(serde_json::json!({"histogram_bucket_settings": [
+            {"match": {"prefix": "cluster.a."}, "buckets": [300, 1, 7.5]},
+            {"match": {"prefix": "cluster."}, "buckets": [2], "bins": 10},
+            {"match": {"suffix": "_ms"}, "buckets": []}]}));
+        assert_eq!(c.buckets("cluster.a.upstream_rq_time"), [1.0, 7.5, 300.0]);
+        assert_eq!(c.buckets("cluster.b.upstream_cx_length_ms"), [2.0]);
+        assert!(c.buckets("http.x.downstream_cx_length_ms").is_empty());
+        assert_eq!(c.buckets("http.x.downstream_rq_time"), DEFAULT_BUCKETS);
+    }
+
+    #[test]
+    fn histogram_buckets_refused_as_envoy_validates() {
+        for (bad, field) in [
+            (serde_json::json!({"buckets": [1]}), ".match"),
+            (
+                serde_json::json!({"match": {"prefix": "a"}, "buckets": [1, 0]}),
+                ".buckets",
+            ),
+            (
+                serde_json::json!({"match": {"prefix": "a"}, "buckets": [-1]}),
+                ".buckets",
+            ),
+            (
+                serde_json::json!({"match": {"prefix": "a"}, "buckets": [5, 1, 5]}),
+                ".buckets",
+            ),
+            (
+                serde_json::json!({"match": {"prefix": "a"}, "buckets": [1], "bins": 0}),
+                ".bins",
+            ),
+        ] {
+            let pb: Pb = xds_client::TypeRegistry::global()
+                .from_json(
+                    &serde_json::json!({"histogram_bucket_settings": [bad]}),
+                    false,
+                )
+                .unwrap();
+            let e = StatsConfig::compile(Some(&pb), None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("stats_config.histogram_bucket_settings[0]{field}")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
