@@ -1,6 +1,6 @@
 //! The bench configs beyond compare.sh's plain hop, Envoy against Petrel in one run: HTTP/1.1
-//! with 1 KiB and 64 KiB bodies each way, h2c on both sides, and unary gRPC, plus the plain
-//! hop for reference. One bootstrap (`hops_bootstrap`) serves all cases; the backend is
+//! with 1 KiB and 64 KiB bodies each way, h2c on both sides, unary gRPC and a 5000-route table,
+//! plus the plain hop for reference. One bootstrap (`hops_bootstrap`) serves all cases; the backend is
 //! `backend` and the load is `load`'s runner, both on CPU 1, the proxy on CPU 0 with
 //! `--concurrency 1`. Each round runs direct, then Envoy and Petrel in alternating order; each
 //! case gets a fixed-rate run (open loop, latency corrected) for latency and CPU, then a
@@ -18,55 +18,78 @@ use petrel_bench::load::{self, LoadArgs, RunResult};
 use petrel_bench::{arg, cpu_ticks, median, pin, TICK_MS};
 use petrel_tests::{envoy_bin, free_port, petrel_bin, start_with, Ready};
 
-/// A load shape: which listener (HTTP/1.1 or HTTP/2 upstream), the load flags and the path.
+/// Which of the bootstrap's listeners a case goes through.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// To the backend over HTTP/1.1.
+    H1,
+    /// To the backend over HTTP/2.
+    H2,
+    /// Through a route table of [`ROUTES`] prefix routes, matching the last (HTTP/1.1).
+    Routes,
+}
+
+/// Prefix routes in the large route table (the issue's 5k routes).
+const ROUTES: usize = 5000;
+
+/// A load shape: which listener, the load flags and the path.
 struct Case {
     name: &'static str,
-    h2_upstream: bool,
+    via: Via,
     flags: &'static str,
     path: &'static str,
 }
 
-const CASES: [Case; 5] = [
+const CASES: [Case; 6] = [
     Case {
         name: "HTTP/1.1, 2 B answer",
-        h2_upstream: false,
+        via: Via::H1,
         flags: "",
         path: "/",
     },
     Case {
         name: "HTTP/1.1, 1 KiB each way",
-        h2_upstream: false,
+        via: Via::H1,
         flags: "-payload-size 1024",
         path: "/size/1024",
     },
     Case {
         name: "HTTP/1.1, 64 KiB each way",
-        h2_upstream: false,
+        via: Via::H1,
         flags: "-payload-size 65536",
         path: "/size/65536",
     },
     Case {
         name: "h2c both sides, 2 B answer",
-        h2_upstream: true,
+        via: Via::H2,
         flags: "-http2",
         path: "/",
     },
     Case {
         name: "gRPC unary, 128 B each way",
-        h2_upstream: true,
+        via: Via::H2,
         flags: "-grpc -payload-size 128",
         path: "/bench.Echo/Call",
     },
+    Case {
+        name: "HTTP/1.1, 5000 routes, the last matches",
+        via: Via::Routes,
+        flags: "",
+        path: "/r4999/x",
+    },
 ];
 
-/// Two listeners (codec AUTO: HTTP/1.1 and h2c) routing everything to the backend over
-/// HTTP/1.1 and over HTTP/2.
-fn hops_bootstrap(admin: u16, h1: u16, h2: u16, backend: u16) -> String {
-    let listener = |name: &str, port: u16, cluster: &str| {
+/// Three listeners (codec AUTO: HTTP/1.1 and h2c): everything to the backend over HTTP/1.1,
+/// over HTTP/2, and through [`ROUTES`] prefix routes to the backend over HTTP/1.1.
+fn hops_bootstrap(admin: u16, h1: u16, h2: u16, many: u16, backend: u16) -> String {
+    let route = |prefix: &str, cluster: &str| {
+        format!("{{match: {{prefix: \"{prefix}\"}}, route: {{cluster: {cluster}}}}}")
+    };
+    let listener = |name: &str, port: u16, routes: &str| {
         format!(
             r#"  - name: {name}
     address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains: [{{filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: {name}, codec_type: AUTO, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}}}}}]}}]}}, http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]}}]
+    filter_chains: [{{filters: [{{name: envoy.filters.network.http_connection_manager, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: {name}, codec_type: AUTO, route_config: {{virtual_hosts: [{{name: v, domains: ["*"], routes: [{routes}]}}]}}, http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]}}]
 "#
         )
     };
@@ -81,9 +104,17 @@ fn hops_bootstrap(admin: u16, h1: u16, h2: u16, backend: u16) -> String {
         )
     };
     format!(
-        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}\nstatic_resources:\n  listeners:\n{}{}  clusters:\n{}{}",
-        listener("h1", h1, "backend_h1"),
-        listener("h2", h2, "backend_h2"),
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}\nstatic_resources:\n  listeners:\n{}{}{}  clusters:\n{}{}",
+        listener("h1", h1, &route("/", "backend_h1")),
+        listener("h2", h2, &route("/", "backend_h2")),
+        listener(
+            "routes",
+            many,
+            &(0..ROUTES)
+                .map(|i| route(&format!("/r{i}/"), "backend_h1"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         cluster("backend_h1", false),
         cluster("backend_h2", true),
     )
@@ -164,11 +195,11 @@ fn run_proxy(
     name: &'static str,
     bin: &Path,
     dir: &Path,
-    ports: [u16; 4],
+    ports: [u16; 5],
 ) -> Vec<Figures> {
-    let [admin, h1, h2, backend] = ports;
+    let [admin, h1, h2, many, backend] = ports;
     let config = dir.join(format!("{name}.yaml"));
-    std::fs::write(&config, hops_bootstrap(admin, h1, h2, backend)).expect("write bootstrap");
+    std::fs::write(&config, hops_bootstrap(admin, h1, h2, many, backend)).expect("write bootstrap");
     let proxy = start_with(
         name,
         &bin.to_path_buf(),
@@ -181,7 +212,14 @@ fn run_proxy(
     pin(proxy.pid(), 0);
     CASES
         .iter()
-        .map(|c| bench.case(c, if c.h2_upstream { h2 } else { h1 }, Some(proxy.pid())))
+        .map(|c| {
+            let port = match c.via {
+                Via::H1 => h1,
+                Via::H2 => h2,
+                Via::Routes => many,
+            };
+            bench.case(c, port, Some(proxy.pid()))
+        })
         .collect()
 }
 
@@ -206,8 +244,14 @@ fn main() {
     let petrel = petrel_bin();
     let dir = std::env::temp_dir().join(format!("petrel-hops-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let ports = [free_port(), free_port(), free_port(), free_port()];
-    let mut backend = spawn_backend(ports[3]);
+    let ports = [
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    ];
+    let mut backend = spawn_backend(ports[4]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     // [direct, envoy, petrel][round][case]
     let mut all: [Vec<Vec<Figures>>; 3] = Default::default();
@@ -216,7 +260,7 @@ fn main() {
         all[0].push(
             CASES
                 .iter()
-                .map(|c| bench.case(c, ports[3], None))
+                .map(|c| bench.case(c, ports[4], None))
                 .collect(),
         );
         let order: [(usize, &'static str, &Path); 2] =

@@ -46,6 +46,12 @@ fn inert(key: &str) -> bool {
                 | "envoy.reloadable_features.fixed_heap_use_allocated"
                 // Petrel never looks extensions up by name: a filter needs its typed_config.
                 | "envoy.reloadable_features.no_extension_lookup_by_name"
+                // Guard removed in Envoy 1.36: 1.40 trusts only `internal_address_config`
+                // ranges whatever the key says, as Petrel does (Istio sets it to true).
+                | "envoy.reloadable_features.explicit_internal_address_config"
+                // Affects Envoy's Google gRPC client only; Petrel refuses `google_grpc`
+                // services, so there is nothing for it to change.
+                | "envoy.reloadable_features.google_grpc_disable_tls_13"
         )
 }
 
