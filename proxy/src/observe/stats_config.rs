@@ -134,7 +134,7 @@ fn bucket_setting(
     let matcher = StringMatcher::from_proto(m, &format!("{path}.match"))
         .map_err(|e| invalid(path, e.to_string()))?;
     let mut bounds = b.buckets.clone();
-    if let Some(v) = bounds.iter().find(|v| !(**v > 0.0)) {
+    if let Some(v) = bounds.iter().find(|v| v.is_nan() || **v <= 0.0) {
         return Err(invalid(
             format!("{path}.buckets"),
             format!("bucket {v} is not greater than 0"),
